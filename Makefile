@@ -1,0 +1,54 @@
+# foldnorm: every target sets itself up from a fresh clone (a .venv beside this file).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+SOURCES := pyproject.toml setup.py $(wildcard src_c/*.c src_c/*.h foldnorm/*.pyx foldnorm/*.pxd)
+
+.PHONY: all install demo test asan lint-c bench bench-quick clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# The package with its test and benchmark extras, built with OpenMP required. torch is an optional peer:
+# installed only when a local CPU wheel of the pinned release is available (a plain download would be a
+# multi-GB CUDA build); tests and benchmarks that compare with it are skipped without it.
+$(VENV)/.installed: $(PY) $(SOURCES)
+	FOLDNORM_REQUIRE_OPENMP=1 $(PIP) install -q -e '.[test,bench]'
+	@if $(PIP) download -q --no-index --no-deps -d $(VENV)/.torch-probe torch==2.13.0 >/dev/null 2>&1; then \
+		$(PIP) install -q torch==2.13.0 || echo "foldnorm: torch could not be installed; torch comparisons are skipped"; \
+	else echo "foldnorm: no local torch==2.13.0 CPU wheel; torch comparisons are skipped"; fi
+	@rm -rf $(VENV)/.torch-probe
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/foldnorm demo
+
+lint-c:
+	gcc -fsyntax-only -std=c11 -Wall -Wextra -Werror -fopenmp -Isrc_c src_c/*.c
+	gcc -fsyntax-only -std=c11 -Wall -Wextra -Werror -Wno-unknown-pragmas -Isrc_c src_c/*.c
+
+test: install lint-c
+	$(PY) -m pytest -q
+
+# The whole test suite against kernels built with AddressSanitizer (Python itself is not instrumented,
+# so the runtime is preloaded and leak checking, which would report the interpreter's own, is off).
+asan: install
+	FOLDNORM_SANITIZE=address $(PY) setup.py -q build_ext --inplace --force
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		$(PY) -m pytest -q -x -p no:cacheprovider tests ; status=$$?; \
+	$(PY) setup.py -q build_ext --inplace --force >/dev/null; exit $$status
+
+bench-quick: install
+	$(PY) -m benchmarks run --quick
+
+bench: install
+	$(PY) -m benchmarks run
+
+clean:
+	rm -rf build dist *.egg-info foldnorm/*.so foldnorm/_*.c $(VENV)

@@ -1,0 +1,119 @@
+"""Argument checks shared by the public kernel functions.
+
+The compiled layer trusts its inputs; everything a user can get wrong is caught here, with an error that
+names the argument and says what was expected.
+"""
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def compute_dtype(dtype):
+    """The dtype the kernels compute in: float16 is computed in float32."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def as_input(x, name, min_ndim=1):
+    """x as an array of a float dtype with at least min_ndim dims and no zero-sized dim.
+
+    Returns (array in the compute dtype, C-contiguous, and the caller's dtype for the result).
+    """
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError("%s must be a float16, float32 or float64 array, got dtype %s" % (name, x.dtype))
+    if x.ndim < min_ndim:
+        raise ValueError("%s must have at least %d dimensions, got shape %s" % (name, min_ndim, x.shape))
+    if x.size == 0:
+        raise ValueError("%s must not be empty, got shape %s" % (name, x.shape))
+    return np.ascontiguousarray(x, dtype=compute_dtype(x.dtype)), x.dtype
+
+
+def as_like(a, name, shape, dtype):
+    """A second tensor input (dy, ...) that must have exactly `shape`; returned C-contiguous in dtype."""
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError("%s must be a float16, float32 or float64 array, got dtype %s" % (name, a.dtype))
+    if a.shape != tuple(shape):
+        raise ValueError("%s must have shape %s, got %s" % (name, tuple(shape), a.shape))
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def as_param(p, name, shape, dtype, required=False):
+    """A per-channel (or per-feature) parameter of exactly `shape`, or None when absent and optional."""
+    if p is None:
+        if required:
+            raise TypeError("%s is required" % name)
+        return None
+    if not isinstance(p, np.ndarray):
+        p = np.asarray(p)
+    if p.dtype.kind not in "fiu":
+        raise TypeError("%s must be a real numeric array, got dtype %s" % (name, p.dtype))
+    shape = tuple(shape)
+    if p.shape != shape:
+        raise ValueError("%s must have shape %s, got %s" % (name, shape, p.shape))
+    return np.ascontiguousarray(p, dtype=dtype)
+
+
+def normalize_axis(axis, ndim, name="axis"):
+    """A Python int axis in [-ndim, ndim) as a non-negative int."""
+    try:
+        axis = int(axis) if not isinstance(axis, bool) else None
+    except (TypeError, ValueError):
+        axis = None
+    if axis is None:
+        raise TypeError("%s must be an int" % name)
+    if not -ndim <= axis < ndim:
+        raise ValueError("%s=%d is out of range for an input with %d dimensions" % (name, axis, ndim))
+    return axis % ndim
+
+
+def check_eps(eps):
+    eps = float(eps)
+    if not (eps >= 0.0 and np.isfinite(eps)):
+        raise ValueError("eps must be a finite non-negative number, got %r" % eps)
+    return eps
+
+
+def check_out(out, shape, dtype, inputs, name="out"):
+    """Validate a caller-supplied output array; None passes through.
+
+    out must be a writable ndarray of exactly `shape` and `dtype` that shares no memory with any of
+    `inputs` (the kernels read inputs while they write out).
+    """
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError("%s must be a numpy.ndarray, got %s" % (name, type(out).__name__))
+    if out.shape != tuple(shape):
+        raise ValueError("%s must have shape %s, got %s" % (name, tuple(shape), out.shape))
+    if out.dtype != dtype:
+        raise TypeError("%s must have dtype %s, got %s" % (name, np.dtype(dtype), out.dtype))
+    if not out.flags.writeable:
+        raise ValueError("%s must be writable" % name)
+    for input_name, a in inputs:
+        if a is not None and np.shares_memory(out, a):
+            raise ValueError("%s must not overlap %s" % (name, input_name))
+    return out
+
+
+def kernel_output(out, shape, dtype):
+    """(array the kernel writes, array returned to the caller).
+
+    The kernel needs a C-contiguous array of the compute dtype; when `out` is not one, or the result is
+    float16, the kernel writes a temporary that `finish_output` copies into place.
+    """
+    cdtype = compute_dtype(dtype)
+    if out is not None and out.dtype == cdtype and out.flags.c_contiguous:
+        return out, out
+    return np.empty(shape, dtype=cdtype), out
+
+
+def finish_output(written, out, dtype):
+    """The caller's result: `out` filled from `written`, or `written` cast to the caller's dtype."""
+    if out is not None:
+        if written is not out:
+            np.copyto(out, written, casting="unsafe")
+        return out
+    return written if written.dtype == dtype else written.astype(dtype)

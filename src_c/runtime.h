@@ -1,0 +1,14 @@
+/* Build and thread facts, and the multi-threaded copy that benchmarks use as the bandwidth roof. */
+#ifndef FOLDNORM_RUNTIME_H
+#define FOLDNORM_RUNTIME_H
+
+#include <stddef.h>
+
+int fn_openmp_enabled(void);
+int fn_get_max_threads(void);
+void fn_set_max_threads(int n);
+
+/* dst[0..nbytes) = src[0..nbytes) with num_threads threads, in fixed 1 MiB pieces. */
+void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads);
+
+#endif
