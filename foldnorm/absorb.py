@@ -64,11 +64,6 @@ def _row_bias(bias, channels, name):
     return values
 
 
-def _row_bias_shape(bias, channels):
-    """The shape of a folded row bias: the bias's leading axes kept, its last axis grown to `channels`."""
-    return (channels,) if bias is None or bias.ndim < 2 else (bias.shape[0], channels)
-
-
 def _cast_back(values, dtype, name, source=None):
     """values (float64) cast to dtype; ValueError when the cast overflows (new infinities)."""
     with np.errstate(over="ignore"):
@@ -156,11 +151,9 @@ def fold_into_gemm(b, c, affine, alpha, beta, trans_b):
     _check_affine(affine, n, "Gemm's output (N)")
     c64 = _row_bias(c, n, "c")
     new_b = b64 * (affine.scale[:, None] if trans_b else affine.scale[None, :])
-    new_c = np.broadcast_to(affine.shift, _row_bias_shape(c64, n))
-    if c64 is not None:
-        new_c = affine.scale * (float(beta) * c64) + new_c
+    new_c = affine.shift if c64 is None else affine.scale * (float(beta) * c64) + affine.shift
     return (_cast_back(new_b, b_dtype, "b", b64),
-            _cast_back(np.array(new_c), _bias_dtype(c, b_dtype), "c", c64),
+            _cast_back(new_c, _bias_dtype(c, b_dtype), "c", c64),
             1.0)
 
 
@@ -177,11 +170,9 @@ def fold_into_matmul(weight, bias, affine):
     _check_affine(affine, n, "MatMul's output (N)")
     bias64 = _row_bias(bias, n, "bias")
     new_weight = w * affine.scale[None, :]
-    new_bias = np.broadcast_to(affine.shift, _row_bias_shape(bias64, n))
-    if bias64 is not None:
-        new_bias = affine.scale * bias64 + new_bias
+    new_bias = affine.shift if bias64 is None else affine.scale * bias64 + affine.shift
     return (_cast_back(new_weight, w_dtype, "weight", w),
-            _cast_back(np.array(new_bias), _bias_dtype(bias, w_dtype), "bias", bias64))
+            _cast_back(new_bias, _bias_dtype(bias, w_dtype), "bias", bias64))
 
 
 # ---------------------------------------------------------------- forward: affine -> layer
@@ -266,11 +257,10 @@ def fold_forward_into_gemm(b, c, affine, alpha, beta, trans_b):
     c64 = _row_bias(c, n, "c")
     b_prime = b64.T if trans_b else b64
     new_b = b64 * (affine.scale[None, :] if trans_b else affine.scale[:, None])
-    new_c = np.broadcast_to(float(alpha) * (affine.shift @ b_prime), _row_bias_shape(c64, n))
-    if c64 is not None:
-        new_c = float(beta) * c64 + new_c
+    added = float(alpha) * (affine.shift @ b_prime)
+    new_c = added if c64 is None else float(beta) * c64 + added
     return (_cast_back(new_b, b_dtype, "b", b64),
-            _cast_back(np.array(new_c), _bias_dtype(c, b_dtype), "c", c64),
+            _cast_back(new_c, _bias_dtype(c, b_dtype), "c", c64),
             1.0)
 
 
@@ -286,11 +276,10 @@ def fold_forward_into_matmul(weight, bias, affine):
     _check_affine(affine, k, "MatMul's input (K)")
     bias64 = _row_bias(bias, n, "bias")
     new_weight = w * affine.scale[:, None]
-    new_bias = np.broadcast_to(affine.shift @ w, _row_bias_shape(bias64, n))
-    if bias64 is not None:
-        new_bias = bias64 + new_bias
+    added = affine.shift @ w
+    new_bias = added if bias64 is None else bias64 + added
     return (_cast_back(new_weight, w_dtype, "weight", w),
-            _cast_back(np.array(new_bias), _bias_dtype(bias, w_dtype), "bias", bias64))
+            _cast_back(new_bias, _bias_dtype(bias, w_dtype), "bias", bias64))
 
 
 # ---------------------------------------------------------------- a map that stays

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from foldnorm.affine import ChannelAffine, affine_from_batch_norm, affine_from_elementwise
+from onnx_cases import backend_node_cases, node_attributes, run_ort, single_node_model
 
 RNG_SEED = 20240611
 
@@ -119,6 +120,39 @@ def test_batch_norm_map_matches_the_onnx_formula(param_dtype, stat_dtype, epsilo
     np.testing.assert_allclose(apply_along(affine, x, 1), expected, rtol=1e-13, atol=1e-13)
     for before, after in zip(originals, (scale, bias, mean, var)):
         np.testing.assert_array_equal(before, after)
+
+
+INFERENCE_BN_CASES = [case for case in backend_node_cases("test_batchnorm") if "training" not in case[0]]
+
+
+@pytest.mark.parametrize("name, node, inputs, outputs", INFERENCE_BN_CASES, ids=[c[0] for c in INFERENCE_BN_CASES])
+def test_batch_norm_map_matches_the_onnx_backend_test_data(name, node, inputs, outputs):
+    x, scale, bias, mean, var = inputs
+    epsilon = node_attributes(node).get("epsilon", 1e-5)
+    affine = affine_from_batch_norm(scale, bias, mean, var, epsilon)
+    np.testing.assert_allclose(apply_along(affine, x.astype(np.float64), 1), outputs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_dtype, stat_dtype, tolerance", [
+    (np.float32, np.float32, 1e-5), (np.float16, np.float32, 2e-3), (np.float32, np.float16, 1e-5),
+    (np.float64, np.float64, 1e-12),
+])
+def test_batch_norm_map_matches_onnxruntime_batch_norm_15(x_dtype, stat_dtype, tolerance):
+    rng = np.random.default_rng(RNG_SEED + 5)
+    channels = 5
+    x = rng.standard_normal((2, channels, 3, 4)).astype(x_dtype)
+    scale = rng.standard_normal(channels).astype(x_dtype)
+    bias = rng.standard_normal(channels).astype(x_dtype)
+    mean = rng.standard_normal(channels).astype(stat_dtype)
+    var = rng.uniform(0.2, 2.0, channels).astype(stat_dtype)
+    epsilon = float(np.float32(1e-3))
+    model = single_node_model("BatchNormalization", [("x", x)], [("y", 1)], 15, dict(epsilon=epsilon),
+                              initializers=[("s", scale), ("b", bias), ("m", mean), ("v", var)])
+    model.graph.output[0].type.tensor_type.elem_type = model.graph.input[0].type.tensor_type.elem_type
+    (expected,) = run_ort(model, {"x": x})
+    affine = affine_from_batch_norm(scale, bias, mean, var, epsilon)
+    np.testing.assert_allclose(apply_along(affine, x.astype(np.float64), 1), expected.astype(np.float64),
+                               rtol=tolerance, atol=tolerance)
 
 
 def test_batch_norm_map_from_lists_and_scalar_epsilon_types():
