@@ -1,0 +1,167 @@
+"""Timing, pairing and machine facts shared by the kernel and model benchmarks.
+
+Machines running these benchmarks are noisy (shared cores, frequency changes), so nothing here compares
+numbers taken at different times. The contenders of one case are run round-robin, each round starting
+with a different one, and every ratio is taken pair by pair from samples of the same round.
+"""
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+
+
+class Unavailable(Exception):
+    """A contender (or a whole case) cannot run here; the message says why, for the report's notes."""
+
+
+@dataclass
+class Contender:
+    """One thing timed in a case: `run` is timed, `prepare` (untimed) runs just before it.
+
+    A `sparse` contender (the slow float64 NumPy reference) is timed only in the first rounds.
+    """
+
+    name: str
+    threads: int
+    run: object
+    prepare: object = None
+    sparse: bool = False
+
+    @property
+    def key(self):
+        return "%s@%d" % (self.name, self.threads)
+
+
+@dataclass
+class Samples:
+    """Seconds per round of one contender; rounds it skipped are absent."""
+
+    by_round: dict = field(default_factory=dict)
+
+    def summary(self):
+        values = list(self.by_round.values())
+        return {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+            "n": len(values),
+        }
+
+
+def measure(contenders, repeats, warmup=1, sparse_repeats=1):
+    """Time every contender `repeats` times (sparse ones `sparse_repeats` times), interleaved.
+
+    Each contender is first called `warmup` times (sparse ones not at all: they are slow and allocate
+    everything anew on each call anyway). Returns {contender.key: Samples}.
+    """
+    for _ in range(warmup):
+        for contender in contenders:
+            if not contender.sparse:
+                _call(contender)
+    samples = {c.key: Samples() for c in contenders}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_index in range(repeats):
+            shift = round_index % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                if contender.sparse and round_index >= sparse_repeats:
+                    continue
+                samples[contender.key].by_round[round_index] = _call(contender)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+def _call(contender):
+    if contender.prepare is not None:
+        contender.prepare()
+    start = time.perf_counter()
+    contender.run()
+    return time.perf_counter() - start
+
+
+def paired_ratio(numerator, denominator):
+    """Median (min, max) over the rounds both ran of numerator_seconds / denominator_seconds."""
+    rounds = sorted(set(numerator.by_round) & set(denominator.by_round))
+    if not rounds:
+        return None
+    ratios = [numerator.by_round[r] / denominator.by_round[r] for r in rounds]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
+
+
+def default_threads():
+    """1 and all cores (foldnorm's own default thread count)."""
+    from foldnorm.runtime import get_num_threads
+
+    return sorted({1, get_num_threads()})
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def package_versions():
+    versions = {"python": platform.python_version()}
+    for name in ("foldnorm", "numpy", "onnx", "onnxruntime", "torch", "matplotlib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def copy_bandwidth(threads, megabytes=64, repeats=7):
+    """GB/s (bytes read + bytes written) of foldnorm's multi-threaded memcpy, per thread count."""
+    import numpy as np
+
+    from foldnorm._runtime import parallel_copy
+
+    src = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    contenders = [Contender("copy", t, lambda t=t: parallel_copy(dst, src, t)) for t in threads]
+    samples = measure(contenders, repeats)
+    return {
+        str(c.threads): 2 * src.nbytes / samples[c.key].summary()["median"] / 1e9 for c in contenders
+    }
+
+
+def machine_info(threads):
+    import foldnorm
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "threads": list(threads),
+        "load_average": list(load) if load else None,
+        "copy_gbps": copy_bandwidth(threads),
+        "versions": package_versions(),
+        "foldnorm_build": foldnorm.build_info(),
+    }

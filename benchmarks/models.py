@@ -1,0 +1,340 @@
+"""Model benchmarks: onnxruntime latency of a model before and after `foldnorm fold`, and after
+onnxruntime's own basic-level optimization, each run with graph optimizations disabled and enabled.
+
+The models: the light_* models shipped inside the onnx package that contain BatchNormalization, and two
+generated CNNs (ResNet-like and MobileNet-like, BatchNormalization after every convolution). The light
+models ship with every weight produced at run time by a ConstantOfShape node (all 0.02), which no fold
+can see as constant; they are first materialized: each such weight becomes an initializer of seeded
+random values of the same shape, sized for its role (He-scaled convolution weights, positive variances),
+and the IR-3 habit of listing initializers as graph inputs (which makes them overridable, so not
+constant) is dropped.
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .harness import Contender, Unavailable, measure, paired_ratio
+
+IR_VERSION = 8
+OPSET = 13
+LEVELS = ("disabled", "enabled")
+VARIANTS = ("original", "folded", "ort_basic")
+LIGHT_WITH_BATCH_NORM = ("light_resnet50", "light_densenet121", "light_inception_v2", "light_shufflenet")
+LIGHT_WITHOUT_BATCH_NORM = ("light_bvlc_alexnet", "light_inception_v1", "light_squeezenet", "light_vgg19",
+                            "light_zfnet512")
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    source: str
+    build: object
+
+
+def light_model_path(name):
+    return os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", name + ".onnx")
+
+
+def materialize_light_model(name, seed=0):
+    """The light model with its ConstantOfShape weights replaced by seeded initializers (see module doc)."""
+    model = onnx.load(light_model_path(name))
+    graph = model.graph
+    rng = np.random.default_rng(seed)
+    initializers = {t.name: t for t in graph.initializer}
+    consumers = {}
+    for node in graph.node:
+        for index, name_in in enumerate(node.input):
+            consumers.setdefault(name_in, []).append((node, index))
+    kept_nodes = []
+    for node in graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in initializers:
+            shape = tuple(int(d) for d in numpy_helper.to_array(initializers[node.input[0]]))
+            role = _final_role(node.output[0], consumers)
+            graph.initializer.append(numpy_helper.from_array(_weight_for_role(role, shape, rng), node.output[0]))
+        else:
+            kept_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    initializer_names = {t.name for t in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in initializer_names]
+    del graph.input[:]
+    graph.input.extend(real_inputs)
+    used = {name_in for node in graph.node for name_in in node.input}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _final_role(name, consumers):
+    """(op_type, input index) of the node that uses a weight, looking through Unsqueeze/Reshape."""
+    users = consumers.get(name, [])
+    if len(users) != 1:
+        return None
+    node, index = users[0]
+    if node.op_type in ("Unsqueeze", "Reshape") and index == 0:
+        return _final_role(node.output[0], consumers)
+    return node, index
+
+
+def _weight_for_role(role, shape, rng):
+    op_type, index = (role[0].op_type, role[1]) if role else (None, None)
+    if op_type == "Conv" and index == 1:
+        return rng.normal(0, np.sqrt(2.0 / np.prod(shape[1:])), shape).astype(np.float32)
+    if op_type == "Gemm" and index == 1:
+        trans_b = any(a.name == "transB" and a.i for a in role[0].attribute)
+        return rng.normal(0, np.sqrt(1.0 / shape[1 if trans_b else 0]), shape).astype(np.float32)
+    if (op_type == "BatchNormalization" and index in (1, 4)) or op_type == "Mul":
+        return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+    return rng.normal(0, 0.1, shape).astype(np.float32)
+
+
+class CnnBuilder:
+    """Conv/BatchNormalization networks with seeded weights, built node by node."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.nodes = []
+        self.initializers = []
+        self.count = 0
+
+    def _name(self, kind):
+        self.count += 1
+        return "%s_%d" % (kind, self.count)
+
+    def _constant(self, kind, array):
+        name = self._name(kind)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
+        return name
+
+    def _node(self, op_type, inputs, **attrs):
+        output = self._name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
+        return output
+
+    def conv(self, x, cin, cout, kernel, stride=1, groups=1):
+        fan_in = cin // groups * kernel * kernel
+        weight = self.rng.normal(0, np.sqrt(2.0 / fan_in), (cout, cin // groups, kernel, kernel))
+        pad = kernel // 2
+        return self._node("Conv", [x, self._constant("w", weight)], kernel_shape=[kernel, kernel],
+                          strides=[stride, stride], pads=[pad] * 4, group=groups)
+
+    def batch_norm(self, x, channels):
+        params = [
+            self.rng.uniform(0.5, 1.5, channels), self.rng.normal(0, 0.1, channels),
+            self.rng.normal(0, 0.1, channels), self.rng.uniform(0.5, 1.5, channels),
+        ]
+        names = [self._constant(kind, p) for kind, p in zip(("gamma", "beta", "mean", "var"), params)]
+        return self._node("BatchNormalization", [x] + names, epsilon=1e-5)
+
+    def conv_bn(self, x, cin, cout, kernel, stride=1, groups=1, activation="Relu"):
+        y = self.batch_norm(self.conv(x, cin, cout, kernel, stride, groups), cout)
+        if activation == "Relu":
+            return self._node("Relu", [y])
+        if activation == "Relu6":
+            return self._node("Clip", [y, self._constant("min", 0.0), self._constant("max", 6.0)])
+        return y
+
+    def add(self, a, b):
+        return self._node("Add", [a, b])
+
+    def classifier(self, x, channels, classes):
+        pooled = self._node("Flatten", [self._node("GlobalAveragePool", [x])], axis=1)
+        weight = self.rng.normal(0, np.sqrt(1.0 / channels), (classes, channels))
+        return self._node("Gemm", [pooled, self._constant("fc_w", weight), self._constant("fc_b", np.zeros(classes))],
+                          transB=1)
+
+    def model(self, name, input_name, input_size, output):
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, 3, input_size, input_size])],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+            initializer=self.initializers,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = IR_VERSION
+        return model
+
+
+def resnet_like(input_size=224, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000, seed=0):
+    """A ResNet-18-shaped network: basic blocks of two 3x3 conv+BN, 1x1 conv+BN shortcuts on a change."""
+    b = CnnBuilder(seed)
+    x = b.conv_bn("input", 3, widths[0], 7, stride=2)
+    x = b._node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = widths[0]
+    for stage, (width, count) in enumerate(zip(widths, blocks)):
+        for block in range(count):
+            stride = 2 if stage > 0 and block == 0 else 1
+            y = b.conv_bn(x, cin, width, 3, stride)
+            y = b.conv_bn(y, width, width, 3, activation=None)
+            shortcut = x if stride == 1 and cin == width else b.conv_bn(x, cin, width, 1, stride, activation=None)
+            x = b._node("Relu", [b.add(y, shortcut)])
+            cin = width
+    return b.model("resnet_like", "input", input_size, b.classifier(x, cin, classes))
+
+
+MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1))
+
+
+def mobilenet_like(input_size=224, blocks=MOBILENET_V2_BLOCKS, stem=32, head=1280, classes=1000, seed=0):
+    """A MobileNetV2-shaped network: inverted residuals (1x1 expand, 3x3 depthwise, 1x1 project), BN after each."""
+    b = CnnBuilder(seed)
+    x = b.conv_bn("input", 3, stem, 3, stride=2, activation="Relu6")
+    cin = stem
+    for expansion, width, count, first_stride in blocks:
+        for block in range(count):
+            stride = first_stride if block == 0 else 1
+            hidden = cin * expansion
+            y = b.conv_bn(x, cin, hidden, 1, activation="Relu6") if expansion != 1 else x
+            y = b.conv_bn(y, hidden, hidden, 3, stride, groups=hidden, activation="Relu6")
+            y = b.conv_bn(y, hidden, width, 1, activation=None)
+            x = b.add(x, y) if stride == 1 and cin == width else y
+            cin = width
+    x = b.conv_bn(x, cin, head, 1, activation="Relu6")
+    return b.model("mobilenet_like", "input", input_size, b.classifier(x, head, classes))
+
+
+def light_case(name):
+    return ModelCase(name, "onnx package (materialized)", lambda: materialize_light_model(name))
+
+
+GENERATED = [
+    ModelCase("resnet_like", "generated, 1x3x224x224", resnet_like),
+    ModelCase("mobilenet_like", "generated, 1x3x224x224", mobilenet_like),
+]
+FULL_MODELS = [light_case(n) for n in LIGHT_WITH_BATCH_NORM] + GENERATED
+QUICK_MODELS = [light_case("light_resnet50")] + GENERATED
+SMOKE_MODELS = [
+    ModelCase("resnet_tiny", "generated, 1x3x32x32",
+              lambda: resnet_like(input_size=32, widths=(8, 16), blocks=(1, 1), classes=10)),
+    ModelCase("mobilenet_tiny", "generated, 1x3x32x32",
+              lambda: mobilenet_like(input_size=32, blocks=((1, 8, 1, 1), (2, 16, 2, 2)), stem=8, head=32,
+                                     classes=10)),
+]
+
+
+def parameter_bytes(model):
+    return int(sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer))
+
+
+def _op_counts(model):
+    counts = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def _feeds(model, rng):
+    initializer_names = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializer_names:
+            continue
+        shape = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
+        feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _fold(model, result):
+    """foldnorm's fold of `model`, or None with a note in `result`."""
+    try:
+        from foldnorm.fold import fold_model
+    except ImportError as error:
+        result["notes"].append("foldnorm.fold is not available yet (%s): no folded variant" % error)
+        return None
+    start = time.perf_counter()
+    try:
+        folded, report = fold_model(model, verify=True)
+    except Exception as error:  # a fold refusal is a finding to report, not a reason to stop
+        result["notes"].append("fold_model failed: %s: %s" % (type(error).__name__, str(error).splitlines()[0]))
+        return None
+    wall = time.perf_counter() - start
+    counts = report.counts() if callable(getattr(report, "counts", None)) else {}
+    result["fold"] = {
+        "fold_seconds": float(getattr(report, "fold_seconds", wall)),
+        "seconds_with_verify": wall,
+        "param_bytes_before": int(getattr(report, "param_bytes_before", parameter_bytes(model))),
+        "param_bytes_after": int(getattr(report, "param_bytes_after", parameter_bytes(folded))),
+        "counts": {str(k): v for k, v in dict(counts).items()},
+    }
+    return folded
+
+
+def _ort_basic(model, threads, directory, name):
+    """onnxruntime's own basic-level optimized model, written by the session to a file."""
+    import onnxruntime as ort
+
+    from .kernels import ort_session_options
+
+    path = os.path.join(directory, name + "_ort_basic.onnx")
+    options = ort_session_options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    options.optimized_model_filepath = path
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(path)
+
+
+def run_model(case, threads, repeats, directory, warmup=1, session_repeats=1, seed=0):
+    """Time one model's variants at `threads`; returns its JSON-ready result (`skipped` if it cannot run)."""
+    import onnxruntime as ort
+
+    from .kernels import ort_session_options
+
+    result = {"name": case.name, "source": case.source, "threads": threads, "notes": []}
+    try:
+        model = case.build()
+    except (OSError, Unavailable) as error:
+        result["skipped"] = "could not build the model: %s" % error
+        return result
+    variants = {"original": model}
+    folded = _fold(model, result)
+    if folded is not None:
+        variants["folded"] = folded
+    variants["ort_basic"] = _ort_basic(model, threads, directory, case.name)
+    result["variants"] = {
+        name: {"param_bytes": parameter_bytes(m), "nodes": len(m.graph.node),
+               "batch_norm_nodes": _op_counts(m).get("BatchNormalization", 0)}
+        for name, m in variants.items()
+    }
+
+    levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "enabled": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    feeds = _feeds(model, np.random.default_rng(seed))
+    contenders, outputs = [], {}
+    for name, variant in variants.items():
+        serialized = variant.SerializeToString()
+        for level_name, level in levels.items():
+            seconds = []
+            for _ in range(session_repeats):
+                start = time.perf_counter()
+                session = ort.InferenceSession(serialized, ort_session_options(threads, level),
+                                               providers=["CPUExecutionProvider"])
+                seconds.append(time.perf_counter() - start)
+            result["variants"][name]["session_seconds_" + level_name] = float(np.median(seconds))
+            outputs[name, level_name] = session.run(None, feeds)[0]
+            contenders.append(Contender("%s/%s" % (name, level_name), threads,
+                                        lambda session=session: session.run(None, feeds)))
+    reference = outputs["original", "disabled"]
+    for (name, level_name), output in outputs.items():
+        error = float(np.max(np.abs(output.astype(np.float64) - reference)))
+        result["variants"][name]["max_abs_diff_" + level_name] = error
+
+    samples = measure(contenders, repeats, warmup=warmup)
+    result["latency"] = {key.rsplit("@", 1)[0]: s.summary() for key, s in samples.items()}
+    ratios = {}
+    for level_name in LEVELS:
+        def sample(variant):
+            return samples.get("%s/%s@%d" % (variant, level_name, threads))
+        pairs = {"folded_vs_original": ("folded", "original"), "ort_basic_vs_original": ("ort_basic", "original"),
+                 "folded_vs_ort_basic": ("folded", "ort_basic")}
+        for ratio_name, (a, b) in pairs.items():
+            if sample(a) is not None and sample(b) is not None:
+                ratios["%s/%s" % (ratio_name, level_name)] = paired_ratio(sample(a), sample(b))
+    result["ratios"] = ratios
+    return result

@@ -1,0 +1,292 @@
+"""The run's outputs: the Markdown table, the targets verdicts, the flat figures `compare` reads, the plots."""
+import json
+import os
+
+from .kernels import BATCH_NORM_HEADLINE, GROUP_NORM_HEADLINE, LAYER_NORM_HEADLINE, KernelCase
+
+SCHEMA = 1
+
+
+def _headline_key(kernel, shape, groups=0):
+    return KernelCase(kernel, shape, groups=groups).key
+
+
+# The issue-2 targets. "x_copy": foldnorm's time over the copy's, at all cores (at most `limit`);
+# "vs": the other's time over foldnorm's (at least `limit`); "scaling": 1-thread time over 2-thread time.
+TARGETS = [
+    ("x_copy", _headline_key("batch_norm", BATCH_NORM_HEADLINE), None, 1.1),
+    ("x_copy", _headline_key("batch_norm_train", BATCH_NORM_HEADLINE), None, 1.6),
+    ("x_copy", _headline_key("batch_norm_backward", BATCH_NORM_HEADLINE), None, 2.5),
+    ("vs", _headline_key("layer_norm", LAYER_NORM_HEADLINE), "torch", 1.0),
+    ("vs", _headline_key("layer_norm", LAYER_NORM_HEADLINE), "onnxruntime", 1.5),
+    ("vs", _headline_key("group_norm", GROUP_NORM_HEADLINE, 32), "torch", 1.0),
+    ("vs", _headline_key("group_norm", GROUP_NORM_HEADLINE, 32), "onnxruntime", 1.5),
+    ("vs", _headline_key("instance_norm", GROUP_NORM_HEADLINE), "torch", 1.0),
+    ("vs", _headline_key("instance_norm", GROUP_NORM_HEADLINE), "onnxruntime", 1.5),
+    ("scaling", _headline_key("batch_norm_train", BATCH_NORM_HEADLINE), None, 1.6),
+]
+
+
+def evaluate_targets(kernel_results):
+    """One verdict per target from this run's paired ratios: met True/False, or None when not measured."""
+    by_key = {r["key"]: r for r in kernel_results}
+    verdicts = []
+    for kind, key, other, limit in TARGETS:
+        if kind == "x_copy":
+            text = "%s at all cores <= %.1fx the copy time" % (key, limit)
+        elif kind == "vs":
+            text = "%s at all cores >= %.1fx %s" % (key, limit, other)
+        else:
+            text = "%s at 2 threads >= %.1fx 1 thread" % (key, limit)
+        verdict = {"target": text, "kind": kind, "key": key, "limit": limit, "measured": None, "met": None}
+        verdicts.append(verdict)
+        result = by_key.get(key)
+        if result is None or "rows" not in result:
+            verdict["why"] = result["skipped"] if result else "not in this run"
+            continue
+        rows = {r["threads"]: r for r in result["rows"]}
+        if kind == "scaling" and not {1, 2} <= set(rows):
+            verdict["why"] = "needs a run at 1 and 2 threads"
+            continue
+        row = rows[2] if kind == "scaling" else rows[max(rows)]
+        ratio = row["x_copy"] if kind == "x_copy" else row["vs_" + other] if kind == "vs" else row["scaling"]
+        if ratio is None:
+            verdict["why"] = "no %s figure in this run" % other
+            continue
+        verdict["measured"] = ratio
+        verdict["threads"] = row["threads"]
+        verdict["met"] = ratio["median"] <= limit if kind == "x_copy" else ratio["median"] >= limit
+    return verdicts
+
+
+def figures(kernel_results, model_results):
+    """Flat {name: {"value", "unit"}} of foldnorm's own figures, lower is better: what `compare` compares."""
+    flat = {}
+    for result in kernel_results:
+        for row in result.get("rows", []):
+            prefix = "kernel/%s/t%d/" % (result["key"], row["threads"])
+            flat[prefix + "seconds"] = {"value": row["foldnorm"]["median"], "unit": "s"}
+            flat[prefix + "x_copy"] = {"value": row["x_copy"]["median"], "unit": "ratio"}
+    for result in model_results:
+        prefix = "model/%s/" % result["name"]
+        for name, summary in result.get("latency", {}).items():
+            if name.startswith("folded/"):
+                flat[prefix + name + "/seconds"] = {"value": summary["median"], "unit": "s"}
+        for name, ratio in result.get("ratios", {}).items():
+            if name.startswith("folded_vs_original/"):
+                flat[prefix + name] = {"value": ratio["median"], "unit": "ratio"}
+        if "fold" in result:
+            flat[prefix + "fold_seconds"] = {"value": result["fold"]["fold_seconds"], "unit": "s"}
+    return flat
+
+
+def write_json(results, path):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+def _ms(seconds):
+    return "%.3g" % (seconds * 1e3)
+
+
+def _ratio(ratio, spread=False):
+    if ratio is None:
+        return "n/a"
+    text = "%.2fx" % ratio["median"]
+    if spread:
+        text += " (%.2f-%.2f)" % (ratio["min"], ratio["max"])
+    return text
+
+
+def markdown(results):
+    machine = results["machine"]
+    config = results["config"]
+    lines = ["## foldnorm benchmarks: %s run, %s" % (results["mode"], machine["date"]), ""]
+    versions = ", ".join("%s %s" % (k, v) for k, v in machine["versions"].items() if v)
+    build = machine["foldnorm_build"]
+    copy = ", ".join("%s thr %.1f GB/s" % (t, g) for t, g in machine["copy_gbps"].items())
+    load = machine.get("load_average")
+    lines += [
+        "Machine: %s, %d usable cores; threads measured: %s; load average at start: %s." % (
+            machine["cpu_model"], machine["usable_cores"], ", ".join(map(str, machine["threads"])),
+            " ".join("%.2f" % v for v in load) if load else "n/a"),
+        "Copy roof (64 MiB multi-threaded memcpy, bytes read + written): %s." % copy,
+        "Versions: %s. foldnorm build: OpenMP %s, %s %s." % (
+            versions, "on" if build["openmp"] else "off", build["compiler"], build["cflags"]),
+        "",
+    ]
+    kernels = results["kernels"]
+    if kernels:
+        lines += [
+            "### Kernels (float32; median of %d runs after warm-up, contenders interleaved)" % config["repeats"],
+            "",
+            "GB/s counts the bytes the kernel must move (see the byte model); of roof = copy time / kernel "
+            "time; x copy = kernel time / copy time; vs X = X's time / foldnorm's time (above 1: foldnorm "
+            "is faster); x 1 thr = 1-thread time / this time. Every ratio is a median of per-round pairs.",
+            "",
+            "| kernel | shape | thr | foldnorm ms (min-max) | GB/s | copy GB/s | of roof | x copy | vs ORT | "
+            "vs torch | vs NumPy f64 | x 1 thr |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for result in kernels:
+            if "rows" not in result:
+                lines.append("| %s | %s | | skipped: %s | | | | | | | | |" % (
+                    result["label"], result["shape_label"], result["skipped"]))
+                continue
+            for row in result["rows"]:
+                timing = row["foldnorm"]
+                lines.append("| %s | %s | %d | %s (%s-%s) | %.1f | %.1f | %s | %s | %s | %s | %s | %s |" % (
+                    result["label"], result["shape_label"], row["threads"], _ms(timing["median"]),
+                    _ms(timing["min"]), _ms(timing["max"]), row["gbps"], row["copy_gbps"],
+                    "%.0f%%" % (100 * row["roof"]["median"]), _ratio(row["x_copy"]), _ratio(row["vs_onnxruntime"]),
+                    _ratio(row["vs_torch"]), _ratio(row["vs_numpy"]), _ratio(row["scaling"])))
+        lines.append("")
+    if results["targets"]:
+        lines += ["### Targets (issue 2), from this run's own numbers", "", "| target | measured (min-max) | verdict |",
+                  "|---|---|---|"]
+        for verdict in results["targets"]:
+            state = {True: "met", False: "**not met**", None: "not measured"}[verdict["met"]]
+            measured = _ratio(verdict["measured"], spread=True) if verdict["measured"] else verdict.get("why", "")
+            lines.append("| %s | %s | %s |" % (verdict["target"], measured, state))
+        lines.append("")
+    models = results["models"]
+    if models:
+        lines += [
+            "### Models (onnxruntime, %d threads; median ms of %d runs; graph optimizations off / on)" % (
+                max(machine["threads"]), config["model_repeats"]),
+            "",
+            "vs original = this variant's latency / the original's at the same optimization level, paired "
+            "per round (below 1: faster).",
+            "",
+            "| model | variant | BN nodes | params MB | session ms off / on | latency ms off | latency ms on | "
+            "vs original off | vs original on |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for result in models:
+            if "latency" not in result:
+                lines.append("| %s | skipped: %s | | | | | | | |" % (result["name"], result.get("skipped", "")))
+                continue
+            for variant, facts in result["variants"].items():
+                off, on = (result["latency"]["%s/%s" % (variant, level)] for level in ("disabled", "enabled"))
+                ratio_off, ratio_on = (
+                    result["ratios"].get("%s_vs_original/%s" % (variant, level)) for level in ("disabled", "enabled"))
+                lines.append("| %s | %s | %d | %.2f | %s / %s | %s (%s-%s) | %s (%s-%s) | %s | %s |" % (
+                    result["name"], variant, facts["batch_norm_nodes"], facts["param_bytes"] / 1e6,
+                    _ms(facts["session_seconds_disabled"]), _ms(facts["session_seconds_enabled"]),
+                    _ms(off["median"]), _ms(off["min"]), _ms(off["max"]),
+                    _ms(on["median"]), _ms(on["min"]), _ms(on["max"]),
+                    "-" if variant == "original" else _ratio(ratio_off),
+                    "-" if variant == "original" else _ratio(ratio_on)))
+        folds = [(r["name"], r["fold"]) for r in models if "fold" in r]
+        if folds:
+            lines += ["", "| model | fold ms | fold + verify ms | params MB before -> after | rewrites |",
+                      "|---|--:|--:|--:|---|"]
+            for name, fold in folds:
+                counts = ", ".join("%s %s" % (k, v) for k, v in fold["counts"].items())
+                lines.append("| %s | %s | %s | %.2f -> %.2f | %s |" % (
+                    name, _ms(fold["fold_seconds"]), _ms(fold["seconds_with_verify"]),
+                    fold["param_bytes_before"] / 1e6, fold["param_bytes_after"] / 1e6, counts))
+        lines.append("")
+    notes = results["notes"] + [
+        "%s %s: %s" % (r["label"], r["shape_label"], n) for r in kernels for n in r.get("notes", [])
+    ] + ["%s: %s" % (r["name"], n) for r in models for n in r.get("notes", [])]
+    if notes:
+        lines += ["### Notes", ""] + ["- " + n for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def plot(results, directory):
+    """The three PNGs; returns their paths, or a note when matplotlib is not importable."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not importable (install the `bench` extra): no plots"
+    paths = []
+    kernels = [r for r in results["kernels"] if "rows" in r]
+    threads = results["machine"]["threads"]
+    if kernels:
+        paths.append(_plot_bandwidth(plt, kernels, threads, os.path.join(directory, "kernels_gbps.png")))
+        if len(threads) > 1:
+            paths.append(_plot_scaling(plt, kernels, threads, os.path.join(directory, "thread_scaling.png")))
+    models = [r for r in results["models"] if "latency" in r]
+    if models:
+        paths.append(_plot_models(plt, models, os.path.join(directory, "model_latency.png")))
+    return paths, None
+
+
+def _case_names(kernels):
+    return ["%s %s" % (r["label"], r["shape_label"]) for r in kernels]
+
+
+def _plot_bandwidth(plt, kernels, threads, path):
+    import numpy as np
+
+    names = _case_names(kernels)
+    y = np.arange(len(names))
+    height = 0.8 / len(threads)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(names) * len(threads) ** 0.5))
+    for i, t in enumerate(threads):
+        rows = [{r["threads"]: r for r in k["rows"]}[t] for k in kernels]
+        offset = y + (i - (len(threads) - 1) / 2) * height
+        ax.barh(offset, [r["gbps"] for r in rows], height, color="C%d" % i, label="foldnorm, %d thr" % t)
+        ax.scatter([r["copy_gbps"] for r in rows], offset, marker="|", s=120, color="black",
+                   label="copy roof" if i == 0 else None, zorder=3)
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB/s (bytes the kernel must move / median time)")
+    ax.set_title("foldnorm kernels against the copy roof")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _plot_scaling(plt, kernels, threads, path):
+    import numpy as np
+
+    top = max(threads)
+    names = _case_names(kernels)
+    rows = [{r["threads"]: r for r in k["rows"]}[top] for k in kernels]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(names)))
+    ax.barh(y, [r["scaling"]["median"] for r in rows], 0.6, label="foldnorm")
+    ax.scatter([r["copy_scaling"]["median"] for r in rows], y, marker="|", s=120, color="black", label="copy",
+               zorder=3)
+    ax.axvline(top, color="grey", linestyle="--", linewidth=1, label="ideal (%dx)" % top)
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up at %d threads over 1 thread (paired per round)" % top)
+    ax.set_title("Thread scaling")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _plot_models(plt, models, path):
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 1.5 + 0.5 * len(models)), sharey=True)
+    y = np.arange(len(models))
+    for ax, level in zip(axes, ("disabled", "enabled")):
+        variants = [v for v in ("original", "folded", "ort_basic") if any(v in m["variants"] for m in models)]
+        height = 0.8 / len(variants)
+        for i, variant in enumerate(variants):
+            values = [m["latency"].get("%s/%s" % (variant, level), {}).get("median", 0) * 1e3 for m in models]
+            ax.barh(y + (i - (len(variants) - 1) / 2) * height, values, height, label=variant)
+        ax.set_title("graph optimizations %s" % level, fontsize=9)
+        ax.set_xlabel("onnxruntime latency, ms")
+    axes[0].set_yticks(y, [m["name"] for m in models], fontsize=8)
+    axes[0].invert_yaxis()
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Model latency before and after folding", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,97 @@
+"""One benchmark run: its configuration, the kernel and model sections, and the files it writes."""
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from . import kernels, models, report
+
+
+@dataclass
+class Config:
+    mode: str
+    kernel_cases: list
+    model_cases: list
+    repeats: int
+    reference_repeats: int
+    model_repeats: int
+    session_repeats: int
+    warmup: int = 1
+
+    def describe(self):
+        return {
+            "repeats": self.repeats,
+            "reference_repeats": self.reference_repeats,
+            "model_repeats": self.model_repeats,
+            "session_repeats": self.session_repeats,
+            "warmup": self.warmup,
+            "kernel_cases": [c.key for c in self.kernel_cases],
+            "models": [c.name for c in self.model_cases],
+        }
+
+
+def config_for(mode):
+    """The full run, the quick run (headline shapes, fewer repetitions) or the smoke run (tiny, for tests)."""
+    if mode == "full":
+        return Config(mode, kernels.FULL_CASES, models.FULL_MODELS, repeats=15, reference_repeats=3,
+                      model_repeats=20, session_repeats=3)
+    if mode == "quick":
+        return Config(mode, kernels.QUICK_CASES, models.QUICK_MODELS, repeats=7, reference_repeats=1,
+                      model_repeats=7, session_repeats=1)
+    if mode == "smoke":
+        return Config(mode, kernels.SMOKE_CASES, models.SMOKE_MODELS, repeats=2, reference_repeats=1,
+                      model_repeats=2, session_repeats=1)
+    raise ValueError("mode must be 'full', 'quick' or 'smoke', got %r" % mode)
+
+
+def _log(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def run(config, threads, out_dir, make_plots=True):
+    """Run every case of `config` at `threads`; write results.json, results.md and the PNGs into out_dir.
+
+    Returns the results dict.
+    """
+    from .harness import machine_info
+
+    started = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"schema": report.SCHEMA, "mode": config.mode, "config": config.describe(), "notes": []}
+    _log("benchmarks: machine facts and copy roof at threads %s" % ",".join(map(str, threads)))
+    results["machine"] = machine_info(threads)
+
+    results["kernels"] = []
+    for index, case in enumerate(config.kernel_cases, 1):
+        _log("benchmarks: kernel %d/%d %s %s" % (index, len(config.kernel_cases), case.label, case.shape_label))
+        result = kernels.run_case(case, threads, config.repeats, config.warmup, config.reference_repeats)
+        if "skipped" in result:
+            _log("  skipped: %s" % result["skipped"])
+        results["kernels"].append(result)
+
+    results["models"] = []
+    if config.model_cases:
+        with tempfile.TemporaryDirectory() as scratch:
+            for index, case in enumerate(config.model_cases, 1):
+                _log("benchmarks: model %d/%d %s" % (index, len(config.model_cases), case.name))
+                results["models"].append(models.run_model(
+                    case, max(threads), config.model_repeats, scratch, config.warmup, config.session_repeats))
+
+    results["targets"] = report.evaluate_targets(results["kernels"])
+    results["figures"] = report.figures(results["kernels"], results["models"])
+    results["plots"] = []
+    if make_plots:
+        paths, note = report.plot(results, out_dir)
+        results["plots"] = [os.path.basename(p) for p in paths]
+        if note:
+            results["notes"].append(note)
+    results["elapsed_seconds"] = time.perf_counter() - started
+    table = report.markdown(results)
+    report.write_json(results, os.path.join(out_dir, "results.json"))
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    _log("benchmarks: %.0f s; wrote results.json, results.md%s into %s" % (
+        results["elapsed_seconds"], "".join(", " + p for p in results["plots"]), out_dir))
+    return results
