@@ -152,6 +152,16 @@ def save_model(model, path, *, external_data=False):
         _remove_quietly(backup)
 
 
+def write_file_atomically(path, data):
+    """Write bytes to `path` the way save_model writes a model: a temporary file, fsync, os.replace."""
+    path = Path(os.fspath(path))
+    if not path.absolute().parent.is_dir():
+        raise FoldError("cannot write %s: the folder %s does not exist" % (path, path.absolute().parent))
+    if path.is_dir():
+        raise FoldError("cannot write %s: it is a directory" % path)
+    _write_atomically(path, [data])
+
+
 def check_opset(model, label="the model"):
     """FoldError unless the model's default-domain opset is between 7 and the newest onnx knows."""
     newest = onnx.defs.onnx_opset_version()
@@ -403,4 +413,4 @@ def _remove_quietly(path):
         pass
 
 
-__all__ = ["load_model", "save_model", "uses_external_data", "external_data_files", "check_opset"]
+__all__ = ["load_model", "save_model", "uses_external_data", "external_data_files", "check_opset", "write_file_atomically"]
