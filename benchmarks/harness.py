@@ -18,6 +18,12 @@ class Unavailable(Exception):
     """A contender (or a whole case) cannot run here; the message says why, for the report's notes."""
 
 
+def first_line(error, limit=160):
+    """`Type: message` cut to its first line and `limit` characters, for a one-line note."""
+    text = "%s: %s" % (type(error).__name__, (str(error).splitlines() or [""])[0])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass
 class Contender:
     """One thing timed in a case: `run` is timed, `prepare` (untimed) runs just before it.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .harness import Contender, Unavailable
+from .harness import Contender, Unavailable, first_line
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -196,10 +196,9 @@ class KernelBench:
         self.rng = rng
         self.x = (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 0.5).astype(np.float32)
         self.dy = rng.standard_normal(case.shape, dtype=np.float32)
-        self.params = {}
 
     def param(self, n, low=0.5, high=1.5):
-        return rng_uniform(self.rng, n, low, high)
+        return self.rng.uniform(low, high, n).astype(np.float32)
 
     def reference(self):
         raise NotImplementedError
@@ -214,10 +213,6 @@ class KernelBench:
         raise NotImplementedError
 
 
-def rng_uniform(rng, n, low, high):
-    return rng.uniform(low, high, n).astype(np.float32)
-
-
 class BatchNormBench(KernelBench):
     def __init__(self, case, rng):
         super().__init__(case, rng)
@@ -226,6 +221,7 @@ class BatchNormBench(KernelBench):
             self.x = np.ascontiguousarray(self.x.transpose(0, 2, 3, 1))
             self.dy = np.ascontiguousarray(self.dy.transpose(0, 2, 3, 1))
         self.axis = 3 if case.channels_last else 1
+        self.channel_axis = -1 if case.channels_last else 1
         self.reduce_axes = tuple(a for a in range(4) if a != self.axis)
         self.channels = c
         self.weight = self.param(c)
@@ -256,7 +252,7 @@ class BatchNormInference(BatchNormBench):
     def foldnorm(self, threads):
         fn = _foldnorm_kernel("batch_normalization", "batch_norm")
         args = (self.x, self.running_mean, self.running_var, self.weight, self.bias)
-        return lambda: fn(*args, eps=EPS, channel_axis=self.axis, out=self.y, num_threads=threads)
+        return lambda: fn(*args, eps=EPS, channel_axis=self.channel_axis, out=self.y, num_threads=threads)
 
     def onnxruntime(self, threads):
         if self.case.channels_last:
@@ -282,7 +278,7 @@ class BatchNormTrain(BatchNormBench):
         running_mean, running_var = self.running_mean.copy(), self.running_var.copy()
         return lambda: fn(
             self.x, self.weight, self.bias, running_mean=running_mean, running_var=running_var,
-            momentum=MOMENTUM, eps=EPS, channel_axis=self.axis, out=self.y, num_threads=threads,
+            momentum=MOMENTUM, eps=EPS, channel_axis=self.channel_axis, out=self.y, num_threads=threads,
         )
 
     def onnxruntime(self, threads):
@@ -307,8 +303,9 @@ class BatchNormBackward(BatchNormBench):
     def foldnorm(self, threads):
         forward = _foldnorm_kernel("batch_normalization", "batch_norm_train")
         fn = _foldnorm_kernel("batch_normalization", "batch_norm_backward")
-        _, mean, invstd = forward(self.x, self.weight, self.bias, eps=EPS, channel_axis=self.axis)
-        return lambda: fn(self.dy, self.x, mean, invstd, self.weight, channel_axis=self.axis, num_threads=threads)
+        _, mean, invstd = forward(self.x, self.weight, self.bias, eps=EPS, channel_axis=self.channel_axis)
+        return lambda: fn(self.dy, self.x, mean, invstd, self.weight, channel_axis=self.channel_axis,
+                          num_threads=threads)
 
     def torch(self, threads):
         torch, _ = _torch()
@@ -411,12 +408,14 @@ class RmsNormBackward(RowNormBench):
         return lambda: fn(self.dy, self.x, invrms, self.weight, axis=-1, num_threads=threads)
 
     def torch(self, threads):
-        torch, _ = _torch()
-        _, invrms = _invrms(self.x)
-        invrms = torch.from_numpy(invrms.astype(np.float32))
-        x, dy, weight = (torch.from_numpy(a) for a in (self.x, self.dy, self.weight))
-        backward = torch.ops.aten._fused_rms_norm_backward
-        return lambda: backward(dy, x, [self.width], invrms, weight, [True, True])
+        """Autograd's backward of F.rms_norm, the graph kept from one forward: torch's CPU build has no
+        fused RMS norm backward operator, so this is what a torch user gets."""
+        torch, F = _torch()
+        x = torch.from_numpy(self.x.copy()).requires_grad_()
+        weight = torch.from_numpy(self.weight.copy()).requires_grad_()
+        y = F.rms_norm(x, (self.width,), weight, EPS)
+        dy = torch.from_numpy(self.dy)
+        return lambda: torch.autograd.grad(y, (x, weight), dy, retain_graph=True)
 
 
 class GroupNormBench(KernelBench):
@@ -563,7 +562,7 @@ def run_case(case, threads, repeats, warmup=1, reference_repeats=1, seed=0):
         result["skipped"] = str(error)
         return result
     except Exception as error:  # a kernel still in progress must not stop the other cases
-        result["skipped"] = "foldnorm's %s failed: %s: %s" % (case.kernel, type(error).__name__, error)
+        result["skipped"] = "foldnorm's %s failed: %s" % (case.kernel, first_line(error))
         return result
 
     contenders = []
@@ -618,7 +617,7 @@ def _optional_contenders(bench, threads, notes):
         except Unavailable as error:
             _note_once(notes, "onnxruntime: %s" % error)
         except Exception as error:  # an operator this onnxruntime build lacks is a note, not a crash
-            _note_once(notes, "onnxruntime failed: %s: %s" % (type(error).__name__, str(error).splitlines()[0]))
+            _note_once(notes, "onnxruntime failed: %s" % first_line(error))
     for t in threads:
         try:
             torch, _ = _torch()
@@ -629,7 +628,7 @@ def _optional_contenders(bench, threads, notes):
         except Unavailable as error:
             _note_once(notes, "torch: %s" % error)
         except Exception as error:
-            _note_once(notes, "torch failed: %s: %s" % (type(error).__name__, str(error).splitlines()[0]))
+            _note_once(notes, "torch failed: %s" % first_line(error))
     return contenders
 
 

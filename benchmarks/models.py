@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .harness import Contender, Unavailable, measure, paired_ratio
+from .harness import Contender, Unavailable, first_line, measure, paired_ratio
+from .kernels import ort_session_options
 
 IR_VERSION = 8
 OPSET = 13
@@ -253,7 +254,7 @@ def _fold(model, result):
     try:
         folded, report = fold_model(model, verify=True)
     except Exception as error:  # a fold refusal is a finding to report, not a reason to stop
-        result["notes"].append("fold_model failed: %s: %s" % (type(error).__name__, str(error).splitlines()[0]))
+        result["notes"].append("fold_model failed: %s" % first_line(error))
         return None
     wall = time.perf_counter() - start
     counts = report.counts() if callable(getattr(report, "counts", None)) else {}
@@ -271,8 +272,6 @@ def _ort_basic(model, threads, directory, name):
     """onnxruntime's own basic-level optimized model, written by the session to a file."""
     import onnxruntime as ort
 
-    from .kernels import ort_session_options
-
     path = os.path.join(directory, name + "_ort_basic.onnx")
     options = ort_session_options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     options.optimized_model_filepath = path
@@ -283,8 +282,6 @@ def _ort_basic(model, threads, directory, name):
 def run_model(case, threads, repeats, directory, warmup=1, session_repeats=1, seed=0):
     """Time one model's variants at `threads`; returns its JSON-ready result (`skipped` if it cannot run)."""
     import onnxruntime as ort
-
-    from .kernels import ort_session_options
 
     result = {"name": case.name, "source": case.source, "threads": threads, "notes": []}
     try:

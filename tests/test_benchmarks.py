@@ -1,0 +1,186 @@
+"""The benchmark harness's logic: pairing, targets, compare's verdicts and exit codes, the outputs of a tiny
+run, and the models it builds. No timing is asserted: these machines are too noisy for that."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from benchmarks import kernels, models, report
+from benchmarks.__main__ import main
+from benchmarks.harness import Contender, Samples, Unavailable, measure, paired_ratio
+
+
+def test_measure_interleaves_and_times_sparse_contenders_only_in_the_first_rounds():
+    calls = []
+    contenders = [Contender(name, 1, lambda name=name: calls.append(name)) for name in "abc"]
+    contenders.append(Contender("slow", 1, lambda: calls.append("slow"), sparse=True))
+    samples = measure(contenders, repeats=5, warmup=1, sparse_repeats=2)
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up skips the sparse contender
+    rounds = calls[3:]
+    assert rounds[:4] == ["a", "b", "c", "slow"]
+    assert rounds[4:8] == ["b", "c", "slow", "a"]  # each round starts one contender later
+    assert {key: len(s.by_round) for key, s in samples.items()} == {"a@1": 5, "b@1": 5, "c@1": 5, "slow@1": 2}
+    assert sorted(samples["slow@1"].by_round) == [0, 1]
+
+
+def test_paired_ratio_uses_only_rounds_both_ran():
+    numerator = Samples({0: 1.0, 1: 4.0, 2: 30.0, 3: 3.0})
+    denominator = Samples({0: 1.0, 1: 2.0, 3: 1.0, 4: 50.0})
+    assert paired_ratio(numerator, denominator) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert paired_ratio(numerator, Samples({9: 1.0})) is None
+    assert Samples({0: 3.0, 1: 1.0, 2: 2.0}).summary() == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+
+
+def test_byte_model():
+    assert kernels.KernelCase("batch_norm", (2, 3, 4, 5)).traffic_bytes == 2 * 120 * 4
+    assert kernels.KernelCase("batch_norm_train", (2, 3, 4, 5)).traffic_bytes == 3 * 120 * 4
+    assert kernels.KernelCase("batch_norm_backward", (2, 3, 4, 5)).traffic_bytes == 5 * 120 * 4
+    assert kernels.KernelCase("layer_norm_backward", (6, 7)).traffic_bytes == 3 * 42 * 4
+    assert set(kernels.TRAFFIC) == set(kernels.BENCHES)
+
+
+def _ratio(value):
+    return {"median": value, "min": value, "max": value, "n": 1}
+
+
+def _row(threads, x_copy=1.0, vs_torch=None, vs_ort=None, scaling=None):
+    return {"threads": threads, "x_copy": _ratio(x_copy), "vs_torch": vs_torch and _ratio(vs_torch),
+            "vs_onnxruntime": vs_ort and _ratio(vs_ort), "scaling": scaling and _ratio(scaling)}
+
+
+def test_targets_are_judged_at_all_cores_from_the_runs_own_ratios():
+    bn = kernels.KernelCase("batch_norm", kernels.BATCH_NORM_HEADLINE).key
+    train = kernels.KernelCase("batch_norm_train", kernels.BATCH_NORM_HEADLINE).key
+    ln = kernels.KernelCase("layer_norm", kernels.LAYER_NORM_HEADLINE).key
+    gn = kernels.KernelCase("group_norm", kernels.GROUP_NORM_HEADLINE, groups=32).key
+    results = [
+        {"key": bn, "rows": [_row(1, x_copy=2.0), _row(2, x_copy=1.05)]},
+        {"key": train, "rows": [_row(1, x_copy=1.5), _row(2, x_copy=1.7, scaling=1.4)]},
+        {"key": ln, "rows": [_row(1), _row(2, vs_torch=1.2, vs_ort=1.4)]},
+        {"key": gn, "skipped": "foldnorm.group_normalization.group_norm is not available yet"},
+    ]
+    verdicts = {(v["key"], v["kind"], v["limit"]): v for v in report.evaluate_targets(results)}
+    assert len(verdicts) == len(report.TARGETS)
+    assert verdicts[bn, "x_copy", 1.1]["met"] is True
+    assert verdicts[train, "x_copy", 1.6]["met"] is False
+    assert verdicts[train, "scaling", 1.6]["met"] is False
+    assert verdicts[ln, "vs", 1.0]["met"] is True
+    assert verdicts[ln, "vs", 1.5]["met"] is False
+    assert verdicts[gn, "vs", 1.0]["met"] is None
+    assert "not available" in verdicts[gn, "vs", 1.0]["why"]
+    backward = kernels.KernelCase("batch_norm_backward", kernels.BATCH_NORM_HEADLINE).key
+    assert verdicts[backward, "x_copy", 2.5]["met"] is None
+
+
+def _results_file(path, figures):
+    with open(path, "w") as f:
+        json.dump({"figures": {name: {"value": v, "unit": "s"} for name, v in figures.items()}}, f)
+    return str(path)
+
+
+def test_compare_flags_slowdowns_beyond_the_threshold(tmp_path, capsys):
+    old = _results_file(tmp_path / "old.json", {"a": 1.0, "b": 2.0, "gone": 1.0})
+    new = _results_file(tmp_path / "new.json", {"a": 1.05, "b": 2.5, "added": 1.0})
+    assert main(["compare", old, new]) == 1
+    out = capsys.readouterr().out
+    line_a, = [line for line in out.splitlines() if line.startswith("| a |")]
+    line_b, = [line for line in out.splitlines() if line.startswith("| b |")]
+    assert "1.050" in line_a and "SLOWER" not in line_a
+    assert "1.250" in line_b and "SLOWER" in line_b
+    assert "2 figures compared, 1 slower" in out
+    assert "Only in OLD (not compared): gone" in out and "Only in NEW (not compared): added" in out
+    assert main(["compare", old, new, "--threshold", "0.3"]) == 0
+    assert main(["compare", new, old]) == 0  # faster is never flagged
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"mode": "quick"}', '{"figures": {"a": {"value": 0}}}',
+                                     '{"figures": {"a": {"value": "1"}}}'])
+def test_compare_rejects_bad_files_with_one_line_and_exit_code_2(tmp_path, capsys, content):
+    good = _results_file(tmp_path / "good.json", {"a": 1.0})
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert main(["compare", good, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmarks compare: ") and err.count("\n") == 1
+    assert main(["compare", str(tmp_path / "missing.json"), good]) == 2
+
+
+def test_a_kernel_that_is_not_there_yet_is_skipped_with_a_note(monkeypatch):
+    def missing(module, name):
+        raise Unavailable("foldnorm.%s.%s is not available yet" % (module, name))
+
+    monkeypatch.setattr(kernels, "_foldnorm_kernel", missing)
+    result = kernels.run_case(kernels.KernelCase("layer_norm", (4, 8)), [1], repeats=1)
+    assert result["skipped"] == "foldnorm.layer_normalization.layer_norm is not available yet"
+    assert "rows" not in result
+
+
+def test_smoke_run_writes_table_json_and_plots(tmp_path, capsys):
+    assert main(["run", "--smoke", "--out", str(tmp_path), "--threads", "2,1"]) == 0
+    table = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().strip() == table.strip()
+    machine = results["machine"]
+    assert machine["threads"] == [1, 2]
+    assert set(machine["copy_gbps"]) == {"1", "2"} and all(v > 0 for v in machine["copy_gbps"].values())
+    assert machine["versions"]["onnxruntime"] == ort.__version__
+    assert {"openmp", "max_threads", "compiler", "cflags"} <= set(machine["foldnorm_build"])
+    assert [r["key"] for r in results["kernels"]] == [c.key for c in kernels.SMOKE_CASES]
+    for result in results["kernels"]:
+        assert result["label"] in table
+        if "skipped" in result:
+            assert result["skipped"]
+            continue
+        assert [row["threads"] for row in result["rows"]] == [1, 2]
+        for row in result["rows"]:
+            assert row["foldnorm"]["min"] <= row["foldnorm"]["median"] <= row["foldnorm"]["max"]
+            assert row["gbps"] > 0 and row["x_copy"]["n"] == 2
+            assert "kernel/%s/t%d/seconds" % (result["key"], row["threads"]) in results["figures"]
+        assert result["max_abs_error"] < 1e-3
+    assert len(results["targets"]) == len(report.TARGETS)
+    assert all(t["met"] is None for t in results["targets"])  # the smoke run has none of the headline shapes
+    assert [m["name"] for m in results["models"]] == ["resnet_tiny", "mobilenet_tiny"]
+    for model in results["models"]:
+        assert set(model["latency"]) >= {"original/disabled", "original/enabled", "ort_basic/enabled"}
+        assert model["variants"]["original"]["batch_norm_nodes"] > 0
+        assert model["variants"]["ort_basic"]["max_abs_diff_enabled"] < 1e-3
+    pytest.importorskip("matplotlib")
+    assert sorted(results["plots"]) == ["kernels_gbps.png", "model_latency.png", "thread_scaling.png"]
+    for name in results["plots"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_light_model_is_materialized_into_constant_weights():
+    model = models.materialize_light_model("light_resnet50")
+    assert not any(node.op_type == "ConstantOfShape" for node in model.graph.node)
+    initializers = {t.name for t in model.graph.initializer}
+    assert [i.name for i in model.graph.input] == ["gpu_0/data_0"]
+    batch_norms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert len(batch_norms) == 53 and all(set(n.input[1:]) <= initializers for n in batch_norms)
+    variances = {t.name: t for t in model.graph.initializer}
+    from onnx import numpy_helper
+
+    assert all(numpy_helper.to_array(variances[n.input[4]]).min() > 0 for n in batch_norms)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    probabilities = session.run(None, {"gpu_0/data_0": x})[0]
+    assert probabilities.shape == (1, 1000) and np.isfinite(probabilities).all()
+    assert abs(float(probabilities.sum()) - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("build, convs", [
+    (lambda: models.resnet_like(input_size=32, widths=(8, 16), blocks=(1, 1), classes=10), 6),
+    (lambda: models.mobilenet_like(input_size=32, blocks=((1, 8, 1, 1), (2, 16, 2, 2)), stem=8, head=32,
+                                   classes=10), 10),
+])
+def test_generated_cnns_have_a_batch_norm_after_every_conv_and_run(build, convs):
+    model = build()
+    assert model.ir_version == models.IR_VERSION
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Conv") == ops.count("BatchNormalization") == convs
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    logits = session.run(None, {"input": x})[0]
+    assert logits.shape == (1, 10) and np.isfinite(logits).all()
+
