@@ -1,0 +1,234 @@
+"""Batch normalization of NumPy arrays: inference with frozen statistics, training forward, backward.
+
+x is (N, C, *spatial) with any number of spatial dims (channel_axis=1), or channels-last
+(N, *spatial, C) (channel_axis=-1). float32 and float64 are computed in their own precision; float16 is
+computed in float32 and its y returned as float16. Statistics are accumulated in float64 by an exact
+two-pass over cache-sized blocks merged with Chan's update, never as float32 E[x^2] - E[x]^2, and every
+result is bit-identical for any thread count.
+"""
+import operator
+
+import numpy as np
+
+from . import _batch_norm
+from ._validation import (
+    as_input,
+    as_like,
+    as_param,
+    check_eps,
+    check_out,
+    compute_dtype,
+    finish_output,
+    kernel_output,
+)
+from .runtime import resolve_num_threads
+
+__all__ = ["batch_norm", "batch_norm_train", "batch_norm_backward"]
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, channel_axis=1, out=None,
+               num_threads=None):
+    """Batch normalization with frozen statistics (inference).
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel. It is computed as
+    y = x * alpha + beta with alpha = weight / sqrt(running_var + eps) and
+    beta = bias - running_mean * alpha (both in float64, then cast): one pass over x.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, *spatial), or (N, *spatial, C) with channel_axis=-1; float16, float32 or float64.
+    running_mean, running_var : array-like (C,).
+    weight, bias : array-like (C,) or None (1 and 0).
+    eps : float added to the variance.
+    channel_axis : 1 (channels first) or -1 (channels last).
+    out : optional ndarray of x's shape and dtype to write y into; must not overlap any input.
+    num_threads : int, or None for foldnorm.get_num_threads().
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype (out when given).
+
+    Example
+    -------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> y = batch_norm(x, np.zeros(3), np.ones(3), weight=np.full(3, 2.0), bias=np.ones(3))
+    >>> y.shape, y.dtype
+    ((8, 3, 4, 4), dtype('float32'))
+    """
+    xc, dtype = as_input(x, "x", min_ndim=2)
+    outer, channels, inner = _layout(xc.shape, channel_axis)
+    mean = as_param(running_mean, "running_mean", (channels,), np.float64, required=True)
+    var = as_param(running_var, "running_var", (channels,), np.float64, required=True)
+    weight64 = as_param(weight, "weight", (channels,), np.float64)
+    bias64 = as_param(bias, "bias", (channels,), np.float64)
+    eps = check_eps(eps)
+    threads = resolve_num_threads(num_threads)
+    out = check_out(out, xc.shape, dtype, _named_arrays(x=x, running_mean=running_mean,
+                                                         running_var=running_var, weight=weight, bias=bias))
+    written, out = kernel_output(out, xc.shape, dtype)
+    _batch_norm.batch_norm(xc.reshape(-1), written.reshape(-1), outer, channels, inner, mean, var, weight64,
+                           bias64, eps, threads)
+    return finish_output(written, out, dtype)
+
+
+def batch_norm_train(x, weight=None, bias=None, *, running_mean=None, running_var=None, momentum=0.1,
+                     running_var_unbiased=True, eps=1e-5, channel_axis=1, out=None, num_threads=None):
+    """Batch normalization with the statistics of the batch (training forward).
+
+    Per channel, over the n = N * prod(spatial) values of the batch:
+    mean = sum(x) / n, var = sum((x - mean)^2) / n (biased), invstd = 1 / sqrt(var + eps),
+    y = (x - mean) * invstd * weight + bias.
+
+    running_mean and running_var, when given, are updated in place (PyTorch's convention):
+    running = (1 - momentum) * running + momentum * batch, where the batch variance stored is the
+    unbiased var * n / (n - 1) when running_var_unbiased is true, else var. The update is computed in
+    float64 and stored in the arrays' own dtype.
+
+    ONNX BatchNormalization with training_mode=1 updates running = momentum_onnx * running +
+    (1 - momentum_onnx) * batch with the population variance; the same update here is
+    momentum = 1 - momentum_onnx, running_var_unbiased=False (so ONNX's default 0.9 is momentum=0.1).
+
+    Parameters
+    ----------
+    x : ndarray (N, C, *spatial), or (N, *spatial, C) with channel_axis=-1; float16, float32 or float64.
+        Needs more than one value per channel.
+    weight, bias : array-like (C,) or None (1 and 0).
+    running_mean, running_var : writable float ndarrays (C,), or None.
+    momentum : float weight of the batch statistics in the running update.
+    running_var_unbiased : bool, store the unbiased (True) or the population (False) batch variance.
+    eps : float added to the variance.
+    channel_axis : 1 (channels first) or -1 (channels last).
+    out : optional ndarray of x's shape and dtype to write y into; must not overlap any input.
+    num_threads : int, or None for foldnorm.get_num_threads().
+
+    Returns
+    -------
+    (y, mean, invstd) : y of x's shape and dtype (out when given); mean and invstd (C,) in the compute
+    dtype (float32 for float16 and float32 x, float64 for float64 x).
+
+    Example
+    -------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> running_mean, running_var = np.zeros(3), np.ones(3)
+    >>> y, mean, invstd = batch_norm_train(x, running_mean=running_mean, running_var=running_var)
+    >>> bool(abs(y.mean()) < 1e-6), mean.shape, invstd.dtype
+    (True, (3,), dtype('float32'))
+    """
+    xc, dtype = as_input(x, "x", min_ndim=2)
+    outer, channels, inner = _layout(xc.shape, channel_axis)
+    count = outer * inner
+    if count < 2:
+        raise ValueError("expected more than 1 value per channel when training, got input of shape %s"
+                         % (xc.shape,))
+    weight64 = as_param(weight, "weight", (channels,), np.float64)
+    bias64 = as_param(bias, "bias", (channels,), np.float64)
+    running_mean = _running_statistic(running_mean, "running_mean", channels)
+    running_var = _running_statistic(running_var, "running_var", channels)
+    if running_mean is not None and running_var is not None and np.shares_memory(running_mean, running_var):
+        raise ValueError("running_mean and running_var must not overlap")
+    momentum = _momentum(momentum)
+    eps = check_eps(eps)
+    threads = resolve_num_threads(num_threads)
+    out = check_out(out, xc.shape, dtype, _named_arrays(x=x, weight=weight, bias=bias,
+                                                         running_mean=running_mean, running_var=running_var))
+    written, out = kernel_output(out, xc.shape, dtype)
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    invstd = np.empty(channels)
+    _batch_norm.batch_norm_train(xc.reshape(-1), written.reshape(-1), outer, channels, inner, weight64, bias64,
+                                 eps, mean, var, invstd, threads)
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    if running_var is not None:
+        batch_var = var * (count / (count - 1.0)) if running_var_unbiased else var
+        running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * batch_var
+    stats_dtype = compute_dtype(dtype)
+    return finish_output(written, out, dtype), mean.astype(stats_dtype), invstd.astype(stats_dtype)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, channel_axis=1, num_threads=None):
+    """Gradients of batch_norm_train's y with respect to x, weight and bias.
+
+    With n = N * prod(spatial) values per channel and xhat = (x - mean) * invstd:
+    dbias = sum(dy), dweight = sum(dy * xhat),
+    dx = weight * invstd * (dy - dbias / n - xhat * dweight / n).
+    One fused pass computes sum(dy) and sum(dy * (x - mean)) in float64, a second one writes dx.
+
+    Parameters
+    ----------
+    dy : ndarray of x's shape, the gradient of the loss with respect to y.
+    x : ndarray (N, C, *spatial), or (N, *spatial, C) with channel_axis=-1; float16, float32 or float64.
+    mean, invstd : array-like (C,), as returned by batch_norm_train.
+    weight : array-like (C,) or None (1).
+    channel_axis : 1 (channels first) or -1 (channels last).
+    num_threads : int, or None for foldnorm.get_num_threads().
+
+    Returns
+    -------
+    (dx, dweight, dbias) : dx of x's shape, dweight and dbias (C,), all in x's dtype.
+
+    Example
+    -------
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4))
+    >>> y, mean, invstd = batch_norm_train(x)
+    >>> dx, dweight, dbias = batch_norm_backward(np.ones_like(x), x, mean, invstd)
+    >>> bool(np.abs(dx).max() < 1e-12), dbias
+    (True, array([128., 128., 128.]))
+    """
+    xc, dtype = as_input(x, "x", min_ndim=2)
+    dyc = as_like(dy, "dy", xc.shape, xc.dtype)
+    outer, channels, inner = _layout(xc.shape, channel_axis)
+    mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
+    invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
+    weight64 = as_param(weight, "weight", (channels,), np.float64)
+    threads = resolve_num_threads(num_threads)
+    dx = np.empty(xc.shape, dtype=xc.dtype)
+    dweight = np.empty(channels)
+    dbias = np.empty(channels)
+    _batch_norm.batch_norm_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), outer, channels, inner,
+                                    mean64, invstd64, weight64, dweight, dbias, threads)
+    return dx.astype(dtype, copy=False), dweight.astype(dtype), dbias.astype(dtype)
+
+
+def _layout(shape, channel_axis):
+    """The (outer, channels, inner) view of an x of `shape` that the kernels work on."""
+    try:
+        axis = operator.index(channel_axis)
+    except TypeError:
+        axis = None
+    if isinstance(channel_axis, bool) or axis not in (1, -1):
+        raise ValueError("channel_axis must be 1 (channels first) or -1 (channels last), got %r"
+                         % (channel_axis,))
+    if axis == 1:
+        return shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))
+    return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1], 1
+
+
+def _running_statistic(a, name, channels):
+    """A running_mean/running_var argument: None, or a writable float ndarray of shape (channels,)."""
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray):
+        raise TypeError("%s must be a numpy.ndarray (it is updated in place), got %s" % (name, type(a).__name__))
+    if a.dtype.kind != "f":
+        raise TypeError("%s must be a float array, got dtype %s" % (name, a.dtype))
+    if a.shape != (channels,):
+        raise ValueError("%s must have shape %s, got %s" % (name, (channels,), a.shape))
+    if not a.flags.writeable:
+        raise ValueError("%s must be writable (it is updated in place)" % name)
+    return a
+
+
+def _momentum(momentum):
+    try:
+        value = float(momentum)
+    except (TypeError, ValueError):
+        raise TypeError("momentum must be a number, got %r" % (momentum,)) from None
+    if not np.isfinite(value):
+        raise ValueError("momentum must be finite, got %r" % value)
+    return value
+
+
+def _named_arrays(**arrays):
+    """(name, array) pairs of the ndarray arguments, for check_out's overlap test."""
+    return [(name, a) for name, a in arrays.items() if isinstance(a, np.ndarray)]
