@@ -87,7 +87,6 @@ def _build_parser():
 
 
 def run_fold(args):
-    from .fold import fold_model
     from .modelio import external_data_files, load_model, save_model, write_file_atomically
     from .verify import verify
 
@@ -106,6 +105,8 @@ def run_fold(args):
     for path, option in ((output, "-o"), (Path(str(output) + ".data"), "-o"), (report_path, "--report")):
         if path is not None and os.path.realpath(path) in protected:
             raise UsageError("foldnorm: error: %s %s would overwrite the input model or its external data" % (option, path))
+
+    from .fold import fold_model
 
     folded, report = fold_model(original, keep_bn=args.keep_bn, verify=False)
     report.model = str(source)
@@ -135,7 +136,7 @@ def run_inspect(args):
     from .fold import inspect_model
 
     report = inspect_model(Path(args.model))
-    print(report.format_text())
+    print(report.format_text(every_node=True))
     return EXIT_OK
 
 

@@ -130,12 +130,12 @@ class VerifyReport:
             where = ", ".join("%s axis %s" % (k, ",".join(map(str, v))) for k, v in self.dynamic_dims.items())
             lines.append("  dynamic dims set to %d (%s); --shape NAME=d0,d1,... sets them" % (self.default_dim, where))
         width = max([len("output")] + [len(o.name) for o in self.outputs])
-        lines.append("  %-*s  %-12s  %-12s  %-22s  %s" % (width, "output", "max abs err", "max rel err", "tolerance", "result"))
+        lines.append("  %-*s  %-12s  %-12s  %-24s  %s" % (width, "output", "max abs err", "max rel err", "tolerance", "result"))
         for o in self.outputs:
             tolerance = "rtol %.0e atol %.1e" % (o.rtol, o.atol)
             result = "ok" if o.passed else "DIVERGED" + (" (%s)" % o.note if o.note else "")
             lines.append(
-                "  %-*s  %-12s  %-12s  %-22s  %s"
+                "  %-*s  %-12s  %-12s  %-24s  %s"
                 % (width, o.name, _format_error(o.max_abs_error), _format_error(o.max_rel_error), tolerance, result)
             )
         return "\n".join(lines)
