@@ -150,12 +150,12 @@ class CnnBuilder:
         return self._node("Gemm", [pooled, self._constant("fc_w", weight), self._constant("fc_b", np.zeros(classes))],
                           transB=1)
 
-    def model(self, name, input_name, input_size, output):
+    def model(self, name, input_name, input_size, output, classes):
         graph = helper.make_graph(
             self.nodes,
             name,
             [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, 3, input_size, input_size])],
-            [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, classes])],
             initializer=self.initializers,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -177,7 +177,7 @@ def resnet_like(input_size=224, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2),
             shortcut = x if stride == 1 and cin == width else b.conv_bn(x, cin, width, 1, stride, activation=None)
             x = b._node("Relu", [b.add(y, shortcut)])
             cin = width
-    return b.model("resnet_like", "input", input_size, b.classifier(x, cin, classes))
+    return b.model("resnet_like", "input", input_size, b.classifier(x, cin, classes), classes)
 
 
 MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -199,7 +199,7 @@ def mobilenet_like(input_size=224, blocks=MOBILENET_V2_BLOCKS, stem=32, head=128
             x = b.add(x, y) if stride == 1 and cin == width else y
             cin = width
     x = b.conv_bn(x, cin, head, 1, activation="Relu6")
-    return b.model("mobilenet_like", "input", input_size, b.classifier(x, head, classes))
+    return b.model("mobilenet_like", "input", input_size, b.classifier(x, head, classes), classes)
 
 
 def light_case(name):

@@ -183,7 +183,7 @@ def markdown(results):
             lines += ["", "| model | fold ms | fold + verify ms | params MB before -> after | rewrites |",
                       "|---|--:|--:|--:|---|"]
             for name, fold in folds:
-                counts = ", ".join("%s %s" % (k, v) for k, v in fold["counts"].items())
+                counts = _counts_text(fold["counts"])
                 lines.append("| %s | %s | %s | %.2f -> %.2f | %s |" % (
                     name, _ms(fold["fold_seconds"]), _ms(fold["seconds_with_verify"]),
                     fold["param_bytes_before"] / 1e6, fold["param_bytes_after"] / 1e6, counts))
@@ -194,6 +194,18 @@ def markdown(results):
     if notes:
         lines += ["### Notes", ""] + ["- " + n for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _counts_text(counts):
+    """FoldReport.counts() as `folded Conv 53; left 0`: nested dicts flattened, empty ones dropped."""
+    parts = []
+    for name, value in counts.items():
+        if isinstance(value, dict):
+            if value:
+                parts.append("%s %s" % (name, ", ".join("%s %s" % item for item in value.items())))
+        else:
+            parts.append("%s %s" % (name, value))
+    return "; ".join(parts)
 
 
 def plot(results, directory):

@@ -34,11 +34,11 @@ class Config:
 def config_for(mode):
     """The full run, the quick run (headline shapes, fewer repetitions) or the smoke run (tiny, for tests)."""
     if mode == "full":
-        return Config(mode, kernels.FULL_CASES, models.FULL_MODELS, repeats=15, reference_repeats=3,
+        return Config(mode, kernels.FULL_CASES, models.FULL_MODELS, repeats=30, reference_repeats=3,
                       model_repeats=20, session_repeats=3)
     if mode == "quick":
-        return Config(mode, kernels.QUICK_CASES, models.QUICK_MODELS, repeats=7, reference_repeats=1,
-                      model_repeats=7, session_repeats=1)
+        return Config(mode, kernels.QUICK_CASES, models.QUICK_MODELS, repeats=15, reference_repeats=1,
+                      model_repeats=10, session_repeats=1)
     if mode == "smoke":
         return Config(mode, kernels.SMOKE_CASES, models.SMOKE_MODELS, repeats=2, reference_repeats=1,
                       model_repeats=2, session_repeats=1)

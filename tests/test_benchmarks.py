@@ -3,6 +3,7 @@ run, and the models it builds. No timing is asserted: these machines are too noi
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -145,6 +146,10 @@ def test_smoke_run_writes_table_json_and_plots(tmp_path, capsys):
         assert set(model["latency"]) >= {"original/disabled", "original/enabled", "ort_basic/enabled"}
         assert model["variants"]["original"]["batch_norm_nodes"] > 0
         assert model["variants"]["ort_basic"]["max_abs_diff_enabled"] < 1e-3
+        if "fold" in model:  # once foldnorm.fold exists: its output has no BatchNormalization left
+            assert model["variants"]["folded"]["batch_norm_nodes"] == 0
+            assert model["variants"]["folded"]["max_abs_diff_disabled"] < 1e-3
+            assert model["fold"]["param_bytes_after"] < model["fold"]["param_bytes_before"]
     pytest.importorskip("matplotlib")
     assert sorted(results["plots"]) == ["kernels_gbps.png", "model_latency.png", "thread_scaling.png"]
     for name in results["plots"]:
@@ -158,10 +163,9 @@ def test_light_model_is_materialized_into_constant_weights():
     assert [i.name for i in model.graph.input] == ["gpu_0/data_0"]
     batch_norms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert len(batch_norms) == 53 and all(set(n.input[1:]) <= initializers for n in batch_norms)
-    variances = {t.name: t for t in model.graph.initializer}
-    from onnx import numpy_helper
-
-    assert all(numpy_helper.to_array(variances[n.input[4]]).min() > 0 for n in batch_norms)
+    onnx.checker.check_model(model, full_check=True)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert all(weights[n.input[4]].min() > 0 for n in batch_norms)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     probabilities = session.run(None, {"gpu_0/data_0": x})[0]
@@ -177,6 +181,7 @@ def test_light_model_is_materialized_into_constant_weights():
 def test_generated_cnns_have_a_batch_norm_after_every_conv_and_run(build, convs):
     model = build()
     assert model.ir_version == models.IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Conv") == ops.count("BatchNormalization") == convs
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
