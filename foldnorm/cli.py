@@ -46,7 +46,7 @@ def main(argv=None):
     except FoldError as error:
         return _fail("foldnorm: error: %s" % error, EXIT_USAGE)
     except KeyboardInterrupt:
-        return _fail("foldnorm: interrupted; nothing written", 130)
+        return _fail("foldnorm: interrupted", 130)
 
 
 def _build_parser():
@@ -95,8 +95,10 @@ def run_fold(args):
     report_path = Path(args.report) if args.report else None
     shapes = _collect_shapes(args.shape)
     _refuse_overwriting(source, output, "-o")
+    _check_destination(output, "-o")
     if report_path is not None:
         _refuse_overwriting(source, report_path, "--report")
+        _check_destination(report_path, "--report")
         if _same_path(report_path, output):
             raise UsageError("foldnorm: error: --report %s is the output model's path; choose another" % report_path)
 
@@ -154,6 +156,15 @@ def _default_output(source):
 def _refuse_overwriting(source, path, option):
     if _same_path(source, path):
         raise UsageError("foldnorm: error: %s %s is the input model; choose another path (the input is never touched)" % (option, path))
+
+
+def _check_destination(path, option):
+    """Refuse, before any work, a destination that could not be written anyway."""
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise UsageError("foldnorm: error: %s %s: the folder %s does not exist" % (option, path, folder))
+    if path.is_dir():
+        raise UsageError("foldnorm: error: %s %s is a directory; give a file name" % (option, path))
 
 
 def _same_path(a, b):

@@ -232,11 +232,18 @@ def test_report_equal_to_the_input_or_output_is_refused(tmp_path, capsys):
     assert listing(tmp_path) == ["model.onnx"]
 
 
-def test_an_output_folder_that_does_not_exist_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("option", ["-o", "--report"])
+def test_destinations_that_cannot_be_written_are_refused_before_folding(tmp_path, capsys, monkeypatch, option):
+    import foldnorm.fold
+
+    monkeypatch.setattr(foldnorm.fold, "fold_model", lambda *a, **k: pytest.fail("folded before refusing"))
     model = write_model(tmp_path)
-    code, out, err = run_cli(capsys, "fold", model, "-o", tmp_path / "missing" / "out.onnx")
-    assert_one_line_error(code, out, err, 2, "does not exist")
-    assert listing(tmp_path) == ["model.onnx"]
+    (tmp_path / "folder").mkdir()
+    code, out, err = run_cli(capsys, "fold", model, option, tmp_path / "missing" / "out")
+    assert_one_line_error(code, out, err, 2, "%s %s: the folder" % (option, tmp_path / "missing" / "out"), "does not exist")
+    code, out, err = run_cli(capsys, "fold", model, option, tmp_path / "folder")
+    assert_one_line_error(code, out, err, 2, "is a directory")
+    assert listing(tmp_path) == ["folder", "model.onnx"]
 
 
 # ---- folding -------------------------------------------------------------------------------------------
@@ -336,7 +343,7 @@ def test_zero_tolerance_fails_verification_and_writes_nothing(tmp_path, capsys):
 
 
 def wrong_fold(real_fold_model):
-    """A fold that gets bn2 wrong by 1% in every weight it folds: what verification is there to catch."""
+    """A fold that writes every new weight 1% off: the kind of bug verification is there to catch."""
     def fold_model(model, **options):
         folded, report = real_fold_model(model, **options)
         for tensor in folded.graph.initializer:
