@@ -253,7 +253,7 @@ def _plot_bandwidth(plt, kernels, threads, path):
     ax.set_title("foldnorm kernels against the copy roof")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -276,7 +276,7 @@ def _plot_scaling(plt, kernels, threads, path):
     ax.set_title("Thread scaling")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -299,6 +299,6 @@ def _plot_models(plt, models, path):
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle("Model latency before and after folding", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
