@@ -63,7 +63,7 @@ def uses_external_data(model_or_path):
     data (load_model's models have theirs loaded: ask with the path).
     """
     if isinstance(model_or_path, onnx.ModelProto):
-        return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model_or_path))
+        return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model_or_path))
     return bool(external_data_files(model_or_path))
 
 
@@ -97,7 +97,7 @@ def save_model(model, path, *, external_data=False):
         raise FoldError("cannot write %s: the folder %s does not exist" % (path, folder))
     if path.is_dir():
         raise FoldError("cannot write %s: it is a directory" % path)
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise FoldError("cannot write the model: tensor %r still points to external data that was never loaded" % tensor.name)
 
@@ -109,7 +109,7 @@ def save_model(model, path, *, external_data=False):
     outside = onnx.ModelProto()
     outside.CopyFrom(model)
     chunks, offset = [], 0
-    for tensor in _all_tensors(outside):
+    for tensor in all_tensors(outside):
         raw = _tensor_bytes(tensor)
         if raw is None or len(raw) < EXTERNAL_DATA_THRESHOLD:
             continue
@@ -199,7 +199,7 @@ def _external_references(model, folder, path):
     """
     real_folder = os.path.realpath(folder)
     references = []
-    for tensor in _all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -262,7 +262,7 @@ def _check_model(model, path):
         raise FoldError("%s is not a valid ONNX model; the ONNX checker rejects it: %s" % (path, first)) from None
 
 
-def _all_tensors(model):
+def all_tensors(model):
     """Every TensorProto a model holds: initializers, sparse ones, Constant-like attributes, subgraphs, functions."""
     yield from _graph_tensors(model.graph)
     for function in model.functions:
@@ -327,7 +327,7 @@ def _serialized_size(model):
         return model.ByteSize()
     except Exception:
         # A message past protobuf's limit may not even report its size: count its tensor bytes instead.
-        return sum(len(t.raw_data) for t in _all_tensors(model))
+        return sum(len(t.raw_data) for t in all_tensors(model))
 
 
 def _write_atomically(path, chunks):
@@ -413,4 +413,4 @@ def _remove_quietly(path):
         pass
 
 
-__all__ = ["load_model", "save_model", "uses_external_data", "external_data_files", "check_opset", "write_file_atomically"]
+__all__ = ["load_model", "save_model", "uses_external_data", "external_data_files", "check_opset", "write_file_atomically", "all_tensors"]

@@ -36,11 +36,10 @@ import onnx
 from onnx import helper
 
 from .errors import FoldError
+from .modelio import PROTOBUF_LIMIT, all_tensors, load_model
 
 DEFAULT_RTOL = {"float32": 1e-4, "float64": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 INTEGER_INPUT_HIGH = 4
-# protobuf cannot serialize a message of 2 GiB or more; larger models go to onnxruntime through a file.
-_PROTOBUF_LIMIT = 2**31 - 1
 
 _FLOAT_INPUT_TYPES = {
     onnx.TensorProto.FLOAT16: np.float16,
@@ -403,40 +402,21 @@ def _with_bfloat16_casts(model):
 
 def _session_source(model, folder):
     """What onnxruntime loads: the serialized model, or a file with external data when it is too large."""
-    for tensor in _all_initializers(model.graph):
+    for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise FoldError("tensor %r keeps its data in an external file that was not loaded" % tensor.name)
-    if model.ByteSize() < _PROTOBUF_LIMIT:
+    # protobuf cannot serialize a message of 2 GiB or more; larger models go to onnxruntime through a file.
+    if model.ByteSize() < PROTOBUF_LIMIT:
         return model.SerializeToString()
     path = Path(folder) / "model.onnx"
     onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
     return str(path)
 
 
-def _all_initializers(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR:
-                yield attribute.t
-            for subgraph in _attribute_graphs(attribute):
-                yield from _all_initializers(subgraph)
-
-
-def _attribute_graphs(attribute):
-    if attribute.type == onnx.AttributeProto.GRAPH:
-        return [attribute.g]
-    if attribute.type == onnx.AttributeProto.GRAPHS:
-        return list(attribute.graphs)
-    return []
-
-
 def _as_model(model_or_path, label):
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
     if isinstance(model_or_path, (str, Path)):
-        from .modelio import load_model
-
         return load_model(model_or_path)
     raise TypeError("%s must be an onnx.ModelProto or a path, got %s" % (label, type(model_or_path).__name__))
 

@@ -304,7 +304,7 @@ def test_unloaded_external_data_is_refused():
 
 
 def test_models_over_the_protobuf_limit_run_from_a_file(monkeypatch):
-    monkeypatch.setattr(verify_module, "_PROTOBUF_LIMIT", 10)
+    monkeypatch.setattr(verify_module, "PROTOBUF_LIMIT", 10)
     original, folded = folded_by_hand(np.float32)
     report = verify(original, folded)
     assert report.passed and report.outputs[0].max_abs_error > 0.0
