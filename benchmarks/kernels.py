@@ -33,8 +33,7 @@ class KernelCase:
 
     @property
     def label(self):
-        name = self.kernel + (" NHWC" if self.channels_last else "")
-        return name
+        return self.kernel + (" NHWC" if self.channels_last else "")
 
     @property
     def shape_label(self):
