@@ -63,16 +63,20 @@ def _build_parser():
         "against the original in onnxruntime, and write it (atomically; the input is never touched).",
     )
     fold.add_argument("model", metavar="MODEL.onnx", help="the model to fold")
-    fold.add_argument("-o", "--output", metavar="OUT.onnx", help="where to write (default: MODEL.folded.onnx beside the input)")
+    fold.add_argument("-o", "--output", metavar="OUT.onnx",
+                      help="where to write (default: MODEL.folded.onnx beside the input)")
     fold.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
-    fold.add_argument("--keep-bn", action="store_true", help="leave BNs that cannot fold as they are (no Mul/Add rewrite)")
+    fold.add_argument("--keep-bn", action="store_true",
+                      help="leave BNs that cannot fold as they are (no Mul/Add rewrite)")
     fold.add_argument("--no-verify", action="store_true", help="skip the comparison with the original in onnxruntime")
     fold.add_argument(
         "--shape", metavar="NAME=D0,D1,...", action="append", default=[], type=_parse_shape,
         help="the size of an input with dynamic dims, for verification (repeatable)",
     )
-    fold.add_argument("--rtol", type=_tolerance("--rtol"), help="relative tolerance (default 1e-4 float32/64, 1e-2 float16/bfloat16)")
-    fold.add_argument("--atol", type=_tolerance("--atol"), help="absolute tolerance (default rtol times each output's largest magnitude)")
+    fold.add_argument("--rtol", type=_tolerance("--rtol"),
+                      help="relative tolerance (default 1e-4 for float32/64 outputs, 1e-2 for float16/bfloat16)")
+    fold.add_argument("--atol", type=_tolerance("--atol"),
+                      help="absolute tolerance (default rtol times each output's largest magnitude)")
     fold.add_argument("--force", action="store_true", help="write the result even when verification fails")
     fold.set_defaults(run=run_fold)
 
@@ -106,7 +110,8 @@ def run_fold(args):
     protected = {os.path.realpath(source)} | external_data_files(source)
     for path, option in ((output, "-o"), (Path(str(output) + ".data"), "-o"), (report_path, "--report")):
         if path is not None and os.path.realpath(path) in protected:
-            raise UsageError("foldnorm: error: %s %s would overwrite the input model or its external data" % (option, path))
+            raise UsageError("foldnorm: error: %s %s would overwrite the input model or its external data"
+                             % (option, path))
 
     from .fold import fold_model
 
@@ -155,7 +160,8 @@ def _default_output(source):
 
 def _refuse_overwriting(source, path, option):
     if _same_path(source, path):
-        raise UsageError("foldnorm: error: %s %s is the input model; choose another path (the input is never touched)" % (option, path))
+        raise UsageError("foldnorm: error: %s %s is the input model; choose another path (the input is never "
+                         "touched)" % (option, path))
 
 
 def _check_destination(path, option):

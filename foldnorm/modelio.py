@@ -35,12 +35,10 @@ def load_model(path):
     path = Path(os.fspath(path))
     data = _read_model_file(path)
     model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except Exception:
-        raise FoldError("%s is not an ONNX model, or it is truncated or corrupted (its protobuf does not parse)" % path) from None
+    _parse(model, data, path)
     if not model.HasField("graph") or model.ir_version <= 0:
-        raise FoldError("%s is not an ONNX model (it has no %s)" % (path, "graph" if not model.HasField("graph") else "IR version"))
+        missing = "graph" if not model.HasField("graph") else "IR version"
+        raise FoldError("%s is not an ONNX model (it has no %s)" % (path, missing))
 
     folder = path.absolute().parent
     references = _external_references(model, folder, path)
@@ -73,12 +71,7 @@ def external_data_files(path):
     if key not in _external_data_of_loaded:
         path = Path(os.fspath(path))
         model = onnx.ModelProto()
-        try:
-            model.ParseFromString(_read_model_file(path))
-        except FoldError:
-            raise
-        except Exception:
-            raise FoldError("%s is not an ONNX model, or it is truncated or corrupted (its protobuf does not parse)" % path) from None
+        _parse(model, _read_model_file(path), path)
         references = _external_references(model, path.absolute().parent, path)
         _external_data_of_loaded[key] = frozenset(str(file) for _, file, _, _ in references)
     return set(_external_data_of_loaded[key])
@@ -99,7 +92,8 @@ def save_model(model, path, *, external_data=False):
         raise FoldError("cannot write %s: it is a directory" % path)
     for tensor in all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise FoldError("cannot write the model: tensor %r still points to external data that was never loaded" % tensor.name)
+            raise FoldError("cannot write the model: tensor %r still points to external data that was never loaded"
+                            % tensor.name)
 
     if not external_data and _serialized_size(model) < PROTOBUF_LIMIT:
         _write_atomically(path, [model.SerializeToString()])
@@ -168,11 +162,19 @@ def check_opset(model, label="the model"):
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             if opset.version < MIN_OPSET:
-                raise FoldError("%s uses opset %d; foldnorm supports opsets %d to %d" % (label, opset.version, MIN_OPSET, newest))
+                raise FoldError("%s uses opset %d; foldnorm supports opsets %d to %d"
+                                % (label, opset.version, MIN_OPSET, newest))
             if opset.version > newest:
-                raise FoldError(
-                    "%s uses opset %d, newer than the installed onnx knows (%d); upgrade onnx" % (label, opset.version, newest)
-                )
+                raise FoldError("%s uses opset %d, newer than the installed onnx knows (%d); upgrade onnx"
+                                % (label, opset.version, newest))
+
+
+def _parse(model, data, path):
+    try:
+        model.ParseFromString(data)
+    except Exception:
+        raise FoldError("%s is not an ONNX model, or it is truncated or corrupted (its protobuf does not parse)"
+                        % path) from None
 
 
 def _read_model_file(path):
@@ -210,15 +212,16 @@ def _external_references(model, folder, path):
         if "\0" in location:
             raise FoldError("%s, which is not a valid file name" % where)
         if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
-            raise FoldError("%s, an absolute path; external data must lie in the model's folder (path traversal refused)" % where)
+            raise FoldError("%s, an absolute path; external data must lie in the model's folder "
+                            "(path traversal refused)" % where)
         if ".." in location.replace("\\", "/").split("/"):
-            raise FoldError("%s, which climbs out with '..'; external data must lie in the model's folder (path traversal refused)" % where)
+            raise FoldError("%s, which climbs out with '..'; external data must lie in the model's folder "
+                            "(path traversal refused)" % where)
         joined = os.path.join(folder, location)
         resolved = os.path.realpath(joined)
         if os.path.commonpath([resolved, real_folder]) != real_folder:
-            raise FoldError(
-                "%s, a symlink that points outside the model's folder (to %s): path traversal refused" % (where, resolved)
-            )
+            raise FoldError("%s, a symlink that points outside the model's folder (to %s): path traversal refused"
+                            % (where, resolved))
         if not os.path.exists(resolved):
             raise FoldError("%s: the external data file %r of tensor %r is missing" % (path, location, tensor.name))
         if not os.path.isfile(resolved):
@@ -247,7 +250,8 @@ def _read_external_bytes(file, offset, length, tensor_name, path):
             data_file.seek(offset)
             return data_file.read(end - offset)
     except OSError as error:
-        raise FoldError("%s: cannot read the external data of tensor %r: %s" % (path, tensor_name, error.strerror or error)) from None
+        raise FoldError("%s: cannot read the external data of tensor %r: %s"
+                        % (path, tensor_name, error.strerror or error)) from None
 
 
 def _check_model(model, path):
@@ -413,4 +417,5 @@ def _remove_quietly(path):
         pass
 
 
-__all__ = ["load_model", "save_model", "uses_external_data", "external_data_files", "check_opset", "write_file_atomically", "all_tensors"]
+__all__ = ["load_model", "save_model", "uses_external_data", "external_data_files", "check_opset",
+           "write_file_atomically", "all_tensors", "PROTOBUF_LIMIT"]

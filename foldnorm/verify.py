@@ -129,14 +129,13 @@ class VerifyReport:
             where = ", ".join("%s axis %s" % (k, ",".join(map(str, v))) for k, v in self.dynamic_dims.items())
             lines.append("  dynamic dims set to %d (%s); --shape NAME=d0,d1,... sets them" % (self.default_dim, where))
         width = max([len("output")] + [len(o.name) for o in self.outputs])
-        lines.append("  %-*s  %-12s  %-12s  %-24s  %s" % (width, "output", "max abs err", "max rel err", "tolerance", "result"))
+        row = "  %-*s  %-12s  %-12s  %-24s  %s"
+        lines.append(row % (width, "output", "max abs err", "max rel err", "tolerance", "result"))
         for o in self.outputs:
             tolerance = "rtol %.0e atol %.1e" % (o.rtol, o.atol)
             result = "ok" if o.passed else "DIVERGED" + (" (%s)" % o.note if o.note else "")
-            lines.append(
-                "  %-*s  %-12s  %-12s  %-24s  %s"
-                % (width, o.name, _format_error(o.max_abs_error), _format_error(o.max_rel_error), tolerance, result)
-            )
+            errors = _format_error(o.max_abs_error), _format_error(o.max_rel_error)
+            lines.append(row % ((width, o.name) + errors + (tolerance, result)))
         return "\n".join(lines)
 
 
@@ -161,7 +160,7 @@ def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, defau
     comparisons = []
     for name, reference in expected.items():
         if name not in actual:
-            comparisons.append(OutputComparison(name, math.inf, math.inf, False, _dtype_name(reference), note="missing from the folded model"))
+            comparisons.append(_diverged(name, _dtype_name(reference), "missing from the folded model"))
             continue
         comparisons.append(compare_output(name, reference, actual[name], rtol=rtol, atol=atol))
     return VerifyReport(
@@ -196,7 +195,8 @@ def make_inputs(model, *, shapes=None, seed=0, default_dim=1):
     for value_info in graph_inputs:
         name = value_info.name
         if not value_info.type.HasField("tensor_type"):
-            raise FoldError("input %r is not a tensor; verification feeds tensors only (skip it with --no-verify)" % name)
+            raise FoldError("input %r is not a tensor; verification feeds tensors only (skip it with --no-verify)"
+                            % name)
         elem_type = value_info.type.tensor_type.elem_type
         dims, defaulted = _input_shape(value_info, shapes.get(name), default_dim)
         feeds[name] = _random_tensor(rng, elem_type, dims, name)
@@ -225,7 +225,8 @@ def run_model(model, feeds, label="model"):
         )
     try:
         with tempfile.TemporaryDirectory(prefix="foldnorm-verify-") as folder:
-            session = ort.InferenceSession(_session_source(runnable, folder), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(_session_source(runnable, folder), options,
+                                           providers=["CPUExecutionProvider"])
             names = [o.name for o in session.get_outputs()]
             values = session.run(names, run_feeds)
     except FoldError:
@@ -248,12 +249,13 @@ def compare_output(name, reference, candidate, *, rtol=None, atol=None):
     candidate = np.asarray(candidate)
     dtype = _dtype_name(reference)
     if candidate.dtype != reference.dtype:
-        return OutputComparison(name, math.inf, math.inf, False, dtype, note="dtype %s, original %s" % (_dtype_name(candidate), dtype))
+        return _diverged(name, dtype, "dtype %s, original %s" % (_dtype_name(candidate), dtype))
     if candidate.shape != reference.shape:
-        return OutputComparison(name, math.inf, math.inf, False, dtype, note="shape %s, original %s" % (candidate.shape, reference.shape))
+        return _diverged(name, dtype, "shape %s, original %s" % (candidate.shape, reference.shape))
     if reference.dtype.kind not in "fiub" and dtype != "bfloat16":
-        equal = bool(np.array_equal(reference, candidate))
-        return OutputComparison(name, 0.0 if equal else math.inf, 0.0 if equal else math.inf, equal, dtype, note="" if equal else "values differ")
+        if np.array_equal(reference, candidate):
+            return OutputComparison(name, 0.0, 0.0, True, dtype)
+        return _diverged(name, dtype, "values differ")
 
     is_float = reference.dtype.kind == "f" or dtype == "bfloat16"
     out_rtol = rtol if rtol is not None else DEFAULT_RTOL.get(dtype, 0.0) if is_float else 0.0
@@ -264,7 +266,8 @@ def compare_output(name, reference, candidate, *, rtol=None, atol=None):
     if atol is not None:
         out_atol = atol
     elif is_float:
-        out_atol = out_rtol * max(magnitude, float(np.finfo(np.float32 if dtype == "bfloat16" else reference.dtype).tiny))
+        smallest_normal = float(np.finfo(np.float32 if dtype == "bfloat16" else reference.dtype).tiny)
+        out_atol = out_rtol * max(magnitude, smallest_normal)
     else:
         out_atol = 0.0
 
@@ -284,12 +287,17 @@ def compare_output(name, reference, candidate, *, rtol=None, atol=None):
     return OutputComparison(name, max_abs, max_rel, passed, dtype, out_rtol, out_atol)
 
 
+def _diverged(name, dtype, note):
+    return OutputComparison(name, math.inf, math.inf, False, dtype, note=note)
+
+
 def _compare_sequence(name, reference, candidate, rtol, atol):
     if not isinstance(reference, (list, tuple)) or not isinstance(candidate, (list, tuple)):
-        return OutputComparison(name, math.inf, math.inf, False, "sequence", note="a sequence in only one model")
+        return _diverged(name, "sequence", "a sequence in only one model")
     if len(reference) != len(candidate):
-        return OutputComparison(name, math.inf, math.inf, False, "sequence", note="%d elements, original %d" % (len(candidate), len(reference)))
-    parts = [compare_output("%s[%d]" % (name, i), r, c, rtol=rtol, atol=atol) for i, (r, c) in enumerate(zip(reference, candidate))]
+        return _diverged(name, "sequence", "%d elements, original %d" % (len(candidate), len(reference)))
+    parts = [compare_output("%s[%d]" % (name, i), r, c, rtol=rtol, atol=atol)
+             for i, (r, c) in enumerate(zip(reference, candidate))]
     failed = [p for p in parts if not p.passed]
     return OutputComparison(
         name,
@@ -313,12 +321,12 @@ def _input_shape(value_info, given, default_dim):
     dims = tensor_type.shape.dim
     if given is not None:
         if len(given) != len(dims):
-            raise FoldError("the shape given for input %r has %d dims; the model's input has %d" % (name, len(given), len(dims)))
+            raise FoldError("the shape given for input %r has %d dims; the model's input has %d"
+                            % (name, len(given), len(dims)))
         for axis, (dim, size) in enumerate(zip(dims, given)):
             if dim.HasField("dim_value") and dim.dim_value != size:
-                raise FoldError(
-                    "the shape given for input %r has %d at axis %d, where the model fixes %d" % (name, size, axis, dim.dim_value)
-                )
+                raise FoldError("the shape given for input %r has %d at axis %d, where the model fixes %d"
+                                % (name, size, axis, dim.dim_value))
         return list(given), []
     shape, defaulted = [], []
     for axis, dim in enumerate(dims):
@@ -331,9 +339,8 @@ def _input_shape(value_info, given, default_dim):
             defaulted.append(axis)
         else:
             label = (" (%r)" % dim.dim_param) if dim.dim_param else ""
-            raise FoldError(
-                "input %r has a dynamic dim at axis %d%s; give its shape with --shape %s=d0,d1,..." % (name, axis, label, name)
-            )
+            raise FoldError("input %r has a dynamic dim at axis %d%s; give its shape with --shape %s=d0,d1,..."
+                            % (name, axis, label, name))
     return shape, defaulted
 
 
@@ -346,15 +353,18 @@ def _random_tensor(rng, elem_type, shape, name):
         return rng.integers(0, INTEGER_INPUT_HIGH, size=shape).astype(_INTEGER_INPUT_TYPES[elem_type])
     if elem_type == onnx.TensorProto.BOOL:
         return rng.random(shape) < 0.5
-    type_name = onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else str(elem_type)
-    raise FoldError("input %r has element type %s, for which verification cannot make inputs (use --no-verify)" % (name, type_name))
+    known = elem_type in onnx.TensorProto.DataType.values()
+    type_name = onnx.TensorProto.DataType.Name(elem_type) if known else str(elem_type)
+    raise FoldError("input %r has element type %s, for which verification cannot make inputs (use --no-verify)"
+                    % (name, type_name))
 
 
 def _bfloat16_dtype():
     try:
         import ml_dtypes
     except ImportError:
-        raise FoldError("this model has bfloat16 inputs or outputs, and verifying them needs the ml_dtypes package") from None
+        raise FoldError("this model has bfloat16 inputs or outputs; verifying them needs the ml_dtypes package"
+                        ) from None
     return np.dtype(ml_dtypes.bfloat16)
 
 
@@ -374,7 +384,8 @@ def _with_bfloat16_casts(model):
     bf16 = onnx.TensorProto.BFLOAT16
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers and i.type.tensor_type.elem_type == bf16]
-    outputs = [o.name for o in model.graph.output if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type == bf16]
+    outputs = [o.name for o in model.graph.output
+               if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type == bf16]
     if not inputs and not outputs:
         return model, {}
     copy = onnx.ModelProto()

@@ -43,8 +43,9 @@ def conv_bn_model(channels=16, batch=1, spatial=10, seed=0, pre_bn=False, input_
                                   ["conv1_out"], name="conv1", pads=[1, 1, 1, 1]))
     h = batch_norm("bn1", "conv1_out", channels)
     nodes.append(helper.make_node("Relu", [h], ["relu_out"], name="relu"))
-    nodes.append(helper.make_node("Conv", ["relu_out", constant("conv2.w", rng.standard_normal((channels, channels, 1, 1)) * 0.3),
-                                           constant("conv2.b", rng.standard_normal(channels))], ["conv2_out"], name="conv2"))
+    conv2_weight = constant("conv2.w", rng.standard_normal((channels, channels, 1, 1)) * 0.3)
+    conv2_bias = constant("conv2.b", rng.standard_normal(channels))
+    nodes.append(helper.make_node("Conv", ["relu_out", conv2_weight, conv2_bias], ["conv2_out"], name="conv2"))
     out = batch_norm("bn2", "conv2_out", channels)
     nodes.append(helper.make_node("Identity", [out], ["features"], name="output"))
     graph = helper.make_graph(
@@ -108,7 +109,8 @@ def assert_one_line_error(code, out, err, expected_code, *fragments):
     (["fold", "{model}", "--shape", "1,3,10,10"], "expected NAME=D0,D1,..."),
     (["fold", "{model}", "--shape", "image=1,3,x,10"], "must be integers separated by commas"),
     (["fold", "{model}", "--shape", "image=1,-3,10,10"], "must not be negative"),
-    (["fold", "{model}", "--shape", "image=1,3,10,10", "--shape", "image=2,3,10,10"], "--shape gives input 'image' twice"),
+    (["fold", "{model}", "--shape", "image=1,3,10,10", "--shape", "image=2,3,10,10"],
+     "--shape gives input 'image' twice"),
     (["fold", "{model}", "--shape", "other=1,3"], "'other', which is not an input of the model"),
     (["fold", "{model}", "--shape", "image=1,3,10"], "has 3 dims; the model's input has 4"),
     (["inspect"], "the following arguments are required"),
@@ -240,7 +242,8 @@ def test_destinations_that_cannot_be_written_are_refused_before_folding(tmp_path
     model = write_model(tmp_path)
     (tmp_path / "folder").mkdir()
     code, out, err = run_cli(capsys, "fold", model, option, tmp_path / "missing" / "out")
-    assert_one_line_error(code, out, err, 2, "%s %s: the folder" % (option, tmp_path / "missing" / "out"), "does not exist")
+    missing = tmp_path / "missing" / "out"
+    assert_one_line_error(code, out, err, 2, "%s %s: the folder" % (option, missing), "does not exist")
     code, out, err = run_cli(capsys, "fold", model, option, tmp_path / "folder")
     assert_one_line_error(code, out, err, 2, "is a directory")
     assert listing(tmp_path) == ["folder", "model.onnx"]
@@ -378,7 +381,8 @@ def test_external_data_round_trip(tmp_path, capsys):
     assert listing(path.parent) == ["model.onnx", "model.weights", "out.onnx", "out.onnx.data"]
     written = onnx.load(str(path.parent / "out.onnx"), load_external_data=False)
     external = [t for t in written.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-    assert external and all(e.value == "out.onnx.data" for t in external for e in t.external_data if e.key == "location")
+    locations = {e.value for t in external for e in t.external_data if e.key == "location"}
+    assert external and locations == {"out.onnx.data"}
     x = np.random.default_rng(3).standard_normal((1, 3, 10, 10)).astype(np.float32)
     expected = run_unoptimized(conv_bn_model(), {"image": x})[0]
     got = run_unoptimized(path.parent / "out.onnx", {"image": x})[0]

@@ -115,7 +115,8 @@ def test_a_model_the_checker_rejects_is_refused(tmp_path):
     model.graph.node[1].input[0] = "never_produced"
     path = tmp_path / "model.onnx"
     path.write_bytes(model.SerializeToString())
-    with pytest.raises(FoldError, match="model.onnx is not a valid ONNX model; the ONNX checker rejects it: .*never_produced"):
+    message = "model.onnx is not a valid ONNX model; the ONNX checker rejects it: .*never_produced"
+    with pytest.raises(FoldError, match=message):
         load_model(path)
 
 

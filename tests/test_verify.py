@@ -208,7 +208,8 @@ def test_shapes_set_dynamic_dims_and_are_checked():
 def test_a_dynamic_dim_beyond_the_batch_needs_a_shape():
     original, _ = gemm_bn_model(np.float32)
     original.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
-    with pytest.raises(FoldError, match=r"input 'x' has a dynamic dim at axis 1 \('features'\); give its shape with --shape x="):
+    message = r"input 'x' has a dynamic dim at axis 1 \('features'\); give its shape with --shape x="
+    with pytest.raises(FoldError, match=message):
         verify(original, original)
     assert verify(original, original, shapes={"x": [2, 6]}).input_shapes == {"x": [2, 6]}
 
