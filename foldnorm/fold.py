@@ -272,7 +272,7 @@ def _row_bias_operand(index, add, matmul_output, columns):
     if len(add.input) != 2 or not is_default_domain(add):
         return None
     position = 1 if add.input[0] == matmul_output else 0 if add.input[1] == matmul_output else None
-    if position is None or add.input[1 - position] == matmul_output:
+    if position is None or add.input[position] == matmul_output:
         return None
     bias = _float_constant(index, add.input[position])
     if bias is None or bias.array.ndim > 2 or (bias.array.ndim and bias.array.shape[-1] not in (1, columns)):

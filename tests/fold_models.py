@@ -1,0 +1,170 @@
+"""Model builders and checks shared by the fold pass tests (tests/test_fold_*.py).
+
+Every model is built with onnx.helper and an explicit IR version (onnxruntime may refuse the newest).
+The reference for a folded model is always the ORIGINAL model run in onnxruntime with graph optimizations
+disabled (so onnxruntime folds nothing itself), on seeded random inputs.
+"""
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from foldnorm.fold import fold_model
+
+IR_VERSION = 8
+NP_TO_ELEM = {
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float64): TensorProto.DOUBLE,
+}
+
+
+class ModelBuilder:
+    """A graph under construction: initializers, nodes, inputs and outputs, named by the test."""
+
+    def __init__(self, seed=0, dtype=np.float32):
+        self.rng = np.random.default_rng(seed)
+        self.dtype = np.dtype(dtype)
+        self.elem = NP_TO_ELEM[self.dtype]
+        self.nodes = []
+        self.initializers = []
+        self.inputs = []
+        self.outputs = []
+        self.value_info = []
+
+    def weight(self, name, shape, dtype=None, positive=False):
+        array = self.rng.standard_normal(shape)
+        if positive:
+            array = np.abs(array) + 0.5
+        array = array.astype(dtype or self.dtype)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def batch_norm_params(self, prefix, channels, dtype=None, mean_dtype=None):
+        """Names of scale, bias, mean, var initializers with spread-out values (not an identity map)."""
+        dtype = dtype or self.dtype
+        mean_dtype = mean_dtype or dtype
+        return [
+            self.weight(prefix + "_scale", (channels,), dtype),
+            self.weight(prefix + "_bias", (channels,), dtype),
+            self.weight(prefix + "_mean", (channels,), mean_dtype),
+            self.weight(prefix + "_var", (channels,), mean_dtype, positive=True),
+        ]
+
+    def node(self, op_type, inputs, outputs, **attributes):
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, **attributes))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def batch_norm(self, x, y, channels, name=None, **attributes):
+        prefix = name or y
+        return self.node("BatchNormalization", [x] + self.batch_norm_params(prefix, channels), [y],
+                         name=name or "bn_" + y, **attributes)
+
+    def input(self, name, shape, elem=None):
+        self.inputs.append(helper.make_tensor_value_info(name, elem or self.elem, shape))
+        return name
+
+    def output(self, name, shape=None, elem=None):
+        self.outputs.append(helper.make_tensor_value_info(name, elem or self.elem, shape))
+        return name
+
+    def model(self, opset=15, ir_version=IR_VERSION, name="test"):
+        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers,
+                                  value_info=self.value_info)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = ir_version
+        return model
+
+
+def all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from all_nodes(subgraph)
+
+
+def count_ops(model, op_type):
+    return sum(1 for node in all_nodes(model.graph) if node.op_type == op_type)
+
+
+def random_feeds(model, seed=1, shapes=None):
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        elem = value.type.tensor_type.elem_type
+        shape = (shapes or {}).get(value.name) or [d.dim_value for d in value.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(elem)
+        if dtype.kind == "f":
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = np.array(rng.random(shape) < 0.5)
+        else:
+            feeds[value.name] = rng.integers(0, 4, size=shape).astype(dtype)
+    return feeds
+
+
+def run_ort(model, feeds):
+    """Every output of a model in onnxruntime (CPU, graph optimizations disabled), by name."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def max_relative_error(original, folded, feeds):
+    """max over outputs of max|folded - original| / max(max|original|, 1e-30), both run in onnxruntime."""
+    expected = run_ort(original, feeds)
+    actual = run_ort(folded, feeds)
+    assert list(expected) == list(actual)
+    worst = 0.0
+    for name, reference in expected.items():
+        got = actual[name]
+        assert got.shape == reference.shape and got.dtype == reference.dtype, name
+        reference = reference.astype(np.float64)
+        scale = max(float(np.abs(reference).max()), 1e-30) if reference.size else 1.0
+        error = float(np.abs(got.astype(np.float64) - reference).max()) if reference.size else 0.0
+        worst = max(worst, error / scale)
+    return worst
+
+
+def fold_and_compare(model, feeds=None, *, check=True, **options):
+    """Fold (without the built-in verification), check the result, compare it with the original in
+    onnxruntime; returns (folded, report, max relative error)."""
+    before = model.SerializeToString()
+    folded, report = fold_model(model, verify=False, **options)
+    assert model.SerializeToString() == before, "fold_model modified the caller's model"
+    if check:
+        onnx.checker.check_model(folded, full_check=True)
+    feeds = random_feeds(model) if feeds is None else feeds
+    return folded, report, max_relative_error(model, folded, feeds)
+
+
+def outcome(report, node):
+    (found,) = [o for o in report.outcomes if o.node == node]
+    return found
+
+
+def conv_bn_model(rank=2, channels_in=4, channels_out=6, group=1, bias=True, kernel=3, pads=1, opset=15,
+                  dtype=np.float32, seed=0, bn_attributes=None):
+    """x -> Conv -> BatchNormalization -> y."""
+    b = ModelBuilder(seed, dtype)
+    spatial = [7, 6, 5][:rank]
+    x = b.input("x", [2, channels_in] + spatial)
+    weight_shape = [channels_out, channels_in // group] + [kernel] * rank
+    inputs = [x, b.weight("w", weight_shape)]
+    if bias:
+        inputs.append(b.weight("w_bias", (channels_out,)))
+    b.node("Conv", inputs, ["conv_out"], name="conv", group=group, pads=[pads] * (2 * rank))
+    b.batch_norm("conv_out", "y", channels_out, name="bn", **(bn_attributes or {}))
+    b.output("y", [2, channels_out] + [s + 2 * pads - kernel + 1 for s in spatial])
+    return b.model(opset=opset)
