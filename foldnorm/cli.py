@@ -129,9 +129,7 @@ def run_fold(args):
                          EXIT_VERIFICATION_FAILED)
         print("foldnorm: verification failed: %s; written anyway because of --force" % summary, file=sys.stderr)
 
-    external = bool(external_data_files(source))
-    save_model(folded, output, external_data=external)
-    written = [str(output)] + ([str(output) + ".data"] if os.path.exists(str(output) + ".data") and external else [])
+    written = [str(p) for p in save_model(folded, output, external_data=bool(external_data_files(source)))]
     if report_path is not None:
         write_file_atomically(report_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
         written.append(str(report_path))

@@ -82,7 +82,7 @@ def save_model(model, path, *, external_data=False):
 
     External data is also used, whatever `external_data` says, when the model would serialize to 2 GiB
     or more. `model` itself is never changed. On any failure nothing new is left behind: the temporary
-    files are removed and an existing file at `path` is untouched.
+    files are removed and an existing file at `path` is untouched. Returns the paths written.
     """
     path = Path(os.fspath(path))
     folder = path.absolute().parent
@@ -97,7 +97,7 @@ def save_model(model, path, *, external_data=False):
 
     if not external_data and _serialized_size(model) < PROTOBUF_LIMIT:
         _write_atomically(path, [model.SerializeToString()])
-        return
+        return [path]
 
     data_name = path.name + ".data"
     outside = onnx.ModelProto()
@@ -115,7 +115,7 @@ def save_model(model, path, *, external_data=False):
         offset += len(raw)
     if not chunks:
         _write_atomically(path, [outside.SerializeToString()])
-        return
+        return [path]
     # The data file goes first, so a model file only ever appears next to the data it describes; a data
     # file it replaces is kept (hard-linked) until the model is in place, to be put back if that fails.
     data_path = folder / data_name
@@ -144,6 +144,7 @@ def save_model(model, path, *, external_data=False):
         raise
     if backup is not None:
         _remove_quietly(backup)
+    return [path, data_path]
 
 
 def write_file_atomically(path, data):

@@ -378,6 +378,7 @@ def test_external_data_round_trip(tmp_path, capsys):
     path = external_model(tmp_path)
     code, out, err = run_cli(capsys, "fold", path, "-o", path.parent / "out.onnx")
     assert code == 0, err
+    assert "wrote %s, %s" % (path.parent / "out.onnx", path.parent / "out.onnx.data") in out
     assert listing(path.parent) == ["model.onnx", "model.weights", "out.onnx", "out.onnx.data"]
     written = onnx.load(str(path.parent / "out.onnx"), load_external_data=False)
     external = [t for t in written.graph.initializer if t.data_location == TensorProto.EXTERNAL]

@@ -235,7 +235,7 @@ def test_external_data_shorter_than_its_tensors_is_refused(tmp_path):
 def test_save_writes_the_model_and_nothing_else(tmp_path):
     model, _ = conv_bn_model()
     before = model.SerializeToString()
-    save_model(model, tmp_path / "out.onnx")
+    assert save_model(model, tmp_path / "out.onnx") == [tmp_path / "out.onnx"]
     assert (tmp_path / "out.onnx").read_bytes() == before
     assert folder_listing(tmp_path) == ["out.onnx"]
     assert model.SerializeToString() == before
@@ -252,7 +252,8 @@ def test_save_keeps_an_existing_files_permissions(tmp_path):
 def test_save_with_external_data_writes_weights_beside_the_output(tmp_path):
     model, params = conv_bn_model()
     before = model.SerializeToString()
-    save_model(model, tmp_path / "out.onnx", external_data=True)
+    written = save_model(model, tmp_path / "out.onnx", external_data=True)
+    assert written == [tmp_path / "out.onnx", tmp_path / "out.onnx.data"]
     assert model.SerializeToString() == before
     assert folder_listing(tmp_path) == ["out.onnx", "out.onnx.data"]
     written = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)

@@ -332,3 +332,13 @@ def test_bad_arguments_name_the_argument(kwargs, error):
     original, _ = gemm_bn_model(np.float32)
     with pytest.raises(error, match=next(iter(kwargs))):
         verify(original, original, **kwargs)
+
+
+def test_sequence_outputs_are_compared_element_by_element():
+    reference = [np.array([1.0, 2.0], np.float32), np.array([4.0], np.float32)]
+    same = compare_output("seq", reference, [a.copy() for a in reference])
+    assert same.passed and same.max_abs_error == 0.0
+    off = compare_output("seq", reference, [reference[0], np.array([4.5], np.float32)])
+    assert not off.passed and off.max_abs_error == 0.5 and "seq[1]" in off.note
+    shorter = compare_output("seq", reference, reference[:1])
+    assert not shorter.passed and "1 elements, original 2" in shorter.note
