@@ -100,7 +100,9 @@ static bn_extent bn_unit_extent(const bn_plan *p, ptrdiff_t u)
     return e;
 }
 
-/* Planes: a channel's unit statistics merged over (n, piece) in order. */
+/* Planes: a channel's unit statistics merged over (n, piece) in order.  The merge works on offsets from
+ * the channel's first unit mean, so that its roundings are relative to the spread of the unit means
+ * rather than to the mean itself (mean 1e4 with std 1e-2 keeps all its digits). */
 static void bn_merge_plane_stats(const bn_plan *p, const fn_stats *unit_stats, double *mean, double *var,
                                  int num_threads)
 {
@@ -108,19 +110,25 @@ static void bn_merge_plane_stats(const bn_plan *p, const fn_stats *unit_stats, d
     (void)num_threads;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (ptrdiff_t c = 0; c < channels; c++) {
+        const double reference = unit_stats[c * p->pieces].mean;
         fn_stats s = fn_stats_empty();
         for (ptrdiff_t n = 0; n < p->outer; n++) {
             const fn_stats *plane = unit_stats + (n * channels + c) * p->pieces;
-            for (ptrdiff_t piece = 0; piece < p->pieces; piece++)
-                fn_stats_merge(&s, plane[piece]);
+            for (ptrdiff_t piece = 0; piece < p->pieces; piece++) {
+                fn_stats unit = plane[piece];
+                unit.mean -= reference;
+                fn_stats_merge(&s, unit);
+            }
         }
-        mean[c] = s.mean;
+        mean[c] = reference + s.mean;
         var[c] = fn_stats_var(s);
     }
 }
 
 /* Rows: per-channel block statistics (unit u's means and M2s at u * channels) merged over the blocks in
- * order with Chan's update, written as a loop along the channels so that it vectorizes. */
+ * order with Chan's update, written as a loop along the channels so that it vectorizes.  As for planes,
+ * the running mean is an offset from the first block's mean (mean[c] holds that reference until the
+ * end). */
 static void bn_merge_row_stats(const bn_plan *p, const double *unit_mean, const double *unit_m2,
                                double *mean, double *var, int num_threads)
 {
@@ -131,9 +139,11 @@ static void bn_merge_row_stats(const bn_plan *p, const double *unit_mean, const 
     for (ptrdiff_t k = 0; k < chunks; k++) {
         const ptrdiff_t c0 = k * BN_MERGE_CHANNELS;
         const ptrdiff_t c1 = bn_min(channels, c0 + BN_MERGE_CHANNELS);
+        double offset[BN_MERGE_CHANNELS];
         double count = (double)bn_unit_extent(p, 0).len;
         for (ptrdiff_t c = c0; c < c1; c++) {
             mean[c] = unit_mean[c];
+            offset[c - c0] = 0.0;
             var[c] = unit_m2[c];
         }
         for (ptrdiff_t u = 1; u < p->units; u++) {
@@ -144,14 +154,16 @@ static void bn_merge_row_stats(const bn_plan *p, const double *unit_mean, const 
             const double *restrict block_mean = unit_mean + u * channels;
             const double *restrict block_m2 = unit_m2 + u * channels;
             for (ptrdiff_t c = c0; c < c1; c++) {
-                double delta = block_mean[c] - mean[c];
-                mean[c] += delta * mean_weight;
+                double delta = (block_mean[c] - mean[c]) - offset[c - c0];
+                offset[c - c0] += delta * mean_weight;
                 var[c] += block_m2[c] + delta * delta * m2_weight;
             }
             count = total;
         }
-        for (ptrdiff_t c = c0; c < c1; c++)
+        for (ptrdiff_t c = c0; c < c1; c++) {
+            mean[c] += offset[c - c0];
             var[c] /= count;
+        }
     }
 }
 
@@ -456,7 +468,7 @@ static void BN_FN(bn_grad_run)(const BN_T *restrict dy, const BN_T *restrict x, 
                                ptrdiff_t n, BN_T alpha, BN_T shift, BN_T slope, BN_T offset)
 {
     for (ptrdiff_t i = 0; i < n; i++)
-        dx[i] = dy[i] * alpha + (x[i] - shift) * slope + offset;
+        dx[i] = (dy[i] + (x[i] - shift) * slope + offset) * alpha;
 }
 
 static void BN_FN(bn_grad_rows)(const BN_T *restrict dy, const BN_T *restrict x, BN_T *restrict dx,
@@ -467,7 +479,7 @@ static void BN_FN(bn_grad_rows)(const BN_T *restrict dy, const BN_T *restrict x,
     for (ptrdiff_t r = 0; r < rows; r++) {
         const ptrdiff_t o = r * channels;
         for (ptrdiff_t c = 0; c < channels; c++)
-            dx[o + c] = dy[o + c] * alpha[c] + (x[o + c] - shift[c]) * slope[c] + offset[c];
+            dx[o + c] = (dy[o + c] + (x[o + c] - shift[c]) * slope[c] + offset[c]) * alpha[c];
     }
 }
 
@@ -508,15 +520,17 @@ int BN_FN(fn_batch_norm_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdi
     BN_T *offset = coefs + 3 * channels;
     for (ptrdiff_t c = 0; c < channels; c++) {
         dweight[c] *= invstd[c];
-        /* dx = a * dy + b * (x - mean) + k, with (x - mean) = (x - shift) - (mean - shift) as in the
-         * forward pass. */
-        double a = (weight ? weight[c] : 1.0) * invstd[c];
-        double b = -a * invstd[c] * (dweight[c] / count);
-        double k = -a * (dbias[c] / count);
-        alpha[c] = (BN_T)a;
+        /* dx = alpha * (dy + slope * (x - mean) - dbias / n) with (x - mean) = (x - shift) - (mean - shift)
+         * as in the forward pass.  Keeping the factor alpha = weight * invstd outside leaves every
+         * coefficient on the scale of dy, so none underflows when invstd is tiny (x near 1e30). */
+        const double slope64 = -invstd[c] * (dweight[c] / count);
+        alpha[c] = (BN_T)((weight ? weight[c] : 1.0) * invstd[c]);
         shift[c] = (BN_T)mean[c];
-        slope[c] = (BN_T)b;
-        offset[c] = (BN_T)(k - b * (mean[c] - (double)shift[c]));
+        slope[c] = (BN_T)slope64;
+        /* rest is 0 when the mean is exact in BN_T; skipping the product then keeps an infinite slope (inf
+         * in x) from making 0 * inf = NaN of the whole channel, where NumPy's formula gives +-inf. */
+        const double rest = mean[c] - (double)shift[c];
+        offset[c] = (BN_T)(-(dbias[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
     }
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (ptrdiff_t u = 0; u < units; u++) {
