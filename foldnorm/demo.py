@@ -84,6 +84,7 @@ def demo_results(quick=False, echo=print):
              % (os.getloadavg()[0], os.cpu_count() or 1))
     echo("")
     folded, report = fold_model(model, verify=True)
+    report.model = "the demo CNN (built in code)"
     echo(report.format_text())
     echo("")
     bns_after = count_ops(folded, "BatchNormalization")
