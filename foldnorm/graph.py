@@ -112,14 +112,22 @@ def graph_statistics(graph):
     size = sum(tensor_nbytes(t) for t in graph.initializer)
     for node in graph.node:
         if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.type == AttributeProto.TENSOR:
-                    size += tensor_nbytes(attribute.t)
+            size += sum(_constant_attribute_nbytes(attribute) for attribute in node.attribute)
         for _, subgraph in attribute_graphs(node):
             sub_nodes, sub_size = graph_statistics(subgraph)
             nodes += sub_nodes
             size += sub_size
     return nodes, size
+
+
+def _constant_attribute_nbytes(attribute):
+    if attribute.type == AttributeProto.TENSOR:
+        return tensor_nbytes(attribute.t)
+    if attribute.type == AttributeProto.FLOATS:
+        return 4 * len(attribute.floats)
+    if attribute.type == AttributeProto.INTS:
+        return 8 * len(attribute.ints)
+    return {AttributeProto.FLOAT: 4, AttributeProto.INT: 8}.get(attribute.type, 0)
 
 
 def default_opset(model):

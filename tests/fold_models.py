@@ -168,3 +168,41 @@ def conv_bn_model(rank=2, channels_in=4, channels_out=6, group=1, bias=True, ker
     b.batch_norm("conv_out", "y", channels_out, name="bn", **(bn_attributes or {}))
     b.output("y", [2, channels_out] + [s + 2 * pads - kernel + 1 for s in spatial])
     return b.model(opset=opset)
+
+
+def run_reference(model, feeds):
+    """Every output of a model from onnx's reference evaluator (for opsets onnxruntime does not know yet)."""
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(model)
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, evaluator.run(names, feeds)))
+
+
+def bfloat16_as_float32(model):
+    """A copy of the model with every bfloat16 tensor, type and Cast turned into float32 -- exact for the
+    values, so onnxruntime (which has no bfloat16 Conv/Gemm on CPU) can run what the model computes up to
+    the rounding of intermediate results."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+
+    def convert_tensor(tensor):
+        if tensor.data_type == TensorProto.BFLOAT16:
+            values = numpy_helper.to_array(tensor).astype(np.float32)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+
+    def convert_graph(graph):
+        for tensor in graph.initializer:
+            convert_tensor(tensor)
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if value.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+                value.type.tensor_type.elem_type = TensorProto.FLOAT
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    convert_tensor(attribute.t)
+                if attribute.name == "to" and attribute.i == TensorProto.BFLOAT16:
+                    attribute.i = TensorProto.FLOAT
+
+    convert_graph(copy.graph)
+    return copy
