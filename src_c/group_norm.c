@@ -87,14 +87,20 @@ static gn_unit unit_of(const gn_layout *l, ptrdiff_t u)
 }
 
 /* Index of plane p of block b among all (n, c) planes: blocks are consecutive runs of planes. */
-static ptrdiff_t plane_index(const gn_layout *l, ptrdiff_t b, ptrdiff_t p) { return b * l->group_channels + p; }
+static ptrdiff_t plane_index(const gn_layout *l, ptrdiff_t b, ptrdiff_t p)
+{
+    return b * l->group_channels + p;
+}
 
 static ptrdiff_t channel_of(const gn_layout *l, ptrdiff_t b, ptrdiff_t p)
 {
     return (b % l->groups) * l->group_channels + p;
 }
 
-static double sum8(const double a[8]) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+static double sum8(const double a[8])
+{
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
 
 /* The per-element loops, one set per element type; the drivers below are written once over these. */
 typedef struct {
@@ -113,7 +119,10 @@ typedef struct {
  * exact, whereas x * alpha + beta with beta = -mean * alpha rounds away the digits that tell the values
  * of a large-mean block apart.  The rounding of the mean itself is folded into the T shift. */
 #define GN_DEFINE_KERNELS(T, SUFFIX)                                                                   \
-    static fn_stats stats_##SUFFIX(const void *x, ptrdiff_t n) { return fn_run_stats_##SUFFIX((const T *)x, n); } \
+    static fn_stats stats_##SUFFIX(const void *x, ptrdiff_t n)                                         \
+    {                                                                                                  \
+        return fn_run_stats_##SUFFIX((const T *)x, n);                                                 \
+    }                                                                                                  \
                                                                                                        \
     static void normalize_##SUFFIX(const void *xv, void *yv, ptrdiff_t n, double mean, double scale,   \
                                    double shift)                                                       \
@@ -209,13 +218,14 @@ static void normalize_unit(const gn_kernels *k, const gn_layout *l, const void *
         ptrdiff_t c = channel_of(l, b, p);
         ptrdiff_t start = plane_index(l, b, p) * l->spatial + t.begin;
         double scale = weight ? weight[c] * invstd : invstd;
-        k->normalize(at(k, x, start), at_mut(k, y, start), t.end - t.begin, mean, scale, bias ? bias[c] : 0.0);
+        double shift = bias ? bias[c] : 0.0;
+        k->normalize(at(k, x, start), at_mut(k, y, start), t.end - t.begin, mean, scale, shift);
     }
 }
 
 static int group_norm(const gn_kernels *k, const void *x, void *y, ptrdiff_t batch, ptrdiff_t channels,
-                      ptrdiff_t spatial, ptrdiff_t groups, const double *weight, const double *bias, double eps,
-                      double *mean, double *invstd, int num_threads)
+                      ptrdiff_t spatial, ptrdiff_t groups, const double *weight, const double *bias,
+                      double eps, double *mean, double *invstd, int num_threads)
 {
     const gn_layout l = plan_layout(batch, channels, spatial, groups);
     const ptrdiff_t per_block = l.units_per_block;
@@ -273,7 +283,8 @@ static void unit_grad_sums(const gn_kernels *k, const gn_layout *l, const void *
     gn_unit t = unit_of(l, u);
     for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
         ptrdiff_t start = plane_index(l, b, p) * l->spatial + t.begin;
-        k->grad_sums(at(k, dy, start), at(k, x, start), t.end - t.begin, mean, plane_sums(l, sums, b, p, t.chunk));
+        double *out = plane_sums(l, sums, b, p, t.chunk);
+        k->grad_sums(at(k, dy, start), at(k, x, start), t.end - t.begin, mean, out);
     }
 }
 
@@ -308,8 +319,8 @@ static void grad_apply_unit(const gn_kernels *k, const gn_layout *l, const void 
     for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
         ptrdiff_t start = plane_index(l, b, p) * l->spatial + t.begin;
         double dy_scale = weight ? weight[channel_of(l, b, p)] * invstd : invstd;
-        k->grad_apply(at(k, dy, start), at(k, x, start), at_mut(k, dx, start), t.end - t.begin, dy_scale, mean,
-                      coef[0], coef[1]);
+        k->grad_apply(at(k, dy, start), at(k, x, start), at_mut(k, dx, start), t.end - t.begin, dy_scale,
+                      mean, coef[0], coef[1]);
     }
 }
 
@@ -350,7 +361,8 @@ static int group_norm_backward(const gn_kernels *k, const void *dy, const void *
 #pragma omp for schedule(static)
             for (ptrdiff_t i = 0; i < units; i++) {
                 ptrdiff_t b = i / per_block;
-                grad_apply_unit(k, &l, dy, x, dx, b, i % per_block, weight, mean[b], invstd[b], &coefs[2 * b]);
+                grad_apply_unit(k, &l, dy, x, dx, b, i % per_block, weight, mean[b], invstd[b],
+                                &coefs[2 * b]);
             }
         }
         /* Per-channel sums over the batch, in batch order; chunk 0 holds each plane's total by now. */
@@ -395,8 +407,8 @@ int fn_group_norm_backward_f32(const float *dy, const float *x, float *dx, ptrdi
                                const double *invstd, const double *weight, double *dweight, double *dbias,
                                int num_threads)
 {
-    return group_norm_backward(&kernels_f32, dy, x, dx, batch, channels, spatial, groups, mean, invstd, weight,
-                               dweight, dbias, num_threads);
+    return group_norm_backward(&kernels_f32, dy, x, dx, batch, channels, spatial, groups, mean, invstd,
+                               weight, dweight, dbias, num_threads);
 }
 
 int fn_group_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t batch,
@@ -404,6 +416,6 @@ int fn_group_norm_backward_f64(const double *dy, const double *x, double *dx, pt
                                const double *invstd, const double *weight, double *dweight, double *dbias,
                                int num_threads)
 {
-    return group_norm_backward(&kernels_f64, dy, x, dx, batch, channels, spatial, groups, mean, invstd, weight,
-                               dweight, dbias, num_threads);
+    return group_norm_backward(&kernels_f64, dy, x, dx, batch, channels, spatial, groups, mean, invstd,
+                               weight, dweight, dbias, num_threads);
 }

@@ -250,7 +250,11 @@ def test_noncontiguous_and_negative_stride_inputs():
     rng = np.random.default_rng(67)
     base = rng.standard_normal((3, 5, 8, 12))
     weight = rng.standard_normal(10)[::-2]
-    views = [base[:, ::-1, ::2, ::-3], base.transpose(0, 1, 3, 2), np.moveaxis(np.moveaxis(base, 1, -1).copy(), -1, 1)]
+    views = [
+        base[:, ::-1, ::2, ::-3],
+        base.transpose(0, 1, 3, 2),
+        np.moveaxis(np.moveaxis(base, 1, -1).copy(), -1, 1),
+    ]
     for x in views:
         assert not x.flags.c_contiguous
         y, mean, invstd = instance_norm(x, weight)
