@@ -566,6 +566,17 @@ def _forward_padding_refusal(index, layer):
     return None
 
 
+def _keeps_input_shape(ctx, index, node, layer):
+    """Whether a Mul/Add/Sub/Div before `layer` writes a value of its input's shape, so that the layer may
+    read the input instead: its constant is a single value, or the input is known to have the layer's
+    rank and input channels."""
+    x, constant, _ = elementwise_operands(index, node)
+    if constant.array.size == 1 and constant.array.ndim <= layer.rank:
+        return True
+    shape = _shape(ctx, index, x)
+    return shape is not None and len(shape) == layer.rank and shape[1] == layer.in_channels
+
+
 def forward_condition(ctx, index, node):
     """Fold the map into the layer that is the only reader of its output (Conv without padding, Gemm with
     transA=0, 2-D MatMul)."""
@@ -600,6 +611,9 @@ def forward_condition(ctx, index, node):
         site = elementwise_site(ctx, index, node, layer.rank, layer.in_channels)
         if isinstance(site, Refused):
             return site
+        if not _keeps_input_shape(ctx, index, node, layer):
+            return Refused("its input %r may have fewer channels than %s reads (the constant would broadcast "
+                           "it)" % (site.input, _describe(index, reader)))
     if site.affine.channels != layer.in_channels:
         return Refused("it has %d channels, %s reads %d" % (site.affine.channels, _describe(index, reader),
                                                            layer.in_channels))

@@ -145,3 +145,17 @@ def test_forward_into_conv_transpose_only_when_exact(kernel, strides, foldable):
     assert count_ops(folded, "BatchNormalization") == 0
     assert outcome(report, "bn").action == ("folded" if foldable else "rewritten")
     assert error < FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("x_channels, foldable", [(4, True), (1, False)])
+def test_per_channel_mul_before_an_unpadded_conv(x_channels, foldable):
+    # with a 1-channel input the Mul broadcasts it to 4 channels: removing the Mul would change the Conv's input
+    b = ModelBuilder()
+    x = b.input("x", [2, x_channels, 5, 5])
+    b.node("Mul", [x, b.weight("k", [1, 4, 1, 1])], ["scaled"], name="mul")
+    b.node("Conv", ["scaled", b.weight("w", [3, 4, 3, 3])], ["y"], name="conv")
+    b.output("y", [2, 3, 3, 3])
+    folded, report, error = fold_and_compare(b.model())
+    assert [n.op_type for n in folded.graph.node] == (["Conv"] if foldable else ["Mul", "Conv"])
+    assert [o.into for o in report.outcomes] == (["forward:Conv"] if foldable else [])
+    assert error < FLOAT32_TOLERANCE
