@@ -100,10 +100,14 @@ class Match:
 
 @dataclass(frozen=True)
 class Rule:
+    """One way of folding: condition(ctx, index, node) -> Match | Refused, apply(ctx, index, node, match).
+    A fallback rule fires only when the folds before it refused; its outcome lists their reasons."""
+
     name: str
     op_types: tuple
     condition: object
     apply: object
+    fallback: bool = False
 
 
 class FoldContext:
@@ -117,7 +121,7 @@ class FoldContext:
         self.ir_version = model.ir_version
         self.outcomes = []
         self.indexes = []
-        self._sites = {}
+        self.sites = {}
 
     def outcome(self, index, node, action, into, reason):
         self.outcomes.append(NodeOutcome(index.label(node), node.op_type, index.path, action, into, reason))
@@ -165,9 +169,9 @@ def _float_constant(index, name):
 def batch_norm_site(ctx, index, node):
     """The Site of a BatchNormalization, or a final Refused saying why it must stay as it is."""
     key = id(node)
-    if key not in ctx._sites:
-        ctx._sites[key] = _batch_norm_site(ctx, index, node)
-    return ctx._sites[key]
+    if key not in ctx.sites:
+        ctx.sites[key] = _batch_norm_site(ctx, index, node)
+    return ctx.sites[key]
 
 
 def _batch_norm_site(ctx, index, node):
@@ -683,7 +687,7 @@ RULES = (
     Rule("fold across Add/Sum", NORMALIZATION_AND_ELEMENTWISE, across_add_condition, across_apply),
     Rule("fold across Concat", NORMALIZATION_AND_ELEMENTWISE, across_concat_condition, across_apply),
     Rule("fold forward into the reading layer", NORMALIZATION_AND_ELEMENTWISE, forward_condition, forward_apply),
-    Rule("rewrite as Mul and Add", (BATCH_NORM,), rewrite_condition, rewrite_apply),
+    Rule("rewrite as Mul and Add", (BATCH_NORM,), rewrite_condition, rewrite_apply, fallback=True),
 )
 
 
@@ -712,8 +716,8 @@ def fold_graph(ctx, index):
                 if match.reason and match.reason not in refusals:
                     refusals.append(match.reason)
                 continue
-            if rule.apply is rewrite_apply and refusals:
-                match.reason = "rewritten as Mul and Add; it could not fold: %s" % "; ".join(refusals)
+            if rule.fallback and refusals:
+                match.reason = "%s; it could not fold: %s" % (match.reason, "; ".join(refusals))
             rule.apply(ctx, index, node, match)
             break
         else:
@@ -796,6 +800,9 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     nodes_before, bytes_before = graph_statistics(original.graph)
     nodes_after, bytes_after = graph_statistics(folded.graph)
     report = FoldReport(label, outcomes, nodes_before, nodes_after, bytes_before, bytes_after, seconds)
+    if bytes_after > bytes_before:
+        report.notes.append("the parameters grew: a folded weight is stored in full, also where the model "
+                            "computed it from a smaller constant (ConstantOfShape, Expand, ...)")
     if verify:
         from .verify import verify as verify_models
 

@@ -116,4 +116,6 @@ def _describe_into(into):
         return "%s (forward)" % into.split(":", 1)[1]
     if into in ("Add", "Sum", "Concat"):
         return "across %s" % into
+    if into == "Mul/Add":
+        return "a Mul/Add rewrite"
     return into

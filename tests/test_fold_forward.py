@@ -2,6 +2,7 @@
 without padding, a Gemm with transA=0, a 2-D MatMul -- and never into a padded Conv."""
 import numpy as np
 import pytest
+from onnx import helper
 
 from fold_models import ModelBuilder, count_ops, fold_and_compare, outcome
 
@@ -158,4 +159,28 @@ def test_per_channel_mul_before_an_unpadded_conv(x_channels, foldable):
     folded, report, error = fold_and_compare(b.model())
     assert [n.op_type for n in folded.graph.node] == (["Conv"] if foldable else ["Mul", "Conv"])
     assert [o.into for o in report.outcomes] == (["forward:Conv"] if foldable else [])
+    assert error < FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_conv_absorbs_a_batch_norm_on_each_side(ir_version):
+    b = ModelBuilder()
+    x = b.input("x", [2, 4, 6, 6])
+    b.batch_norm(x, "normalized", 4, name="bn_before")
+    b.node("Conv", ["normalized", b.weight("w", [5, 4, 3, 3])], ["c"], name="conv")
+    b.batch_norm("c", "y", 5, name="bn_after")
+    b.output("y", [2, 5, 4, 4])
+    model = b.model(ir_version=ir_version)
+    if ir_version < 4:
+        for tensor in model.graph.initializer:
+            model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    folded, report, error = fold_and_compare(model, {"x": np.random.default_rng(2).standard_normal((2, 4, 6, 6))
+                                                     .astype(np.float32)})
+    assert [(o.node, o.into) for o in report.outcomes] == [("bn_before", "forward:Conv"), ("bn_after", "Conv")]
+    assert count_ops(folded, "BatchNormalization") == 0
+    # the intermediate weights of the first fold are gone: one weight and one bias remain
+    if ir_version < 4:
+        assert [n.op_type for n in folded.graph.node] == ["Constant", "Constant", "Conv"]
+    else:
+        assert [n.op_type for n in folded.graph.node] == ["Conv"] and len(folded.graph.initializer) == 2
     assert error < FLOAT32_TOLERANCE
