@@ -97,7 +97,7 @@ class FoldReport:
         for outcome in listed:
             where = "" if outcome.graph == "main" else " in %s" % outcome.graph
             action = outcome.action if outcome.action != "folded" else "folded into %s" % _describe_into(outcome.into)
-            lines.append("    %s %s (%s%s): %s: %s" % ("-", outcome.node, outcome.op_type, where, action, outcome.reason))
+            lines.append("    - %s (%s%s): %s: %s" % (outcome.node, outcome.op_type, where, action, outcome.reason))
         lines.append("  nodes: %d -> %d" % (self.nodes_before, self.nodes_after))
         lines.append("  parameter bytes: %s -> %s" % (format(self.param_bytes_before, ","),
                                                        format(self.param_bytes_after, ",")))

@@ -1,7 +1,5 @@
 """Backward folds into Conv and ConvTranspose: any rank, grouped, depthwise, with and without bias."""
-import numpy as np
 import pytest
-from onnx import helper
 
 from fold_models import ModelBuilder, conv_bn_model, count_ops, fold_and_compare, outcome
 

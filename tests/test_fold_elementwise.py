@@ -1,12 +1,11 @@
 """Per-channel Mul/Add/Sub/Div chains (Caffe-style Scale layers) after Conv/ConvTranspose/Gemm fold into the
 layer; a constant that does not broadcast along the channels only -- the (C,)-shaped Mul on NCHW -- never."""
-import numpy as np
 import pytest
 from onnx import numpy_helper
 
 from foldnorm.fold import fold_model
 
-from fold_models import ModelBuilder, count_ops, fold_and_compare, outcome
+from fold_models import ModelBuilder, fold_and_compare, outcome
 
 FLOAT32_TOLERANCE = 2e-6
 C = 4

@@ -1,6 +1,5 @@
 """Backward folds into Gemm (any transA/transB/alpha/beta, C of every shape) and MatMul (2-D, with or
 without a bias Add); the 3-D MatMul + BatchNormalization(axis 1) trap."""
-import numpy as np
 import pytest
 
 from fold_models import ModelBuilder, count_ops, fold_and_compare, outcome

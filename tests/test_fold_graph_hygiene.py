@@ -12,7 +12,7 @@ from foldnorm import fold as fold_module
 from foldnorm.errors import VerificationError
 from foldnorm.fold import fold_model, inspect_model
 from foldnorm.graph import GraphIndex, NameScope
-from fold_models import ModelBuilder, conv_bn_model, count_ops, fold_and_compare, outcome
+from fold_models import ModelBuilder, conv_bn_model, count_ops, fold_and_compare
 
 
 def decorated_model():

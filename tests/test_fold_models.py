@@ -7,7 +7,6 @@ also a graph input, and a constant). Each model is loaded and folded once per mo
 import functools
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
