@@ -2,9 +2,9 @@
  *
  * Two layouts of the (outer, channels, inner) view, chosen by the shape alone:
  * - planes (inner > 1): each (n, c) plane is contiguous.  A unit is one FN_STATS_BLOCK piece of a plane,
- *   so a few huge planes still give every thread work; its statistics are the exact block two-pass of
- *   fn_common.h, and a channel's units are Chan-merged over (n, piece) in order, which is exactly
- *   fn_run_stats over each plane followed by a merge over n.
+ *   so a few huge planes still give every thread work; its statistics are the exact two-pass of
+ *   fn_common.h's fn_block_stats on that L1-resident piece, and a channel's units are Chan-merged over
+ *   (n, piece) in order, as fn_run_stats over each plane followed by a merge over n would.
  * - rows (inner == 1, channels-last): x is an (outer, channels) matrix.  A unit is a fixed block of rows
  *   small enough to stay in cache; per-channel statistics of a block are an exact two-pass over its rows
  *   with the inner loop running along the contiguous channels, and blocks are Chan-merged in order.
@@ -231,8 +231,9 @@ static double bn_sum8(const double *a)
 }
 
 /* BN_RESIDUAL_PASS: whether a block's statistics correct the mean for the rounding of the float64 sum
- * of its values.  That sum of at most FN_STATS_BLOCK floats is exact unless the values span more than
- * 2^18 in magnitude, and within one float64 rounding otherwise, so only double input needs it. */
+ * of its values.  A block sums at most 8192 values per channel; for floats (24-bit significands) that sum
+ * is exact unless the values span more than 2^16 in magnitude, and within one float64 rounding
+ * otherwise, so only double input needs the correction. */
 #define BN_T float
 #define BN_S f32
 #define BN_RESIDUAL_PASS 0
@@ -300,30 +301,58 @@ BN_REDUCTION static fn_stats BN_FN(bn_block_stats)(const BN_T *restrict x, ptrdi
     return s;
 }
 
-/* Per-channel statistics of a block of `rows` rows: an exact two-pass like fn_block_stats, whose second
- * pass also sums the residual deviations to correct the mean for the rounding of the first. */
-BN_REDUCTION static void BN_FN(bn_block_column_stats)(const BN_T *restrict x, ptrdiff_t rows, ptrdiff_t channels,
-                                         double *restrict mean, double *restrict m2,
-                                         double *restrict residual)
+/* Per-channel statistics of a block of `rows` rows: the exact two-pass of bn_block_stats along the
+ * channels.  Four rows are folded into the per-channel accumulators at a time, which quarters their
+ * loads and stores; the residual pass runs for double input only (see BN_RESIDUAL_PASS). */
+BN_REDUCTION static void BN_FN(bn_block_column_stats)(const BN_T *restrict x, ptrdiff_t rows,
+                                                      ptrdiff_t channels, double *restrict mean,
+                                                      double *restrict m2, double *restrict residual)
 {
+    const ptrdiff_t body = rows - rows % 4;
     for (ptrdiff_t c = 0; c < channels; c++)
         mean[c] = 0.0;
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const BN_T *restrict row = x + r * channels;
+    for (ptrdiff_t r = 0; r < body; r += 4) {
+        const BN_T *restrict a = x + r * channels;
+        const BN_T *restrict b = a + channels;
+        const BN_T *restrict d = b + channels;
+        const BN_T *restrict e = d + channels;
         for (ptrdiff_t c = 0; c < channels; c++)
-            mean[c] += (double)row[c];
+            mean[c] += ((double)a[c] + (double)b[c]) + ((double)d[c] + (double)e[c]);
+    }
+    for (ptrdiff_t r = body; r < rows; r++) {
+        const BN_T *restrict a = x + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            mean[c] += (double)a[c];
     }
     for (ptrdiff_t c = 0; c < channels; c++) {
         mean[c] /= (double)rows;
         residual[c] = 0.0;
         m2[c] = 0.0;
     }
+
+#if BN_RESIDUAL_PASS
     for (ptrdiff_t r = 0; r < rows; r++) {
-        const BN_T *restrict row = x + r * channels;
+        const BN_T *restrict a = x + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            residual[c] += (double)a[c] - mean[c];
+    }
+#endif
+    for (ptrdiff_t r = 0; r < body; r += 4) {
+        const BN_T *restrict a = x + r * channels;
+        const BN_T *restrict b = a + channels;
+        const BN_T *restrict d = b + channels;
+        const BN_T *restrict e = d + channels;
         for (ptrdiff_t c = 0; c < channels; c++) {
-            double d = (double)row[c] - mean[c];
-            residual[c] += d;
-            m2[c] += d * d;
+            double da = (double)a[c] - mean[c], db = (double)b[c] - mean[c];
+            double dd = (double)d[c] - mean[c], de = (double)e[c] - mean[c];
+            m2[c] += (da * da + db * db) + (dd * dd + de * de);
+        }
+    }
+    for (ptrdiff_t r = body; r < rows; r++) {
+        const BN_T *restrict a = x + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            double da = (double)a[c] - mean[c];
+            m2[c] += da * da;
         }
     }
     for (ptrdiff_t c = 0; c < channels; c++) {
@@ -518,21 +547,37 @@ BN_REDUCTION static void BN_FN(bn_grad_sums_run)(const BN_T *restrict dy, const 
     out[1] = sum_dy_xc;
 }
 
-BN_REDUCTION static void BN_FN(bn_grad_sums_rows)(const BN_T *restrict dy, const BN_T *restrict x, ptrdiff_t rows,
-                                     ptrdiff_t channels, const double *restrict mean,
-                                     double *restrict sum_dy, double *restrict sum_dy_xc)
+/* The per-channel gradient sums of a block of rows, four rows per sweep over the accumulators. */
+BN_REDUCTION static void BN_FN(bn_grad_sums_rows)(const BN_T *restrict dy, const BN_T *restrict x,
+                                                  ptrdiff_t rows, ptrdiff_t channels,
+                                                  const double *restrict mean, double *restrict sum_dy,
+                                                  double *restrict sum_dy_xc)
 {
+    const ptrdiff_t body = rows - rows % 4;
     for (ptrdiff_t c = 0; c < channels; c++) {
         sum_dy[c] = 0.0;
         sum_dy_xc[c] = 0.0;
     }
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const BN_T *restrict dyr = dy + r * channels;
-        const BN_T *restrict xr = x + r * channels;
+    for (ptrdiff_t r = 0; r < body; r += 4) {
+        const ptrdiff_t o = r * channels;
+        const BN_T *restrict ga = dy + o, *restrict gb = ga + channels;
+        const BN_T *restrict gd = gb + channels, *restrict ge = gd + channels;
+        const BN_T *restrict xa = x + o, *restrict xb = xa + channels;
+        const BN_T *restrict xd = xb + channels, *restrict xe = xd + channels;
         for (ptrdiff_t c = 0; c < channels; c++) {
-            double g = (double)dyr[c];
-            sum_dy[c] += g;
-            sum_dy_xc[c] += g * ((double)xr[c] - mean[c]);
+            double a = (double)ga[c], b = (double)gb[c], d = (double)gd[c], e = (double)ge[c];
+            sum_dy[c] += (a + b) + (d + e);
+            sum_dy_xc[c] += (a * ((double)xa[c] - mean[c]) + b * ((double)xb[c] - mean[c])) +
+                            (d * ((double)xd[c] - mean[c]) + e * ((double)xe[c] - mean[c]));
+        }
+    }
+    for (ptrdiff_t r = body; r < rows; r++) {
+        const BN_T *restrict ga = dy + r * channels;
+        const BN_T *restrict xa = x + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            double a = (double)ga[c];
+            sum_dy[c] += a;
+            sum_dy_xc[c] += a * ((double)xa[c] - mean[c]);
         }
     }
 }
