@@ -1,0 +1,287 @@
+"""layer_norm and layer_norm_backward against a float64 NumPy reference, onnxruntime and ONNX's own cases."""
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+from foldnorm.layer_normalization import layer_norm, layer_norm_backward
+from onnx_cases import backend_node_cases, node_attributes, run_ort, single_node_model
+
+# (shape, axis) for every valid axis, negative ones included: 1-D to 4-D, K = 1, K odd, K not a multiple
+# of 8, M = 1.
+SHAPES = [(7,), (1, 9), (6, 1), (3, 17), (2, 3, 5), (4, 1, 3), (2, 3, 4, 5), (1, 2, 3, 13)]
+CASES = [(shape, axis) for shape in SHAPES for axis in range(-len(shape), len(shape))]
+# Rows wider than the kernel's segment threshold (65536 values) take its segmented path.
+WIDE_CASES = [((3, 70001), -1), ((2, 2, 40000), 1)]
+DTYPES = [np.float32, np.float64, np.float16]
+# (atol, rtol) of y / dx against the float64 reference, by input dtype.
+TOL = {np.float64: (1e-10, 1e-10), np.float32: (2e-5, 2e-5), np.float16: (4e-3, 4e-3)}
+
+
+def ref_layer_norm(x, weight, bias, axis, eps=1e-5):
+    """y, mean, invstd in float64, statistics shaped as ONNX's Mean output."""
+    x = x.astype(np.float64)
+    axes = tuple(range(axis % x.ndim, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    invstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
+    y = (x - mean) * invstd
+    if weight is not None:
+        y = y * weight.astype(np.float64)
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return y, mean, invstd
+
+
+def ref_layer_norm_backward(dy, x, weight, axis, eps=1e-5):
+    """Analytic dx, dweight, dbias in float64, with the statistics recomputed from x."""
+    x = x.astype(np.float64)
+    dy = dy.astype(np.float64)
+    axes = tuple(range(axis % x.ndim, x.ndim))
+    lead = tuple(range(axis % x.ndim))
+    _, mean, invstd = ref_layer_norm(x, None, None, axis, eps)
+    xhat = (x - mean) * invstd
+    g = dy if weight is None else dy * weight.astype(np.float64)
+    dx = invstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    return dx, (dy * xhat).sum(axis=lead), dy.sum(axis=lead)
+
+
+def data(shape, dtype, seed=0, loc=3.0, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return (loc + scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def params(shape, dtype, seed=1):
+    rng = np.random.default_rng(seed)
+    return (1 + 0.5 * rng.standard_normal(shape)).astype(dtype), rng.standard_normal(shape).astype(dtype)
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    np.testing.assert_allclose(actual.astype(np.float64), expected, atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis", CASES + WIDE_CASES)
+def test_forward_matches_reference(shape, axis, dtype):
+    x = data(shape, dtype)
+    weight, bias = params(x.shape[axis:], dtype)
+    y, mean, invstd = layer_norm(x, weight, bias, axis=axis)
+    y_ref, mean_ref, invstd_ref = ref_layer_norm(x, weight, bias, axis)
+    compute = np.float64 if dtype == np.float64 else np.float32
+    assert y.dtype == dtype and y.shape == x.shape
+    assert mean.dtype == compute and mean.shape == mean_ref.shape
+    assert invstd.dtype == compute and invstd.shape == invstd_ref.shape
+    assert_close(y, y_ref, dtype)
+    stat_tol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(mean, mean_ref, rtol=stat_tol, atol=stat_tol)
+    np.testing.assert_allclose(invstd, invstd_ref, rtol=stat_tol)
+
+
+@pytest.mark.parametrize("with_weight,with_bias", [(False, False), (True, False), (False, True)])
+def test_forward_optional_weight_and_bias(with_weight, with_bias):
+    x = data((5, 6, 7), np.float32)
+    weight, bias = params((6, 7), np.float32)
+    weight = weight if with_weight else None
+    bias = bias if with_bias else None
+    y, _, _ = layer_norm(x, weight, bias, axis=1, eps=1e-3)
+    assert_close(y, ref_layer_norm(x, weight, bias, 1, eps=1e-3)[0], np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis", CASES + WIDE_CASES)
+def test_backward_matches_analytic_reference(shape, axis, dtype):
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=2, loc=0.5, scale=1.0)
+    weight, bias = params(x.shape[axis:], dtype)
+    _, mean, invstd = layer_norm(x, weight, bias, axis=axis)
+    dx, dweight, dbias = layer_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+    dx_ref, dweight_ref, dbias_ref = ref_layer_norm_backward(dy, x, weight, axis)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    assert dweight.dtype == dtype and dweight.shape == x.shape[axis:] == dbias.shape
+    assert_close(dx, dx_ref, dtype)
+    rows = x.size // dweight.size
+    assert_close(dweight, dweight_ref, dtype, scale=rows)
+    assert_close(dbias, dbias_ref, dtype, scale=rows)
+
+
+def test_backward_without_weight():
+    x = data((9, 11), np.float64)
+    dy = data((9, 11), np.float64, seed=3)
+    _, mean, invstd = layer_norm(x)
+    dx, dweight, dbias = layer_norm_backward(dy, x, mean, invstd)
+    for actual, expected in zip((dx, dweight, dbias), ref_layer_norm_backward(dy, x, None, -1)):
+        assert_close(actual, expected, np.float64)
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 4), -1), ((2, 3, 4), 1), ((5,), 0), ((2, 1, 3), 2)])
+def test_backward_against_finite_differences(shape, axis):
+    """The loss sum(y * dy) differentiated numerically through the reference forward pass."""
+    x = data(shape, np.float64, seed=4)
+    dy = data(shape, np.float64, seed=5, loc=0.0, scale=1.0)
+    weight, bias = params(x.shape[axis:], np.float64, seed=6)
+    _, mean, invstd = layer_norm(x, weight, bias, axis=axis)
+    dx, dweight, dbias = layer_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+
+    def loss(x_, weight_, bias_):
+        return float((ref_layer_norm(x_, weight_, bias_, axis)[0] * dy).sum())
+
+    def numeric(array, f, h=1e-6):
+        grad = np.zeros_like(array)
+        for i in np.ndindex(array.shape):
+            plus, minus = array.copy(), array.copy()
+            plus[i] += h
+            minus[i] -= h
+            grad[i] = (f(plus) - f(minus)) / (2 * h)
+        return grad
+
+    np.testing.assert_allclose(dx, numeric(x, lambda v: loss(v, weight, bias)), atol=1e-7)
+    np.testing.assert_allclose(dweight, numeric(weight, lambda v: loss(x, v, bias)), atol=1e-7)
+    np.testing.assert_allclose(dbias, numeric(bias, lambda v: loss(x, weight, v)), atol=1e-7)
+
+
+def test_large_mean_small_spread_float32():
+    """Rows with mean 1e4 and std 1e-2: float32 E[x^2]-E[x]^2 would be useless here."""
+    x = data((64, 1000), np.float32, loc=1e4, scale=1e-2)
+    y, mean, invstd = layer_norm(x)
+    y_ref, mean_ref, invstd_ref = ref_layer_norm(x, None, None, -1)
+    np.testing.assert_allclose(y, y_ref, atol=5e-5)
+    np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-5)
+    dy = data(x.shape, np.float32, seed=7, loc=0.0, scale=1.0)
+    dx, dweight, _ = layer_norm_backward(dy, x, mean, invstd)
+    dx_ref, dweight_ref, _ = ref_layer_norm_backward(dy, x, None, -1)
+    np.testing.assert_allclose(dx, dx_ref, atol=2e-3 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(dweight, dweight_ref, atol=1e-3 * np.abs(dweight_ref).max())
+
+
+def test_constant_rows():
+    x = np.full((4, 33), 2.5, np.float32)
+    weight, bias = params((33,), np.float32)
+    y, mean, invstd = layer_norm(x, weight, bias)
+    np.testing.assert_array_equal(y, np.broadcast_to(bias, x.shape))
+    np.testing.assert_array_equal(mean, 2.5)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(1e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale,eps", [(1e30, 1e-5), (1e-22, 0.0), (1e19, 1e-5)])
+def test_extreme_magnitudes_float32(scale, eps):
+    """Values near 1e30 (squares beyond float32's range) and near 1e-22 (squares below it)."""
+    x = (scale * data((8, 300), np.float64, seed=8, loc=1.0, scale=0.3)).astype(np.float32)
+    weight, bias = params((300,), np.float32)
+    y, _, invstd = layer_norm(x, weight, bias, eps=eps)
+    y_ref, _, invstd_ref = ref_layer_norm(x, weight, bias, -1, eps=eps)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_inf_propagate_to_their_rows_only(bad, dtype):
+    x = data((5, 70), dtype)
+    x[2, 13] = bad
+    y, mean, invstd = layer_norm(x)
+    assert np.isnan(y[2]).all()
+    y_ref = ref_layer_norm(np.delete(x, 2, axis=0), None, None, -1)[0]
+    assert_close(np.delete(y, 2, axis=0), y_ref, dtype)
+    dx, dweight, dbias = layer_norm_backward(np.ones_like(x), x, mean, invstd)
+    assert np.isnan(dx[2]).all() and np.isfinite(np.delete(dx, 2, axis=0)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((2000, 531), -1), ((37, 11, 999), 1), ((5, 70001), 1)])
+def test_one_and_two_threads_bit_identical(shape, axis, dtype):
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=9, loc=0.0, scale=1.0)
+    weight, bias = params(x.shape[axis:], dtype)
+    one = layer_norm(x, weight, bias, axis=axis, num_threads=1)
+    two = layer_norm(x, weight, bias, axis=axis, num_threads=2)
+    for a, b in zip(one, two):
+        assert np.array_equal(a, b)
+    grads_one = layer_norm_backward(dy, x, one[1], one[2], weight, axis=axis, num_threads=1)
+    grads_two = layer_norm_backward(dy, x, one[1], one[2], weight, axis=axis, num_threads=2)
+    grads_three = layer_norm_backward(dy, x, one[1], one[2], weight, axis=axis, num_threads=3)
+    for a, b, c in zip(grads_one, grads_two, grads_three):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [lambda a: a[:, ::2], lambda a: a[::-1], lambda a: a[:, ::-3], lambda a: np.swapaxes(a, 0, 1)],
+    ids=["strided", "reversed", "negative-stride", "transposed"],
+)
+def test_non_contiguous_inputs(view):
+    base = data((12, 30), np.float32)
+    x = view(base)
+    dy = view(data((12, 30), np.float32, seed=10))
+    weight, bias = params(x.shape[-1:], np.float32)
+    weight_view = np.repeat(weight, 2)[::2]
+    y, mean, invstd = layer_norm(x, weight_view, bias)
+    assert_close(y, ref_layer_norm(x, weight, bias, -1)[0], np.float32)
+    dx, dweight, dbias = layer_norm_backward(dy, x, mean[::-1][::-1], invstd, weight_view)
+    for actual, expected in zip((dx, dweight, dbias), ref_layer_norm_backward(dy, x, weight, -1)):
+        assert_close(actual, expected, np.float32, scale=x.shape[0])
+
+
+def test_bad_input():
+    x = data((4, 5), np.float32)
+    _, mean, invstd = layer_norm(x)
+    with pytest.raises(TypeError, match="x must be a float16, float32 or float64 array"):
+        layer_norm(np.ones((4, 5), np.int64))
+    with pytest.raises(ValueError, match=r"weight must have shape \(5,\)"):
+        layer_norm(x, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4, 5\)"):
+        layer_norm(x, None, np.ones(5, np.float32), axis=0)
+    with pytest.raises(ValueError, match="axis=2 is out of range"):
+        layer_norm(x, axis=2)
+    with pytest.raises(ValueError, match="axis=-3 is out of range"):
+        layer_norm_backward(x, x, mean, invstd, axis=-3)
+    with pytest.raises(ValueError, match="x must not be empty"):
+        layer_norm(np.ones((0, 5), np.float32))
+    with pytest.raises(ValueError, match="eps must be"):
+        layer_norm(x, eps=-1.0)
+    with pytest.raises(ValueError, match=r"dy must have shape \(4, 5\)"):
+        layer_norm_backward(x[:3], x, mean, invstd)
+    with pytest.raises(ValueError, match="mean must hold one value per normalized row"):
+        layer_norm_backward(x, x, mean[:3], invstd)
+    with pytest.raises(ValueError, match="invstd must hold one value per normalized row"):
+        layer_norm_backward(x, x, mean, np.ones(5, np.float32))
+    with pytest.raises(TypeError, match="mean must be a float array"):
+        layer_norm_backward(x, x, np.ones(4, np.int32), invstd)
+    with pytest.raises(ValueError, match=r"weight must have shape \(5,\)"):
+        layer_norm_backward(x, x, mean, invstd, np.ones(6, np.float32))
+    with pytest.raises(ValueError, match="num_threads must be a positive int"):
+        layer_norm(x, num_threads=0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape,axis", [((4, 6, 10), -1), ((4, 6, 10), 1), ((3, 5), 0), ((2, 3, 4, 5), -2)])
+def test_against_onnxruntime(shape, axis, with_bias):
+    x = data(shape, np.float32)
+    weight, bias = params(x.shape[axis:], np.float32)
+    inputs = [("X", x), ("W", weight)] + ([("B", bias)] if with_bias else [])
+    outputs = [("Y", TensorProto.FLOAT), ("Mean", TensorProto.FLOAT), ("InvStdDev", TensorProto.FLOAT)]
+    model = single_node_model("LayerNormalization", inputs, outputs, 17, {"axis": axis, "epsilon": 1e-4})
+    y_ort, mean_ort, invstd_ort = run_ort(model, {name: a for name, a in inputs})
+    y, mean, invstd = layer_norm(x, weight, bias if with_bias else None, axis=axis, eps=1e-4)
+    np.testing.assert_allclose(y, y_ort, atol=1e-5, rtol=1e-5)
+    assert mean.shape == mean_ort.shape and invstd.shape == invstd_ort.shape
+    np.testing.assert_allclose(mean, mean_ort, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(invstd, invstd_ort, rtol=1e-5)
+
+
+BACKEND_CASES = backend_node_cases("test_layer_normalization")
+
+
+def test_backend_cases_found():
+    assert len(BACKEND_CASES) >= 19
+
+
+@pytest.mark.parametrize("name,node,inputs,expected", BACKEND_CASES, ids=[c[0] for c in BACKEND_CASES])
+def test_onnx_backend_node_case(name, node, inputs, expected):
+    attrs = node_attributes(node)
+    x, weight = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    outputs = layer_norm(x, weight, bias, axis=attrs.get("axis", -1), eps=attrs.get("epsilon", 1e-5))
+    assert len(expected) <= len(outputs)
+    for actual, wanted in zip(outputs, expected):
+        assert actual.shape == wanted.shape
+        np.testing.assert_allclose(actual, wanted, atol=1e-5, rtol=1e-5)
