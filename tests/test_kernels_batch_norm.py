@@ -92,8 +92,8 @@ def reference_normalize(x, mean, var, weight, bias, eps, channel_axis):
     c = x.shape[channel_of(x.ndim, channel_axis)]
     weight = np.ones(c) if weight is None else weight
     bias = np.zeros(c) if bias is None else bias
-    p = lambda v: per_channel(v, x.ndim, channel_axis)  # noqa: E731
-    return (x64 - p(mean)) / np.sqrt(p(var) + eps) * p(weight) + p(bias)
+    mean, var, weight, bias = (per_channel(v, x.ndim, channel_axis) for v in (mean, var, weight, bias))
+    return (x64 - mean) / np.sqrt(var + eps) * weight + bias
 
 
 def reference_backward(dy, x, mean, invstd, weight, channel_axis):
@@ -103,12 +103,13 @@ def reference_backward(dy, x, mean, invstd, weight, channel_axis):
     c = x.shape[channel_of(x.ndim, channel_axis)]
     weight = np.ones(c) if weight is None else weight
     axes = reduce_axes(x.ndim, channel_axis)
-    p = lambda v: per_channel(v, x.ndim, channel_axis)  # noqa: E731
     n = x.size // c
-    xhat = (x64 - p(mean)) * p(invstd)
+    mean, invstd, weight = (per_channel(v, x.ndim, channel_axis) for v in (mean, invstd, weight))
+    xhat = (x64 - mean) * invstd
     dbias = dy64.sum(axis=axes)
     dweight = (dy64 * xhat).sum(axis=axes)
-    dx = p(weight) * p(invstd) * (dy64 - p(dbias) / n - xhat * p(dweight) / n)
+    dx = weight * invstd * (dy64 - per_channel(dbias, x.ndim, channel_axis) / n
+                            - xhat * per_channel(dweight, x.ndim, channel_axis) / n)
     return dx, dweight, dbias
 
 
