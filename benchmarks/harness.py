@@ -58,16 +58,19 @@ class Samples:
         }
 
 
-def measure(contenders, repeats, warmup=1, sparse_repeats=1):
+def measure(contenders, repeats, warmup=1, sparse_repeats=1, settle=0.0):
     """Time every contender `repeats` times (sparse ones `sparse_repeats` times), interleaved.
 
     Each contender is first called `warmup` times (sparse ones not at all: they are slow and allocate
-    everything anew on each call anyway). Returns {contender.key: Samples}.
+    everything anew on each call anyway). After every call the harness sleeps `settle` seconds, so that
+    worker threads still spinning after one contender do not take the cores from the next.
+    Returns {contender.key: Samples}.
     """
     for _ in range(warmup):
         for contender in contenders:
             if not contender.sparse:
                 _call(contender)
+                time.sleep(settle)
     samples = {c.key: Samples() for c in contenders}
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -78,6 +81,7 @@ def measure(contenders, repeats, warmup=1, sparse_repeats=1):
                 if contender.sparse and round_index >= sparse_repeats:
                     continue
                 samples[contender.key].by_round[round_index] = _call(contender)
+                time.sleep(settle)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -136,7 +140,7 @@ def package_versions():
     return versions
 
 
-def copy_bandwidth(threads, megabytes=64, repeats=7):
+def copy_bandwidth(threads, settle, megabytes=64, repeats=7):
     """GB/s (bytes read + bytes written) of foldnorm's multi-threaded memcpy, per thread count."""
     import numpy as np
 
@@ -145,13 +149,46 @@ def copy_bandwidth(threads, megabytes=64, repeats=7):
     src = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
     dst = np.empty_like(src)
     contenders = [Contender("copy", t, lambda t=t: parallel_copy(dst, src, t)) for t in threads]
-    samples = measure(contenders, repeats)
+    samples = measure(contenders, repeats, settle=settle)
     return {
         str(c.threads): 2 * src.nbytes / samples[c.key].summary()["median"] / 1e9 for c in contenders
     }
 
 
-def machine_info(threads):
+def openmp_spin_seconds(threads, limit=0.05, tries=3):
+    """How long OpenMP's idle workers keep spinning after a parallel region at `threads` threads.
+
+    libgomp's workers busy-wait for the next region (GOMP_SPINCOUNT iterations, a few ms) before they
+    sleep; timed back to back, a contender would run beside them. Measured as the time until the process
+    stops burning CPU while its main thread sleeps.
+    """
+    import numpy as np
+
+    from foldnorm._runtime import parallel_copy
+
+    if threads < 2:
+        return 0.0
+    src = np.ones(1 << 21, dtype=np.float32)
+    dst = np.empty_like(src)
+    spins = []
+    for _ in range(tries):
+        parallel_copy(dst, src, threads)
+        start = time.perf_counter()
+        while time.perf_counter() - start < limit:
+            cpu = time.process_time()
+            time.sleep(0.001)
+            if time.process_time() - cpu < 0.0003:
+                break
+        spins.append(time.perf_counter() - start)
+    return statistics.median(spins)
+
+
+def settle_seconds(threads):
+    """The pause after each timed call: twice the OpenMP workers' spin, at least 2 ms, at most 50 ms."""
+    return min(0.05, max(0.002, 2 * openmp_spin_seconds(max(threads))))
+
+
+def machine_info(threads, settle):
     import foldnorm
 
     try:
@@ -167,7 +204,8 @@ def machine_info(threads):
         "usable_cores": usable_cores(),
         "threads": list(threads),
         "load_average": list(load) if load else None,
-        "copy_gbps": copy_bandwidth(threads),
+        "settle_seconds": settle,
+        "copy_gbps": copy_bandwidth(threads, settle),
         "versions": package_versions(),
         "foldnorm_build": foldnorm.build_info(),
     }

@@ -535,7 +535,7 @@ BENCHES = {
 }
 
 
-def run_case(case, threads, repeats, warmup=1, reference_repeats=1, seed=0):
+def run_case(case, threads, repeats, warmup=1, reference_repeats=1, settle=0.0, seed=0):
     """Time one case at every thread count; returns its JSON-ready result (with `skipped` if it cannot run)."""
     from foldnorm._runtime import parallel_copy
 
@@ -575,7 +575,7 @@ def run_case(case, threads, repeats, warmup=1, reference_repeats=1, seed=0):
         "numpy", 1, lambda: reference_output.__setitem__("y", bench.reference()), sparse=True
     ))
 
-    samples = measure(contenders, repeats, warmup=warmup, sparse_repeats=reference_repeats)
+    samples = measure(contenders, repeats, warmup=warmup, sparse_repeats=reference_repeats, settle=settle)
     result["timings"] = {key: s.summary() for key, s in samples.items()}
     result["max_abs_error"] = _max_abs_error(foldnorm_runs[threads[-1]](), reference_output["y"])
     if result["max_abs_error"] > 1e-3 * max(1.0, float(np.max(np.abs(reference_output["y"])))):

@@ -279,7 +279,7 @@ def _ort_basic(model, threads, directory, name):
     return onnx.load(path)
 
 
-def run_model(case, threads, repeats, directory, warmup=1, session_repeats=1, seed=0):
+def run_model(case, threads, repeats, directory, warmup=1, session_repeats=1, settle=0.0, seed=0):
     """Time one model's variants at `threads`; returns its JSON-ready result (`skipped` if it cannot run)."""
     import onnxruntime as ort
 
@@ -322,7 +322,7 @@ def run_model(case, threads, repeats, directory, warmup=1, session_repeats=1, se
         error = float(np.max(np.abs(output.astype(np.float64) - reference)))
         result["variants"][name]["max_abs_diff_" + level_name] = error
 
-    samples = measure(contenders, repeats, warmup=warmup)
+    samples = measure(contenders, repeats, warmup=warmup, settle=settle)
     result["latency"] = {key.rsplit("@", 1)[0]: s.summary() for key, s in samples.items()}
     ratios = {}
     for level_name in LEVELS:

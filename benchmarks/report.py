@@ -111,7 +111,8 @@ def markdown(results):
         "Machine: %s, %d usable cores; threads measured: %s; load average at start: %s." % (
             machine["cpu_model"], machine["usable_cores"], ", ".join(map(str, machine["threads"])),
             " ".join("%.2f" % v for v in load) if load else "n/a"),
-        "Copy roof (64 MiB multi-threaded memcpy, bytes read + written): %s." % copy,
+        "Copy roof (64 MiB multi-threaded memcpy, bytes read + written): %s. Pause after each timed call "
+        "(OpenMP workers' spin, doubled): %.1f ms." % (copy, 1e3 * machine.get("settle_seconds", 0.0)),
         "Versions: %s. foldnorm build: OpenMP %s, %s %s." % (
             versions, "on" if build["openmp"] else "off", build["compiler"], build["cflags"]),
         "",

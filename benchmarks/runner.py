@@ -54,18 +54,19 @@ def run(config, threads, out_dir, make_plots=True):
 
     Returns the results dict.
     """
-    from .harness import machine_info
+    from .harness import machine_info, settle_seconds
 
     started = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     results = {"schema": report.SCHEMA, "mode": config.mode, "config": config.describe(), "notes": []}
     _log("benchmarks: machine facts and copy roof at threads %s" % ",".join(map(str, threads)))
-    results["machine"] = machine_info(threads)
+    settle = settle_seconds(threads)
+    results["machine"] = machine_info(threads, settle)
 
     results["kernels"] = []
     for index, case in enumerate(config.kernel_cases, 1):
         _log("benchmarks: kernel %d/%d %s %s" % (index, len(config.kernel_cases), case.label, case.shape_label))
-        result = kernels.run_case(case, threads, config.repeats, config.warmup, config.reference_repeats)
+        result = kernels.run_case(case, threads, config.repeats, config.warmup, config.reference_repeats, settle)
         if "skipped" in result:
             _log("  skipped: %s" % result["skipped"])
         results["kernels"].append(result)
@@ -76,7 +77,7 @@ def run(config, threads, out_dir, make_plots=True):
             for index, case in enumerate(config.model_cases, 1):
                 _log("benchmarks: model %d/%d %s" % (index, len(config.model_cases), case.name))
                 results["models"].append(models.run_model(
-                    case, max(threads), config.model_repeats, scratch, config.warmup, config.session_repeats))
+                    case, max(threads), config.model_repeats, scratch, config.warmup, config.session_repeats, settle))
 
     results["targets"] = report.evaluate_targets(results["kernels"])
     results["figures"] = report.figures(results["kernels"], results["models"])
