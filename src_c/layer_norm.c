@@ -86,49 +86,78 @@ static inline double fn_sum8(const double *a)
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
-/* Statistics of a block of at most FN_STATS_BLOCK float32 values, as fn_block_stats_f32 computes them
- * (exact float64 sum, then centred squares) but with the centred squares in float32 arithmetic: d = x -
- * mean is exact for values near the mean (mean = hi + lo), and d*d is summed in float32 over only 8 values
- * per lane before each lane goes into a float64 sum.  M2 is then within a few float32 roundings of the
- * exact value (never a difference of large sums), at less than half fn_block_stats_f32's cost, whose
- * second pass gcc leaves scalar.  Blocks whose squares could overflow or underflow float32 (|x - mean|
- * beyond ~1e19 or below ~1e-15, and constant blocks) are recomputed by fn_block_stats_f32. */
+/* Statistics of a block of at most FN_STATS_BLOCK float32 values: fn_block_stats_f32's centred sums,
+ * s1 = sum(d) and s2 = sum(d*d) with d = x - shift, mean = shift + s1 / n and M2 = s2 - s1^2 / n, but in
+ * one pass and in float32 arithmetic, summed into float64 every 8 values per lane.
+ *
+ * The shift is the mean of 8 values spread over the block, so it is usually well within a few standard
+ * deviations of the mean; then d is exact for values near the mean and s1^2 / n is a small part of s2.
+ * The result is accepted only when s2 <= 16 * M2, which bounds the cancellation: M2 is then within a few
+ * float32 roundings (relative 1e-6 at worst) of the exact value.  Otherwise the pass is repeated with the
+ * mean it found as the shift.  Blocks whose squares could overflow or underflow float32 (|x - mean|
+ * beyond ~1e19 or below ~1e-15, constant blocks, NaN, inf) are left to fn_block_stats_f32.
+ *
+ * Each loop holds a single reduction, the form gcc's vectorizer handles (it leaves
+ * fn_block_stats_f32's two-reduction second pass scalar). */
 #define FN_LN_LANES 16
 #define FN_LN_LANE_GROUP (8 * FN_LN_LANES)
+#define FN_LN_MAX_CANCELLATION 16.0
 
-static fn_stats fn_ln_block_stats_f32(const float *restrict x, ptrdiff_t n)
+static double fn_ln_lane_sum(const float *lane)
 {
-    double acc[8] = {0};
+    double wide[FN_LN_LANES];
+    for (int j = 0; j < FN_LN_LANES; j++)
+        wide[j] = (double)lane[j];
+    return fn_sum8(wide) + fn_sum8(wide + 8);
+}
+
+/* sums[0] = sum(x - shift), sums[1] = sum((x - shift)^2). */
+static void fn_ln_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift, double sums[2])
+{
+    double s1 = 0.0, s2 = 0.0;
     ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += (double)x[i + j];
-    double sum = fn_sum8(acc);
-    for (; i < n; i++)
-        sum += (double)x[i];
-    const double mean = sum / (double)n;
-    const float hi = (float)mean, lo = (float)(mean - (double)hi);
-    double m2 = 0.0;
-    for (i = 0; i + FN_LN_LANE_GROUP <= n; i += FN_LN_LANE_GROUP) {
-        float lane[FN_LN_LANES] = {0};
+    for (; i + FN_LN_LANE_GROUP <= n; i += FN_LN_LANE_GROUP) {
+        float lane1[FN_LN_LANES] = {0}, lane2[FN_LN_LANES] = {0};
+        for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
+            for (int j = 0; j < FN_LN_LANES; j++)
+                lane1[j] += x[i + k + j] - shift;
         for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
             for (int j = 0; j < FN_LN_LANES; j++) {
-                float d = (x[i + k + j] - hi) - lo;
-                lane[j] += d * d;
+                float d = x[i + k + j] - shift;
+                lane2[j] += d * d;
             }
-        double wide[FN_LN_LANES];
-        for (int j = 0; j < FN_LN_LANES; j++)
-            wide[j] = (double)lane[j];
-        m2 += fn_sum8(wide) + fn_sum8(wide + 8);
+        s1 += fn_ln_lane_sum(lane1);
+        s2 += fn_ln_lane_sum(lane2);
     }
     for (; i < n; i++) {
-        double d = (double)((x[i] - hi) - lo);
-        m2 += d * d;
+        double d = (double)(x[i] - shift);
+        s1 += d;
+        s2 += d * d;
     }
-    if (!(m2 >= 1e-30 * (double)n && m2 <= 1e30 * (double)n))
-        return fn_block_stats_f32(x, n);
-    fn_stats s = {(double)n, mean, m2};
-    return s;
+    sums[0] = s1;
+    sums[1] = s2;
+}
+
+static fn_stats fn_ln_block_stats_f32(const float *x, ptrdiff_t n)
+{
+    double samples = 0.0;
+    for (ptrdiff_t j = 0; j < 8; j++)
+        samples += (double)x[(n - 1) * j / 7];
+    float shift = (float)(samples / 8.0);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        double sums[2];
+        fn_ln_centred_sums_f32(x, n, shift, sums);
+        double m2 = sums[1] - sums[0] * (sums[0] / (double)n);
+        if (!(m2 >= 1e-30 * (double)n && sums[1] <= 1e30 * (double)n))
+            break;
+        double mean = (double)shift + sums[0] / (double)n;
+        if (sums[1] <= FN_LN_MAX_CANCELLATION * m2) {
+            fn_stats s = {(double)n, mean, m2};
+            return s;
+        }
+        shift = (float)mean;
+    }
+    return fn_block_stats_f32(x, n);
 }
 
 static fn_stats fn_ln_run_stats_f32(const float *x, ptrdiff_t n)
@@ -156,10 +185,32 @@ static fn_stats fn_ln_run_stats_f64(const double *x, ptrdiff_t n) { return fn_ru
         return row;                                                                                          \
     }                                                                                                        \
                                                                                                              \
+    static void fn_ln_apply_centred_##S(const T *restrict x, const T *restrict w, const T *restrict b,      \
+                                        T *restrict y, ptrdiff_t n, T hi, T inv)                             \
+    {                                                                                                        \
+        if (w && b)                                                                                          \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                \
+                y[i] = (x[i] - hi) * inv * w[i] + b[i];                                                      \
+        else if (w)                                                                                          \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                \
+                y[i] = (x[i] - hi) * inv * w[i];                                                             \
+        else if (b)                                                                                          \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                \
+                y[i] = (x[i] - hi) * inv + b[i];                                                             \
+        else                                                                                                 \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                \
+                y[i] = (x[i] - hi) * inv;                                                                    \
+    }                                                                                                        \
+                                                                                                             \
     static void fn_ln_apply_##S(const T *restrict x, const T *restrict w, const T *restrict b,               \
                                 T *restrict y, ptrdiff_t n, fn_ln_row_##S row)                               \
     {                                                                                                        \
         const T hi = row.hi, lo = row.lo, inv = row.invstd;                                                  \
+        if (fabs((double)lo * (double)inv) < 0x1p-30) {                                                      \
+            /* The low part of the mean is below float32 resolution of the normalized values. */           \
+            fn_ln_apply_centred_##S(x, w, b, y, n, hi, inv);                                                 \
+            return;                                                                                          \
+        }                                                                                                    \
         if (w && b)                                                                                          \
             for (ptrdiff_t i = 0; i < n; i++)                                                                \
                 y[i] = ((x[i] - hi) - lo) * inv * w[i] + b[i];                                               \
