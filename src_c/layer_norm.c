@@ -86,24 +86,26 @@ static inline double fn_sum8(const double *a)
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
-/* Statistics of a block of at most FN_STATS_BLOCK float32 values: fn_block_stats_f32's centred sums,
- * s1 = sum(d) and s2 = sum(d*d) with d = x - shift, mean = shift + s1 / n and M2 = s2 - s1^2 / n, but in
- * one pass and in float32 arithmetic, summed into float64 every 8 values per lane.
+/* Statistics of a block of at most FN_STATS_BLOCK float32 values: fn_block_stats_f32's centred sums
+ * s1 = sum(d) and s2 = sum(d*d), d = x - shift, giving mean = shift + s1 / n and M2 = s2 - s1^2 / n, but
+ * in one sweep over memory (each group of 128 values is read twice from L1, once per sum) and in float32
+ * arithmetic, summed into float64 every 8 values per lane.
  *
- * The shift is the mean of 8 values spread over the block, so it is usually well within a few standard
- * deviations of the mean; then d is exact for values near the mean and s1^2 / n is a small part of s2.
- * The result is accepted only when s2 <= 16 * M2, which bounds the cancellation: M2 is then within a few
- * float32 roundings (relative 1e-6 at worst) of the exact value.  Otherwise the pass is repeated with the
- * mean it found as the shift.  Blocks whose squares could overflow or underflow float32 (|x - mean|
- * beyond ~1e19 or below ~1e-15, constant blocks, NaN, inf) are left to fn_block_stats_f32.
+ * The shift is the mean of the block's first 8 values (already on their way into the cache), usually
+ * within a few standard deviations of the block's mean; then d is exact for values near the mean and
+ * s1^2 / n is a small part of s2.  The result is accepted only when s2 <= 16 * M2, which bounds the
+ * cancellation: M2 is then within a few float32 roundings (1e-6 relative at worst) of the exact value.
+ * Otherwise the sweep is repeated with the mean it found as the shift.  Blocks whose squares could
+ * overflow or underflow float32 (|x - mean| beyond ~1e19 or below ~1e-15, constant blocks, NaN, inf) are
+ * left to fn_block_stats_f32.
  *
- * Each loop holds a single reduction, the form gcc's vectorizer handles (it leaves
- * fn_block_stats_f32's two-reduction second pass scalar). */
+ * Each loop holds a single reduction, the form gcc's vectorizer handles: it leaves the two-reduction
+ * second pass of fn_block_stats_f32 scalar, which makes that function over three times slower. */
 #define FN_LN_LANES 16
 #define FN_LN_LANE_GROUP (8 * FN_LN_LANES)
 #define FN_LN_MAX_CANCELLATION 16.0
 
-static double fn_ln_lane_sum(const float *lane)
+static inline double fn_ln_lane_sum(const float *lane)
 {
     double wide[FN_LN_LANES];
     for (int j = 0; j < FN_LN_LANES; j++)
@@ -140,10 +142,11 @@ static void fn_ln_centred_sums_f32(const float *restrict x, ptrdiff_t n, float s
 
 static fn_stats fn_ln_block_stats_f32(const float *x, ptrdiff_t n)
 {
-    double samples = 0.0;
-    for (ptrdiff_t j = 0; j < 8; j++)
-        samples += (double)x[(n - 1) * j / 7];
-    float shift = (float)(samples / 8.0);
+    const ptrdiff_t head = fn_min(n, 8);
+    double head_sum = 0.0;
+    for (ptrdiff_t j = 0; j < head; j++)
+        head_sum += (double)x[j];
+    float shift = (float)(head_sum / (double)head);
     for (int attempt = 0; attempt < 2; attempt++) {
         double sums[2];
         fn_ln_centred_sums_f32(x, n, shift, sums);
@@ -170,403 +173,403 @@ static fn_stats fn_ln_run_stats_f32(const float *x, ptrdiff_t n)
 
 static fn_stats fn_ln_run_stats_f64(const double *x, ptrdiff_t n) { return fn_run_stats_f64(x, n); }
 
-#define FN_DEFINE_LAYER_NORM(T, S)                                                                           \
-    /* The row's centre as hi + lo in T, and its 1/sqrt(var + eps). */                                       \
-    typedef struct {                                                                                         \
-        T hi, lo, invstd;                                                                                    \
-    } fn_ln_row_##S;                                                                                         \
-                                                                                                             \
-    static fn_ln_row_##S fn_ln_row_from_stats_##S(fn_stats s, double eps)                                    \
-    {                                                                                                        \
-        fn_ln_row_##S row;                                                                                   \
-        row.hi = (T)s.mean;                                                                                  \
-        row.lo = (T)(s.mean - (double)row.hi);                                                               \
-        row.invstd = (T)(1.0 / sqrt(fn_stats_var(s) + eps));                                                 \
-        return row;                                                                                          \
-    }                                                                                                        \
-                                                                                                             \
-    static void fn_ln_apply_centred_##S(const T *restrict x, const T *restrict w, const T *restrict b,      \
-                                        T *restrict y, ptrdiff_t n, T hi, T inv)                             \
-    {                                                                                                        \
-        if (w && b)                                                                                          \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = (x[i] - hi) * inv * w[i] + b[i];                                                      \
-        else if (w)                                                                                          \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = (x[i] - hi) * inv * w[i];                                                             \
-        else if (b)                                                                                          \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = (x[i] - hi) * inv + b[i];                                                             \
-        else                                                                                                 \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = (x[i] - hi) * inv;                                                                    \
-    }                                                                                                        \
-                                                                                                             \
-    static void fn_ln_apply_##S(const T *restrict x, const T *restrict w, const T *restrict b,               \
-                                T *restrict y, ptrdiff_t n, fn_ln_row_##S row)                               \
-    {                                                                                                        \
-        const T hi = row.hi, lo = row.lo, inv = row.invstd;                                                  \
-        if (fabs((double)lo * (double)inv) < 0x1p-30) {                                                      \
-            /* The low part of the mean is below float32 resolution of the normalized values. */           \
-            fn_ln_apply_centred_##S(x, w, b, y, n, hi, inv);                                                 \
-            return;                                                                                          \
-        }                                                                                                    \
-        if (w && b)                                                                                          \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = ((x[i] - hi) - lo) * inv * w[i] + b[i];                                               \
-        else if (w)                                                                                          \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = ((x[i] - hi) - lo) * inv * w[i];                                                      \
-        else if (b)                                                                                          \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = ((x[i] - hi) - lo) * inv + b[i];                                                      \
-        else                                                                                                 \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = ((x[i] - hi) - lo) * inv;                                                             \
-    }                                                                                                        \
-                                                                                                             \
-    int fn_layer_norm_##S(const T *x, const T *weight, const T *bias, T *y, T *mean, T *invstd,              \
-                          ptrdiff_t rows, ptrdiff_t cols, double eps, int num_threads)                       \
-    {                                                                                                        \
-        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                       \
-        if (p.segments == 1) {                                                                               \
-            _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                              \
-            for (ptrdiff_t r = 0; r < rows; r++) {                                                           \
+#define FN_DEFINE_LAYER_NORM(T, S)                                                                              \
+    /* The row's centre as hi + lo in T, and its 1/sqrt(var + eps). */                                          \
+    typedef struct {                                                                                            \
+        T hi, lo, invstd;                                                                                       \
+    } fn_ln_row_##S;                                                                                            \
+                                                                                                                \
+    static fn_ln_row_##S fn_ln_row_from_stats_##S(fn_stats s, double eps)                                       \
+    {                                                                                                           \
+        fn_ln_row_##S row;                                                                                      \
+        row.hi = (T)s.mean;                                                                                     \
+        row.lo = (T)(s.mean - (double)row.hi);                                                                  \
+        row.invstd = (T)(1.0 / sqrt(fn_stats_var(s) + eps));                                                    \
+        return row;                                                                                             \
+    }                                                                                                           \
+                                                                                                                \
+    static void fn_ln_apply_centred_##S(const T *restrict x, const T *restrict w, const T *restrict b,          \
+                                        T *restrict y, ptrdiff_t n, T hi, T inv)                                \
+    {                                                                                                           \
+        if (w && b)                                                                                             \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = (x[i] - hi) * inv * w[i] + b[i];                                                         \
+        else if (w)                                                                                             \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = (x[i] - hi) * inv * w[i];                                                                \
+        else if (b)                                                                                             \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = (x[i] - hi) * inv + b[i];                                                                \
+        else                                                                                                    \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = (x[i] - hi) * inv;                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    static void fn_ln_apply_##S(const T *restrict x, const T *restrict w, const T *restrict b,                  \
+                                T *restrict y, ptrdiff_t n, fn_ln_row_##S row)                                  \
+    {                                                                                                           \
+        const T hi = row.hi, lo = row.lo, inv = row.invstd;                                                     \
+        if (fabs((double)lo * (double)inv) < 0x1p-30) {                                                         \
+            /* The low part of the mean is below float32 resolution of the normalized values. */                \
+            fn_ln_apply_centred_##S(x, w, b, y, n, hi, inv);                                                    \
+            return;                                                                                             \
+        }                                                                                                       \
+        if (w && b)                                                                                             \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = ((x[i] - hi) - lo) * inv * w[i] + b[i];                                                  \
+        else if (w)                                                                                             \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = ((x[i] - hi) - lo) * inv * w[i];                                                         \
+        else if (b)                                                                                             \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = ((x[i] - hi) - lo) * inv + b[i];                                                         \
+        else                                                                                                    \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = ((x[i] - hi) - lo) * inv;                                                                \
+    }                                                                                                           \
+                                                                                                                \
+    int fn_layer_norm_##S(const T *x, const T *weight, const T *bias, T *y, T *mean, T *invstd,                 \
+                          ptrdiff_t rows, ptrdiff_t cols, double eps, int num_threads)                          \
+    {                                                                                                           \
+        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
+        if (p.segments == 1) {                                                                                  \
+            _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
+            for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
                 fn_stats s = fn_ln_run_stats_##S(x + r * cols, cols);                                           \
-                fn_ln_row_##S row = fn_ln_row_from_stats_##S(s, eps);                                        \
-                mean[r] = (T)s.mean;                                                                         \
-                invstd[r] = row.invstd;                                                                      \
-                fn_ln_apply_##S(x + r * cols, weight, bias, y + r * cols, cols, row);                        \
-            }                                                                                                \
-            return 0;                                                                                        \
-        }                                                                                                    \
-        const ptrdiff_t items = rows * p.segments;                                                           \
-        fn_stats *stats = (fn_stats *)malloc((size_t)items * sizeof(fn_stats));                              \
-        if (!stats)                                                                                          \
-            return -1;                                                                                       \
-        _Pragma("omp parallel num_threads(p.threads)")                                                       \
-        {                                                                                                    \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (ptrdiff_t i = 0; i < items; i++) {                                                          \
-                ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                        \
-                stats[i] = fn_ln_run_stats_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));          \
-            }                                                                                                \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (ptrdiff_t r = 0; r < rows; r++) {                                                           \
-                fn_stats *row_stats = stats + r * p.segments;                                                \
-                for (ptrdiff_t g = 1; g < p.segments; g++)                                                   \
-                    fn_stats_merge(&row_stats[0], row_stats[g]);                                             \
-                mean[r] = (T)row_stats[0].mean;                                                              \
-                invstd[r] = fn_ln_row_from_stats_##S(row_stats[0], eps).invstd;                              \
-            }                                                                                                \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (ptrdiff_t i = 0; i < items; i++) {                                                          \
-                ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                        \
-                fn_ln_row_##S row = fn_ln_row_from_stats_##S(stats[r * p.segments], eps);                    \
-                fn_ln_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, bias ? bias + c0 : NULL,     \
-                                y + r * cols + c0, fn_min(p.segment_cols, cols - c0), row);                  \
-            }                                                                                                \
-        }                                                                                                    \
-        free(stats);                                                                                         \
-        return 0;                                                                                            \
-    }                                                                                                        \
-                                                                                                             \
-    /* sums[0] += sum(g), sums[1] += sum(g * d), sums[2] += sum(d), with g = dy * w, d = x - (hi + lo). */   \
-    static void fn_ln_backward_sums_##S(const T *restrict dy, const T *restrict x, const T *restrict w,      \
-                                        ptrdiff_t n, T hi, T lo, double sums[3])                             \
-    {                                                                                                        \
-        double sg[8] = {0}, sgd[8] = {0}, sd[8] = {0};                                                       \
-        ptrdiff_t i = 0;                                                                                     \
-        if (w) {                                                                                             \
-            for (; i + 8 <= n; i += 8)                                                                       \
-                for (int j = 0; j < 8; j++) {                                                                \
-                    double d = (double)((x[i + j] - hi) - lo), g = (double)(dy[i + j] * w[i + j]);           \
-                    sg[j] += g;                                                                              \
-                    sgd[j] += g * d;                                                                         \
-                    sd[j] += d;                                                                              \
-                }                                                                                            \
-        } else {                                                                                             \
-            for (; i + 8 <= n; i += 8)                                                                       \
-                for (int j = 0; j < 8; j++) {                                                                \
-                    double d = (double)((x[i + j] - hi) - lo), g = (double)dy[i + j];                        \
-                    sg[j] += g;                                                                              \
-                    sgd[j] += g * d;                                                                         \
-                    sd[j] += d;                                                                              \
-                }                                                                                            \
-        }                                                                                                    \
-        double total_g = fn_sum8(sg), total_gd = fn_sum8(sgd), total_d = fn_sum8(sd);                        \
-        for (; i < n; i++) {                                                                                 \
-            double d = (double)((x[i] - hi) - lo), g = (double)(w ? dy[i] * w[i] : dy[i]);                   \
-            total_g += g;                                                                                    \
-            total_gd += g * d;                                                                               \
-            total_d += d;                                                                                    \
-        }                                                                                                    \
-        sums[0] += total_g;                                                                                  \
-        sums[1] += total_gd;                                                                                 \
-        sums[2] += total_d;                                                                                  \
-    }                                                                                                        \
-                                                                                                             \
-    /* dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) = a * g + c * xhat + b, with xhat centred on the  \
-     * row's exact mean: the given mean plus the residual mean sum(d) / cols. */                             \
-    typedef struct {                                                                                         \
-        T hi, lo, invstd, a, b, c;                                                                           \
-    } fn_ln_grad_row_##S;                                                                                    \
-                                                                                                             \
-    static fn_ln_grad_row_##S fn_ln_grad_constants_##S(T mean, T invstd, const double sums[3], ptrdiff_t cols)     \
-    {                                                                                                        \
-        fn_ln_grad_row_##S row;                                                                              \
-        double inv = (double)invstd, residual = sums[2] / (double)cols;                                      \
-        double mean_g = sums[0] / (double)cols;                                                              \
-        double mean_gxhat = (sums[1] - residual * sums[0]) * inv / (double)cols;                             \
-        row.hi = mean;                                                                                       \
-        row.lo = (T)residual;                                                                                \
-        row.invstd = invstd;                                                                                 \
-        row.a = invstd;                                                                                      \
-        row.b = (T)(-inv * mean_g);                                                                          \
-        row.c = (T)(-inv * mean_gxhat);                                                                      \
-        return row;                                                                                          \
-    }                                                                                                        \
-                                                                                                             \
-    static void fn_ln_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,     \
-                                         T *restrict dx, double *restrict dweight_part,                      \
-                                         double *restrict dbias_part, ptrdiff_t n, fn_ln_grad_row_##S row)   \
-    {                                                                                                        \
-        const T hi = row.hi, lo = row.lo, inv = row.invstd, a = row.a, b = row.b, c = row.c;                 \
-        if (w)                                                                                               \
-            for (ptrdiff_t i = 0; i < n; i++) {                                                              \
-                T xhat = ((x[i] - hi) - lo) * inv;                                                           \
-                dx[i] = a * (dy[i] * w[i]) + c * xhat + b;                                                   \
-                dweight_part[i] += (double)(dy[i] * xhat);                                                   \
-                dbias_part[i] += (double)dy[i];                                                              \
-            }                                                                                                \
-        else                                                                                                 \
-            for (ptrdiff_t i = 0; i < n; i++) {                                                              \
-                T xhat = ((x[i] - hi) - lo) * inv;                                                           \
-                dx[i] = a * dy[i] + c * xhat + b;                                                            \
-                dweight_part[i] += (double)(dy[i] * xhat);                                                   \
-                dbias_part[i] += (double)dy[i];                                                              \
-            }                                                                                                \
-    }                                                                                                        \
-                                                                                                             \
-    int fn_layer_norm_backward_##S(const T *dy, const T *x, const T *mean, const T *invstd, const T *weight,  \
-                                   T *dx, T *dweight, T *dbias, ptrdiff_t rows, ptrdiff_t cols,              \
-                                   int num_threads)                                                          \
-    {                                                                                                        \
-        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                       \
-        const ptrdiff_t part_values = p.chunks * cols;                                                       \
-        const ptrdiff_t row_sums = p.segments > 1 ? 3 * rows * p.segments : 0;                               \
-        double *part = (double *)calloc((size_t)(2 * part_values + row_sums), sizeof(double));               \
-        if (!part)                                                                                           \
-            return -1;                                                                                       \
-        double *sums = part + 2 * part_values;                                                               \
-        const ptrdiff_t tiles = p.chunks * p.segments;                                                       \
-        _Pragma("omp parallel num_threads(p.threads)")                                                       \
-        {                                                                                                    \
-            if (p.segments > 1) {                                                                            \
-                _Pragma("omp for schedule(static)")                                                          \
-                for (ptrdiff_t i = 0; i < rows * p.segments; i++) {                                          \
-                    ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                    \
-                    fn_ln_backward_sums_##S(dy + r * cols + c0, x + r * cols + c0, weight ? weight + c0 : NULL,  \
-                                            fn_min(p.segment_cols, cols - c0), mean[r], 0, sums + 3 * i);    \
-                }                                                                                            \
-                _Pragma("omp for schedule(static)")                                                          \
-                for (ptrdiff_t r = 0; r < rows; r++)                                                         \
-                    for (ptrdiff_t g = 1; g < p.segments; g++)                                               \
-                        for (int j = 0; j < 3; j++)                                                          \
-                            sums[3 * r * p.segments + j] += sums[3 * (r * p.segments + g) + j];              \
-            }                                                                                                \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (ptrdiff_t t = 0; t < tiles; t++) {                                                          \
-                ptrdiff_t chunk = t / p.segments, c0 = (t % p.segments) * p.segment_cols;                    \
-                ptrdiff_t n = fn_min(p.segment_cols, cols - c0);                                             \
-                ptrdiff_t r1 = fn_min((chunk + 1) * p.chunk_rows, rows);                                     \
-                const T *w = weight ? weight + c0 : NULL;                                                    \
-                double *dweight_part = part + chunk * cols + c0;                                             \
-                double *dbias_part = part + part_values + chunk * cols + c0;                                 \
-                for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {                                      \
-                    double row_sums_here[3] = {0.0, 0.0, 0.0};                                               \
-                    const double *s = row_sums_here;                                                         \
-                    if (p.segments > 1)                                                                      \
-                        s = sums + 3 * r * p.segments;                                                       \
-                    else                                                                                     \
-                        fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], 0, row_sums_here);   \
-                    fn_ln_grad_row_##S row = fn_ln_grad_constants_##S(mean[r], invstd[r], s, cols);                \
-                    fn_ln_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,   \
-                                             dweight_part, dbias_part, n, row);                              \
-                }                                                                                            \
-            }                                                                                                \
-        }                                                                                                    \
-        fn_ln_merge_chunks(part, p.chunks, cols, p.threads);                                                 \
-        fn_ln_merge_chunks(part + part_values, p.chunks, cols, p.threads);                                   \
-        for (ptrdiff_t k = 0; k < cols; k++) {                                                               \
-            dweight[k] = (T)part[k];                                                                         \
-            dbias[k] = (T)part[part_values + k];                                                             \
-        }                                                                                                    \
-        free(part);                                                                                          \
-        return 0;                                                                                            \
-    }                                                                                                        \
-                                                                                                             \
-    static double fn_sum_squares_##S(const T *restrict x, ptrdiff_t n)                                       \
-    {                                                                                                        \
-        double acc[8] = {0};                                                                                 \
-        ptrdiff_t i = 0;                                                                                     \
-        for (; i + 8 <= n; i += 8)                                                                           \
-            for (int j = 0; j < 8; j++) {                                                                    \
-                double v = (double)x[i + j];                                                                 \
-                acc[j] += v * v;                                                                             \
-            }                                                                                                \
-        double total = fn_sum8(acc);                                                                         \
-        for (; i < n; i++)                                                                                   \
-            total += (double)x[i] * (double)x[i];                                                            \
-        return total;                                                                                        \
-    }                                                                                                        \
-                                                                                                             \
-    static void fn_rms_apply_##S(const T *restrict x, const T *restrict w, T *restrict y, ptrdiff_t n,       \
-                                 T invrms)                                                                   \
-    {                                                                                                        \
-        if (w)                                                                                               \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = x[i] * invrms * w[i];                                                                 \
-        else                                                                                                 \
-            for (ptrdiff_t i = 0; i < n; i++)                                                                \
-                y[i] = x[i] * invrms;                                                                        \
-    }                                                                                                        \
-                                                                                                             \
-    static T fn_invrms_##S(double sum_squares, ptrdiff_t cols, double eps)                                   \
-    {                                                                                                        \
-        return (T)(1.0 / sqrt(sum_squares / (double)cols + eps));                                            \
-    }                                                                                                        \
-                                                                                                             \
-    int fn_rms_norm_##S(const T *x, const T *weight, T *y, T *invrms, ptrdiff_t rows, ptrdiff_t cols,        \
-                        double eps, int num_threads)                                                         \
-    {                                                                                                        \
-        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                       \
-        if (p.segments == 1) {                                                                               \
-            _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                              \
-            for (ptrdiff_t r = 0; r < rows; r++) {                                                           \
-                T inv = fn_invrms_##S(fn_sum_squares_##S(x + r * cols, cols), cols, eps);                    \
-                invrms[r] = inv;                                                                             \
-                fn_rms_apply_##S(x + r * cols, weight, y + r * cols, cols, inv);                             \
-            }                                                                                                \
-            return 0;                                                                                        \
-        }                                                                                                    \
-        const ptrdiff_t items = rows * p.segments;                                                           \
-        double *sums = (double *)malloc((size_t)items * sizeof(double));                                     \
-        if (!sums)                                                                                           \
-            return -1;                                                                                       \
-        _Pragma("omp parallel num_threads(p.threads)")                                                       \
-        {                                                                                                    \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (ptrdiff_t i = 0; i < items; i++) {                                                          \
-                ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                        \
-                sums[i] = fn_sum_squares_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));          \
-            }                                                                                                \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (ptrdiff_t r = 0; r < rows; r++) {                                                           \
-                for (ptrdiff_t g = 1; g < p.segments; g++)                                                   \
-                    sums[r * p.segments] += sums[r * p.segments + g];                                        \
-                invrms[r] = fn_invrms_##S(sums[r * p.segments], cols, eps);                                  \
-            }                                                                                                \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (ptrdiff_t i = 0; i < items; i++) {                                                          \
-                ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                        \
-                fn_rms_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, y + r * cols + c0,          \
-                                 fn_min(p.segment_cols, cols - c0), invrms[r]);                              \
-            }                                                                                                \
-        }                                                                                                    \
-        free(sums);                                                                                          \
-        return 0;                                                                                            \
-    }                                                                                                        \
-                                                                                                             \
-    /* sum(g * x) with g = dy * w. */                                                                        \
-    static double fn_rms_backward_sum_##S(const T *restrict dy, const T *restrict x, const T *restrict w,    \
-                                          ptrdiff_t n)                                                       \
-    {                                                                                                        \
-        double acc[8] = {0};                                                                                 \
-        ptrdiff_t i = 0;                                                                                     \
-        if (w)                                                                                               \
-            for (; i + 8 <= n; i += 8)                                                                       \
-                for (int j = 0; j < 8; j++)                                                                  \
-                    acc[j] += (double)(dy[i + j] * w[i + j]) * (double)x[i + j];                             \
-        else                                                                                                 \
-            for (; i + 8 <= n; i += 8)                                                                       \
-                for (int j = 0; j < 8; j++)                                                                  \
-                    acc[j] += (double)dy[i + j] * (double)x[i + j];                                          \
-        double total = fn_sum8(acc);                                                                         \
-        for (; i < n; i++)                                                                                   \
-            total += (double)(w ? dy[i] * w[i] : dy[i]) * (double)x[i];                                      \
-        return total;                                                                                        \
-    }                                                                                                        \
-                                                                                                             \
-    /* dx = invrms * g - x * invrms^3 * mean(g * x); dweight += dy * x * invrms. */                          \
-    static void fn_rms_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,    \
-                                          T *restrict dx, double *restrict dweight_part, ptrdiff_t n,        \
-                                          T invrms, T c)                                                     \
-    {                                                                                                        \
-        if (w)                                                                                               \
-            for (ptrdiff_t i = 0; i < n; i++) {                                                              \
-                dx[i] = invrms * (dy[i] * w[i]) - c * x[i];                                                  \
-                dweight_part[i] += (double)(dy[i] * (x[i] * invrms));                                        \
-            }                                                                                                \
-        else                                                                                                 \
-            for (ptrdiff_t i = 0; i < n; i++) {                                                              \
-                dx[i] = invrms * dy[i] - c * x[i];                                                           \
-                dweight_part[i] += (double)(dy[i] * (x[i] * invrms));                                        \
-            }                                                                                                \
-    }                                                                                                        \
-                                                                                                             \
-    static T fn_rms_backward_c_##S(T invrms, double sum_gx, ptrdiff_t cols)                                  \
-    {                                                                                                        \
-        double inv = (double)invrms;                                                                         \
-        return (T)(inv * inv * inv * sum_gx / (double)cols);                                                 \
-    }                                                                                                        \
-                                                                                                             \
-    int fn_rms_norm_backward_##S(const T *dy, const T *x, const T *invrms, const T *weight, T *dx,           \
-                                 T *dweight, ptrdiff_t rows, ptrdiff_t cols, int num_threads)                \
-    {                                                                                                        \
-        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                       \
-        const ptrdiff_t part_values = p.chunks * cols;                                                       \
-        const ptrdiff_t row_sums = p.segments > 1 ? rows * p.segments : 0;                                   \
-        double *part = (double *)calloc((size_t)(part_values + row_sums), sizeof(double));                   \
-        if (!part)                                                                                           \
-            return -1;                                                                                       \
-        double *sums = part + part_values;                                                                   \
-        const ptrdiff_t tiles = p.chunks * p.segments;                                                       \
-        _Pragma("omp parallel num_threads(p.threads)")                                                       \
-        {                                                                                                    \
-            if (p.segments > 1) {                                                                            \
-                _Pragma("omp for schedule(static)")                                                          \
-                for (ptrdiff_t i = 0; i < rows * p.segments; i++) {                                          \
-                    ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                    \
-                    sums[i] = fn_rms_backward_sum_##S(dy + r * cols + c0, x + r * cols + c0,                 \
-                                                      weight ? weight + c0 : NULL,                           \
-                                                      fn_min(p.segment_cols, cols - c0));                    \
-                }                                                                                            \
-                _Pragma("omp for schedule(static)")                                                          \
-                for (ptrdiff_t r = 0; r < rows; r++)                                                         \
-                    for (ptrdiff_t g = 1; g < p.segments; g++)                                               \
-                        sums[r * p.segments] += sums[r * p.segments + g];                                    \
-            }                                                                                                \
-            _Pragma("omp for schedule(static)")                                                              \
-            for (ptrdiff_t t = 0; t < tiles; t++) {                                                          \
-                ptrdiff_t chunk = t / p.segments, c0 = (t % p.segments) * p.segment_cols;                    \
-                ptrdiff_t n = fn_min(p.segment_cols, cols - c0);                                             \
-                ptrdiff_t r1 = fn_min((chunk + 1) * p.chunk_rows, rows);                                     \
-                const T *w = weight ? weight + c0 : NULL;                                                    \
-                for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {                                      \
-                    double sum_gx = p.segments > 1 ? sums[r * p.segments]                                    \
+                fn_ln_row_##S row = fn_ln_row_from_stats_##S(s, eps);                                           \
+                mean[r] = (T)s.mean;                                                                            \
+                invstd[r] = row.invstd;                                                                         \
+                fn_ln_apply_##S(x + r * cols, weight, bias, y + r * cols, cols, row);                           \
+            }                                                                                                   \
+            return 0;                                                                                           \
+        }                                                                                                       \
+        const ptrdiff_t items = rows * p.segments;                                                              \
+        fn_stats *stats = (fn_stats *)malloc((size_t)items * sizeof(fn_stats));                                 \
+        if (!stats)                                                                                             \
+            return -1;                                                                                          \
+        _Pragma("omp parallel num_threads(p.threads)")                                                          \
+        {                                                                                                       \
+            _Pragma("omp for schedule(static)")                                                                 \
+            for (ptrdiff_t i = 0; i < items; i++) {                                                             \
+                ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
+                stats[i] = fn_ln_run_stats_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));           \
+            }                                                                                                   \
+            _Pragma("omp for schedule(static)")                                                                 \
+            for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
+                fn_stats *row_stats = stats + r * p.segments;                                                   \
+                for (ptrdiff_t g = 1; g < p.segments; g++)                                                      \
+                    fn_stats_merge(&row_stats[0], row_stats[g]);                                                \
+                mean[r] = (T)row_stats[0].mean;                                                                 \
+                invstd[r] = fn_ln_row_from_stats_##S(row_stats[0], eps).invstd;                                 \
+            }                                                                                                   \
+            _Pragma("omp for schedule(static)")                                                                 \
+            for (ptrdiff_t i = 0; i < items; i++) {                                                             \
+                ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
+                fn_ln_row_##S row = fn_ln_row_from_stats_##S(stats[r * p.segments], eps);                       \
+                fn_ln_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, bias ? bias + c0 : NULL,        \
+                                y + r * cols + c0, fn_min(p.segment_cols, cols - c0), row);                     \
+            }                                                                                                   \
+        }                                                                                                       \
+        free(stats);                                                                                            \
+        return 0;                                                                                               \
+    }                                                                                                           \
+                                                                                                                \
+    /* sums[0] += sum(g), sums[1] += sum(g * d), sums[2] += sum(d), with g = dy * w, d = x - (hi + lo). */      \
+    static void fn_ln_backward_sums_##S(const T *restrict dy, const T *restrict x, const T *restrict w,         \
+                                        ptrdiff_t n, T hi, T lo, double sums[3])                                \
+    {                                                                                                           \
+        double sg[8] = {0}, sgd[8] = {0}, sd[8] = {0};                                                          \
+        ptrdiff_t i = 0;                                                                                        \
+        if (w) {                                                                                                \
+            for (; i + 8 <= n; i += 8)                                                                          \
+                for (int j = 0; j < 8; j++) {                                                                   \
+                    double d = (double)((x[i + j] - hi) - lo), g = (double)(dy[i + j] * w[i + j]);              \
+                    sg[j] += g;                                                                                 \
+                    sgd[j] += g * d;                                                                            \
+                    sd[j] += d;                                                                                 \
+                }                                                                                               \
+        } else {                                                                                                \
+            for (; i + 8 <= n; i += 8)                                                                          \
+                for (int j = 0; j < 8; j++) {                                                                   \
+                    double d = (double)((x[i + j] - hi) - lo), g = (double)dy[i + j];                           \
+                    sg[j] += g;                                                                                 \
+                    sgd[j] += g * d;                                                                            \
+                    sd[j] += d;                                                                                 \
+                }                                                                                               \
+        }                                                                                                       \
+        double total_g = fn_sum8(sg), total_gd = fn_sum8(sgd), total_d = fn_sum8(sd);                           \
+        for (; i < n; i++) {                                                                                    \
+            double d = (double)((x[i] - hi) - lo), g = (double)(w ? dy[i] * w[i] : dy[i]);                      \
+            total_g += g;                                                                                       \
+            total_gd += g * d;                                                                                  \
+            total_d += d;                                                                                       \
+        }                                                                                                       \
+        sums[0] += total_g;                                                                                     \
+        sums[1] += total_gd;                                                                                    \
+        sums[2] += total_d;                                                                                     \
+    }                                                                                                           \
+                                                                                                                \
+    /* dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) = a * g + c * xhat + b, with xhat centred on the     \
+     * row's exact mean: the given mean plus the residual mean sum(d) / cols. */                                \
+    typedef struct {                                                                                            \
+        T hi, lo, invstd, a, b, c;                                                                              \
+    } fn_ln_grad_row_##S;                                                                                       \
+                                                                                                                \
+    static fn_ln_grad_row_##S fn_ln_grad_constants_##S(T mean, T invstd, const double sums[3], ptrdiff_t cols)  \
+    {                                                                                                           \
+        fn_ln_grad_row_##S row;                                                                                 \
+        double inv = (double)invstd, residual = sums[2] / (double)cols;                                         \
+        double mean_g = sums[0] / (double)cols;                                                                 \
+        double mean_gxhat = (sums[1] - residual * sums[0]) * inv / (double)cols;                                \
+        row.hi = mean;                                                                                          \
+        row.lo = (T)residual;                                                                                   \
+        row.invstd = invstd;                                                                                    \
+        row.a = invstd;                                                                                         \
+        row.b = (T)(-inv * mean_g);                                                                             \
+        row.c = (T)(-inv * mean_gxhat);                                                                         \
+        return row;                                                                                             \
+    }                                                                                                           \
+                                                                                                                \
+    static void fn_ln_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,        \
+                                         T *restrict dx, double *restrict dweight_part,                         \
+                                         double *restrict dbias_part, ptrdiff_t n, fn_ln_grad_row_##S row)      \
+    {                                                                                                           \
+        const T hi = row.hi, lo = row.lo, inv = row.invstd, a = row.a, b = row.b, c = row.c;                    \
+        if (w)                                                                                                  \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                                 \
+                T xhat = ((x[i] - hi) - lo) * inv;                                                              \
+                dx[i] = a * (dy[i] * w[i]) + c * xhat + b;                                                      \
+                dweight_part[i] += (double)(dy[i] * xhat);                                                      \
+                dbias_part[i] += (double)dy[i];                                                                 \
+            }                                                                                                   \
+        else                                                                                                    \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                                 \
+                T xhat = ((x[i] - hi) - lo) * inv;                                                              \
+                dx[i] = a * dy[i] + c * xhat + b;                                                               \
+                dweight_part[i] += (double)(dy[i] * xhat);                                                      \
+                dbias_part[i] += (double)dy[i];                                                                 \
+            }                                                                                                   \
+    }                                                                                                           \
+                                                                                                                \
+    int fn_layer_norm_backward_##S(const T *dy, const T *x, const T *mean, const T *invstd, const T *weight,    \
+                                   T *dx, T *dweight, T *dbias, ptrdiff_t rows, ptrdiff_t cols,                 \
+                                   int num_threads)                                                             \
+    {                                                                                                           \
+        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
+        const ptrdiff_t part_values = p.chunks * cols;                                                          \
+        const ptrdiff_t row_sums = p.segments > 1 ? 3 * rows * p.segments : 0;                                  \
+        double *part = (double *)calloc((size_t)(2 * part_values + row_sums), sizeof(double));                  \
+        if (!part)                                                                                              \
+            return -1;                                                                                          \
+        double *sums = part + 2 * part_values;                                                                  \
+        const ptrdiff_t tiles = p.chunks * p.segments;                                                          \
+        _Pragma("omp parallel num_threads(p.threads)")                                                          \
+        {                                                                                                       \
+            if (p.segments > 1) {                                                                               \
+                _Pragma("omp for schedule(static)")                                                             \
+                for (ptrdiff_t i = 0; i < rows * p.segments; i++) {                                             \
+                    ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                       \
+                    fn_ln_backward_sums_##S(dy + r * cols + c0, x + r * cols + c0, weight ? weight + c0 : NULL, \
+                                            fn_min(p.segment_cols, cols - c0), mean[r], 0, sums + 3 * i);       \
+                }                                                                                               \
+                _Pragma("omp for schedule(static)")                                                             \
+                for (ptrdiff_t r = 0; r < rows; r++)                                                            \
+                    for (ptrdiff_t g = 1; g < p.segments; g++)                                                  \
+                        for (int j = 0; j < 3; j++)                                                             \
+                            sums[3 * r * p.segments + j] += sums[3 * (r * p.segments + g) + j];                 \
+            }                                                                                                   \
+            _Pragma("omp for schedule(static)")                                                                 \
+            for (ptrdiff_t t = 0; t < tiles; t++) {                                                             \
+                ptrdiff_t chunk = t / p.segments, c0 = (t % p.segments) * p.segment_cols;                       \
+                ptrdiff_t n = fn_min(p.segment_cols, cols - c0);                                                \
+                ptrdiff_t r1 = fn_min((chunk + 1) * p.chunk_rows, rows);                                        \
+                const T *w = weight ? weight + c0 : NULL;                                                       \
+                double *dweight_part = part + chunk * cols + c0;                                                \
+                double *dbias_part = part + part_values + chunk * cols + c0;                                    \
+                for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {                                         \
+                    double row_sums_here[3] = {0.0, 0.0, 0.0};                                                  \
+                    const double *s = row_sums_here;                                                            \
+                    if (p.segments > 1)                                                                         \
+                        s = sums + 3 * r * p.segments;                                                          \
+                    else                                                                                        \
+                        fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], 0, row_sums_here);  \
+                    fn_ln_grad_row_##S row = fn_ln_grad_constants_##S(mean[r], invstd[r], s, cols);             \
+                    fn_ln_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,      \
+                                             dweight_part, dbias_part, n, row);                                 \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        fn_ln_merge_chunks(part, p.chunks, cols, p.threads);                                                    \
+        fn_ln_merge_chunks(part + part_values, p.chunks, cols, p.threads);                                      \
+        for (ptrdiff_t k = 0; k < cols; k++) {                                                                  \
+            dweight[k] = (T)part[k];                                                                            \
+            dbias[k] = (T)part[part_values + k];                                                                \
+        }                                                                                                       \
+        free(part);                                                                                             \
+        return 0;                                                                                               \
+    }                                                                                                           \
+                                                                                                                \
+    static double fn_sum_squares_##S(const T *restrict x, ptrdiff_t n)                                          \
+    {                                                                                                           \
+        double acc[8] = {0};                                                                                    \
+        ptrdiff_t i = 0;                                                                                        \
+        for (; i + 8 <= n; i += 8)                                                                              \
+            for (int j = 0; j < 8; j++) {                                                                       \
+                double v = (double)x[i + j];                                                                    \
+                acc[j] += v * v;                                                                                \
+            }                                                                                                   \
+        double total = fn_sum8(acc);                                                                            \
+        for (; i < n; i++)                                                                                      \
+            total += (double)x[i] * (double)x[i];                                                               \
+        return total;                                                                                           \
+    }                                                                                                           \
+                                                                                                                \
+    static void fn_rms_apply_##S(const T *restrict x, const T *restrict w, T *restrict y, ptrdiff_t n,          \
+                                 T invrms)                                                                      \
+    {                                                                                                           \
+        if (w)                                                                                                  \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = x[i] * invrms * w[i];                                                                    \
+        else                                                                                                    \
+            for (ptrdiff_t i = 0; i < n; i++)                                                                   \
+                y[i] = x[i] * invrms;                                                                           \
+    }                                                                                                           \
+                                                                                                                \
+    static T fn_invrms_##S(double sum_squares, ptrdiff_t cols, double eps)                                      \
+    {                                                                                                           \
+        return (T)(1.0 / sqrt(sum_squares / (double)cols + eps));                                               \
+    }                                                                                                           \
+                                                                                                                \
+    int fn_rms_norm_##S(const T *x, const T *weight, T *y, T *invrms, ptrdiff_t rows, ptrdiff_t cols,           \
+                        double eps, int num_threads)                                                            \
+    {                                                                                                           \
+        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
+        if (p.segments == 1) {                                                                                  \
+            _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
+            for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
+                T inv = fn_invrms_##S(fn_sum_squares_##S(x + r * cols, cols), cols, eps);                       \
+                invrms[r] = inv;                                                                                \
+                fn_rms_apply_##S(x + r * cols, weight, y + r * cols, cols, inv);                                \
+            }                                                                                                   \
+            return 0;                                                                                           \
+        }                                                                                                       \
+        const ptrdiff_t items = rows * p.segments;                                                              \
+        double *sums = (double *)malloc((size_t)items * sizeof(double));                                        \
+        if (!sums)                                                                                              \
+            return -1;                                                                                          \
+        _Pragma("omp parallel num_threads(p.threads)")                                                          \
+        {                                                                                                       \
+            _Pragma("omp for schedule(static)")                                                                 \
+            for (ptrdiff_t i = 0; i < items; i++) {                                                             \
+                ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
+                sums[i] = fn_sum_squares_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));             \
+            }                                                                                                   \
+            _Pragma("omp for schedule(static)")                                                                 \
+            for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
+                for (ptrdiff_t g = 1; g < p.segments; g++)                                                      \
+                    sums[r * p.segments] += sums[r * p.segments + g];                                           \
+                invrms[r] = fn_invrms_##S(sums[r * p.segments], cols, eps);                                     \
+            }                                                                                                   \
+            _Pragma("omp for schedule(static)")                                                                 \
+            for (ptrdiff_t i = 0; i < items; i++) {                                                             \
+                ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
+                fn_rms_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, y + r * cols + c0,             \
+                                 fn_min(p.segment_cols, cols - c0), invrms[r]);                                 \
+            }                                                                                                   \
+        }                                                                                                       \
+        free(sums);                                                                                             \
+        return 0;                                                                                               \
+    }                                                                                                           \
+                                                                                                                \
+    /* sum(g * x) with g = dy * w. */                                                                           \
+    static double fn_rms_backward_sum_##S(const T *restrict dy, const T *restrict x, const T *restrict w,       \
+                                          ptrdiff_t n)                                                          \
+    {                                                                                                           \
+        double acc[8] = {0};                                                                                    \
+        ptrdiff_t i = 0;                                                                                        \
+        if (w)                                                                                                  \
+            for (; i + 8 <= n; i += 8)                                                                          \
+                for (int j = 0; j < 8; j++)                                                                     \
+                    acc[j] += (double)(dy[i + j] * w[i + j]) * (double)x[i + j];                                \
+        else                                                                                                    \
+            for (; i + 8 <= n; i += 8)                                                                          \
+                for (int j = 0; j < 8; j++)                                                                     \
+                    acc[j] += (double)dy[i + j] * (double)x[i + j];                                             \
+        double total = fn_sum8(acc);                                                                            \
+        for (; i < n; i++)                                                                                      \
+            total += (double)(w ? dy[i] * w[i] : dy[i]) * (double)x[i];                                         \
+        return total;                                                                                           \
+    }                                                                                                           \
+                                                                                                                \
+    /* dx = invrms * g - x * invrms^3 * mean(g * x); dweight += dy * x * invrms. */                             \
+    static void fn_rms_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,       \
+                                          T *restrict dx, double *restrict dweight_part, ptrdiff_t n,           \
+                                          T invrms, T c)                                                        \
+    {                                                                                                           \
+        if (w)                                                                                                  \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                                 \
+                dx[i] = invrms * (dy[i] * w[i]) - c * x[i];                                                     \
+                dweight_part[i] += (double)(dy[i] * (x[i] * invrms));                                           \
+            }                                                                                                   \
+        else                                                                                                    \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                                 \
+                dx[i] = invrms * dy[i] - c * x[i];                                                              \
+                dweight_part[i] += (double)(dy[i] * (x[i] * invrms));                                           \
+            }                                                                                                   \
+    }                                                                                                           \
+                                                                                                                \
+    static T fn_rms_backward_c_##S(T invrms, double sum_gx, ptrdiff_t cols)                                     \
+    {                                                                                                           \
+        double inv = (double)invrms;                                                                            \
+        return (T)(inv * inv * inv * sum_gx / (double)cols);                                                    \
+    }                                                                                                           \
+                                                                                                                \
+    int fn_rms_norm_backward_##S(const T *dy, const T *x, const T *invrms, const T *weight, T *dx,              \
+                                 T *dweight, ptrdiff_t rows, ptrdiff_t cols, int num_threads)                   \
+    {                                                                                                           \
+        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
+        const ptrdiff_t part_values = p.chunks * cols;                                                          \
+        const ptrdiff_t row_sums = p.segments > 1 ? rows * p.segments : 0;                                      \
+        double *part = (double *)calloc((size_t)(part_values + row_sums), sizeof(double));                      \
+        if (!part)                                                                                              \
+            return -1;                                                                                          \
+        double *sums = part + part_values;                                                                      \
+        const ptrdiff_t tiles = p.chunks * p.segments;                                                          \
+        _Pragma("omp parallel num_threads(p.threads)")                                                          \
+        {                                                                                                       \
+            if (p.segments > 1) {                                                                               \
+                _Pragma("omp for schedule(static)")                                                             \
+                for (ptrdiff_t i = 0; i < rows * p.segments; i++) {                                             \
+                    ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                       \
+                    sums[i] = fn_rms_backward_sum_##S(dy + r * cols + c0, x + r * cols + c0,                    \
+                                                      weight ? weight + c0 : NULL,                              \
+                                                      fn_min(p.segment_cols, cols - c0));                       \
+                }                                                                                               \
+                _Pragma("omp for schedule(static)")                                                             \
+                for (ptrdiff_t r = 0; r < rows; r++)                                                            \
+                    for (ptrdiff_t g = 1; g < p.segments; g++)                                                  \
+                        sums[r * p.segments] += sums[r * p.segments + g];                                       \
+            }                                                                                                   \
+            _Pragma("omp for schedule(static)")                                                                 \
+            for (ptrdiff_t t = 0; t < tiles; t++) {                                                             \
+                ptrdiff_t chunk = t / p.segments, c0 = (t % p.segments) * p.segment_cols;                       \
+                ptrdiff_t n = fn_min(p.segment_cols, cols - c0);                                                \
+                ptrdiff_t r1 = fn_min((chunk + 1) * p.chunk_rows, rows);                                        \
+                const T *w = weight ? weight + c0 : NULL;                                                       \
+                for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {                                         \
+                    double sum_gx = p.segments > 1 ? sums[r * p.segments]                                       \
                                                    : fn_rms_backward_sum_##S(dy + r * cols, x + r * cols, w, n); \
-                    fn_rms_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,  \
-                                              part + chunk * cols + c0, n, invrms[r],                        \
-                                              fn_rms_backward_c_##S(invrms[r], sum_gx, cols));               \
-                }                                                                                            \
-            }                                                                                                \
-        }                                                                                                    \
-        fn_ln_merge_chunks(part, p.chunks, cols, p.threads);                                                 \
-        for (ptrdiff_t k = 0; k < cols; k++)                                                                 \
-            dweight[k] = (T)part[k];                                                                         \
-        free(part);                                                                                          \
-        return 0;                                                                                            \
+                    fn_rms_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,     \
+                                              part + chunk * cols + c0, n, invrms[r],                           \
+                                              fn_rms_backward_c_##S(invrms[r], sum_gx, cols));                  \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        fn_ln_merge_chunks(part, p.chunks, cols, p.threads);                                                    \
+        for (ptrdiff_t k = 0; k < cols; k++)                                                                    \
+            dweight[k] = (T)part[k];                                                                            \
+        free(part);                                                                                             \
+        return 0;                                                                                               \
     }
 
 FN_DEFINE_LAYER_NORM(float, f32)
