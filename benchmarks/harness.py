@@ -155,7 +155,7 @@ def copy_bandwidth(threads, settle, megabytes=64, repeats=7):
     }
 
 
-def openmp_spin_seconds(threads, limit=0.05, tries=3):
+def openmp_spin_seconds(threads, limit=0.05, tries=5):
     """How long OpenMP's idle workers keep spinning after a parallel region at `threads` threads.
 
     libgomp's workers busy-wait for the next region (GOMP_SPINCOUNT iterations, a few ms) before they
@@ -180,12 +180,12 @@ def openmp_spin_seconds(threads, limit=0.05, tries=3):
             if time.process_time() - cpu < 0.0003:
                 break
         spins.append(time.perf_counter() - start)
-    return statistics.median(spins)
+    return max(spins)
 
 
 def settle_seconds(threads):
-    """The pause after each timed call: twice the OpenMP workers' spin, at least 2 ms, at most 50 ms."""
-    return min(0.05, max(0.002, 2 * openmp_spin_seconds(max(threads))))
+    """The pause after each timed call: twice the OpenMP workers' longest spin, 5 to 50 ms."""
+    return min(0.05, max(0.005, 2 * openmp_spin_seconds(max(threads))))
 
 
 def machine_info(threads, settle):

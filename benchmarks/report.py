@@ -102,7 +102,7 @@ def _ratio(ratio, spread=False):
 def markdown(results):
     machine = results["machine"]
     config = results["config"]
-    lines = ["## foldnorm benchmarks: %s run, %s" % (results["mode"], machine["date"]), ""]
+    lines = ["### foldnorm benchmarks: %s run, %s" % (results["mode"], machine["date"]), ""]
     versions = ", ".join("%s %s" % (k, v) for k, v in machine["versions"].items() if v)
     build = machine["foldnorm_build"]
     copy = ", ".join("%s thr %.1f GB/s" % (t, g) for t, g in machine["copy_gbps"].items())
@@ -120,7 +120,7 @@ def markdown(results):
     kernels = results["kernels"]
     if kernels:
         lines += [
-            "### Kernels (float32; median of %d runs after warm-up, contenders interleaved)" % config["repeats"],
+            "#### Kernels (float32; median of %d runs after warm-up, contenders interleaved)" % config["repeats"],
             "",
             "GB/s counts the bytes the kernel must move (see the byte model); of roof = copy time / kernel "
             "time; x copy = kernel time / copy time; vs X = X's time / foldnorm's time (above 1: foldnorm "
@@ -144,7 +144,7 @@ def markdown(results):
                     _ratio(row["vs_torch"]), _ratio(row["vs_numpy"]), _ratio(row["scaling"])))
         lines.append("")
     if results["targets"]:
-        lines += ["### Targets (issue 2), from this run's own numbers", "", "| target | measured (min-max) | verdict |",
+        lines += ["#### Targets (issue 2), from this run's own numbers", "", "| target | measured (min-max) | verdict |",
                   "|---|---|---|"]
         for verdict in results["targets"]:
             state = {True: "met", False: "**not met**", None: "not measured"}[verdict["met"]]
@@ -154,7 +154,7 @@ def markdown(results):
     models = results["models"]
     if models:
         lines += [
-            "### Models (onnxruntime, %d threads; median ms of %d runs; graph optimizations off / on)" % (
+            "#### Models (onnxruntime, %d threads; median ms of %d runs; graph optimizations off / on)" % (
                 max(machine["threads"]), config["model_repeats"]),
             "",
             "vs original = this variant's latency / the original's at the same optimization level, paired "
@@ -193,7 +193,7 @@ def markdown(results):
         "%s %s: %s" % (r["label"], r["shape_label"], n) for r in kernels for n in r.get("notes", [])
     ] + ["%s: %s" % (r["name"], n) for r in models for n in r.get("notes", [])]
     if notes:
-        lines += ["### Notes", ""] + ["- " + n for n in notes] + [""]
+        lines += ["#### Notes", ""] + ["- " + n for n in notes] + [""]
     return "\n".join(lines)
 
 
