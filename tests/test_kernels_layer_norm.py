@@ -152,6 +152,36 @@ def test_large_mean_small_spread_float32():
     np.testing.assert_allclose(dweight, dweight_ref, atol=1e-3 * np.abs(dweight_ref).max())
 
 
+def test_rows_that_start_far_from_their_mean():
+    """Rows whose first values are outliers, or that are ramps, or that mix scales block by block."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 5000)).astype(np.float32)
+    x[0, :8] = 1e4
+    x[1] = np.linspace(-1e3, 1e3, 5000)
+    x[2, :2048] *= 1e-3
+    x[3, 2048:] += 1e3
+    y, mean, invstd = layer_norm(x)
+    y_ref, mean_ref, invstd_ref = ref_layer_norm(x, None, None, -1)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(mean, mean_ref, atol=1e-6 / invstd_ref.min())
+    np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-6)
+
+
+def test_results_held_by_the_caller_are_never_reused():
+    """Large results come from recycled memory: what the caller still holds must stay intact."""
+    x = data((1100, 1000), np.float32)
+    kept = []
+    for scale in (1.0, 2.0, 3.0):
+        y, _, _ = layer_norm(x * scale, bias=np.full(1000, scale, np.float32))
+        kept.append(y[::3, 1:])
+        del y
+        dx, _, _ = layer_norm_backward(x, x, *layer_norm(x)[1:])
+        del dx
+    for scale, view in zip((1.0, 2.0, 3.0), kept):
+        expected = ref_layer_norm(x, None, np.full(1000, scale), -1)[0][::3, 1:]
+        assert_close(view, expected, np.float32)
+
+
 def test_constant_rows():
     x = np.full((4, 33), 2.5, np.float32)
     weight, bias = params((33,), np.float32)
