@@ -173,6 +173,72 @@ static fn_stats fn_ln_run_stats_f32(const float *x, ptrdiff_t n)
 
 static fn_stats fn_ln_run_stats_f64(const double *x, ptrdiff_t n) { return fn_run_stats_f64(x, n); }
 
+/* The reduction pass of layer_norm_backward over one row (or segment): sums[0] += sum(g),
+ * sums[1] += sum(g * d), sums[2] += sum(d), with g = dy * w (dy when w is NULL) and d = x - centre.
+ * float32 rows sum each group of 128 values in float32 lanes of 8 values, one quantity per loop (the form
+ * gcc vectorizes), and the lanes in float64; float64 rows use eight float64 accumulators. */
+static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
+                                    ptrdiff_t n, float centre, double sums[3])
+{
+    ptrdiff_t i = 0;
+    for (; i + FN_LN_LANE_GROUP <= n; i += FN_LN_LANE_GROUP) {
+        float lane_g[FN_LN_LANES] = {0}, lane_gd[FN_LN_LANES] = {0}, lane_d[FN_LN_LANES] = {0};
+        const float *dyg = dy + i, *xg = x + i;
+        if (w) {
+            const float *wg = w + i;
+            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
+                for (int j = 0; j < FN_LN_LANES; j++)
+                    lane_g[j] += dyg[k + j] * wg[k + j];
+            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
+                for (int j = 0; j < FN_LN_LANES; j++)
+                    lane_gd[j] += (dyg[k + j] * wg[k + j]) * (xg[k + j] - centre);
+        } else {
+            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
+                for (int j = 0; j < FN_LN_LANES; j++)
+                    lane_g[j] += dyg[k + j];
+            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
+                for (int j = 0; j < FN_LN_LANES; j++)
+                    lane_gd[j] += dyg[k + j] * (xg[k + j] - centre);
+        }
+        for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
+            for (int j = 0; j < FN_LN_LANES; j++)
+                lane_d[j] += xg[k + j] - centre;
+        sums[0] += fn_ln_lane_sum(lane_g);
+        sums[1] += fn_ln_lane_sum(lane_gd);
+        sums[2] += fn_ln_lane_sum(lane_d);
+    }
+    for (; i < n; i++) {
+        double d = (double)(x[i] - centre), g = (double)(w ? dy[i] * w[i] : dy[i]);
+        sums[0] += g;
+        sums[1] += g * d;
+        sums[2] += d;
+    }
+}
+
+static void fn_ln_backward_sums_f64(const double *restrict dy, const double *restrict x,
+                                    const double *restrict w, ptrdiff_t n, double centre, double sums[3])
+{
+    double sg[8] = {0}, sgd[8] = {0}, sd[8] = {0};
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) {
+            double d = x[i + j] - centre, g = w ? dy[i + j] * w[i + j] : dy[i + j];
+            sg[j] += g;
+            sgd[j] += g * d;
+            sd[j] += d;
+        }
+    double total_g = fn_sum8(sg), total_gd = fn_sum8(sgd), total_d = fn_sum8(sd);
+    for (; i < n; i++) {
+        double d = x[i] - centre, g = w ? dy[i] * w[i] : dy[i];
+        total_g += g;
+        total_gd += g * d;
+        total_d += d;
+    }
+    sums[0] += total_g;
+    sums[1] += total_gd;
+    sums[2] += total_d;
+}
+
 #define FN_DEFINE_LAYER_NORM(T, S)                                                                              \
     /* The row's centre as hi + lo in T, and its 1/sqrt(var + eps). */                                          \
     typedef struct {                                                                                            \
@@ -274,41 +340,6 @@ static fn_stats fn_ln_run_stats_f64(const double *x, ptrdiff_t n) { return fn_ru
         return 0;                                                                                               \
     }                                                                                                           \
                                                                                                                 \
-    /* sums[0] += sum(g), sums[1] += sum(g * d), sums[2] += sum(d), with g = dy * w, d = x - (hi + lo). */      \
-    static void fn_ln_backward_sums_##S(const T *restrict dy, const T *restrict x, const T *restrict w,         \
-                                        ptrdiff_t n, T hi, T lo, double sums[3])                                \
-    {                                                                                                           \
-        double sg[8] = {0}, sgd[8] = {0}, sd[8] = {0};                                                          \
-        ptrdiff_t i = 0;                                                                                        \
-        if (w) {                                                                                                \
-            for (; i + 8 <= n; i += 8)                                                                          \
-                for (int j = 0; j < 8; j++) {                                                                   \
-                    double d = (double)((x[i + j] - hi) - lo), g = (double)(dy[i + j] * w[i + j]);              \
-                    sg[j] += g;                                                                                 \
-                    sgd[j] += g * d;                                                                            \
-                    sd[j] += d;                                                                                 \
-                }                                                                                               \
-        } else {                                                                                                \
-            for (; i + 8 <= n; i += 8)                                                                          \
-                for (int j = 0; j < 8; j++) {                                                                   \
-                    double d = (double)((x[i + j] - hi) - lo), g = (double)dy[i + j];                           \
-                    sg[j] += g;                                                                                 \
-                    sgd[j] += g * d;                                                                            \
-                    sd[j] += d;                                                                                 \
-                }                                                                                               \
-        }                                                                                                       \
-        double total_g = fn_sum8(sg), total_gd = fn_sum8(sgd), total_d = fn_sum8(sd);                           \
-        for (; i < n; i++) {                                                                                    \
-            double d = (double)((x[i] - hi) - lo), g = (double)(w ? dy[i] * w[i] : dy[i]);                      \
-            total_g += g;                                                                                       \
-            total_gd += g * d;                                                                                  \
-            total_d += d;                                                                                       \
-        }                                                                                                       \
-        sums[0] += total_g;                                                                                     \
-        sums[1] += total_gd;                                                                                    \
-        sums[2] += total_d;                                                                                     \
-    }                                                                                                           \
-                                                                                                                \
     /* dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) = a * g + c * xhat + b, with xhat centred on the     \
      * row's exact mean: the given mean plus the residual mean sum(d) / cols. */                                \
     typedef struct {                                                                                            \
@@ -370,7 +401,7 @@ static fn_stats fn_ln_run_stats_f64(const double *x, ptrdiff_t n) { return fn_ru
                 for (ptrdiff_t i = 0; i < rows * p.segments; i++) {                                             \
                     ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                       \
                     fn_ln_backward_sums_##S(dy + r * cols + c0, x + r * cols + c0, weight ? weight + c0 : NULL, \
-                                            fn_min(p.segment_cols, cols - c0), mean[r], 0, sums + 3 * i);       \
+                                            fn_min(p.segment_cols, cols - c0), mean[r], sums + 3 * i);       \
                 }                                                                                               \
                 _Pragma("omp for schedule(static)")                                                             \
                 for (ptrdiff_t r = 0; r < rows; r++)                                                            \
@@ -392,7 +423,7 @@ static fn_stats fn_ln_run_stats_f64(const double *x, ptrdiff_t n) { return fn_ru
                     if (p.segments > 1)                                                                         \
                         s = sums + 3 * r * p.segments;                                                          \
                     else                                                                                        \
-                        fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], 0, row_sums_here);  \
+                        fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], row_sums_here);  \
                     fn_ln_grad_row_##S row = fn_ln_grad_constants_##S(mean[r], invstd[r], s, cols);             \
                     fn_ln_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,      \
                                              dweight_part, dbias_part, n, row);                                 \
