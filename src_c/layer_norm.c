@@ -10,9 +10,14 @@
  * remainder: x - hi is exact for values near the mean, so a row with mean 1e4 and std 1e-2 is normalized
  * to float32 precision rather than to the 1e-3 spacing of float32 numbers near 1e4.
  *
- * The loops over a row are plain elementwise loops or reductions into eight independent float64
- * accumulators over contiguous restrict pointers, which gcc and clang vectorize at -O3 without
- * -ffast-math; per-row constants are hoisted, so no element needs a division or a square root.
+ * Statistics: float64 rows use fn_run_stats_f64 (exact two-pass per L1 block, Chan merges); float32 rows
+ * use the same centred sums per block, computed in float32 lanes summed into float64 (see
+ * fn_ln_block_stats_f32), with fn_block_stats_f32 as the fallback.  RMS sums x^2 in eight float64
+ * accumulators.
+ *
+ * The loops over a row are plain elementwise loops or single reductions into independent accumulators
+ * over contiguous restrict pointers, which gcc and clang vectorize at -O3 without -ffast-math; per-row
+ * constants are hoisted, so no element needs a division or a square root.
  */
 #include "layer_norm.h"
 

@@ -7,8 +7,8 @@
  *   layer_norm:   y = (x - mean) * invstd * weight + bias,  invstd = 1 / sqrt(var + eps)
  *   rms_norm:     y = x * invrms * weight,                  invrms = 1 / sqrt(mean(x^2) + eps)
  *
- * Statistics are accumulated in float64 (exact two-pass per cache block for the mean and variance), so
- * float32 rows with a large mean and a tiny spread keep their precision.  Results are bit-identical for
+ * Statistics are centred sums accumulated in float64 (never float32 E[x^2] - E[x]^2), so float32 rows
+ * with a large mean and a tiny spread keep their precision.  Results are bit-identical for
  * any num_threads: rows are independent, and column sums (dweight, dbias) are per-chunk float64 partial
  * sums over fixed row chunks, merged in chunk order.
  *
