@@ -98,8 +98,9 @@ static inline double fn_sum8(const double *a)
  *
  * The shift is the mean of the block's first 8 values (already on their way into the cache), usually
  * within a few standard deviations of the block's mean; then d is exact for values near the mean and
- * s1^2 / n is a small part of s2.  The result is accepted only when s2 <= 16 * M2, which bounds the
- * cancellation: M2 is then within a few float32 roundings (1e-6 relative at worst) of the exact value.
+ * s1^2 / n is a small part of s2.  The result is accepted only when s2 <= 4 * M2, which bounds the
+ * cancellation: each d*d and each lane sum of 8 is off by at most 8 float32 roundings, so M2 is within
+ * 2e-6 relative of the exact value at worst (about 1e-7 typically).
  * Otherwise the sweep is repeated with the mean it found as the shift.  Blocks whose squares could
  * overflow or underflow float32 (|x - mean| beyond ~1e19 or below ~1e-15, constant blocks, NaN, inf) are
  * left to fn_block_stats_f32.
@@ -108,7 +109,7 @@ static inline double fn_sum8(const double *a)
  * second pass of fn_block_stats_f32 scalar, which makes that function over three times slower. */
 #define FN_LN_LANES 16
 #define FN_LN_LANE_GROUP (8 * FN_LN_LANES)
-#define FN_LN_MAX_CANCELLATION 16.0
+#define FN_LN_MAX_CANCELLATION 4.0
 
 static inline double fn_ln_lane_sum(const float *lane)
 {
