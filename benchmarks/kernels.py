@@ -190,6 +190,8 @@ def _normalize_backward(dy, xd, mean, invstd, weight, axes):
 class KernelBench:
     """Data of one case and a factory for each contender; a factory raises Unavailable when it cannot run."""
 
+    torch_note = None
+
     def __init__(self, case, rng):
         self.case = case
         self.rng = rng
@@ -406,9 +408,10 @@ class RmsNormBackward(RowNormBench):
         _, invrms = forward(self.x, self.weight, axis=-1, eps=EPS)
         return lambda: fn(self.dy, self.x, invrms, self.weight, axis=-1, num_threads=threads)
 
+    torch_note = "autograd's backward of F.rms_norm (torch's CPU build has no fused RMS norm backward)"
+
     def torch(self, threads):
-        """Autograd's backward of F.rms_norm, the graph kept from one forward: torch's CPU build has no
-        fused RMS norm backward operator, so this is what a torch user gets."""
+        """Autograd's backward of F.rms_norm, the graph kept from one forward: what a torch user gets."""
         torch, F = _torch()
         x = torch.from_numpy(self.x.copy()).requires_grad_()
         weight = torch.from_numpy(self.weight.copy()).requires_grad_()
@@ -506,7 +509,7 @@ class InstanceNorm(GroupNormBench):
 
 
 class InstanceNormBackward(GroupNormBench):
-    """torch has no instance-norm backward operator of its own: its group-norm backward with C groups."""
+    torch_note = "native_group_norm_backward with C groups (torch has no instance-norm backward operator)"
 
     reference = GroupNormBench._reference_backward
 
@@ -624,6 +627,8 @@ def _optional_contenders(bench, threads, notes):
             torch.set_num_threads(t)
             run()
             contenders.append(Contender("torch", t, run, prepare=lambda t=t: torch.set_num_threads(t)))
+            if bench.torch_note:
+                _note_once(notes, "torch: %s" % bench.torch_note)
         except Unavailable as error:
             _note_once(notes, "torch: %s" % error)
         except Exception as error:

@@ -189,8 +189,12 @@ def markdown(results):
                     name, _ms(fold["fold_seconds"]), _ms(fold["seconds_with_verify"]),
                     fold["param_bytes_before"] / 1e6, fold["param_bytes_after"] / 1e6, counts))
         lines.append("")
+    shapes_by_note = {}
+    for result in kernels:
+        for note in result.get("notes", []):
+            shapes_by_note.setdefault((result["label"], note), []).append(result["shape_label"])
     notes = results["notes"] + [
-        "%s %s: %s" % (r["label"], r["shape_label"], n) for r in kernels for n in r.get("notes", [])
+        "%s %s: %s" % (label, ", ".join(shapes), note) for (label, note), shapes in shapes_by_note.items()
     ] + ["%s: %s" % (r["name"], n) for r in models for n in r.get("notes", [])]
     if notes:
         lines += ["#### Notes", ""] + ["- " + n for n in notes] + [""]
