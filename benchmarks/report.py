@@ -169,16 +169,19 @@ def markdown(results):
                 lines.append("| %s | skipped: %s | | | | | | | |" % (result["name"], result.get("skipped", "")))
                 continue
             for variant, facts in result["variants"].items():
-                off, on = (result["latency"]["%s/%s" % (variant, level)] for level in ("disabled", "enabled"))
-                ratio_off, ratio_on = (
-                    result["ratios"].get("%s_vs_original/%s" % (variant, level)) for level in ("disabled", "enabled"))
-                lines.append("| %s | %s | %d | %.2f | %s / %s | %s (%s-%s) | %s (%s-%s) | %s | %s |" % (
-                    result["name"], variant, facts["batch_norm_nodes"], facts["param_bytes"] / 1e6,
-                    _ms(facts["session_seconds_disabled"]), _ms(facts["session_seconds_enabled"]),
-                    _ms(off["median"]), _ms(off["min"]), _ms(off["max"]),
-                    _ms(on["median"]), _ms(on["min"]), _ms(on["max"]),
-                    "-" if variant == "original" else _ratio(ratio_off),
-                    "-" if variant == "original" else _ratio(ratio_on)))
+                cells = []
+                for level in ("disabled", "enabled"):
+                    timing = result["latency"].get("%s/%s" % (variant, level))
+                    cells.append("%s (%s-%s)" % tuple(_ms(timing[k]) for k in ("median", "min", "max"))
+                                 if timing else "n/a")
+                sessions = " / ".join(_ms(facts[k]) if k in facts else "n/a"
+                                      for k in ("session_seconds_disabled", "session_seconds_enabled"))
+                ratios = ["-" if variant == "original" else
+                          _ratio(result["ratios"].get("%s_vs_original/%s" % (variant, level)))
+                          for level in ("disabled", "enabled")]
+                lines.append("| %s | %s | %d | %.2f | %s | %s | %s | %s | %s |" % (
+                    result["name"], variant, facts["batch_norm_nodes"], facts["param_bytes"] / 1e6, sessions,
+                    cells[0], cells[1], ratios[0], ratios[1]))
         folds = [(r["name"], r["fold"]) for r in models if "fold" in r]
         if folds:
             lines += ["", "| model | fold ms | fold + verify ms | params MB before -> after | rewrites |",
