@@ -49,11 +49,16 @@ def format_table(rows, only_old, only_new, threshold):
     flagged = sum(1 for row in rows if row[4])
     lines.append("")
     lines.append("%d figures compared, %d slower by more than %.0f%%." % (len(rows), flagged, threshold * 100))
-    if only_old:
-        lines.append("Only in OLD (not compared): %s" % ", ".join(only_old))
-    if only_new:
-        lines.append("Only in NEW (not compared): %s" % ", ".join(only_new))
+    for which, names in (("OLD", only_old), ("NEW", only_new)):
+        if names:
+            lines.append("Only in %s (not compared): %s" % (which, _some(names)))
     return "\n".join(lines)
+
+
+def _some(names, shown=4):
+    if len(names) <= shown:
+        return ", ".join(names)
+    return "%s and %d more" % (", ".join(names[:shown]), len(names) - shown)
 
 
 def main(old_path, new_path, threshold):
