@@ -80,6 +80,40 @@ def figures(kernel_results, model_results):
     return flat
 
 
+HEADLINE_SHAPES = {
+    "batch_norm": BATCH_NORM_HEADLINE, "batch_norm_train": BATCH_NORM_HEADLINE,
+    "batch_norm_backward": BATCH_NORM_HEADLINE, "layer_norm": LAYER_NORM_HEADLINE,
+    "layer_norm_backward": LAYER_NORM_HEADLINE, "rms_norm": LAYER_NORM_HEADLINE,
+    "rms_norm_backward": LAYER_NORM_HEADLINE, "group_norm": GROUP_NORM_HEADLINE,
+    "group_norm_backward": GROUP_NORM_HEADLINE, "instance_norm": GROUP_NORM_HEADLINE,
+    "instance_norm_backward": GROUP_NORM_HEADLINE,
+}
+
+
+def _headline(kernels, models):
+    """One line per kernel at its headline shape and all cores, one per model: the ratios a summary quotes."""
+    rows = []
+    for result in kernels:
+        if "rows" in result and tuple(result["shape"]) == HEADLINE_SHAPES[result["kernel"]]:
+            row = result["rows"][-1]
+            rows.append("| %s %s | %d | %.0f%% | %s | %s |" % (
+                result["label"], result["shape_label"], row["threads"], 100 * row["roof"]["median"],
+                _ratio(row["vs_onnxruntime"]), _ratio(row["vs_torch"])))
+    lines = []
+    if rows:
+        lines += ["#### Headline: kernels at all cores", "",
+                  "| kernel | thr | of copy roof | vs onnxruntime | vs torch |", "|---|--:|--:|--:|--:|"] + rows + [""]
+    model_rows = [
+        "| %s | %s | %s |" % (m["name"], _ratio(m["ratios"].get("folded_vs_original/disabled")),
+                             _ratio(m["ratios"].get("folded_vs_original/enabled")))
+        for m in models if m.get("ratios", {}).get("folded_vs_original/disabled")
+    ]
+    if model_rows:
+        lines += ["#### Headline: folded / original latency in onnxruntime (below 1: faster)", "",
+                  "| model | optimizations off | optimizations on |", "|---|--:|--:|"] + model_rows + [""]
+    return lines
+
+
 def write_json(results, path):
     with open(path, "w") as f:
         json.dump(results, f, indent=1, sort_keys=False)
@@ -118,6 +152,7 @@ def markdown(results):
         "",
     ]
     kernels = results["kernels"]
+    lines += _headline(kernels, results["models"])
     if kernels:
         lines += [
             "#### Kernels (float32; median of %d runs after warm-up, contenders interleaved)" % config["repeats"],
