@@ -26,6 +26,19 @@
 
 #include "fn_common.h"
 
+/* The row loops are compiled twice, for baseline x86-64 and for AVX2, and the loader picks one by the
+ * CPU it runs on (GNU ifunc): the same auto-vectorized C at twice the vector width where the CPU has it,
+ * while the package still runs on any x86-64.  Both versions give bit-identical results: every lane and
+ * every accumulator sees the same operations in the same order, and nothing is contracted into FMAs. */
+#if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define FN_LN_ROW_KERNEL __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef FN_LN_ROW_KERNEL
+#define FN_LN_ROW_KERNEL
+#endif
+
 /* Rows wider than this are cut into segments. */
 #define FN_LN_WIDE_COLS ((ptrdiff_t)1 << 16)
 /* Values per segment of a wide row: a whole number of statistics blocks. */
@@ -120,6 +133,7 @@ static inline double fn_ln_lane_sum(const float *lane)
 }
 
 /* sums[0] = sum(x - shift), sums[1] = sum((x - shift)^2). */
+FN_LN_ROW_KERNEL
 static void fn_ln_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift, double sums[2])
 {
     double s1 = 0.0, s2 = 0.0;
@@ -146,6 +160,7 @@ static void fn_ln_centred_sums_f32(const float *restrict x, ptrdiff_t n, float s
     sums[1] = s2;
 }
 
+FN_LN_ROW_KERNEL
 static fn_stats fn_ln_block_stats_f32(const float *x, ptrdiff_t n)
 {
     const ptrdiff_t head = fn_min(n, 8);
@@ -177,12 +192,14 @@ static fn_stats fn_ln_run_stats_f32(const float *x, ptrdiff_t n)
     return s;
 }
 
+FN_LN_ROW_KERNEL
 static fn_stats fn_ln_run_stats_f64(const double *x, ptrdiff_t n) { return fn_run_stats_f64(x, n); }
 
 /* The reduction pass of layer_norm_backward over one row (or segment): sums[0] += sum(g),
  * sums[1] += sum(g * d), sums[2] += sum(d), with g = dy * w (dy when w is NULL) and d = x - centre.
  * float32 rows sum each group of 128 values in float32 lanes of 8 values, one quantity per loop (the form
  * gcc vectorizes), and the lanes in float64; float64 rows use eight float64 accumulators. */
+FN_LN_ROW_KERNEL
 static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
                                     ptrdiff_t n, float centre, double sums[3])
 {
@@ -221,6 +238,7 @@ static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restr
     }
 }
 
+FN_LN_ROW_KERNEL
 static void fn_ln_backward_sums_f64(const double *restrict dy, const double *restrict x,
                                     const double *restrict w, ptrdiff_t n, double centre, double sums[3])
 {
@@ -260,6 +278,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
         return row;                                                                                             \
     }                                                                                                           \
                                                                                                                 \
+    FN_LN_ROW_KERNEL                                                                                            \
     static void fn_ln_apply_centred_##S(const T *restrict x, const T *restrict w, const T *restrict b,          \
                                         T *restrict y, ptrdiff_t n, T hi, T inv)                                \
     {                                                                                                           \
@@ -277,6 +296,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
                 y[i] = (x[i] - hi) * inv;                                                                       \
     }                                                                                                           \
                                                                                                                 \
+    FN_LN_ROW_KERNEL                                                                                            \
     static void fn_ln_apply_##S(const T *restrict x, const T *restrict w, const T *restrict b,                  \
                                 T *restrict y, ptrdiff_t n, fn_ln_row_##S row)                                  \
     {                                                                                                           \
@@ -367,6 +387,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
         return row;                                                                                             \
     }                                                                                                           \
                                                                                                                 \
+    FN_LN_ROW_KERNEL                                                                                            \
     static void fn_ln_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,        \
                                          T *restrict dx, double *restrict dweight_part,                         \
                                          double *restrict dbias_part, ptrdiff_t n, fn_ln_grad_row_##S row)      \
@@ -407,7 +428,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
                 for (ptrdiff_t i = 0; i < rows * p.segments; i++) {                                             \
                     ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                       \
                     fn_ln_backward_sums_##S(dy + r * cols + c0, x + r * cols + c0, weight ? weight + c0 : NULL, \
-                                            fn_min(p.segment_cols, cols - c0), mean[r], sums + 3 * i);       \
+                                            fn_min(p.segment_cols, cols - c0), mean[r], sums + 3 * i);          \
                 }                                                                                               \
                 _Pragma("omp for schedule(static)")                                                             \
                 for (ptrdiff_t r = 0; r < rows; r++)                                                            \
@@ -429,7 +450,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
                     if (p.segments > 1)                                                                         \
                         s = sums + 3 * r * p.segments;                                                          \
                     else                                                                                        \
-                        fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], row_sums_here);  \
+                        fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], row_sums_here);     \
                     fn_ln_grad_row_##S row = fn_ln_grad_constants_##S(mean[r], invstd[r], s, cols);             \
                     fn_ln_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,      \
                                              dweight_part, dbias_part, n, row);                                 \
@@ -446,6 +467,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
         return 0;                                                                                               \
     }                                                                                                           \
                                                                                                                 \
+    FN_LN_ROW_KERNEL                                                                                            \
     static double fn_sum_squares_##S(const T *restrict x, ptrdiff_t n)                                          \
     {                                                                                                           \
         double acc[8] = {0};                                                                                    \
@@ -461,6 +483,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
         return total;                                                                                           \
     }                                                                                                           \
                                                                                                                 \
+    FN_LN_ROW_KERNEL                                                                                            \
     static void fn_rms_apply_##S(const T *restrict x, const T *restrict w, T *restrict y, ptrdiff_t n,          \
                                  T invrms)                                                                      \
     {                                                                                                           \
@@ -519,6 +542,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
     }                                                                                                           \
                                                                                                                 \
     /* sum(g * x) with g = dy * w. */                                                                           \
+    FN_LN_ROW_KERNEL                                                                                            \
     static double fn_rms_backward_sum_##S(const T *restrict dy, const T *restrict x, const T *restrict w,       \
                                           ptrdiff_t n)                                                          \
     {                                                                                                           \
@@ -539,6 +563,7 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
     }                                                                                                           \
                                                                                                                 \
     /* dx = invrms * g - x * invrms^3 * mean(g * x); dweight += dy * x * invrms. */                             \
+    FN_LN_ROW_KERNEL                                                                                            \
     static void fn_rms_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,       \
                                           T *restrict dx, double *restrict dweight_part, ptrdiff_t n,           \
                                           T invrms, T c)                                                        \
