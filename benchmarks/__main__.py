@@ -32,7 +32,7 @@ def parser():
     run.add_argument("--out", default=DEFAULT_OUT, help="folder for results.json, results.md and the PNGs "
                      "(default: benchmarks/results)")
     run.add_argument("--threads", type=_thread_list, default=None,
-                     help="thread counts, e.g. 1,4 (default: 1 and foldnorm.get_num_threads())")
+                     help="thread counts, e.g. 1,4 (default: 1, 2 and foldnorm.get_num_threads())")
     run.add_argument("--kernels", type=_names, default=None,
                      help="only these kernels, e.g. batch_norm,layer_norm ('none' for no kernels)")
     run.add_argument("--models", type=_names, default=None,

@@ -106,10 +106,11 @@ def paired_ratio(numerator, denominator):
 
 
 def default_threads():
-    """1 and all cores (foldnorm's own default thread count)."""
+    """1, 2 (the issue-2 scaling target's count) and all cores (foldnorm's own default thread count)."""
     from foldnorm.runtime import get_num_threads
 
-    return sorted({1, get_num_threads()})
+    cores = get_num_threads()
+    return sorted({1, min(2, cores), cores})
 
 
 def cpu_model():

@@ -159,10 +159,11 @@ def markdown(results):
             "",
             "GB/s counts the bytes the kernel must move (see the byte model); of roof = copy time / kernel "
             "time; x copy = kernel time / copy time; vs X = X's time / foldnorm's time (above 1: foldnorm "
-            "is faster); x 1 thr = 1-thread time / this time. Every ratio is a median of per-round pairs.",
+            "is faster); x %(t)d thr = %(t)d-thread time / this time. Every ratio is a median of per-round "
+            "pairs." % {"t": min(machine["threads"])},
             "",
             "| kernel | shape | thr | foldnorm ms (min-max) | GB/s | copy GB/s | of roof | x copy | vs ORT | "
-            "vs torch | vs NumPy f64 | x 1 thr |",
+            "vs torch | vs NumPy f64 | x %d thr |" % min(machine["threads"]),
             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for result in kernels:
