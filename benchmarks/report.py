@@ -305,18 +305,22 @@ def _plot_bandwidth(plt, kernels, threads, path):
 def _plot_scaling(plt, kernels, threads, path):
     import numpy as np
 
-    top = max(threads)
+    base, counts = threads[0], threads[1:]
     names = _case_names(kernels)
-    rows = [{r["threads"]: r for r in k["rows"]}[top] for k in kernels]
     y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(names)))
-    ax.barh(y, [r["scaling"]["median"] for r in rows], 0.6, label="foldnorm")
-    ax.scatter([r["copy_scaling"]["median"] for r in rows], y, marker="|", s=120, color="black", label="copy",
-               zorder=3)
-    ax.axvline(top, color="grey", linestyle="--", linewidth=1, label="ideal (%dx)" % top)
+    height = 0.8 / len(counts)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(names) * len(counts) ** 0.5))
+    for i, t in enumerate(counts):
+        rows = [{r["threads"]: r for r in k["rows"]}[t] for k in kernels]
+        offset = y + (i - (len(counts) - 1) / 2) * height
+        ax.barh(offset, [r["scaling"]["median"] for r in rows], height, color="C%d" % (i + 1),
+                label="foldnorm, %d thr" % t)
+        ax.scatter([r["copy_scaling"]["median"] for r in rows], offset, marker="|", s=120, color="black",
+                   label="copy" if i == 0 else None, zorder=3)
+        ax.axvline(t / base, color="C%d" % (i + 1), linestyle="--", linewidth=1, label="ideal at %d thr" % t)
     ax.set_yticks(y, names, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("speed-up at %d threads over 1 thread (paired per round)" % top)
+    ax.set_xlabel("speed-up over %d thread%s (paired per round)" % (base, "" if base == 1 else "s"))
     ax.set_title("Thread scaling")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
