@@ -1,6 +1,7 @@
 """The benchmark harness's logic: pairing, targets, compare's verdicts and exit codes, the outputs of a tiny
 run, and the models it builds. No timing is asserted: these machines are too noisy for that."""
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -189,3 +190,19 @@ def test_generated_cnns_have_a_batch_norm_after_every_conv_and_run(build, convs)
     logits = session.run(None, {"input": x})[0]
     assert logits.shape == (1, 10) and np.isfinite(logits).all()
 
+
+
+def test_a_missing_fold_pass_leaves_the_other_variants_timed(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "foldnorm.fold", None)  # makes `from foldnorm.fold import ...` fail
+    result = models.run_model(models.SMOKE_MODELS[0], threads=1, repeats=1, directory=str(tmp_path))
+    assert "foldnorm.fold is not available yet" in result["notes"][0]
+    assert set(result["variants"]) == {"original", "ort_basic"}
+    assert set(result["latency"]) == {"original/disabled", "original/enabled", "ort_basic/disabled",
+                                      "ort_basic/enabled"}
+    assert "folded_vs_original/disabled" not in result["ratios"]
+
+
+def test_plots_are_skipped_with_a_note_without_matplotlib(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    paths, note = report.plot({"kernels": [], "models": [], "machine": {"threads": [1, 2]}}, "unused")
+    assert paths == [] and "matplotlib is not importable" in note
