@@ -138,7 +138,8 @@ def _ort_single_node(op_type, opset, x, initializers, outputs, attrs, threads):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ORT_IR_VERSION
-    session = ort.InferenceSession(model.SerializeToString(), ort_session_options(threads), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), ort_session_options(threads),
+                                   providers=["CPUExecutionProvider"])
     binding = session.io_binding()
     binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x))
     for name, array in outputs:
@@ -469,7 +470,8 @@ class GroupNorm(GroupNormBench):
     def onnxruntime(self, threads):
         params = [("scale", self.weight), ("b", self.bias)]
         attrs = {"num_groups": self.groups, "epsilon": EPS}
-        return _ort_single_node("GroupNormalization", 21, self.x, params, [("y", np.empty_like(self.x))], attrs, threads)
+        out = [("y", np.empty_like(self.x))]
+        return _ort_single_node("GroupNormalization", 21, self.x, params, out, attrs, threads)
 
     def torch(self, threads):
         torch, F = _torch()

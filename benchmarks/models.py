@@ -326,7 +326,8 @@ def run_model(case, threads, repeats, directory, warmup=1, session_repeats=1, se
                 session, seconds = _timed_session(serialized, threads, level, session_repeats)
                 outputs[name, level_name] = session.run(None, feeds)[0]
             except Exception as error:  # e.g. a folded model onnxruntime refuses: report it, time the rest
-                result["notes"].append("%s with optimizations %s does not run: %s" % (name, level_name, first_line(error)))
+                result["notes"].append("%s with optimizations %s does not run: %s" % (
+                    name, level_name, first_line(error)))
                 continue
             result["variants"][name]["session_seconds_" + level_name] = seconds
             contenders.append(Contender("%s/%s" % (name, level_name), threads,

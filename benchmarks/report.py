@@ -180,7 +180,8 @@ def markdown(results):
                     _ratio(row["vs_torch"]), _ratio(row["vs_numpy"]), _ratio(row["scaling"])))
         lines.append("")
     if results["targets"]:
-        lines += ["#### Targets (issue 2), from this run's own numbers", "", "| target | measured (min-max) | verdict |",
+        lines += ["#### Targets (issue 2), from this run's own numbers", "",
+                  "| target | measured (min-max) | verdict |",
                   "|---|---|---|"]
         for verdict in results["targets"]:
             state = {True: "met", False: "**not met**", None: "not measured"}[verdict["met"]]
