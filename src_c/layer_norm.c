@@ -47,6 +47,9 @@
 #define FN_LN_CHUNK_VALUES ((ptrdiff_t)1 << 18)
 /* At most this many float64 values per partial-sum array (chunks * cols), whatever the row count. */
 #define FN_LN_PARTIAL_VALUES ((ptrdiff_t)1 << 21)
+/* Rows whose dweight/dbias terms the backward passes add up in the input's precision before adding them
+ * to float64 partial sums. */
+#define FN_LN_ROW_GROUP 8
 /* Tensors smaller than this run on one thread: waking others costs more than they save. */
 #define FN_LN_SERIAL_VALUES ((ptrdiff_t)1 << 15)
 
@@ -263,6 +266,49 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
     sums[2] += total_d;
 }
 
+/* The reduction pass of rms_norm_backward over one row (or segment): sum(g * x) with g = dy * w (dy when
+ * w is NULL); float32 rows in float32 lanes of 8 values summed in float64, as in fn_ln_backward_sums_f32. */
+FN_LN_ROW_KERNEL
+static double fn_rms_backward_sum_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
+                                      ptrdiff_t n)
+{
+    double total = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + FN_LN_LANE_GROUP <= n; i += FN_LN_LANE_GROUP) {
+        float lane[FN_LN_LANES] = {0};
+        const float *dyg = dy + i, *xg = x + i;
+        if (w) {
+            const float *wg = w + i;
+            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
+                for (int j = 0; j < FN_LN_LANES; j++)
+                    lane[j] += (dyg[k + j] * wg[k + j]) * xg[k + j];
+        } else {
+            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
+                for (int j = 0; j < FN_LN_LANES; j++)
+                    lane[j] += dyg[k + j] * xg[k + j];
+        }
+        total += fn_ln_lane_sum(lane);
+    }
+    for (; i < n; i++)
+        total += (double)(w ? dy[i] * w[i] : dy[i]) * (double)x[i];
+    return total;
+}
+
+FN_LN_ROW_KERNEL
+static double fn_rms_backward_sum_f64(const double *restrict dy, const double *restrict x,
+                                      const double *restrict w, ptrdiff_t n)
+{
+    double acc[8] = {0};
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] += (w ? dy[i + j] * w[i + j] : dy[i + j]) * x[i + j];
+    double total = fn_sum8(acc);
+    for (; i < n; i++)
+        total += (w ? dy[i] * w[i] : dy[i]) * x[i];
+    return total;
+}
+
 #define FN_DEFINE_LAYER_NORM(T, S)                                                                              \
     /* The row's centre as hi + lo in T, and its 1/sqrt(var + eps). */                                          \
     typedef struct {                                                                                            \
@@ -366,6 +412,17 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
         return 0;                                                                                               \
     }                                                                                                           \
                                                                                                                 \
+    /* part += rows in float64, then rows = 0: the backward passes sum dweight/dbias over FN_LN_ROW_GROUP rows  \
+     * in T, then into the chunk's float64 partial sums. */                                                     \
+    FN_LN_ROW_KERNEL                                                                                            \
+    static void fn_ln_flush_columns_##S(double *restrict part, T *restrict rows, ptrdiff_t n)                   \
+    {                                                                                                           \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                                     \
+            part[i] += (double)rows[i];                                                                         \
+            rows[i] = 0;                                                                                        \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
     /* dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) = a * g + c * xhat + b, with xhat centred on the     \
      * row's exact mean: the given mean plus the residual mean sum(d) / cols. */                                \
     typedef struct {                                                                                            \
@@ -389,23 +446,23 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
                                                                                                                 \
     FN_LN_ROW_KERNEL                                                                                            \
     static void fn_ln_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,        \
-                                         T *restrict dx, double *restrict dweight_part,                         \
-                                         double *restrict dbias_part, ptrdiff_t n, fn_ln_grad_row_##S row)      \
+                                         T *restrict dx, T *restrict dweight_rows, T *restrict dbias_rows,      \
+                                         ptrdiff_t n, fn_ln_grad_row_##S row)                                   \
     {                                                                                                           \
         const T hi = row.hi, lo = row.lo, inv = row.invstd, a = row.a, b = row.b, c = row.c;                    \
         if (w)                                                                                                  \
             for (ptrdiff_t i = 0; i < n; i++) {                                                                 \
                 T xhat = ((x[i] - hi) - lo) * inv;                                                              \
                 dx[i] = a * (dy[i] * w[i]) + c * xhat + b;                                                      \
-                dweight_part[i] += (double)(dy[i] * xhat);                                                      \
-                dbias_part[i] += (double)dy[i];                                                                 \
+                dweight_rows[i] += dy[i] * xhat;                                                                \
+                dbias_rows[i] += dy[i];                                                                         \
             }                                                                                                   \
         else                                                                                                    \
             for (ptrdiff_t i = 0; i < n; i++) {                                                                 \
                 T xhat = ((x[i] - hi) - lo) * inv;                                                              \
                 dx[i] = a * dy[i] + c * xhat + b;                                                               \
-                dweight_part[i] += (double)(dy[i] * xhat);                                                      \
-                dbias_part[i] += (double)dy[i];                                                                 \
+                dweight_rows[i] += dy[i] * xhat;                                                                \
+                dbias_rows[i] += dy[i];                                                                         \
             }                                                                                                   \
     }                                                                                                           \
                                                                                                                 \
@@ -416,10 +473,12 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
         const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
         const ptrdiff_t part_values = p.chunks * cols;                                                          \
         const ptrdiff_t row_sums = p.segments > 1 ? 3 * rows * p.segments : 0;                                  \
-        double *part = (double *)calloc((size_t)(2 * part_values + row_sums), sizeof(double));                  \
+        double *part = (double *)calloc(1, (size_t)(2 * part_values + row_sums) * sizeof(double)                \
+                                               + (size_t)(2 * part_values) * sizeof(T));                        \
         if (!part)                                                                                              \
             return -1;                                                                                          \
         double *sums = part + 2 * part_values;                                                                  \
+        T *group = (T *)(sums + row_sums);                                                                      \
         const ptrdiff_t tiles = p.chunks * p.segments;                                                          \
         _Pragma("omp parallel num_threads(p.threads)")                                                          \
         {                                                                                                       \
@@ -444,6 +503,8 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
                 const T *w = weight ? weight + c0 : NULL;                                                       \
                 double *dweight_part = part + chunk * cols + c0;                                                \
                 double *dbias_part = part + part_values + chunk * cols + c0;                                    \
+                T *dweight_rows = group + chunk * cols + c0;                                                    \
+                T *dbias_rows = group + part_values + chunk * cols + c0;                                        \
                 for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {                                         \
                     double row_sums_here[3] = {0.0, 0.0, 0.0};                                                  \
                     const double *s = row_sums_here;                                                            \
@@ -453,7 +514,11 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
                         fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], row_sums_here);     \
                     fn_ln_grad_row_##S row = fn_ln_grad_constants_##S(mean[r], invstd[r], s, cols);             \
                     fn_ln_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,      \
-                                             dweight_part, dbias_part, n, row);                                 \
+                                             dweight_rows, dbias_rows, n, row);                                 \
+                    if ((r + 1 - chunk * p.chunk_rows) % FN_LN_ROW_GROUP == 0 || r + 1 == r1) {                 \
+                        fn_ln_flush_columns_##S(dweight_part, dweight_rows, n);                                 \
+                        fn_ln_flush_columns_##S(dbias_part, dbias_rows, n);                                     \
+                    }                                                                                           \
                 }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
@@ -541,42 +606,21 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
         return 0;                                                                                               \
     }                                                                                                           \
                                                                                                                 \
-    /* sum(g * x) with g = dy * w. */                                                                           \
-    FN_LN_ROW_KERNEL                                                                                            \
-    static double fn_rms_backward_sum_##S(const T *restrict dy, const T *restrict x, const T *restrict w,       \
-                                          ptrdiff_t n)                                                          \
-    {                                                                                                           \
-        double acc[8] = {0};                                                                                    \
-        ptrdiff_t i = 0;                                                                                        \
-        if (w)                                                                                                  \
-            for (; i + 8 <= n; i += 8)                                                                          \
-                for (int j = 0; j < 8; j++)                                                                     \
-                    acc[j] += (double)(dy[i + j] * w[i + j]) * (double)x[i + j];                                \
-        else                                                                                                    \
-            for (; i + 8 <= n; i += 8)                                                                          \
-                for (int j = 0; j < 8; j++)                                                                     \
-                    acc[j] += (double)dy[i + j] * (double)x[i + j];                                             \
-        double total = fn_sum8(acc);                                                                            \
-        for (; i < n; i++)                                                                                      \
-            total += (double)(w ? dy[i] * w[i] : dy[i]) * (double)x[i];                                         \
-        return total;                                                                                           \
-    }                                                                                                           \
-                                                                                                                \
     /* dx = invrms * g - x * invrms^3 * mean(g * x); dweight += dy * x * invrms. */                             \
     FN_LN_ROW_KERNEL                                                                                            \
     static void fn_rms_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,       \
-                                          T *restrict dx, double *restrict dweight_part, ptrdiff_t n,           \
+                                          T *restrict dx, T *restrict dweight_rows, ptrdiff_t n,                \
                                           T invrms, T c)                                                        \
     {                                                                                                           \
         if (w)                                                                                                  \
             for (ptrdiff_t i = 0; i < n; i++) {                                                                 \
                 dx[i] = invrms * (dy[i] * w[i]) - c * x[i];                                                     \
-                dweight_part[i] += (double)(dy[i] * (x[i] * invrms));                                           \
+                dweight_rows[i] += dy[i] * (x[i] * invrms);                                                     \
             }                                                                                                   \
         else                                                                                                    \
             for (ptrdiff_t i = 0; i < n; i++) {                                                                 \
                 dx[i] = invrms * dy[i] - c * x[i];                                                              \
-                dweight_part[i] += (double)(dy[i] * (x[i] * invrms));                                           \
+                dweight_rows[i] += dy[i] * (x[i] * invrms);                                                     \
             }                                                                                                   \
     }                                                                                                           \
                                                                                                                 \
@@ -592,10 +636,12 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
         const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
         const ptrdiff_t part_values = p.chunks * cols;                                                          \
         const ptrdiff_t row_sums = p.segments > 1 ? rows * p.segments : 0;                                      \
-        double *part = (double *)calloc((size_t)(part_values + row_sums), sizeof(double));                      \
+        double *part = (double *)calloc(1, (size_t)(part_values + row_sums) * sizeof(double)                    \
+                                               + (size_t)part_values * sizeof(T));                              \
         if (!part)                                                                                              \
             return -1;                                                                                          \
         double *sums = part + part_values;                                                                      \
+        T *group = (T *)(sums + row_sums);                                                                      \
         const ptrdiff_t tiles = p.chunks * p.segments;                                                          \
         _Pragma("omp parallel num_threads(p.threads)")                                                          \
         {                                                                                                       \
@@ -620,10 +666,13 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
                 const T *w = weight ? weight + c0 : NULL;                                                       \
                 for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {                                         \
                     double sum_gx = p.segments > 1 ? sums[r * p.segments]                                       \
-                                                   : fn_rms_backward_sum_##S(dy + r * cols, x + r * cols, w, n); \
+                                                   : fn_rms_backward_sum_##S(dy + r * cols, x + r * cols, w,    \
+                                                                             n);                                \
                     fn_rms_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,     \
-                                              part + chunk * cols + c0, n, invrms[r],                           \
+                                              group + chunk * cols + c0, n, invrms[r],                          \
                                               fn_rms_backward_c_##S(invrms[r], sum_gx, cols));                  \
+                    if ((r + 1 - chunk * p.chunk_rows) % FN_LN_ROW_GROUP == 0 || r + 1 == r1)                   \
+                        fn_ln_flush_columns_##S(part + chunk * cols + c0, group + chunk * cols + c0, n);        \
                 }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
