@@ -22,11 +22,7 @@
 #include "layer_norm.h"
 
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include "fn_common.h"
 
@@ -54,65 +50,12 @@
 /* Rows whose dweight/dbias terms the backward passes add up in the input's precision before adding them
  * to float64 partial sums. */
 #define FN_LN_ROW_GROUP 8
-/* Results at least this large are written with non-temporal stores where the CPU has them (see
- * fn_ln_stream_store_f32). */
-#define FN_LN_STREAM_BYTES ((size_t)16 << 20)
-/* Values a streamed row is computed in (in L1) before they are stored. */
-#define FN_LN_STREAM_PIECE 1024
 /* Tensors smaller than this run on one thread: waking others costs more than they save. */
 #define FN_LN_SERIAL_VALUES ((ptrdiff_t)1 << 15)
 
 static ptrdiff_t fn_ceil_div(ptrdiff_t a, ptrdiff_t b) { return (a + b - 1) / b; }
 
 static ptrdiff_t fn_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
-
-/* dst[0..n) = src[0..n) with non-temporal stores, which write a result far larger than the caches
- * straight to memory instead of first reading every destination line into the cache: a third of the
- * memory traffic of a normalization.  The arithmetic stays in plain auto-vectorized loops that write an
- * L1-resident piece; only this copy names SSE2 (every x86-64 has it).  Elsewhere results are written
- * with ordinary stores. */
-#if defined(__SSE2__)
-#define FN_LN_STREAMING 1
-static void fn_ln_stream_store_f32(float *restrict dst, const float *restrict src, ptrdiff_t n)
-{
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
-        dst[i] = src[i];
-    for (; i + 4 <= n; i += 4)
-        _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-    for (; i < n; i++)
-        dst[i] = src[i];
-}
-
-static void fn_ln_stream_store_f64(double *restrict dst, const double *restrict src, ptrdiff_t n)
-{
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
-        dst[i] = src[i];
-    for (; i + 2 <= n; i += 2)
-        _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
-    for (; i < n; i++)
-        dst[i] = src[i];
-}
-
-/* Non-temporal stores are weakly ordered: fence them before the thread's results are read elsewhere. */
-static void fn_ln_stream_fence(void) { _mm_sfence(); }
-#else
-#define FN_LN_STREAMING 0
-static void fn_ln_stream_store_f32(float *restrict dst, const float *restrict src, ptrdiff_t n)
-{
-    for (ptrdiff_t i = 0; i < n; i++)
-        dst[i] = src[i];
-}
-
-static void fn_ln_stream_store_f64(double *restrict dst, const double *restrict src, ptrdiff_t n)
-{
-    for (ptrdiff_t i = 0; i < n; i++)
-        dst[i] = src[i];
-}
-
-static void fn_ln_stream_fence(void) {}
-#endif
 
 /* How a rows x cols problem is cut up; a function of the shape only (plus the thread count, which
  * decides nothing but how many threads share the fixed pieces). */
@@ -121,10 +64,9 @@ typedef struct {
     ptrdiff_t segment_cols, segments; /* column segments per row: 1 for rows up to FN_LN_WIDE_COLS */
     ptrdiff_t chunk_rows, chunks;     /* row chunks of the backward column sums */
     int threads;
-    int stream; /* write the result with non-temporal stores */
 } fn_ln_plan;
 
-static fn_ln_plan fn_ln_make_plan(ptrdiff_t rows, ptrdiff_t cols, size_t value_bytes, int num_threads)
+static fn_ln_plan fn_ln_make_plan(ptrdiff_t rows, ptrdiff_t cols, int num_threads)
 {
     fn_ln_plan p;
     p.rows = rows;
@@ -138,7 +80,6 @@ static fn_ln_plan fn_ln_make_plan(ptrdiff_t rows, ptrdiff_t cols, size_t value_b
     p.chunk_rows = fn_min(chunk_rows, rows);
     p.chunks = fn_ceil_div(rows, p.chunk_rows);
     p.threads = rows * cols < FN_LN_SERIAL_VALUES || num_threads < 1 ? 1 : num_threads;
-    p.stream = FN_LN_STREAMING && (size_t)(rows * cols) * value_bytes >= FN_LN_STREAM_BYTES;
     return p;
 }
 
@@ -425,27 +366,10 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
                 y[i] = ((x[i] - hi) - lo) * inv;                                                                \
     }                                                                                                           \
                                                                                                                 \
-    /* fn_ln_apply into y, through an L1 piece and non-temporal stores when `stream` is set. */                 \
-    static void fn_ln_write_##S(const T *x, const T *w, const T *b, T *y, ptrdiff_t n, fn_ln_row_##S row,       \
-                                int stream)                                                                     \
-    {                                                                                                           \
-        if (!stream) {                                                                                          \
-            fn_ln_apply_##S(x, w, b, y, n, row);                                                                \
-            return;                                                                                             \
-        }                                                                                                       \
-        T piece[FN_LN_STREAM_PIECE];                                                                            \
-        for (ptrdiff_t i = 0; i < n; i += FN_LN_STREAM_PIECE) {                                                 \
-            ptrdiff_t len = fn_min(n - i, FN_LN_STREAM_PIECE);                                                  \
-            fn_ln_apply_##S(x + i, w ? w + i : NULL, b ? b + i : NULL, piece, len, row);                        \
-            fn_ln_stream_store_##S(y + i, piece, len);                                                          \
-        }                                                                                                       \
-        fn_ln_stream_fence();                                                                                   \
-    }                                                                                                           \
-                                                                                                                \
     int fn_layer_norm_##S(const T *x, const T *weight, const T *bias, T *y, T *mean, T *invstd,                 \
                           ptrdiff_t rows, ptrdiff_t cols, double eps, int num_threads)                          \
     {                                                                                                           \
-        const fn_ln_plan p = fn_ln_make_plan(rows, cols, sizeof(T), num_threads);                               \
+        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
         if (p.segments == 1) {                                                                                  \
             _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
             for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
@@ -453,7 +377,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
                 fn_ln_row_##S row = fn_ln_row_from_stats_##S(s, eps);                                           \
                 mean[r] = (T)s.mean;                                                                            \
                 invstd[r] = row.invstd;                                                                         \
-                fn_ln_write_##S(x + r * cols, weight, bias, y + r * cols, cols, row, p.stream);                 \
+                fn_ln_apply_##S(x + r * cols, weight, bias, y + r * cols, cols, row);                           \
             }                                                                                                   \
             return 0;                                                                                           \
         }                                                                                                       \
@@ -480,8 +404,8 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
             for (ptrdiff_t i = 0; i < items; i++) {                                                             \
                 ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
                 fn_ln_row_##S row = fn_ln_row_from_stats_##S(stats[r * p.segments], eps);                       \
-                fn_ln_write_##S(x + r * cols + c0, weight ? weight + c0 : NULL, bias ? bias + c0 : NULL,        \
-                                y + r * cols + c0, fn_min(p.segment_cols, cols - c0), row, p.stream);           \
+                fn_ln_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, bias ? bias + c0 : NULL,        \
+                                y + r * cols + c0, fn_min(p.segment_cols, cols - c0), row);                     \
             }                                                                                                   \
         }                                                                                                       \
         free(stats);                                                                                            \
@@ -546,7 +470,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
                                    T *dx, T *dweight, T *dbias, ptrdiff_t rows, ptrdiff_t cols,                 \
                                    int num_threads)                                                             \
     {                                                                                                           \
-        const fn_ln_plan p = fn_ln_make_plan(rows, cols, sizeof(T), num_threads);                               \
+        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
         const ptrdiff_t part_values = p.chunks * cols;                                                          \
         const ptrdiff_t row_sums = p.segments > 1 ? 3 * rows * p.segments : 0;                                  \
         double *part = (double *)calloc(1, (size_t)(2 * part_values + row_sums) * sizeof(double)                \
@@ -641,32 +565,16 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
         return (T)(1.0 / sqrt(sum_squares / (double)cols + eps));                                               \
     }                                                                                                           \
                                                                                                                 \
-    /* fn_rms_apply into y, through an L1 piece and non-temporal stores when `stream` is set. */                \
-    static void fn_rms_write_##S(const T *x, const T *w, T *y, ptrdiff_t n, T invrms, int stream)               \
-    {                                                                                                           \
-        if (!stream) {                                                                                          \
-            fn_rms_apply_##S(x, w, y, n, invrms);                                                               \
-            return;                                                                                             \
-        }                                                                                                       \
-        T piece[FN_LN_STREAM_PIECE];                                                                            \
-        for (ptrdiff_t i = 0; i < n; i += FN_LN_STREAM_PIECE) {                                                 \
-            ptrdiff_t len = fn_min(n - i, FN_LN_STREAM_PIECE);                                                  \
-            fn_rms_apply_##S(x + i, w ? w + i : NULL, piece, len, invrms);                                      \
-            fn_ln_stream_store_##S(y + i, piece, len);                                                          \
-        }                                                                                                       \
-        fn_ln_stream_fence();                                                                                   \
-    }                                                                                                           \
-                                                                                                                \
     int fn_rms_norm_##S(const T *x, const T *weight, T *y, T *invrms, ptrdiff_t rows, ptrdiff_t cols,           \
                         double eps, int num_threads)                                                            \
     {                                                                                                           \
-        const fn_ln_plan p = fn_ln_make_plan(rows, cols, sizeof(T), num_threads);                               \
+        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
         if (p.segments == 1) {                                                                                  \
             _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
             for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
                 T inv = fn_invrms_##S(fn_sum_squares_##S(x + r * cols, cols), cols, eps);                       \
                 invrms[r] = inv;                                                                                \
-                fn_rms_write_##S(x + r * cols, weight, y + r * cols, cols, inv, p.stream);                      \
+                fn_rms_apply_##S(x + r * cols, weight, y + r * cols, cols, inv);                                \
             }                                                                                                   \
             return 0;                                                                                           \
         }                                                                                                       \
@@ -690,8 +598,8 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
             _Pragma("omp for schedule(static)")                                                                 \
             for (ptrdiff_t i = 0; i < items; i++) {                                                             \
                 ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
-                fn_rms_write_##S(x + r * cols + c0, weight ? weight + c0 : NULL, y + r * cols + c0,             \
-                                 fn_min(p.segment_cols, cols - c0), invrms[r], p.stream);                       \
+                fn_rms_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, y + r * cols + c0,             \
+                                 fn_min(p.segment_cols, cols - c0), invrms[r]);                                 \
             }                                                                                                   \
         }                                                                                                       \
         free(sums);                                                                                             \
@@ -725,7 +633,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
     int fn_rms_norm_backward_##S(const T *dy, const T *x, const T *invrms, const T *weight, T *dx,              \
                                  T *dweight, ptrdiff_t rows, ptrdiff_t cols, int num_threads)                   \
     {                                                                                                           \
-        const fn_ln_plan p = fn_ln_make_plan(rows, cols, sizeof(T), num_threads);                               \
+        const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
         const ptrdiff_t part_values = p.chunks * cols;                                                          \
         const ptrdiff_t row_sums = p.segments > 1 ? rows * p.segments : 0;                                      \
         double *part = (double *)calloc(1, (size_t)(part_values + row_sums) * sizeof(double)                    \
