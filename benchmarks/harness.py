@@ -4,6 +4,7 @@ Machines running these benchmarks are noisy (shared cores, frequency changes), s
 numbers taken at different times. The contenders of one case are run round-robin, each round starting
 with a different one, and every ratio is taken pair by pair from samples of the same round.
 """
+import contextlib
 import datetime
 import gc
 import os
@@ -94,6 +95,29 @@ def _call(contender):
     start = time.perf_counter()
     contender.run()
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def thread_settings_kept():
+    """Restore foldnorm's and torch's default thread counts on exit.
+
+    torch.set_num_threads, which the torch contenders call, also sets the OpenMP runtime that foldnorm
+    shares with torch; without this a benchmark would leave the caller's kernels on another count.
+    """
+    import sys
+
+    from foldnorm.runtime import get_num_threads, set_num_threads
+
+    foldnorm_threads = get_num_threads()
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(torch_threads or foldnorm_threads)
+        set_num_threads(foldnorm_threads)
 
 
 def paired_ratio(numerator, denominator):

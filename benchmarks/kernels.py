@@ -542,6 +542,13 @@ BENCHES = {
 
 def run_case(case, threads, repeats, warmup=1, reference_repeats=1, settle=0.0, seed=0):
     """Time one case at every thread count; returns its JSON-ready result (with `skipped` if it cannot run)."""
+    from .harness import thread_settings_kept
+
+    with thread_settings_kept():
+        return _run_case(case, threads, repeats, warmup, reference_repeats, settle, seed)
+
+
+def _run_case(case, threads, repeats, warmup, reference_repeats, settle, seed):
     from foldnorm._runtime import parallel_copy
 
     from .harness import measure, paired_ratio

@@ -114,6 +114,22 @@ def test_compare_rejects_bad_files_with_one_line_and_exit_code_2(tmp_path, capsy
     assert main(["compare", str(tmp_path / "missing.json"), good]) == 2
 
 
+def test_a_case_leaves_the_default_thread_counts_as_it_found_them():
+    from foldnorm.runtime import get_num_threads, set_num_threads
+
+    before = get_num_threads()
+    set_num_threads(3)
+    try:
+        result = kernels.run_case(kernels.KernelCase("layer_norm", (16, 64)), [1, 2], repeats=1)
+        assert "rows" in result or result["skipped"]
+        assert get_num_threads() == 3
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            assert torch.get_num_threads() in (3, before)
+    finally:
+        set_num_threads(before)
+
+
 def test_a_kernel_that_is_not_there_yet_is_skipped_with_a_note(monkeypatch):
     def missing(module, name):
         raise Unavailable("foldnorm.%s.%s is not available yet" % (module, name))
