@@ -92,7 +92,7 @@ def _build_parser():
 
 def run_fold(args):
     from .modelio import external_data_files, load_model, save_model, write_file_atomically
-    from .verify import verify
+    from .verification import verify
 
     source = Path(args.model)
     output = Path(args.output) if args.output else _default_output(source)

@@ -784,7 +784,7 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     """Fold every foldable normalization of a model; returns (folded ModelProto, FoldReport).
 
     The caller's ModelProto is never modified. With verify=True the folded model is checked against the
-    original in onnxruntime (foldnorm.verify.verify) and VerificationError (carrying the report) is raised
+    original in onnxruntime (foldnorm.verify) and VerificationError (carrying the report) is raised
     when an output diverges. FoldError for models the pass refuses (invalid, opset outside 7 .. newest).
     """
     original, label, checked = _load(model_or_path)
@@ -804,7 +804,7 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
         report.notes.append("the parameters grew: a folded weight is stored in full, also where the model "
                             "computed it from a smaller constant (ConstantOfShape, Expand, ...)")
     if verify:
-        from .verify import verify as verify_models
+        from .verification import verify as verify_models
 
         result = verify_models(original, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed)
         report.verification = result

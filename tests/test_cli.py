@@ -312,15 +312,27 @@ def test_keep_bn_leaves_what_cannot_fold(tmp_path, capsys):
 
 
 def test_no_verify_skips_onnxruntime(tmp_path, capsys, monkeypatch):
-    import foldnorm.verify
+    from foldnorm import verification
 
-    monkeypatch.setattr(foldnorm.verify, "verify", lambda *a, **k: pytest.fail("verify was called"))
+    calls = []
+    real_verify = verification.verify
+
+    def recording_verify(*args, **kwargs):
+        calls.append(args)
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(verification, "verify", recording_verify)
     model = write_model(tmp_path)
     code, out, err = run_cli(capsys, "fold", model, "--no-verify", "--report", tmp_path / "r.json")
     assert code == 0, err
+    assert calls == []
     assert "verification" not in out
     assert json.loads((tmp_path / "r.json").read_text())["verification"] is None
     assert (tmp_path / "model.folded.onnx").exists()
+    # the same command without --no-verify goes through the patched function: the patch is where fold looks
+    code, out, err = run_cli(capsys, "fold", model, "-o", tmp_path / "verified.onnx")
+    assert code == 0, err
+    assert len(calls) == 1 and "verification against onnxruntime" in out
 
 
 def test_shape_gives_dynamic_dims_for_verification(tmp_path, capsys):

@@ -7,10 +7,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldnorm import modelio
+from foldnorm import modelio, verify
 from foldnorm.errors import FoldError
 from foldnorm.modelio import external_data_files, load_model, save_model, uses_external_data
-from foldnorm.verify import verify
 from onnx_cases import IR_VERSION
 
 OPSET = 17

@@ -1,6 +1,8 @@
-"""foldnorm.verify: both models in onnxruntime on the same seeded inputs, every output compared."""
+"""foldnorm.verify (foldnorm/verification.py): both models in onnxruntime on the same seeded inputs, every
+output compared."""
 import json
 import math
+import types
 
 import ml_dtypes
 import numpy as np
@@ -9,9 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldnorm import verify as verify_module
+import foldnorm
+from fold_models import conv_bn_model, count_ops
+from foldnorm import verification
 from foldnorm.errors import FoldError
-from foldnorm.verify import compare_output, make_inputs, verify
+from foldnorm.verification import VerifyReport, compare_output, make_inputs, verify
 from onnx_cases import IR_VERSION
 
 OPSET = 17
@@ -305,10 +309,19 @@ def test_unloaded_external_data_is_refused():
 
 
 def test_models_over_the_protobuf_limit_run_from_a_file(monkeypatch):
-    monkeypatch.setattr(verify_module, "PROTOBUF_LIMIT", 10)
+    sources = []
+    real_session = ort.InferenceSession
+
+    def recording_session(source, options=None, **kwargs):
+        sources.append(source)
+        return real_session(source, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording_session)
+    monkeypatch.setattr(verification, "PROTOBUF_LIMIT", 10)
     original, folded = folded_by_hand(np.float32)
     report = verify(original, folded)
     assert report.passed and report.outputs[0].max_abs_error > 0.0
+    assert len(sources) == 2 and all(isinstance(s, str) and s.endswith("model.onnx") for s in sources)
 
 
 def test_report_serializes_to_json_with_the_printed_numbers():
@@ -342,3 +355,23 @@ def test_sequence_outputs_are_compared_element_by_element():
     assert not off.passed and off.max_abs_error == 0.5 and "seq[1]" in off.note
     shorter = compare_output("seq", reference, reference[:1])
     assert not shorter.passed and "1 elements, original 2" in shorter.note
+
+
+def test_the_package_exports_verify_for_a_model_folded_by_fold_model():
+    assert callable(foldnorm.verify) and not isinstance(foldnorm.verify, types.ModuleType)
+    assert foldnorm.verify is verification.verify and foldnorm.VerifyReport is VerifyReport
+    original = conv_bn_model()
+    folded, _ = foldnorm.fold_model(original, verify=False)
+    assert count_ops(folded, "BatchNormalization") == 0
+
+    report = foldnorm.verify(original, folded)
+    assert isinstance(report, VerifyReport) and report.passed
+    assert [o.name for o in report.outputs] == ["y"]
+    assert report.input_shapes == {"x": [2, 4, 7, 6]} and report.dynamic_dims == {}
+    x = np.random.default_rng(0).standard_normal((2, 4, 7, 6)).astype(np.float32)
+    expected = run_unoptimized(original, {"x": x})[0].astype(np.float64)
+    got = run_unoptimized(folded, {"x": x})[0].astype(np.float64)
+    (y,) = report.outputs
+    assert y.max_abs_error == pytest.approx(np.abs(expected - got).max(), rel=1e-12, abs=0)
+    assert y.rtol == 1e-4 and y.atol == pytest.approx(1e-4 * np.abs(expected).max())
+    assert 0.0 < y.max_abs_error < y.atol

@@ -1,8 +1,8 @@
 """Proof that a folded model computes what the original computes: both run in onnxruntime, compared.
 
-`verify` runs the original and the folded model in onnxruntime's CPU provider with every graph
-optimization DISABLED (ORT_DISABLE_ALL), so the check tests our folding and not onnxruntime's own, on the
-same seeded random inputs, and compares every graph output.
+`verify` (public as foldnorm.verify) runs the original and the folded model in onnxruntime's CPU provider
+with every graph optimization DISABLED (ORT_DISABLE_ALL), so the check tests our folding and not
+onnxruntime's own, on the same seeded random inputs, and compares every graph output.
 
 Inputs, one array per graph input that is not an initializer, drawn from `numpy.random.default_rng(seed)`
 in graph-input order:
