@@ -9,9 +9,10 @@ SOURCES := pyproject.toml setup.py $(wildcard src_c/*.c src_c/*.h foldnorm/*.pyx
 
 all: test
 
+# The build requirements live in the venv too: `make asan` and in-place rebuilds compile without isolation.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q --upgrade pip setuptools wheel 'Cython>=3.0'
 
 # The package with its test and benchmark extras, built with OpenMP required. torch is an optional peer:
 # installed only when a local CPU wheel of the pinned release is available (a plain download would be a

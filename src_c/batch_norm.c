@@ -2,8 +2,8 @@
  *
  * Two layouts of the (outer, channels, inner) view, chosen by the shape alone:
  * - planes (inner > 1): each (n, c) plane is contiguous.  A unit is one FN_STATS_BLOCK piece of a plane,
- *   so a few huge planes still give every thread work; its statistics are the exact two-pass of
- *   fn_common.h's fn_block_stats on that L1-resident piece, and a channel's units are Chan-merged over
+ *   so a few huge planes still give every thread work; its statistics are fn_common.h's
+ *   fn_block_stats of that L1-resident piece, and a channel's units are Chan-merged over
  *   (n, piece) in order, as fn_run_stats over each plane followed by a merge over n would.
  * - rows (inner == 1, channels-last): x is an (outer, channels) matrix.  A unit is a fixed block of rows
  *   small enough to stay in cache; per-channel statistics of a block are an exact two-pass over its rows
@@ -215,21 +215,6 @@ static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double 
     }
 }
 
-/* The compute-bound reductions are also compiled for AVX2 and picked at load time (GCC's function
- * multiversioning on x86-64 Linux), so the package still runs on any x86-64.  The results are the same
- * bits either way: -std=c11 turns off FMA contraction, and vectorizing does not reorder the additions. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define BN_REDUCTION __attribute__((target_clones("avx2", "default")))
-#else
-#define BN_REDUCTION
-#endif
-
-/* Sum of eight accumulators in a fixed tree. */
-static double bn_sum8(const double *a)
-{
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
-
 /* BN_RESIDUAL_PASS: whether a block's statistics correct the mean for the rounding of the float64 sum
  * of its values.  A block sums at most 8192 values per channel; for floats (24-bit significands) that sum
  * is exact unless the values span more than 2^16 in magnitude, and within one float64 rounding
@@ -252,59 +237,10 @@ static double bn_sum8(const double *a)
 
 #else /* BN_T defined: the type-generic kernels */
 
-/* The exact two-pass statistics of fn_block_stats for n <= FN_STATS_BLOCK values, each pass a loop of
- * its own: GCC vectorizes a loop that updates one accumulator array, but leaves one that updates two
- * (sum of deviations and sum of squares) scalar. */
-BN_REDUCTION static fn_stats BN_FN(bn_block_stats)(const BN_T *restrict x, ptrdiff_t n)
-{
-    const ptrdiff_t body = n - n % 8;
-    double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    for (ptrdiff_t i = 0; i < body; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += (double)x[i + j];
-    double sum = bn_sum8(acc);
-    for (ptrdiff_t i = body; i < n; i++)
-        sum += (double)x[i];
-    const double shift = sum / (double)n;
-
-    double residual = 0.0;
-#if BN_RESIDUAL_PASS
-    for (int j = 0; j < 8; j++)
-        acc[j] = 0.0;
-    for (ptrdiff_t i = 0; i < body; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += (double)x[i + j] - shift;
-    residual = bn_sum8(acc);
-    for (ptrdiff_t i = body; i < n; i++)
-        residual += (double)x[i] - shift;
-#endif
-
-    for (int j = 0; j < 8; j++)
-        acc[j] = 0.0;
-    for (ptrdiff_t i = 0; i < body; i += 8)
-        for (int j = 0; j < 8; j++) {
-            double d = (double)x[i + j] - shift;
-            acc[j] += d * d;
-        }
-    double squares = bn_sum8(acc);
-    for (ptrdiff_t i = body; i < n; i++) {
-        double d = (double)x[i] - shift;
-        squares += d * d;
-    }
-
-    fn_stats s;
-    s.n = (double)n;
-    s.mean = shift + residual / (double)n;
-    s.m2 = squares - residual * (residual / (double)n);
-    if (!(s.m2 > 0.0) && s.m2 == s.m2)
-        s.m2 = 0.0;
-    return s;
-}
-
-/* Per-channel statistics of a block of `rows` rows: the exact two-pass of bn_block_stats along the
+/* Per-channel statistics of a block of `rows` rows: an exact two-pass along the
  * channels.  Four rows are folded into the per-channel accumulators at a time, which quarters their
  * loads and stores; the residual pass runs for double input only (see BN_RESIDUAL_PASS). */
-BN_REDUCTION static void BN_FN(bn_block_column_stats)(const BN_T *restrict x, ptrdiff_t rows,
+FN_VECTOR_KERNEL static void BN_FN(bn_block_column_stats)(const BN_T *restrict x, ptrdiff_t rows,
                                                       ptrdiff_t channels, double *restrict mean,
                                                       double *restrict m2, double *restrict residual)
 {
@@ -376,7 +312,7 @@ static int BN_FN(bn_statistics)(const BN_T *x, const bn_plan *p, double *mean, d
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (ptrdiff_t u = 0; u < units; u++) {
             bn_extent e = bn_unit_extent(p, u);
-            unit_stats[u] = BN_FN(bn_block_stats)(x + e.offset, e.len);
+            unit_stats[u] = BN_FN(fn_block_stats)(x + e.offset, e.len);
         }
         bn_merge_plane_stats(p, unit_stats, mean, var, num_threads);
         free(unit_stats);
@@ -523,7 +459,7 @@ int BN_FN(fn_batch_norm_train)(const BN_T *x, BN_T *y, ptrdiff_t outer, ptrdiff_
 
 /* sum(dy) and sum(dy * (x - mean)) of one run of a channel, eight accumulators each, one loop per sum
  * so that both vectorize. */
-BN_REDUCTION static void BN_FN(bn_grad_sums_run)(const BN_T *restrict dy, const BN_T *restrict x, ptrdiff_t n,
+FN_VECTOR_KERNEL static void BN_FN(bn_grad_sums_run)(const BN_T *restrict dy, const BN_T *restrict x, ptrdiff_t n,
                                     double mean, double *out)
 {
     const ptrdiff_t body = n - n % 8;
@@ -531,7 +467,7 @@ BN_REDUCTION static void BN_FN(bn_grad_sums_run)(const BN_T *restrict dy, const 
     for (ptrdiff_t i = 0; i < body; i += 8)
         for (int j = 0; j < 8; j++)
             acc[j] += (double)dy[i + j];
-    double sum_dy = bn_sum8(acc);
+    double sum_dy = fn_sum8(acc);
     for (ptrdiff_t i = body; i < n; i++)
         sum_dy += (double)dy[i];
 
@@ -540,7 +476,7 @@ BN_REDUCTION static void BN_FN(bn_grad_sums_run)(const BN_T *restrict dy, const 
     for (ptrdiff_t i = 0; i < body; i += 8)
         for (int j = 0; j < 8; j++)
             acc[j] += (double)dy[i + j] * ((double)x[i + j] - mean);
-    double sum_dy_xc = bn_sum8(acc);
+    double sum_dy_xc = fn_sum8(acc);
     for (ptrdiff_t i = body; i < n; i++)
         sum_dy_xc += (double)dy[i] * ((double)x[i] - mean);
     out[0] = sum_dy;
@@ -548,7 +484,7 @@ BN_REDUCTION static void BN_FN(bn_grad_sums_run)(const BN_T *restrict dy, const 
 }
 
 /* The per-channel gradient sums of a block of rows, four rows per sweep over the accumulators. */
-BN_REDUCTION static void BN_FN(bn_grad_sums_rows)(const BN_T *restrict dy, const BN_T *restrict x,
+FN_VECTOR_KERNEL static void BN_FN(bn_grad_sums_rows)(const BN_T *restrict dy, const BN_T *restrict x,
                                                   ptrdiff_t rows, ptrdiff_t channels,
                                                   const double *restrict mean, double *restrict sum_dy,
                                                   double *restrict sum_dy_xc)

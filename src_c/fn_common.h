@@ -4,10 +4,12 @@
  * without OpenMP) and the fn_omp_* wrappers below.
  *
  * Statistics are never computed as float32 E[x^2] - E[x]^2.  A run of values is cut into blocks of at
- * most FN_STATS_BLOCK elements that stay in L1 cache; each block gets an exact centered two-pass mean and
- * M2 = sum((x - mean)^2) in float64, and blocks are combined with Chan's pairwise update in a fixed order.
- * Callers that parallelize do so over fixed units (never "one chunk per thread"), so every result is
- * bit-identical for any thread count.
+ * most FN_STATS_BLOCK elements that stay in L1 cache; each block gets its mean and M2 = sum((x - mean)^2)
+ * from sums centred on a shift near its mean (in float32 lanes for float32 when the cancellation is
+ * provably small, else an exact two-pass in float64), and blocks are combined with Chan's pairwise update
+ * in a fixed order.  Callers that parallelize do so over fixed units (never "one chunk per thread"), so
+ * every result is bit-identical for any thread count.  batch_norm.c, layer_norm.c and group_norm.c all
+ * take their statistics from here.
  */
 #ifndef FOLDNORM_FN_COMMON_H
 #define FOLDNORM_FN_COMMON_H
@@ -65,58 +67,170 @@ static inline double fn_stats_var(fn_stats s)
     return s.n > 0.0 ? s.m2 / s.n : 0.0;
 }
 
-/* Eight independent accumulators let the compiler vectorize a reduction without -ffast-math, and fix the
- * order of additions at compile time. */
-#define FN_DEFINE_STATS(T, SUFFIX)                                                                     \
-    /* Exact two-pass statistics of n <= FN_STATS_BLOCK values; the second pass also sums the residual   \
-     * deviations, which corrects the mean for the rounding of the first pass. */                       \
-    static inline fn_stats fn_block_stats_##SUFFIX(const T *x, ptrdiff_t n)                              \
-    {                                                                                                    \
-        double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                        \
-        ptrdiff_t i = 0;                                                                                 \
-        for (; i + 8 <= n; i += 8)                                                                       \
-            for (int j = 0; j < 8; j++)                                                                  \
-                acc[j] += (double)x[i + j];                                                              \
-        double sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));  \
-        for (; i < n; i++)                                                                               \
-            sum += (double)x[i];                                                                         \
-        double shift = sum / (double)n;                                                                  \
-        double d1[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                         \
-        double d2[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                         \
-        for (i = 0; i + 8 <= n; i += 8)                                                                  \
-            for (int j = 0; j < 8; j++) {                                                                \
-                double d = (double)x[i + j] - shift;                                                     \
-                d1[j] += d;                                                                              \
-                d2[j] += d * d;                                                                          \
-            }                                                                                            \
-        double s1 = ((d1[0] + d1[1]) + (d1[2] + d1[3])) + ((d1[4] + d1[5]) + (d1[6] + d1[7]));           \
-        double s2 = ((d2[0] + d2[1]) + (d2[2] + d2[3])) + ((d2[4] + d2[5]) + (d2[6] + d2[7]));           \
-        for (; i < n; i++) {                                                                             \
-            double d = (double)x[i] - shift;                                                             \
-            s1 += d;                                                                                     \
-            s2 += d * d;                                                                                 \
-        }                                                                                                \
-        fn_stats s;                                                                                      \
-        s.n = (double)n;                                                                                 \
-        s.mean = shift + s1 / (double)n;                                                                 \
-        s.m2 = s2 - s1 * (s1 / (double)n);                                                               \
-        if (!(s.m2 > 0.0) && s.m2 == s.m2)                                                               \
-            s.m2 = 0.0;                                                                                  \
-        return s;                                                                                        \
-    }                                                                                                    \
-                                                                                                         \
-    /* Statistics of any number of contiguous values, block by block in a fixed order. */               \
-    static inline fn_stats fn_run_stats_##SUFFIX(const T *x, ptrdiff_t n)                                \
-    {                                                                                                    \
-        fn_stats s = fn_stats_empty();                                                                   \
-        for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {                                  \
-            ptrdiff_t len = n - start < FN_STATS_BLOCK ? n - start : FN_STATS_BLOCK;                     \
-            fn_stats_merge(&s, fn_block_stats_##SUFFIX(x + start, len));                                 \
-        }                                                                                                \
-        return s;                                                                                        \
+/* The compute-bound loops are compiled twice, for baseline x86-64 and for AVX2, and the loader picks one
+ * by the CPU it runs on (GNU ifunc), so a built package still runs on any x86-64.  Both versions give
+ * the same bits: -std=c11 turns off FMA contraction, and every lane and accumulator sees the same
+ * operations in the same order. */
+#if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define FN_VECTOR_KERNEL __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef FN_VECTOR_KERNEL
+#define FN_VECTOR_KERNEL
+#endif
+
+/* Sum of eight accumulators in a fixed tree. */
+static inline double fn_sum8(const double *a)
+{
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+/* Statistics from centred sums s1 = sum(x - shift) and s2 = sum((x - shift)^2) of n values. */
+static inline fn_stats fn_stats_from_centred(double n, double shift, double s1, double s2)
+{
+    fn_stats s;
+    s.n = n;
+    s.mean = shift + s1 / n;
+    s.m2 = s2 - s1 * (s1 / n);
+    if (!(s.m2 > 0.0) && s.m2 == s.m2)
+        s.m2 = 0.0;
+    return s;
+}
+
+/* Exact two-pass statistics of n <= FN_STATS_BLOCK values in float64: the mean, then the sums of the
+ * deviations (which correct the mean for the rounding of the first pass) and of their squares.  Each
+ * sum is a loop of its own over eight independent accumulators: GCC vectorizes a loop with one
+ * reduction (without -ffast-math, the fixed order of additions permitting it) but leaves one that
+ * updates two arrays scalar. */
+#define FN_DEFINE_EXACT_STATS(T, SUFFIX)                                                               \
+    FN_VECTOR_KERNEL static inline fn_stats fn_exact_block_stats_##SUFFIX(const T *restrict x,          \
+                                                                         ptrdiff_t n)                   \
+    {                                                                                                  \
+        const ptrdiff_t body = n - n % 8;                                                              \
+        double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                      \
+        for (ptrdiff_t i = 0; i < body; i += 8)                                                        \
+            for (int j = 0; j < 8; j++)                                                                \
+                acc[j] += (double)x[i + j];                                                            \
+        double sum = fn_sum8(acc);                                                                     \
+        for (ptrdiff_t i = body; i < n; i++)                                                           \
+            sum += (double)x[i];                                                                       \
+        const double shift = sum / (double)n;                                                          \
+        for (int j = 0; j < 8; j++)                                                                    \
+            acc[j] = 0.0;                                                                              \
+        for (ptrdiff_t i = 0; i < body; i += 8)                                                        \
+            for (int j = 0; j < 8; j++)                                                                \
+                acc[j] += (double)x[i + j] - shift;                                                    \
+        double s1 = fn_sum8(acc);                                                                      \
+        for (int j = 0; j < 8; j++)                                                                    \
+            acc[j] = 0.0;                                                                              \
+        for (ptrdiff_t i = 0; i < body; i += 8)                                                        \
+            for (int j = 0; j < 8; j++) {                                                              \
+                double d = (double)x[i + j] - shift;                                                   \
+                acc[j] += d * d;                                                                       \
+            }                                                                                          \
+        double s2 = fn_sum8(acc);                                                                      \
+        for (ptrdiff_t i = body; i < n; i++) {                                                         \
+            double d = (double)x[i] - shift;                                                           \
+            s1 += d;                                                                                   \
+            s2 += d * d;                                                                               \
+        }                                                                                              \
+        return fn_stats_from_centred((double)n, shift, s1, s2);                                        \
     }
 
-FN_DEFINE_STATS(float, f32)
-FN_DEFINE_STATS(double, f64)
+FN_DEFINE_EXACT_STATS(float, f32)
+FN_DEFINE_EXACT_STATS(double, f64)
+
+/* float32 statistics in float32 lanes.  The same centred sums as the exact two-pass, but in one sweep
+ * over memory (each group of FN_LANE_GROUP values is read twice from L1, once per sum) and in float32
+ * arithmetic, each lane's partial sum of 8 values added into float64: twice the vector width of the
+ * float64 loops and no conversions in the inner loop.
+ *
+ * The shift is the mean of the block's first 8 values, usually within a few standard deviations of the
+ * block's mean; then x - shift is exact for values near the mean and s1^2 / n is a small part of s2.
+ * The result is accepted only when s2 <= FN_MAX_CANCELLATION * M2, which bounds the cancellation: each
+ * d*d and each lane sum of 8 is off by at most 8 float32 roundings, so M2 is within 2e-6 relative of the
+ * exact value at worst (about 1e-7 typically).  Otherwise the sweep is repeated with the mean it found
+ * as the shift.  Blocks whose squares could overflow or underflow float32 (|x - mean| beyond ~1e19 or
+ * below ~1e-15, constant blocks, NaN, inf) get the exact float64 two-pass. */
+#define FN_LANES 16
+#define FN_LANE_GROUP (8 * FN_LANES)
+#define FN_MAX_CANCELLATION 4.0
+
+static inline double fn_lane_sum(const float *lane)
+{
+    double wide[FN_LANES];
+    for (int j = 0; j < FN_LANES; j++)
+        wide[j] = (double)lane[j];
+    return fn_sum8(wide) + fn_sum8(wide + 8);
+}
+
+/* sums[0] = sum(x - shift), sums[1] = sum((x - shift)^2). */
+FN_VECTOR_KERNEL static inline void fn_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift,
+                                                        double sums[2])
+{
+    double s1 = 0.0, s2 = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+        float lane1[FN_LANES] = {0}, lane2[FN_LANES] = {0};
+        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (int j = 0; j < FN_LANES; j++)
+                lane1[j] += x[i + k + j] - shift;
+        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (int j = 0; j < FN_LANES; j++) {
+                float d = x[i + k + j] - shift;
+                lane2[j] += d * d;
+            }
+        s1 += fn_lane_sum(lane1);
+        s2 += fn_lane_sum(lane2);
+    }
+    for (; i < n; i++) {
+        double d = (double)(x[i] - shift);
+        s1 += d;
+        s2 += d * d;
+    }
+    sums[0] = s1;
+    sums[1] = s2;
+}
+
+/* Statistics of n <= FN_STATS_BLOCK values: float32 lanes when they are accurate, else exact. */
+static inline fn_stats fn_block_stats_f32(const float *x, ptrdiff_t n)
+{
+    const ptrdiff_t head = n < 8 ? n : 8;
+    double head_sum = 0.0;
+    for (ptrdiff_t j = 0; j < head; j++)
+        head_sum += (double)x[j];
+    float shift = (float)(head_sum / (double)head);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        double sums[2];
+        fn_centred_sums_f32(x, n, shift, sums);
+        double m2 = sums[1] - sums[0] * (sums[0] / (double)n);
+        if (!(m2 >= 1e-30 * (double)n && sums[1] <= 1e30 * (double)n))
+            break;
+        if (sums[1] <= FN_MAX_CANCELLATION * m2) {
+            fn_stats s = {(double)n, (double)shift + sums[0] / (double)n, m2};
+            return s;
+        }
+        shift = (float)((double)shift + sums[0] / (double)n);
+    }
+    return fn_exact_block_stats_f32(x, n);
+}
+
+static inline fn_stats fn_block_stats_f64(const double *x, ptrdiff_t n) { return fn_exact_block_stats_f64(x, n); }
+
+/* Statistics of any number of contiguous values, block by block in a fixed order. */
+#define FN_DEFINE_RUN_STATS(T, SUFFIX)                                                                 \
+    static inline fn_stats fn_run_stats_##SUFFIX(const T *x, ptrdiff_t n)                                \
+    {                                                                                                  \
+        fn_stats s = fn_stats_empty();                                                                 \
+        for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {                                \
+            ptrdiff_t len = n - start < FN_STATS_BLOCK ? n - start : FN_STATS_BLOCK;                   \
+            fn_stats_merge(&s, fn_block_stats_##SUFFIX(x + start, len));                               \
+        }                                                                                              \
+        return s;                                                                                      \
+    }
+
+FN_DEFINE_RUN_STATS(float, f32)
+FN_DEFINE_RUN_STATS(double, f64)
 
 #endif

@@ -97,11 +97,6 @@ static ptrdiff_t channel_of(const gn_layout *l, ptrdiff_t b, ptrdiff_t p)
     return (b % l->groups) * l->group_channels + p;
 }
 
-static double sum8(const double a[8])
-{
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
-
 /* The per-element loops, one set per element type; the drivers below are written once over these. */
 typedef struct {
     size_t size;
@@ -124,8 +119,8 @@ typedef struct {
         return fn_run_stats_##SUFFIX((const T *)x, n);                                                 \
     }                                                                                                  \
                                                                                                        \
-    static void normalize_##SUFFIX(const void *xv, void *yv, ptrdiff_t n, double mean, double scale,   \
-                                   double shift)                                                       \
+    FN_VECTOR_KERNEL static void normalize_##SUFFIX(const void *xv, void *yv, ptrdiff_t n, double mean, \
+                                                    double scale, double shift)                        \
     {                                                                                                  \
         const T *restrict x = (const T *)xv;                                                           \
         T *restrict y = (T *)yv;                                                                       \
@@ -136,8 +131,8 @@ typedef struct {
             y[i] = (x[i] - center) * alpha + beta;                                                     \
     }                                                                                                  \
                                                                                                        \
-    static void grad_sums_##SUFFIX(const void *dyv, const void *xv, ptrdiff_t n, double mean,          \
-                                   double sums[2])                                                     \
+    FN_VECTOR_KERNEL static void grad_sums_##SUFFIX(const void *dyv, const void *xv, ptrdiff_t n,      \
+                                                    double mean, double sums[2])                       \
     {                                                                                                  \
         const T *restrict dy = (const T *)dyv;                                                         \
         const T *restrict x = (const T *)xv;                                                           \
@@ -154,7 +149,7 @@ typedef struct {
                 for (int j = 0; j < 8; j++)                                                            \
                     acc_dy_xmu[j] += (double)dy[i + j] * ((double)x[i + j] - mean);                    \
         }                                                                                              \
-        double sum_dy = sum8(acc_dy), sum_dy_xmu = sum8(acc_dy_xmu);                                   \
+        double sum_dy = fn_sum8(acc_dy), sum_dy_xmu = fn_sum8(acc_dy_xmu);                             \
         for (ptrdiff_t i = whole; i < n; i++) {                                                        \
             double g = (double)dy[i];                                                                  \
             sum_dy += g;                                                                               \
@@ -164,8 +159,9 @@ typedef struct {
         sums[1] = sum_dy_xmu;                                                                          \
     }                                                                                                  \
                                                                                                        \
-    static void grad_apply_##SUFFIX(const void *dyv, const void *xv, void *dxv, ptrdiff_t n,           \
-                                    double dy_scale, double mean, double x_scale, double shift)        \
+    FN_VECTOR_KERNEL static void grad_apply_##SUFFIX(const void *dyv, const void *xv, void *dxv,       \
+                                                     ptrdiff_t n, double dy_scale, double mean,        \
+                                                     double x_scale, double shift)                     \
     {                                                                                                  \
         const T *restrict dy = (const T *)dyv;                                                         \
         const T *restrict x = (const T *)xv;                                                           \

@@ -10,10 +10,8 @@
  * remainder: x - hi is exact for values near the mean, so a row with mean 1e4 and std 1e-2 is normalized
  * to float32 precision rather than to the 1e-3 spacing of float32 numbers near 1e4.
  *
- * Statistics: float64 rows use fn_run_stats_f64 (exact two-pass per L1 block, Chan merges); float32 rows
- * use the same centred sums per block, computed in float32 lanes summed into float64 (see
- * fn_ln_block_stats_f32), with fn_block_stats_f32 as the fallback.  RMS sums x^2 in eight float64
- * accumulators.
+ * Statistics: fn_common.h's fn_run_stats (per L1 block: float32 lanes for float32 rows when accurate,
+ * else an exact float64 two-pass; Chan merges).  RMS sums x^2 in eight float64 accumulators.
  *
  * The loops over a row are plain elementwise loops or single reductions into independent accumulators
  * over contiguous restrict pointers, which gcc and clang vectorize at -O3 without -ffast-math; per-row
@@ -25,19 +23,6 @@
 #include <stdlib.h>
 
 #include "fn_common.h"
-
-/* The row loops are compiled twice, for baseline x86-64 and for AVX2, and the loader picks one by the
- * CPU it runs on (GNU ifunc): the same auto-vectorized C at twice the vector width where the CPU has it,
- * while the package still runs on any x86-64.  Both versions give bit-identical results: every lane and
- * every accumulator sees the same operations in the same order, and nothing is contracted into FMAs. */
-#if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define FN_LN_ROW_KERNEL __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef FN_LN_ROW_KERNEL
-#define FN_LN_ROW_KERNEL
-#endif
 
 /* Rows wider than this are cut into segments. */
 #define FN_LN_WIDE_COLS ((ptrdiff_t)1 << 16)
@@ -101,137 +86,40 @@ static void fn_ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, i
     }
 }
 
-/* Sums of eight accumulators, in a fixed order. */
-static inline double fn_sum8(const double *a)
-{
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
-
-/* Statistics of a block of at most FN_STATS_BLOCK float32 values: fn_block_stats_f32's centred sums
- * s1 = sum(d) and s2 = sum(d*d), d = x - shift, giving mean = shift + s1 / n and M2 = s2 - s1^2 / n, but
- * in one sweep over memory (each group of 128 values is read twice from L1, once per sum) and in float32
- * arithmetic, summed into float64 every 8 values per lane.
- *
- * The shift is the mean of the block's first 8 values (already on their way into the cache), usually
- * within a few standard deviations of the block's mean; then d is exact for values near the mean and
- * s1^2 / n is a small part of s2.  The result is accepted only when s2 <= 4 * M2, which bounds the
- * cancellation: each d*d and each lane sum of 8 is off by at most 8 float32 roundings, so M2 is within
- * 2e-6 relative of the exact value at worst (about 1e-7 typically).
- * Otherwise the sweep is repeated with the mean it found as the shift.  Blocks whose squares could
- * overflow or underflow float32 (|x - mean| beyond ~1e19 or below ~1e-15, constant blocks, NaN, inf) are
- * left to fn_block_stats_f32.
- *
- * Each loop holds a single reduction, the form gcc's vectorizer handles: it leaves the two-reduction
- * second pass of fn_block_stats_f32 scalar, which makes that function over three times slower. */
-#define FN_LN_LANES 16
-#define FN_LN_LANE_GROUP (8 * FN_LN_LANES)
-#define FN_LN_MAX_CANCELLATION 4.0
-
-static inline double fn_ln_lane_sum(const float *lane)
-{
-    double wide[FN_LN_LANES];
-    for (int j = 0; j < FN_LN_LANES; j++)
-        wide[j] = (double)lane[j];
-    return fn_sum8(wide) + fn_sum8(wide + 8);
-}
-
-/* sums[0] = sum(x - shift), sums[1] = sum((x - shift)^2). */
-FN_LN_ROW_KERNEL
-static void fn_ln_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift, double sums[2])
-{
-    double s1 = 0.0, s2 = 0.0;
-    ptrdiff_t i = 0;
-    for (; i + FN_LN_LANE_GROUP <= n; i += FN_LN_LANE_GROUP) {
-        float lane1[FN_LN_LANES] = {0}, lane2[FN_LN_LANES] = {0};
-        for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-            for (int j = 0; j < FN_LN_LANES; j++)
-                lane1[j] += x[i + k + j] - shift;
-        for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-            for (int j = 0; j < FN_LN_LANES; j++) {
-                float d = x[i + k + j] - shift;
-                lane2[j] += d * d;
-            }
-        s1 += fn_ln_lane_sum(lane1);
-        s2 += fn_ln_lane_sum(lane2);
-    }
-    for (; i < n; i++) {
-        double d = (double)(x[i] - shift);
-        s1 += d;
-        s2 += d * d;
-    }
-    sums[0] = s1;
-    sums[1] = s2;
-}
-
-FN_LN_ROW_KERNEL
-static fn_stats fn_ln_block_stats_f32(const float *x, ptrdiff_t n)
-{
-    const ptrdiff_t head = fn_min(n, 8);
-    double head_sum = 0.0;
-    for (ptrdiff_t j = 0; j < head; j++)
-        head_sum += (double)x[j];
-    float shift = (float)(head_sum / (double)head);
-    for (int attempt = 0; attempt < 2; attempt++) {
-        double sums[2];
-        fn_ln_centred_sums_f32(x, n, shift, sums);
-        double m2 = sums[1] - sums[0] * (sums[0] / (double)n);
-        if (!(m2 >= 1e-30 * (double)n && sums[1] <= 1e30 * (double)n))
-            break;
-        double mean = (double)shift + sums[0] / (double)n;
-        if (sums[1] <= FN_LN_MAX_CANCELLATION * m2) {
-            fn_stats s = {(double)n, mean, m2};
-            return s;
-        }
-        shift = (float)mean;
-    }
-    return fn_block_stats_f32(x, n);
-}
-
-static fn_stats fn_ln_run_stats_f32(const float *x, ptrdiff_t n)
-{
-    fn_stats s = fn_stats_empty();
-    for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK)
-        fn_stats_merge(&s, fn_ln_block_stats_f32(x + start, fn_min(n - start, FN_STATS_BLOCK)));
-    return s;
-}
-
-FN_LN_ROW_KERNEL
-static fn_stats fn_ln_run_stats_f64(const double *x, ptrdiff_t n) { return fn_run_stats_f64(x, n); }
-
 /* The reduction pass of layer_norm_backward over one row (or segment): sums[0] += sum(g),
  * sums[1] += sum(g * d), sums[2] += sum(d), with g = dy * w (dy when w is NULL) and d = x - centre.
  * float32 rows sum each group of 128 values in float32 lanes of 8 values, one quantity per loop (the form
  * gcc vectorizes), and the lanes in float64; float64 rows use eight float64 accumulators. */
-FN_LN_ROW_KERNEL
+FN_VECTOR_KERNEL
 static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
                                     ptrdiff_t n, float centre, double sums[3])
 {
     ptrdiff_t i = 0;
-    for (; i + FN_LN_LANE_GROUP <= n; i += FN_LN_LANE_GROUP) {
-        float lane_g[FN_LN_LANES] = {0}, lane_gd[FN_LN_LANES] = {0}, lane_d[FN_LN_LANES] = {0};
+    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+        float lane_g[FN_LANES] = {0}, lane_gd[FN_LANES] = {0}, lane_d[FN_LANES] = {0};
         const float *dyg = dy + i, *xg = x + i;
         if (w) {
             const float *wg = w + i;
-            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-                for (int j = 0; j < FN_LN_LANES; j++)
+            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+                for (int j = 0; j < FN_LANES; j++)
                     lane_g[j] += dyg[k + j] * wg[k + j];
-            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-                for (int j = 0; j < FN_LN_LANES; j++)
+            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+                for (int j = 0; j < FN_LANES; j++)
                     lane_gd[j] += (dyg[k + j] * wg[k + j]) * (xg[k + j] - centre);
         } else {
-            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-                for (int j = 0; j < FN_LN_LANES; j++)
+            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+                for (int j = 0; j < FN_LANES; j++)
                     lane_g[j] += dyg[k + j];
-            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-                for (int j = 0; j < FN_LN_LANES; j++)
+            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+                for (int j = 0; j < FN_LANES; j++)
                     lane_gd[j] += dyg[k + j] * (xg[k + j] - centre);
         }
-        for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-            for (int j = 0; j < FN_LN_LANES; j++)
+        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (int j = 0; j < FN_LANES; j++)
                 lane_d[j] += xg[k + j] - centre;
-        sums[0] += fn_ln_lane_sum(lane_g);
-        sums[1] += fn_ln_lane_sum(lane_gd);
-        sums[2] += fn_ln_lane_sum(lane_d);
+        sums[0] += fn_lane_sum(lane_g);
+        sums[1] += fn_lane_sum(lane_gd);
+        sums[2] += fn_lane_sum(lane_d);
     }
     for (; i < n; i++) {
         double d = (double)(x[i] - centre), g = (double)(w ? dy[i] * w[i] : dy[i]);
@@ -241,7 +129,7 @@ static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restr
     }
 }
 
-FN_LN_ROW_KERNEL
+FN_VECTOR_KERNEL
 static void fn_ln_backward_sums_f64(const double *restrict dy, const double *restrict x,
                                     const double *restrict w, ptrdiff_t n, double centre, double sums[3])
 {
@@ -268,33 +156,33 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
 
 /* The reduction pass of rms_norm_backward over one row (or segment): sum(g * x) with g = dy * w (dy when
  * w is NULL); float32 rows in float32 lanes of 8 values summed in float64, as in fn_ln_backward_sums_f32. */
-FN_LN_ROW_KERNEL
+FN_VECTOR_KERNEL
 static double fn_rms_backward_sum_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
                                       ptrdiff_t n)
 {
     double total = 0.0;
     ptrdiff_t i = 0;
-    for (; i + FN_LN_LANE_GROUP <= n; i += FN_LN_LANE_GROUP) {
-        float lane[FN_LN_LANES] = {0};
+    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+        float lane[FN_LANES] = {0};
         const float *dyg = dy + i, *xg = x + i;
         if (w) {
             const float *wg = w + i;
-            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-                for (int j = 0; j < FN_LN_LANES; j++)
+            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+                for (int j = 0; j < FN_LANES; j++)
                     lane[j] += (dyg[k + j] * wg[k + j]) * xg[k + j];
         } else {
-            for (ptrdiff_t k = 0; k < FN_LN_LANE_GROUP; k += FN_LN_LANES)
-                for (int j = 0; j < FN_LN_LANES; j++)
+            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+                for (int j = 0; j < FN_LANES; j++)
                     lane[j] += dyg[k + j] * xg[k + j];
         }
-        total += fn_ln_lane_sum(lane);
+        total += fn_lane_sum(lane);
     }
     for (; i < n; i++)
         total += (double)(w ? dy[i] * w[i] : dy[i]) * (double)x[i];
     return total;
 }
 
-FN_LN_ROW_KERNEL
+FN_VECTOR_KERNEL
 static double fn_rms_backward_sum_f64(const double *restrict dy, const double *restrict x,
                                       const double *restrict w, ptrdiff_t n)
 {
@@ -324,7 +212,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
         return row;                                                                                             \
     }                                                                                                           \
                                                                                                                 \
-    FN_LN_ROW_KERNEL                                                                                            \
+    FN_VECTOR_KERNEL                                                                                            \
     static void fn_ln_apply_centred_##S(const T *restrict x, const T *restrict w, const T *restrict b,          \
                                         T *restrict y, ptrdiff_t n, T hi, T inv)                                \
     {                                                                                                           \
@@ -342,7 +230,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
                 y[i] = (x[i] - hi) * inv;                                                                       \
     }                                                                                                           \
                                                                                                                 \
-    FN_LN_ROW_KERNEL                                                                                            \
+    FN_VECTOR_KERNEL                                                                                            \
     static void fn_ln_apply_##S(const T *restrict x, const T *restrict w, const T *restrict b,                  \
                                 T *restrict y, ptrdiff_t n, fn_ln_row_##S row)                                  \
     {                                                                                                           \
@@ -373,7 +261,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
         if (p.segments == 1) {                                                                                  \
             _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
             for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
-                fn_stats s = fn_ln_run_stats_##S(x + r * cols, cols);                                           \
+                fn_stats s = fn_run_stats_##S(x + r * cols, cols);                                           \
                 fn_ln_row_##S row = fn_ln_row_from_stats_##S(s, eps);                                           \
                 mean[r] = (T)s.mean;                                                                            \
                 invstd[r] = row.invstd;                                                                         \
@@ -390,7 +278,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
             _Pragma("omp for schedule(static)")                                                                 \
             for (ptrdiff_t i = 0; i < items; i++) {                                                             \
                 ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
-                stats[i] = fn_ln_run_stats_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));           \
+                stats[i] = fn_run_stats_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));           \
             }                                                                                                   \
             _Pragma("omp for schedule(static)")                                                                 \
             for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
@@ -414,7 +302,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
                                                                                                                 \
     /* part += rows in float64, then rows = 0: the backward passes sum dweight/dbias over FN_LN_ROW_GROUP rows  \
      * in T, then into the chunk's float64 partial sums. */                                                     \
-    FN_LN_ROW_KERNEL                                                                                            \
+    FN_VECTOR_KERNEL                                                                                            \
     static void fn_ln_flush_columns_##S(double *restrict part, T *restrict rows, ptrdiff_t n)                   \
     {                                                                                                           \
         for (ptrdiff_t i = 0; i < n; i++) {                                                                     \
@@ -444,7 +332,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
         return row;                                                                                             \
     }                                                                                                           \
                                                                                                                 \
-    FN_LN_ROW_KERNEL                                                                                            \
+    FN_VECTOR_KERNEL                                                                                            \
     static void fn_ln_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,        \
                                          T *restrict dx, T *restrict dweight_rows, T *restrict dbias_rows,      \
                                          ptrdiff_t n, fn_ln_grad_row_##S row)                                   \
@@ -532,7 +420,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
         return 0;                                                                                               \
     }                                                                                                           \
                                                                                                                 \
-    FN_LN_ROW_KERNEL                                                                                            \
+    FN_VECTOR_KERNEL                                                                                            \
     static double fn_sum_squares_##S(const T *restrict x, ptrdiff_t n)                                          \
     {                                                                                                           \
         double acc[8] = {0};                                                                                    \
@@ -548,7 +436,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
         return total;                                                                                           \
     }                                                                                                           \
                                                                                                                 \
-    FN_LN_ROW_KERNEL                                                                                            \
+    FN_VECTOR_KERNEL                                                                                            \
     static void fn_rms_apply_##S(const T *restrict x, const T *restrict w, T *restrict y, ptrdiff_t n,          \
                                  T invrms)                                                                      \
     {                                                                                                           \
@@ -607,7 +495,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
     }                                                                                                           \
                                                                                                                 \
     /* dx = invrms * g - x * invrms^3 * mean(g * x); dweight += dy * x * invrms. */                             \
-    FN_LN_ROW_KERNEL                                                                                            \
+    FN_VECTOR_KERNEL                                                                                            \
     static void fn_rms_backward_apply_##S(const T *restrict dy, const T *restrict x, const T *restrict w,       \
                                           T *restrict dx, T *restrict dweight_rows, ptrdiff_t n,                \
                                           T invrms, T c)                                                        \
