@@ -457,32 +457,6 @@ int BN_FN(fn_batch_norm_train)(const BN_T *x, BN_T *y, ptrdiff_t outer, ptrdiff_
     return FN_BN_OK;
 }
 
-/* sum(dy) and sum(dy * (x - mean)) of one run of a channel, eight accumulators each, one loop per sum
- * so that both vectorize. */
-FN_VECTOR_KERNEL static void BN_FN(bn_grad_sums_run)(const BN_T *restrict dy, const BN_T *restrict x, ptrdiff_t n,
-                                    double mean, double *out)
-{
-    const ptrdiff_t body = n - n % 8;
-    double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    for (ptrdiff_t i = 0; i < body; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += (double)dy[i + j];
-    double sum_dy = fn_sum8(acc);
-    for (ptrdiff_t i = body; i < n; i++)
-        sum_dy += (double)dy[i];
-
-    for (int j = 0; j < 8; j++)
-        acc[j] = 0.0;
-    for (ptrdiff_t i = 0; i < body; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += (double)dy[i + j] * ((double)x[i + j] - mean);
-    double sum_dy_xc = fn_sum8(acc);
-    for (ptrdiff_t i = body; i < n; i++)
-        sum_dy_xc += (double)dy[i] * ((double)x[i] - mean);
-    out[0] = sum_dy;
-    out[1] = sum_dy_xc;
-}
-
 /* The per-channel gradient sums of a block of rows, four rows per sweep over the accumulators. */
 FN_VECTOR_KERNEL static void BN_FN(bn_grad_sums_rows)(const BN_T *restrict dy, const BN_T *restrict x,
                                                   ptrdiff_t rows, ptrdiff_t channels,
@@ -518,17 +492,18 @@ FN_VECTOR_KERNEL static void BN_FN(bn_grad_sums_rows)(const BN_T *restrict dy, c
     }
 }
 
-static void BN_FN(bn_grad_run)(const BN_T *restrict dy, const BN_T *restrict x, BN_T *restrict dx,
-                               ptrdiff_t n, BN_T alpha, BN_T shift, BN_T slope, BN_T offset)
+FN_VECTOR_KERNEL static void BN_FN(bn_grad_run)(const BN_T *restrict dy, const BN_T *restrict x,
+                                                BN_T *restrict dx, ptrdiff_t n, BN_T alpha, BN_T shift,
+                                                BN_T slope, BN_T offset)
 {
     for (ptrdiff_t i = 0; i < n; i++)
         dx[i] = (dy[i] + (x[i] - shift) * slope + offset) * alpha;
 }
 
-static void BN_FN(bn_grad_rows)(const BN_T *restrict dy, const BN_T *restrict x, BN_T *restrict dx,
-                                ptrdiff_t rows, ptrdiff_t channels, const BN_T *restrict alpha,
-                                const BN_T *restrict shift, const BN_T *restrict slope,
-                                const BN_T *restrict offset)
+FN_VECTOR_KERNEL static void BN_FN(bn_grad_rows)(const BN_T *restrict dy, const BN_T *restrict x, BN_T *restrict dx,
+                                                 ptrdiff_t rows, ptrdiff_t channels, const BN_T *restrict alpha,
+                                                 const BN_T *restrict shift, const BN_T *restrict slope,
+                                                 const BN_T *restrict offset)
 {
     for (ptrdiff_t r = 0; r < rows; r++) {
         const ptrdiff_t o = r * channels;
@@ -562,7 +537,7 @@ int BN_FN(fn_batch_norm_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdi
             BN_FN(bn_grad_sums_rows)(dy + e.offset, x + e.offset, e.len, channels, mean, sums,
                                      sums + channels);
         else
-            BN_FN(bn_grad_sums_run)(dy + e.offset, x + e.offset, e.len, mean[e.channel], sums);
+            BN_FN(fn_grad_sums)(dy + e.offset, x + e.offset, e.len, mean[e.channel], sums);
     }
     if (p.rows)
         bn_merge_row_sums(&p, unit_sums, dbias, dweight, num_threads);

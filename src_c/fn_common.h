@@ -14,6 +14,7 @@
 #ifndef FOLDNORM_FN_COMMON_H
 #define FOLDNORM_FN_COMMON_H
 
+#include <math.h>
 #include <stddef.h>
 
 #ifdef _OPENMP
@@ -216,7 +217,80 @@ static inline fn_stats fn_block_stats_f32(const float *x, ptrdiff_t n)
     return fn_exact_block_stats_f32(x, n);
 }
 
-static inline fn_stats fn_block_stats_f64(const double *x, ptrdiff_t n) { return fn_exact_block_stats_f64(x, n); }
+static inline fn_stats fn_block_stats_f64(const double *x, ptrdiff_t n)
+{
+    return fn_exact_block_stats_f64(x, n);
+}
+
+/* The reduction of every backward pass: sums[0] = sum(dy), sums[1] = sum(dy * (x - centre)) over n
+ * contiguous values.  float64: eight float64 accumulators per sum, one loop each.  float32: float32
+ * lanes of 8 values summed in float64, around the float32 rounding c of the centre (x - c is exact for
+ * x near the centre), with sum(dy) * (c - centre) added back; a run whose float32 products overflow is
+ * summed again in float64. */
+FN_VECTOR_KERNEL static inline void fn_grad_sums_f64(const double *restrict dy, const double *restrict x,
+                                                     ptrdiff_t n, double centre, double sums[2])
+{
+    const ptrdiff_t body = n - n % 8;
+    double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    for (ptrdiff_t i = 0; i < body; i += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] += dy[i + j];
+    double sum_dy = fn_sum8(acc);
+    for (int j = 0; j < 8; j++)
+        acc[j] = 0.0;
+    for (ptrdiff_t i = 0; i < body; i += 8)
+        for (int j = 0; j < 8; j++)
+            acc[j] += dy[i + j] * (x[i + j] - centre);
+    double sum_dy_xc = fn_sum8(acc);
+    for (ptrdiff_t i = body; i < n; i++) {
+        sum_dy += dy[i];
+        sum_dy_xc += dy[i] * (x[i] - centre);
+    }
+    sums[0] = sum_dy;
+    sums[1] = sum_dy_xc;
+}
+
+FN_VECTOR_KERNEL static inline void fn_lane_grad_sums_f32(const float *restrict dy, const float *restrict x,
+                                                          ptrdiff_t n, float c, double sums[2])
+{
+    double sum_dy = 0.0, sum_dy_xc = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+        float lane1[FN_LANES] = {0}, lane2[FN_LANES] = {0};
+        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (int j = 0; j < FN_LANES; j++)
+                lane1[j] += dy[i + k + j];
+        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (int j = 0; j < FN_LANES; j++)
+                lane2[j] += dy[i + k + j] * (x[i + k + j] - c);
+        sum_dy += fn_lane_sum(lane1);
+        sum_dy_xc += fn_lane_sum(lane2);
+    }
+    for (; i < n; i++) {
+        sum_dy += (double)dy[i];
+        sum_dy_xc += (double)dy[i] * ((double)x[i] - (double)c);
+    }
+    sums[0] = sum_dy;
+    sums[1] = sum_dy_xc;
+}
+
+static inline void fn_grad_sums_f32(const float *dy, const float *x, ptrdiff_t n, double centre,
+                                    double sums[2])
+{
+    const float c = (float)centre;
+    fn_lane_grad_sums_f32(dy, x, n, c, sums);
+    if (!(fabs(sums[0]) <= 1e300 && fabs(sums[1]) <= 1e300)) {
+        double acc_dy = 0.0, acc_dy_xc = 0.0;
+        for (ptrdiff_t i = 0; i < n; i++) {
+            acc_dy += (double)dy[i];
+            acc_dy_xc += (double)dy[i] * ((double)x[i] - centre);
+        }
+        sums[0] = acc_dy;
+        sums[1] = acc_dy_xc;
+        return;
+    }
+    sums[1] += sums[0] * ((double)c - centre);
+}
 
 /* Statistics of any number of contiguous values, block by block in a fixed order. */
 #define FN_DEFINE_RUN_STATS(T, SUFFIX)                                                                 \

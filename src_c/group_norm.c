@@ -131,32 +131,9 @@ typedef struct {
             y[i] = (x[i] - center) * alpha + beta;                                                     \
     }                                                                                                  \
                                                                                                        \
-    FN_VECTOR_KERNEL static void grad_sums_##SUFFIX(const void *dyv, const void *xv, ptrdiff_t n,      \
-                                                    double mean, double sums[2])                       \
+    static void grad_sums_##SUFFIX(const void *dy, const void *x, ptrdiff_t n, double mean, double sums[2])\
     {                                                                                                  \
-        const T *restrict dy = (const T *)dyv;                                                         \
-        const T *restrict x = (const T *)xv;                                                           \
-        double acc_dy[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                   \
-        double acc_dy_xmu[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                               \
-        const ptrdiff_t whole = n - n % 8;                                                             \
-        /* One loop per sum over each L1-sized piece: GCC vectorizes these, not both sums in one loop. */ \
-        for (ptrdiff_t start = 0; start < whole; start += FN_STATS_BLOCK) {                            \
-            const ptrdiff_t stop = whole - start < FN_STATS_BLOCK ? whole : start + FN_STATS_BLOCK;    \
-            for (ptrdiff_t i = start; i < stop; i += 8)                                                \
-                for (int j = 0; j < 8; j++)                                                            \
-                    acc_dy[j] += (double)dy[i + j];                                                    \
-            for (ptrdiff_t i = start; i < stop; i += 8)                                                \
-                for (int j = 0; j < 8; j++)                                                            \
-                    acc_dy_xmu[j] += (double)dy[i + j] * ((double)x[i + j] - mean);                    \
-        }                                                                                              \
-        double sum_dy = fn_sum8(acc_dy), sum_dy_xmu = fn_sum8(acc_dy_xmu);                             \
-        for (ptrdiff_t i = whole; i < n; i++) {                                                        \
-            double g = (double)dy[i];                                                                  \
-            sum_dy += g;                                                                               \
-            sum_dy_xmu += g * ((double)x[i] - mean);                                                   \
-        }                                                                                              \
-        sums[0] = sum_dy;                                                                              \
-        sums[1] = sum_dy_xmu;                                                                          \
+        fn_grad_sums_##SUFFIX((const T *)dy, (const T *)x, n, mean, sums);                             \
     }                                                                                                  \
                                                                                                        \
     FN_VECTOR_KERNEL static void grad_apply_##SUFFIX(const void *dyv, const void *xv, void *dxv,       \

@@ -197,6 +197,55 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
     return total;
 }
 
+/* Sum of squares of a row (or segment) for RMS normalization: eight float64 accumulators. */
+#define FN_DEFINE_EXACT_SUM_SQUARES(T, S)                                                              \
+    FN_VECTOR_KERNEL static double fn_exact_sum_squares_##S(const T *restrict x, ptrdiff_t n)          \
+    {                                                                                                  \
+        double acc[8] = {0};                                                                           \
+        ptrdiff_t i = 0;                                                                               \
+        for (; i + 8 <= n; i += 8)                                                                     \
+            for (int j = 0; j < 8; j++) {                                                              \
+                double v = (double)x[i + j];                                                           \
+                acc[j] += v * v;                                                                       \
+            }                                                                                          \
+        double total = fn_sum8(acc);                                                                   \
+        for (; i < n; i++)                                                                             \
+            total += (double)x[i] * (double)x[i];                                                      \
+        return total;                                                                                  \
+    }
+
+FN_DEFINE_EXACT_SUM_SQUARES(float, f32)
+FN_DEFINE_EXACT_SUM_SQUARES(double, f64)
+
+/* float32 rows: squares summed in float32 lanes of 8 values, the lanes in float64.  The terms are
+ * positive, so each lane is within 8 float32 roundings (1e-6) of its exact sum.  A row whose squares
+ * could overflow or underflow float32 (or holds NaN or inf) is summed again in float64. */
+FN_VECTOR_KERNEL static double fn_lane_sum_squares_f32(const float *restrict x, ptrdiff_t n)
+{
+    double total = 0.0;
+    ptrdiff_t i = 0;
+    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+        float lane[FN_LANES] = {0};
+        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (int j = 0; j < FN_LANES; j++)
+                lane[j] += x[i + k + j] * x[i + k + j];
+        total += fn_lane_sum(lane);
+    }
+    for (; i < n; i++)
+        total += (double)x[i] * (double)x[i];
+    return total;
+}
+
+static double fn_sum_squares_f32(const float *x, ptrdiff_t n)
+{
+    double total = fn_lane_sum_squares_f32(x, n);
+    if (total >= 1e-30 * (double)n && total <= 1e30 * (double)n)
+        return total;
+    return fn_exact_sum_squares_f32(x, n);
+}
+
+static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact_sum_squares_f64(x, n); }
+
 #define FN_DEFINE_LAYER_NORM(T, S)                                                                              \
     /* The row's centre as hi + lo in T, and its 1/sqrt(var + eps). */                                          \
     typedef struct {                                                                                            \
@@ -418,22 +467,6 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
         }                                                                                                       \
         free(part);                                                                                             \
         return 0;                                                                                               \
-    }                                                                                                           \
-                                                                                                                \
-    FN_VECTOR_KERNEL                                                                                            \
-    static double fn_sum_squares_##S(const T *restrict x, ptrdiff_t n)                                          \
-    {                                                                                                           \
-        double acc[8] = {0};                                                                                    \
-        ptrdiff_t i = 0;                                                                                        \
-        for (; i + 8 <= n; i += 8)                                                                              \
-            for (int j = 0; j < 8; j++) {                                                                       \
-                double v = (double)x[i + j];                                                                    \
-                acc[j] += v * v;                                                                                \
-            }                                                                                                   \
-        double total = fn_sum8(acc);                                                                            \
-        for (; i < n; i++)                                                                                      \
-            total += (double)x[i] * (double)x[i];                                                               \
-        return total;                                                                                           \
     }                                                                                                           \
                                                                                                                 \
     FN_VECTOR_KERNEL                                                                                            \
