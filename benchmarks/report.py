@@ -275,54 +275,50 @@ def plot(results, directory):
     return paths, None
 
 
-def _case_names(kernels):
-    return ["%s %s" % (r["label"], r["shape_label"]) for r in kernels]
-
-
 def _plot_bandwidth(plt, kernels, threads, path):
-    import numpy as np
-
-    names = _case_names(kernels)
-    y = np.arange(len(names))
-    height = 0.8 / len(threads)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(names) * len(threads) ** 0.5))
-    for i, t in enumerate(threads):
-        rows = [{r["threads"]: r for r in k["rows"]}[t] for k in kernels]
-        offset = y + (i - (len(threads) - 1) / 2) * height
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(kernels) * len(threads) ** 0.5))
+    for i, t, rows, offset, height in _bars_by_thread_count(kernels, threads):
         ax.barh(offset, [r["gbps"] for r in rows], height, color="C%d" % i, label="foldnorm, %d thr" % t)
         ax.scatter([r["copy_gbps"] for r in rows], offset, marker="|", s=120, color="black",
                    label="copy roof" if i == 0 else None, zorder=3)
-    ax.set_yticks(y, names, fontsize=7)
-    ax.invert_yaxis()
     ax.set_xlabel("GB/s (bytes the kernel must move / median time)")
     ax.set_title("foldnorm kernels against the copy roof")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save_case_plot(plt, fig, ax, kernels, path)
 
 
 def _plot_scaling(plt, kernels, threads, path):
-    import numpy as np
-
     base, counts = threads[0], threads[1:]
-    names = _case_names(kernels)
-    y = np.arange(len(names))
-    height = 0.8 / len(counts)
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(names) * len(counts) ** 0.5))
-    for i, t in enumerate(counts):
-        rows = [{r["threads"]: r for r in k["rows"]}[t] for k in kernels]
-        offset = y + (i - (len(counts) - 1) / 2) * height
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(kernels) * len(counts) ** 0.5))
+    for i, t, rows, offset, height in _bars_by_thread_count(kernels, counts):
         ax.barh(offset, [r["scaling"]["median"] for r in rows], height, color="C%d" % (i + 1),
                 label="foldnorm, %d thr" % t)
         ax.scatter([r["copy_scaling"]["median"] for r in rows], offset, marker="|", s=120, color="black",
                    label="copy" if i == 0 else None, zorder=3)
         ax.axvline(t / base, color="C%d" % (i + 1), linestyle="--", linewidth=1, label="ideal at %d thr" % t)
-    ax.set_yticks(y, names, fontsize=7)
-    ax.invert_yaxis()
     ax.set_xlabel("speed-up over %d thread%s (paired per round)" % (base, "" if base == 1 else "s"))
     ax.set_title("Thread scaling")
+    return _save_case_plot(plt, fig, ax, kernels, path)
+
+
+def _bars_by_thread_count(kernels, counts):
+    """One bar per kernel case and thread count, a case's bars side by side around its row.
+
+    Yields, for each thread count: its index, the count, every case's result row at that count, the
+    y positions of their bars and the bars' height.
+    """
+    import numpy as np
+
+    y = np.arange(len(kernels))
+    height = 0.8 / len(counts)
+    for i, t in enumerate(counts):
+        rows = [{r["threads"]: r for r in k["rows"]}[t] for k in kernels]
+        yield i, t, rows, y + (i - (len(counts) - 1) / 2) * height, height
+
+
+def _save_case_plot(plt, fig, ax, kernels, path):
+    """Label the rows with the kernel cases (first at the top), add the legend and write the figure."""
+    ax.set_yticks(range(len(kernels)), ["%s %s" % (k["label"], k["shape_label"]) for k in kernels], fontsize=7)
+    ax.invert_yaxis()
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")

@@ -32,14 +32,20 @@ cdef extern from "layer_norm.h":
                                  ptrdiff_t cols, int num_threads) nogil
 
 
-cdef inline void *_data(object a):
-    """The data pointer of an ndarray, or NULL for None."""
-    if a is None:
-        return NULL
-    return cnp.PyArray_DATA(<cnp.ndarray>a)
+# A typed ndarray argument also accepts None (weight, bias).  Reading an array's data pointer needs no GIL
+# (numpy declares PyArray_DATA nogil), so each wrapper takes its pointers inside its nogil block.
+
+cdef inline float *_f32(cnp.ndarray a) noexcept nogil:
+    """The float32 data of a, or NULL for None."""
+    return NULL if a is None else <float *>cnp.PyArray_DATA(a)
 
 
-cdef inline bint _is_float64(cnp.ndarray a):
+cdef inline double *_f64(cnp.ndarray a) noexcept nogil:
+    """The float64 data of a, or NULL for None."""
+    return NULL if a is None else <double *>cnp.PyArray_DATA(a)
+
+
+cdef inline bint _is_float64(cnp.ndarray a) noexcept nogil:
     return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64
 
 
@@ -48,87 +54,54 @@ cdef inline _check_status(int status):
         raise MemoryError("foldnorm: could not allocate the kernel's scratch memory")
 
 
-def layer_norm(cnp.ndarray x, weight, bias, cnp.ndarray y, cnp.ndarray mean, cnp.ndarray invstd,
-               ptrdiff_t rows, ptrdiff_t cols, double eps, int num_threads):
-    cdef void *px = _data(x)
-    cdef void *pw = _data(weight)
-    cdef void *pb = _data(bias)
-    cdef void *py = _data(y)
-    cdef void *pm = _data(mean)
-    cdef void *pi = _data(invstd)
-    cdef bint f64 = _is_float64(x)
+def layer_norm(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, cnp.ndarray y, cnp.ndarray mean,
+               cnp.ndarray invstd, ptrdiff_t rows, ptrdiff_t cols, double eps, int num_threads):
     cdef int status
     with nogil:
-        if f64:
-            status = fn_layer_norm_f64(<const double *>px, <const double *>pw, <const double *>pb,
-                                       <double *>py, <double *>pm, <double *>pi, rows, cols, eps,
-                                       num_threads)
+        if _is_float64(x):
+            status = fn_layer_norm_f64(_f64(x), _f64(weight), _f64(bias), _f64(y), _f64(mean), _f64(invstd),
+                                       rows, cols, eps, num_threads)
         else:
-            status = fn_layer_norm_f32(<const float *>px, <const float *>pw, <const float *>pb,
-                                       <float *>py, <float *>pm, <float *>pi, rows, cols, eps, num_threads)
+            status = fn_layer_norm_f32(_f32(x), _f32(weight), _f32(bias), _f32(y), _f32(mean), _f32(invstd),
+                                       rows, cols, eps, num_threads)
     _check_status(status)
 
 
-def layer_norm_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray invstd, weight,
-                        cnp.ndarray dx, cnp.ndarray dweight, cnp.ndarray dbias, ptrdiff_t rows,
-                        ptrdiff_t cols, int num_threads):
-    cdef void *pdy = _data(dy)
-    cdef void *px = _data(x)
-    cdef void *pm = _data(mean)
-    cdef void *pi = _data(invstd)
-    cdef void *pw = _data(weight)
-    cdef void *pdx = _data(dx)
-    cdef void *pdw = _data(dweight)
-    cdef void *pdb = _data(dbias)
-    cdef bint f64 = _is_float64(x)
+def layer_norm_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray mean, cnp.ndarray invstd,
+                        cnp.ndarray weight, cnp.ndarray dx, cnp.ndarray dweight, cnp.ndarray dbias,
+                        ptrdiff_t rows, ptrdiff_t cols, int num_threads):
     cdef int status
     with nogil:
-        if f64:
-            status = fn_layer_norm_backward_f64(<const double *>pdy, <const double *>px, <const double *>pm,
-                                                <const double *>pi, <const double *>pw, <double *>pdx,
-                                                <double *>pdw, <double *>pdb, rows, cols, num_threads)
+        if _is_float64(x):
+            status = fn_layer_norm_backward_f64(_f64(dy), _f64(x), _f64(mean), _f64(invstd), _f64(weight),
+                                                _f64(dx), _f64(dweight), _f64(dbias), rows, cols, num_threads)
         else:
-            status = fn_layer_norm_backward_f32(<const float *>pdy, <const float *>px, <const float *>pm,
-                                                <const float *>pi, <const float *>pw, <float *>pdx,
-                                                <float *>pdw, <float *>pdb, rows, cols, num_threads)
+            status = fn_layer_norm_backward_f32(_f32(dy), _f32(x), _f32(mean), _f32(invstd), _f32(weight),
+                                                _f32(dx), _f32(dweight), _f32(dbias), rows, cols, num_threads)
     _check_status(status)
 
 
-def rms_norm(cnp.ndarray x, weight, cnp.ndarray y, cnp.ndarray invrms, ptrdiff_t rows, ptrdiff_t cols,
-             double eps, int num_threads):
-    cdef void *px = _data(x)
-    cdef void *pw = _data(weight)
-    cdef void *py = _data(y)
-    cdef void *pr = _data(invrms)
-    cdef bint f64 = _is_float64(x)
+def rms_norm(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray y, cnp.ndarray invrms, ptrdiff_t rows,
+             ptrdiff_t cols, double eps, int num_threads):
     cdef int status
     with nogil:
-        if f64:
-            status = fn_rms_norm_f64(<const double *>px, <const double *>pw, <double *>py, <double *>pr,
-                                     rows, cols, eps, num_threads)
+        if _is_float64(x):
+            status = fn_rms_norm_f64(_f64(x), _f64(weight), _f64(y), _f64(invrms), rows, cols, eps,
+                                     num_threads)
         else:
-            status = fn_rms_norm_f32(<const float *>px, <const float *>pw, <float *>py, <float *>pr,
-                                     rows, cols, eps, num_threads)
+            status = fn_rms_norm_f32(_f32(x), _f32(weight), _f32(y), _f32(invrms), rows, cols, eps,
+                                     num_threads)
     _check_status(status)
 
 
-def rms_norm_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray invrms, weight, cnp.ndarray dx,
+def rms_norm_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray invrms, cnp.ndarray weight, cnp.ndarray dx,
                       cnp.ndarray dweight, ptrdiff_t rows, ptrdiff_t cols, int num_threads):
-    cdef void *pdy = _data(dy)
-    cdef void *px = _data(x)
-    cdef void *pr = _data(invrms)
-    cdef void *pw = _data(weight)
-    cdef void *pdx = _data(dx)
-    cdef void *pdw = _data(dweight)
-    cdef bint f64 = _is_float64(x)
     cdef int status
     with nogil:
-        if f64:
-            status = fn_rms_norm_backward_f64(<const double *>pdy, <const double *>px, <const double *>pr,
-                                              <const double *>pw, <double *>pdx, <double *>pdw, rows, cols,
-                                              num_threads)
+        if _is_float64(x):
+            status = fn_rms_norm_backward_f64(_f64(dy), _f64(x), _f64(invrms), _f64(weight), _f64(dx),
+                                              _f64(dweight), rows, cols, num_threads)
         else:
-            status = fn_rms_norm_backward_f32(<const float *>pdy, <const float *>px, <const float *>pr,
-                                              <const float *>pw, <float *>pdx, <float *>pdw, rows, cols,
-                                              num_threads)
+            status = fn_rms_norm_backward_f32(_f32(dy), _f32(x), _f32(invrms), _f32(weight), _f32(dx),
+                                              _f32(dweight), rows, cols, num_threads)
     _check_status(status)

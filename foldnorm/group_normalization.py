@@ -95,13 +95,10 @@ def instance_norm(x, weight=None, bias=None, *, eps=1e-5, num_threads=None):
 
     Args:
         x: (N, C, *spatial) float16/float32/float64 array, at least 3 dims (ONNX InstanceNormalization).
-        weight, bias: (C,) per-channel scale and shift; None means 1 and 0.
-        eps: added to the variance.
-        num_threads: threads to use; None uses foldnorm.get_num_threads().
+        weight, bias, eps, num_threads: as for group_norm.
 
     Returns:
-        (y, mean, invstd): y shaped and typed like x; mean and invstd (N, C) in the compute dtype
-        (float64 for float64 x, float32 otherwise).
+        (y, mean, invstd) as from group_norm, with mean and invstd (N, C).
 
     Example:
         >>> import numpy as np
@@ -126,14 +123,11 @@ def instance_norm_backward(dy, x, mean, invstd, weight=None, *, num_threads=None
     dx = invstd * weight[c] * (dy - mean_plane(dy) - xhat * mean_plane(dy * xhat)).
 
     Args:
-        dy: gradient of the loss with respect to y, shaped like x.
-        x: the forward's input, (N, C, *spatial) with at least one spatial dim.
+        dy, x, weight, num_threads: as for group_norm_backward; x has at least one spatial dim.
         mean, invstd: (N, C) statistics returned by instance_norm.
-        weight: the forward's (C,) weight, or None.
-        num_threads: threads to use; None uses foldnorm.get_num_threads().
 
     Returns:
-        (dx, dweight, dbias): dx shaped like x; dweight and dbias (C,); all in x's dtype.
+        (dx, dweight, dbias) as from group_norm_backward.
 
     Example:
         >>> import numpy as np
