@@ -2,15 +2,21 @@
 and the ONNX backend node test cases."""
 import numpy as np
 import pytest
-from onnx import TensorProto
 
 from foldnorm.group_normalization import group_norm, group_norm_backward
-from onnx_cases import backend_node_cases, node_attributes, run_ort, single_node_model
-
-DTYPES = [np.float64, np.float32, np.float16]
-
-# Absolute tolerance per unit of the result's magnitude (max(1, |expected|)).
-TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 1.5e-2}
+from kernel_refs import (
+    DTYPES,
+    assert_backward_matches,
+    assert_bit_identical_across_threads,
+    assert_close,
+    assert_forward_matches,
+    assert_gradients_match_finite_differences,
+    make_inputs,
+    reference_group_norm,
+    reference_group_norm_backward,
+    run_node_in_ort,
+)
+from onnx_cases import backend_node_cases, node_attributes
 
 # (shape, num_groups): 0 to 3 spatial dims, odd sizes, C = 1, N = 1, num_groups 1, C and in between,
 # C not a multiple of 8.  The last ones have fewer than 32 (n, group) blocks and at least two statistics
@@ -38,64 +44,6 @@ def shape_id(case):
     return "x".join(map(str, shape)) + "_g%d" % groups
 
 
-def channel_shape(x):
-    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
-
-
-# ---------------------------------------------------------------------------------------------------
-# float64 NumPy reference
-
-
-def reference_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """(y, mean, invstd) in float64; mean and invstd are (N, num_groups)."""
-    x = np.asarray(x, dtype=np.float64)
-    blocks = x.reshape(x.shape[0], num_groups, -1)
-    mean = blocks.mean(axis=2)
-    invstd = 1.0 / np.sqrt(((blocks - mean[:, :, None]) ** 2).mean(axis=2) + eps)
-    y = ((blocks - mean[:, :, None]) * invstd[:, :, None]).reshape(x.shape)
-    if weight is not None:
-        y = y * np.asarray(weight, dtype=np.float64).reshape(channel_shape(x))
-    if bias is not None:
-        y = y + np.asarray(bias, dtype=np.float64).reshape(channel_shape(x))
-    return y, mean, invstd
-
-
-def reference_group_norm_backward(dy, x, num_groups, weight=None, eps=1e-5):
-    """Analytic (dx, dweight, dbias) in float64, with the statistics taken from x."""
-    x = np.asarray(x, dtype=np.float64)
-    dy = np.asarray(dy, dtype=np.float64)
-    _, mean, invstd = reference_group_norm(x, num_groups, eps=eps)
-    n = x.shape[0]
-    xhat = ((x.reshape(n, num_groups, -1) - mean[:, :, None]) * invstd[:, :, None]).reshape(x.shape)
-    sum_axes = (0,) + tuple(range(2, x.ndim))
-    dbias = dy.sum(axis=sum_axes)
-    dweight = (dy * xhat).sum(axis=sum_axes)
-    w = np.ones(x.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64)
-    g = (dy * w.reshape(channel_shape(x))).reshape(n, num_groups, -1)
-    xhat_g = xhat.reshape(n, num_groups, -1)
-    dx = invstd[:, :, None] * (
-        g - g.mean(axis=2, keepdims=True) - xhat_g * (g * xhat_g).mean(axis=2, keepdims=True)
-    )
-    return dx.reshape(x.shape), dweight, dbias
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    tol = TOLERANCE[np.dtype(dtype)] * scale
-    actual = np.asarray(actual, dtype=np.float64)
-    bound = tol * np.maximum(1.0, np.abs(expected))
-    err = np.abs(actual - expected)
-    assert np.all(err <= bound), "max error %g (tolerance %g)" % (err.max(), tol)
-
-
-def make_inputs(shape, dtype, seed, affine=True):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape) * 2.0 + 0.5).astype(dtype)
-    c = shape[1]
-    weight = rng.uniform(0.5, 1.5, c).astype(dtype) if affine else None
-    bias = rng.standard_normal(c).astype(dtype) if affine else None
-    return x, weight, bias
-
-
 # ---------------------------------------------------------------------------------------------------
 # Forward and backward against the reference
 
@@ -106,15 +54,8 @@ def make_inputs(shape, dtype, seed, affine=True):
 def test_forward_matches_reference(case, dtype, affine):
     shape, groups = case
     x, weight, bias = make_inputs(shape, dtype, seed=len(shape) * 100 + groups, affine=affine)
-    y, mean, invstd = group_norm(x, groups, weight, bias, eps=1e-3)
-    expected_y, expected_mean, expected_invstd = reference_group_norm(x, groups, weight, bias, eps=1e-3)
-    stats_dtype = np.float64 if dtype == np.float64 else np.float32
-    assert y.dtype == dtype and y.shape == shape
-    assert mean.dtype == stats_dtype and mean.shape == (shape[0], groups)
-    assert invstd.dtype == stats_dtype and invstd.shape == (shape[0], groups)
-    assert_close(y, expected_y, dtype)
-    assert_close(mean, expected_mean, stats_dtype)
-    assert_close(invstd, expected_invstd, stats_dtype)
+    actual = group_norm(x, groups, weight, bias, eps=1e-3)
+    assert_forward_matches(actual, reference_group_norm(x, groups, weight, bias, eps=1e-3), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -125,17 +66,8 @@ def test_backward_matches_reference(case, dtype, affine):
     x, weight, _ = make_inputs(shape, dtype, seed=len(shape) * 10 + groups, affine=affine)
     dy = np.random.default_rng(groups).standard_normal(shape).astype(dtype)
     _, mean, invstd = group_norm(x, groups, weight, eps=1e-3)
-    dx, dweight, dbias = group_norm_backward(dy, x, mean, invstd, groups, weight)
-    expected = reference_group_norm_backward(dy, x, groups, weight, eps=1e-3)
-    expected_dx, expected_dweight, expected_dbias = expected
-    assert dx.dtype == dtype and dx.shape == shape
-    assert dweight.dtype == dtype and dweight.shape == (shape[1],)
-    assert dbias.dtype == dtype and dbias.shape == (shape[1],)
-    # Sums over many values carry the rounding of each term; scale the tolerance by their count.
-    count = x.size / shape[1]
-    assert_close(dx, expected_dx, dtype, scale=4.0)
-    assert_close(dweight, expected_dweight, dtype, scale=np.sqrt(count))
-    assert_close(dbias, expected_dbias, dtype, scale=np.sqrt(count))
+    actual = group_norm_backward(dy, x, mean, invstd, groups, weight)
+    assert_backward_matches(actual, reference_group_norm_backward(dy, x, groups, weight, eps=1e-3), dtype)
 
 
 @pytest.mark.parametrize(
@@ -148,34 +80,14 @@ def test_gradients_match_finite_differences(case):
     weight = rng.uniform(0.5, 1.5, shape[1])
     bias = rng.standard_normal(shape[1])
     dy = rng.standard_normal(shape)
-
-    def loss(x_, weight_, bias_):
-        return np.sum(reference_group_norm(x_, groups, weight_, bias_)[0] * dy)
-
-    def numeric(f, a):
-        grad = np.empty_like(a)
-        h = 1e-6
-        for i in np.ndindex(a.shape):
-            saved = a[i]
-            a[i] = saved + h
-            up = f()
-            a[i] = saved - h
-            down = f()
-            a[i] = saved
-            grad[i] = (up - down) / (2 * h)
-        return grad
-
-    expected_dx = numeric(lambda: loss(x, weight, bias), x)
-    expected_dweight = numeric(lambda: loss(x, weight, bias), weight)
-    expected_dbias = numeric(lambda: loss(x, weight, bias), bias)
-    analytic = reference_group_norm_backward(dy, x, groups, weight)
     _, mean, invstd = group_norm(x, groups, weight, bias)
-    dx, dweight, dbias = group_norm_backward(dy, x, mean, invstd, groups, weight)
-    for expected, reference, actual in zip(
-        (expected_dx, expected_dweight, expected_dbias), analytic, (dx, dweight, dbias)
-    ):
-        np.testing.assert_allclose(reference, expected, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+    assert_gradients_match_finite_differences(
+        lambda x_, weight_, bias_: reference_group_norm(x_, groups, weight_, bias_),
+        dy,
+        (x, weight, bias),
+        reference_group_norm_backward(dy, x, groups, weight),
+        group_norm_backward(dy, x, mean, invstd, groups, weight),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,13 +179,13 @@ def test_one_and_two_threads_are_bit_identical(case, dtype):
     shape, groups = case
     x, weight, bias = make_inputs(shape, dtype, seed=17)
     dy = np.random.default_rng(18).standard_normal(shape).astype(dtype)
-    results = []
-    for threads in (1, 2):
+
+    def run(threads):
         y, mean, invstd = group_norm(x, groups, weight, bias, num_threads=threads)
         grads = group_norm_backward(dy, x, mean, invstd, groups, weight, num_threads=threads)
-        results.append((y, mean, invstd) + grads)
-    for one, two in zip(*results):
-        assert np.array_equal(one, two)
+        return (y, mean, invstd) + grads
+
+    assert_bit_identical_across_threads(run, (1, 2))
 
 
 def test_noncontiguous_and_negative_stride_inputs():
@@ -351,14 +263,9 @@ def test_bad_input_names_the_argument(call, error, name):
 def test_matches_onnxruntime_group_normalization(case, epsilon):
     shape, groups = case
     x, weight, bias = make_inputs(shape, np.float32, seed=29)
-    model = single_node_model(
-        "GroupNormalization",
-        [("X", x), ("scale", weight), ("bias", bias)],
-        [("Y", TensorProto.FLOAT)],
-        opset=21,
-        attrs={"num_groups": groups, "epsilon": epsilon},
-    )
-    (expected,) = run_ort(model, {"X": x, "scale": weight, "bias": bias})
+    inputs = [("X", x), ("scale", weight), ("bias", bias)]
+    attrs = {"num_groups": groups, "epsilon": epsilon}
+    (expected,) = run_node_in_ort("GroupNormalization", inputs, 21, attrs)
     y, _, _ = group_norm(x, groups, weight, bias, eps=epsilon)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 

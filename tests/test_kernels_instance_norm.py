@@ -2,15 +2,21 @@
 onnxruntime and the ONNX backend node test cases."""
 import numpy as np
 import pytest
-from onnx import TensorProto
 
 from foldnorm.group_normalization import instance_norm, instance_norm_backward
-from onnx_cases import backend_node_cases, node_attributes, run_ort, single_node_model
-
-DTYPES = [np.float64, np.float32, np.float16]
-
-# Absolute tolerance per unit of the result's magnitude (max(1, |expected|)).
-TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 2e-5, np.dtype(np.float16): 1.5e-2}
+from kernel_refs import (
+    DTYPES,
+    assert_backward_matches,
+    assert_bit_identical_across_threads,
+    assert_close,
+    assert_forward_matches,
+    assert_gradients_match_finite_differences,
+    make_inputs,
+    reference_instance_norm,
+    reference_instance_norm_backward,
+    run_node_in_ort,
+)
+from onnx_cases import backend_node_cases, node_attributes
 
 # 1 to 3 spatial dims, odd sizes, C = 1, N = 1, C not a multiple of 8.  The last ones have fewer than 32
 # (n, c) planes of at least two statistics blocks each, so the kernel cuts planes into chunks.
@@ -32,61 +38,6 @@ def shape_id(shape):
     return "x".join(map(str, shape))
 
 
-def channel_shape(x):
-    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
-
-
-# ---------------------------------------------------------------------------------------------------
-# float64 NumPy reference
-
-
-def reference_instance_norm(x, weight=None, bias=None, eps=1e-5):
-    """(y, mean, invstd) in float64; mean and invstd are (N, C)."""
-    x = np.asarray(x, dtype=np.float64)
-    axes = tuple(range(2, x.ndim))
-    mean = x.mean(axis=axes, keepdims=True)
-    invstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
-    y = (x - mean) * invstd
-    if weight is not None:
-        y = y * np.asarray(weight, dtype=np.float64).reshape(channel_shape(x))
-    if bias is not None:
-        y = y + np.asarray(bias, dtype=np.float64).reshape(channel_shape(x))
-    return y, mean.reshape(x.shape[:2]), invstd.reshape(x.shape[:2])
-
-
-def reference_instance_norm_backward(dy, x, weight=None, eps=1e-5):
-    """Analytic (dx, dweight, dbias) in float64, with the statistics taken from x."""
-    x = np.asarray(x, dtype=np.float64)
-    dy = np.asarray(dy, dtype=np.float64)
-    axes = tuple(range(2, x.ndim))
-    mean = x.mean(axis=axes, keepdims=True)
-    invstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
-    xhat = (x - mean) * invstd
-    dbias = dy.sum(axis=(0,) + axes)
-    dweight = (dy * xhat).sum(axis=(0,) + axes)
-    w = np.ones(x.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64)
-    g = dy * w.reshape(channel_shape(x))
-    dx = invstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
-    return dx, dweight, dbias
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    tol = TOLERANCE[np.dtype(dtype)] * scale
-    actual = np.asarray(actual, dtype=np.float64)
-    bound = tol * np.maximum(1.0, np.abs(expected))
-    err = np.abs(actual - expected)
-    assert np.all(err <= bound), "max error %g (tolerance %g)" % (err.max(), tol)
-
-
-def make_inputs(shape, dtype, seed, affine=True):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape) * 3.0 - 1.0).astype(dtype)
-    c = shape[1]
-    weight = rng.uniform(-1.5, 1.5, c).astype(dtype) if affine else None
-    bias = rng.standard_normal(c).astype(dtype) if affine else None
-    return x, weight, bias
-
-
 # ---------------------------------------------------------------------------------------------------
 # Forward and backward against the reference
 
@@ -96,15 +47,8 @@ def make_inputs(shape, dtype, seed, affine=True):
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_forward_matches_reference(shape, dtype, affine):
     x, weight, bias = make_inputs(shape, dtype, seed=sum(shape), affine=affine)
-    y, mean, invstd = instance_norm(x, weight, bias, eps=1e-3)
-    expected_y, expected_mean, expected_invstd = reference_instance_norm(x, weight, bias, eps=1e-3)
-    stats_dtype = np.float64 if dtype == np.float64 else np.float32
-    assert y.dtype == dtype and y.shape == shape
-    assert mean.dtype == stats_dtype and mean.shape == shape[:2]
-    assert invstd.dtype == stats_dtype and invstd.shape == shape[:2]
-    assert_close(y, expected_y, dtype)
-    assert_close(mean, expected_mean, stats_dtype)
-    assert_close(invstd, expected_invstd, stats_dtype)
+    actual = instance_norm(x, weight, bias, eps=1e-3)
+    assert_forward_matches(actual, reference_instance_norm(x, weight, bias, eps=1e-3), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -114,16 +58,8 @@ def test_backward_matches_reference(shape, dtype, affine):
     x, weight, _ = make_inputs(shape, dtype, seed=2 * sum(shape), affine=affine)
     dy = np.random.default_rng(len(shape)).standard_normal(shape).astype(dtype)
     _, mean, invstd = instance_norm(x, weight, eps=1e-3)
-    dx, dweight, dbias = instance_norm_backward(dy, x, mean, invstd, weight)
-    expected_dx, expected_dweight, expected_dbias = reference_instance_norm_backward(dy, x, weight, eps=1e-3)
-    assert dx.dtype == dtype and dx.shape == shape
-    assert dweight.dtype == dtype and dweight.shape == (shape[1],)
-    assert dbias.dtype == dtype and dbias.shape == (shape[1],)
-    # Sums over many values carry the rounding of each term; scale the tolerance by their count.
-    count = x.size / shape[1]
-    assert_close(dx, expected_dx, dtype, scale=4.0)
-    assert_close(dweight, expected_dweight, dtype, scale=np.sqrt(count))
-    assert_close(dbias, expected_dbias, dtype, scale=np.sqrt(count))
+    actual = instance_norm_backward(dy, x, mean, invstd, weight)
+    assert_backward_matches(actual, reference_instance_norm_backward(dy, x, weight, eps=1e-3), dtype)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4), (1, 2, 2, 3), (3, 1, 5), (2, 2, 2, 2, 2)], ids=shape_id)
@@ -133,27 +69,14 @@ def test_gradients_match_finite_differences(shape):
     weight = rng.uniform(0.5, 1.5, shape[1])
     bias = rng.standard_normal(shape[1])
     dy = rng.standard_normal(shape)
-
-    def numeric(a):
-        grad = np.empty_like(a)
-        h = 1e-6
-        for i in np.ndindex(a.shape):
-            saved = a[i]
-            a[i] = saved + h
-            up = np.sum(reference_instance_norm(x, weight, bias)[0] * dy)
-            a[i] = saved - h
-            down = np.sum(reference_instance_norm(x, weight, bias)[0] * dy)
-            a[i] = saved
-            grad[i] = (up - down) / (2 * h)
-        return grad
-
-    expected = (numeric(x), numeric(weight), numeric(bias))
-    analytic = reference_instance_norm_backward(dy, x, weight)
     _, mean, invstd = instance_norm(x, weight, bias)
-    actual = instance_norm_backward(dy, x, mean, invstd, weight)
-    for e, reference, a in zip(expected, analytic, actual):
-        np.testing.assert_allclose(reference, e, rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7)
+    assert_gradients_match_finite_differences(
+        reference_instance_norm,
+        dy,
+        (x, weight, bias),
+        reference_instance_norm_backward(dy, x, weight),
+        instance_norm_backward(dy, x, mean, invstd, weight),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,13 +160,13 @@ def test_nan_and_inf_poison_only_their_plane(dtype, bad):
 def test_one_and_two_threads_are_bit_identical(shape, dtype):
     x, weight, bias = make_inputs(shape, dtype, seed=61)
     dy = np.random.default_rng(62).standard_normal(shape).astype(dtype)
-    results = []
-    for threads in (1, 2):
+
+    def run(threads):
         y, mean, invstd = instance_norm(x, weight, bias, num_threads=threads)
         grads = instance_norm_backward(dy, x, mean, invstd, weight, num_threads=threads)
-        results.append((y, mean, invstd) + grads)
-    for one, two in zip(*results):
-        assert np.array_equal(one, two)
+        return (y, mean, invstd) + grads
+
+    assert_bit_identical_across_threads(run, (1, 2))
 
 
 def test_noncontiguous_and_negative_stride_inputs():
@@ -306,14 +229,8 @@ def test_bad_input_names_the_argument(call, error, name):
 @pytest.mark.parametrize("opset", [6, 22])
 def test_matches_onnxruntime_instance_normalization(shape, opset):
     x, weight, bias = make_inputs(shape, np.float32, seed=71)
-    model = single_node_model(
-        "InstanceNormalization",
-        [("input", x), ("scale", weight), ("B", bias)],
-        [("output", TensorProto.FLOAT)],
-        opset=opset,
-        attrs={"epsilon": 1e-4},
-    )
-    (expected,) = run_ort(model, {"input": x, "scale": weight, "B": bias})
+    inputs = [("input", x), ("scale", weight), ("B", bias)]
+    (expected,) = run_node_in_ort("InstanceNormalization", inputs, opset, {"epsilon": 1e-4})
     y, _, _ = instance_norm(x, weight, bias, eps=1e-4)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 

@@ -1,21 +1,21 @@
 """layer_norm and layer_norm_backward against a float64 NumPy reference, onnxruntime and ONNX's own cases."""
 import numpy as np
 import pytest
-from onnx import TensorProto
 
 from foldnorm.layer_normalization import layer_norm, layer_norm_backward
-from onnx_cases import backend_node_cases, node_attributes, run_ort, single_node_model
-
-# (shape, axis) for every valid axis, negative ones included: 1-D to 4-D, K = 1, K odd, K not a multiple
-# of 8, M = 1.
-SHAPES = [(7,), (1, 9), (6, 1), (3, 17), (2, 3, 5), (4, 1, 3), (2, 3, 4, 5), (1, 2, 3, 13)]
-CASES = [(shape, axis) for shape in SHAPES for axis in range(-len(shape), len(shape))]
-# Rows wider than the kernel's segment threshold (65536 values) take its segmented path.
-WIDE_CASES = [((3, 70001), -1), ((2, 2, 40000), 1)]
-DTYPES = [np.float32, np.float64, np.float16]
-# (atol, rtol) of y / dx against the float64 reference, by input dtype.
-TOL = {np.float64: (1e-10, 1e-10), np.float32: (2e-5, 2e-5), np.float16: (4e-3, 4e-3)}
-
+from kernel_refs import (
+    DTYPES,
+    ROW_CASES,
+    assert_bit_identical_across_threads,
+    assert_gradients_match_finite_differences,
+    assert_matches_backend_outputs,
+    assert_rows_close,
+    data,
+    non_contiguous_2d_views,
+    params,
+    run_node_in_ort,
+)
+from onnx_cases import backend_node_cases, node_attributes
 
 def ref_layer_norm(x, weight, bias, axis, eps=1e-5):
     """y, mean, invstd in float64, statistics shaped as ONNX's Mean output."""
@@ -44,23 +44,8 @@ def ref_layer_norm_backward(dy, x, weight, axis, eps=1e-5):
     return dx, (dy * xhat).sum(axis=lead), dy.sum(axis=lead)
 
 
-def data(shape, dtype, seed=0, loc=3.0, scale=2.0):
-    rng = np.random.default_rng(seed)
-    return (loc + scale * rng.standard_normal(shape)).astype(dtype)
-
-
-def params(shape, dtype, seed=1):
-    rng = np.random.default_rng(seed)
-    return (1 + 0.5 * rng.standard_normal(shape)).astype(dtype), rng.standard_normal(shape).astype(dtype)
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    atol, rtol = TOL[dtype]
-    np.testing.assert_allclose(actual.astype(np.float64), expected, atol=atol * scale, rtol=rtol)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("shape,axis", CASES + WIDE_CASES)
+@pytest.mark.parametrize("shape,axis", ROW_CASES)
 def test_forward_matches_reference(shape, axis, dtype):
     x = data(shape, dtype)
     weight, bias = params(x.shape[axis:], dtype)
@@ -70,7 +55,7 @@ def test_forward_matches_reference(shape, axis, dtype):
     assert y.dtype == dtype and y.shape == x.shape
     assert mean.dtype == compute and mean.shape == mean_ref.shape
     assert invstd.dtype == compute and invstd.shape == invstd_ref.shape
-    assert_close(y, y_ref, dtype)
+    assert_rows_close(y, y_ref, dtype)
     stat_tol = 1e-12 if dtype == np.float64 else 1e-6
     np.testing.assert_allclose(mean, mean_ref, rtol=stat_tol, atol=stat_tol)
     np.testing.assert_allclose(invstd, invstd_ref, rtol=stat_tol)
@@ -83,11 +68,11 @@ def test_forward_optional_weight_and_bias(with_weight, with_bias):
     weight = weight if with_weight else None
     bias = bias if with_bias else None
     y, _, _ = layer_norm(x, weight, bias, axis=1, eps=1e-3)
-    assert_close(y, ref_layer_norm(x, weight, bias, 1, eps=1e-3)[0], np.float32)
+    assert_rows_close(y, ref_layer_norm(x, weight, bias, 1, eps=1e-3)[0], np.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("shape,axis", CASES + WIDE_CASES)
+@pytest.mark.parametrize("shape,axis", ROW_CASES)
 def test_backward_matches_analytic_reference(shape, axis, dtype):
     x = data(shape, dtype)
     dy = data(shape, dtype, seed=2, loc=0.5, scale=1.0)
@@ -97,10 +82,10 @@ def test_backward_matches_analytic_reference(shape, axis, dtype):
     dx_ref, dweight_ref, dbias_ref = ref_layer_norm_backward(dy, x, weight, axis)
     assert dx.dtype == dtype and dx.shape == x.shape
     assert dweight.dtype == dtype and dweight.shape == x.shape[axis:] == dbias.shape
-    assert_close(dx, dx_ref, dtype)
+    assert_rows_close(dx, dx_ref, dtype)
     rows = x.size // dweight.size
-    assert_close(dweight, dweight_ref, dtype, scale=rows)
-    assert_close(dbias, dbias_ref, dtype, scale=rows)
+    assert_rows_close(dweight, dweight_ref, dtype, scale=rows)
+    assert_rows_close(dbias, dbias_ref, dtype, scale=rows)
 
 
 def test_backward_without_weight():
@@ -109,7 +94,7 @@ def test_backward_without_weight():
     _, mean, invstd = layer_norm(x)
     dx, dweight, dbias = layer_norm_backward(dy, x, mean, invstd)
     for actual, expected in zip((dx, dweight, dbias), ref_layer_norm_backward(dy, x, None, -1)):
-        assert_close(actual, expected, np.float64)
+        assert_rows_close(actual, expected, np.float64)
 
 
 @pytest.mark.parametrize("shape,axis", [((3, 4), -1), ((2, 3, 4), 1), ((5,), 0), ((2, 1, 3), 2)])
@@ -119,23 +104,13 @@ def test_backward_against_finite_differences(shape, axis):
     dy = data(shape, np.float64, seed=5, loc=0.0, scale=1.0)
     weight, bias = params(x.shape[axis:], np.float64, seed=6)
     _, mean, invstd = layer_norm(x, weight, bias, axis=axis)
-    dx, dweight, dbias = layer_norm_backward(dy, x, mean, invstd, weight, axis=axis)
-
-    def loss(x_, weight_, bias_):
-        return float((ref_layer_norm(x_, weight_, bias_, axis)[0] * dy).sum())
-
-    def numeric(array, f, h=1e-6):
-        grad = np.zeros_like(array)
-        for i in np.ndindex(array.shape):
-            plus, minus = array.copy(), array.copy()
-            plus[i] += h
-            minus[i] -= h
-            grad[i] = (f(plus) - f(minus)) / (2 * h)
-        return grad
-
-    np.testing.assert_allclose(dx, numeric(x, lambda v: loss(v, weight, bias)), atol=1e-7)
-    np.testing.assert_allclose(dweight, numeric(weight, lambda v: loss(x, v, bias)), atol=1e-7)
-    np.testing.assert_allclose(dbias, numeric(bias, lambda v: loss(x, weight, v)), atol=1e-7)
+    assert_gradients_match_finite_differences(
+        lambda x_, weight_, bias_: ref_layer_norm(x_, weight_, bias_, axis),
+        dy,
+        (x, weight, bias),
+        ref_layer_norm_backward(dy, x, weight, axis),
+        layer_norm_backward(dy, x, mean, invstd, weight, axis=axis),
+    )
 
 
 def test_large_mean_small_spread_float32():
@@ -162,7 +137,7 @@ def test_rows_that_start_far_from_their_mean():
     x[3, 2048:] += 1e3
     y, mean, invstd = layer_norm(x)
     y_ref, mean_ref, invstd_ref = ref_layer_norm(x, None, None, -1)
-    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=2e-5)
+    assert_rows_close(y, y_ref, np.float32)
     np.testing.assert_allclose(mean, mean_ref, atol=1e-6 / invstd_ref.min())
     np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-6)
 
@@ -179,7 +154,7 @@ def test_results_held_by_the_caller_are_never_reused():
         del dx
     for scale, view in zip((1.0, 2.0, 3.0), kept):
         expected = ref_layer_norm(x, None, np.full(1000, scale), -1)[0][::3, 1:]
-        assert_close(view, expected, np.float32)
+        assert_rows_close(view, expected, np.float32)
 
 
 def test_constant_rows():
@@ -199,7 +174,7 @@ def test_extreme_magnitudes_float32(scale, eps):
     y, _, invstd = layer_norm(x, weight, bias, eps=eps)
     y_ref, _, invstd_ref = ref_layer_norm(x, weight, bias, -1, eps=eps)
     assert np.isfinite(y).all()
-    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=2e-5)
+    assert_rows_close(y, y_ref, np.float32)
     np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-5)
 
 
@@ -211,7 +186,7 @@ def test_nan_and_inf_propagate_to_their_rows_only(bad, dtype):
     y, mean, invstd = layer_norm(x)
     assert np.isnan(y[2]).all()
     y_ref = ref_layer_norm(np.delete(x, 2, axis=0), None, None, -1)[0]
-    assert_close(np.delete(y, 2, axis=0), y_ref, dtype)
+    assert_rows_close(np.delete(y, 2, axis=0), y_ref, dtype)
     dx, dweight, dbias = layer_norm_backward(np.ones_like(x), x, mean, invstd)
     assert np.isnan(dx[2]).all() and np.isfinite(np.delete(dx, 2, axis=0)).all()
 
@@ -222,22 +197,16 @@ def test_one_and_two_threads_bit_identical(shape, axis, dtype):
     x = data(shape, dtype)
     dy = data(shape, dtype, seed=9, loc=0.0, scale=1.0)
     weight, bias = params(x.shape[axis:], dtype)
-    one = layer_norm(x, weight, bias, axis=axis, num_threads=1)
-    two = layer_norm(x, weight, bias, axis=axis, num_threads=2)
-    for a, b in zip(one, two):
-        assert np.array_equal(a, b)
-    grads_one = layer_norm_backward(dy, x, one[1], one[2], weight, axis=axis, num_threads=1)
-    grads_two = layer_norm_backward(dy, x, one[1], one[2], weight, axis=axis, num_threads=2)
-    grads_three = layer_norm_backward(dy, x, one[1], one[2], weight, axis=axis, num_threads=3)
-    for a, b, c in zip(grads_one, grads_two, grads_three):
-        assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert_bit_identical_across_threads(
+        lambda t: layer_norm(x, weight, bias, axis=axis, num_threads=t), (1, 2)
+    )
+    _, mean, invstd = layer_norm(x, weight, bias, axis=axis)
+    assert_bit_identical_across_threads(
+        lambda t: layer_norm_backward(dy, x, mean, invstd, weight, axis=axis, num_threads=t), (1, 2, 3)
+    )
 
 
-@pytest.mark.parametrize(
-    "view",
-    [lambda a: a[:, ::2], lambda a: a[::-1], lambda a: a[:, ::-3], lambda a: np.swapaxes(a, 0, 1)],
-    ids=["strided", "reversed", "negative-stride", "transposed"],
-)
+@non_contiguous_2d_views
 def test_non_contiguous_inputs(view):
     base = data((12, 30), np.float32)
     x = view(base)
@@ -245,10 +214,10 @@ def test_non_contiguous_inputs(view):
     weight, bias = params(x.shape[-1:], np.float32)
     weight_view = np.repeat(weight, 2)[::2]
     y, mean, invstd = layer_norm(x, weight_view, bias)
-    assert_close(y, ref_layer_norm(x, weight, bias, -1)[0], np.float32)
+    assert_rows_close(y, ref_layer_norm(x, weight, bias, -1)[0], np.float32)
     dx, dweight, dbias = layer_norm_backward(dy, x, np.repeat(mean, 2)[::2], invstd, weight_view)
     for actual, expected in zip((dx, dweight, dbias), ref_layer_norm_backward(dy, x, weight, -1)):
-        assert_close(actual, expected, np.float32, scale=x.shape[0])
+        assert_rows_close(actual, expected, np.float32, scale=x.shape[0])
 
 
 def test_bad_input():
@@ -288,9 +257,9 @@ def test_against_onnxruntime(shape, axis, with_bias):
     x = data(shape, np.float32)
     weight, bias = params(x.shape[axis:], np.float32)
     inputs = [("X", x), ("W", weight)] + ([("B", bias)] if with_bias else [])
-    outputs = [("Y", TensorProto.FLOAT), ("Mean", TensorProto.FLOAT), ("InvStdDev", TensorProto.FLOAT)]
-    model = single_node_model("LayerNormalization", inputs, outputs, 17, {"axis": axis, "epsilon": 1e-4})
-    y_ort, mean_ort, invstd_ort = run_ort(model, {name: a for name, a in inputs})
+    attrs = {"axis": axis, "epsilon": 1e-4}
+    outputs = ("Y", "Mean", "InvStdDev")
+    y_ort, mean_ort, invstd_ort = run_node_in_ort("LayerNormalization", inputs, 17, attrs, outputs)
     y, mean, invstd = layer_norm(x, weight, bias if with_bias else None, axis=axis, eps=1e-4)
     np.testing.assert_allclose(y, y_ort, atol=1e-5, rtol=1e-5)
     assert mean.shape == mean_ort.shape and invstd.shape == invstd_ort.shape
@@ -311,7 +280,4 @@ def test_onnx_backend_node_case(name, node, inputs, expected):
     x, weight = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
     outputs = layer_norm(x, weight, bias, axis=attrs.get("axis", -1), eps=attrs.get("epsilon", 1e-5))
-    assert len(expected) <= len(outputs)
-    for actual, wanted in zip(outputs, expected):
-        assert actual.shape == wanted.shape
-        np.testing.assert_allclose(actual, wanted, atol=1e-5, rtol=1e-5)
+    assert_matches_backend_outputs(outputs, expected)
