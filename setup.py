@@ -61,7 +61,7 @@ def _compiles_with_openmp(cc):
 
 def _build_flags():
     cc = _compiler()
-    cflags = ["-O3", "-std=c11", "-fno-math-errno"]
+    cflags = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=fast"]
     ldflags = []
     openmp = _compiles_with_openmp(cc)
     if openmp:

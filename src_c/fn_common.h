@@ -68,13 +68,13 @@ static inline double fn_stats_var(fn_stats s)
     return s.n > 0.0 ? s.m2 / s.n : 0.0;
 }
 
-/* The compute-bound loops are compiled twice, for baseline x86-64 and for AVX2, and the loader picks one
- * by the CPU it runs on (GNU ifunc), so a built package still runs on any x86-64.  Both versions give
- * the same bits: -std=c11 turns off FMA contraction, and every lane and accumulator sees the same
- * operations in the same order. */
+/* The compute-bound loops are compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2 and FMA), and
+ * the loader picks one by the CPU it runs on (GNU ifunc), so a built package still runs on any x86-64.
+ * Which version runs depends on the CPU alone, never on the thread count, so results stay bit-identical
+ * for any number of threads; the build contracts a * b + c into FMA where the target has it. */
 #if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
-#define FN_VECTOR_KERNEL __attribute__((target_clones("avx2", "default")))
+#define FN_VECTOR_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
 #endif
 #ifndef FN_VECTOR_KERNEL
@@ -158,34 +158,39 @@ FN_DEFINE_EXACT_STATS(double, f64)
 #define FN_LANE_GROUP (8 * FN_LANES)
 #define FN_MAX_CANCELLATION 4.0
 
-static inline double fn_lane_sum(const float *lane)
+/* Each group's float32 lanes are added into float64 lane accumulators, which are summed in a fixed
+ * tree at the end of the run. */
+static inline void fn_lanes_add(double *restrict acc, const float *restrict lane)
 {
-    double wide[FN_LANES];
     for (int j = 0; j < FN_LANES; j++)
-        wide[j] = (double)lane[j];
-    return fn_sum8(wide) + fn_sum8(wide + 8);
+        acc[j] += (double)lane[j];
 }
+
+static inline double fn_lanes_total(const double *acc) { return fn_sum8(acc) + fn_sum8(acc + 8); }
 
 /* sums[0] = sum(x - shift), sums[1] = sum((x - shift)^2). */
 FN_VECTOR_KERNEL static inline void fn_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift,
                                                         double sums[2])
 {
-    double s1 = 0.0, s2 = 0.0;
+    double acc1[FN_LANES] = {0}, acc2[FN_LANES] = {0};
     ptrdiff_t i = 0;
-    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+    const ptrdiff_t body = n - n % FN_LANES;
+    for (; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
         float lane1[FN_LANES] = {0}, lane2[FN_LANES] = {0};
-        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+        for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
                 lane1[j] += x[i + k + j] - shift;
-        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+        for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++) {
                 float d = x[i + k + j] - shift;
                 lane2[j] += d * d;
             }
-        s1 += fn_lane_sum(lane1);
-        s2 += fn_lane_sum(lane2);
+        fn_lanes_add(acc1, lane1);
+        fn_lanes_add(acc2, lane2);
     }
-    for (; i < n; i++) {
+    double s1 = fn_lanes_total(acc1), s2 = fn_lanes_total(acc2);
+    for (i = body; i < n; i++) {
         double d = (double)(x[i] - shift);
         s1 += d;
         s2 += d * d;
@@ -253,20 +258,23 @@ FN_VECTOR_KERNEL static inline void fn_grad_sums_f64(const double *restrict dy, 
 FN_VECTOR_KERNEL static inline void fn_lane_grad_sums_f32(const float *restrict dy, const float *restrict x,
                                                           ptrdiff_t n, float c, double sums[2])
 {
-    double sum_dy = 0.0, sum_dy_xc = 0.0;
+    double acc1[FN_LANES] = {0}, acc2[FN_LANES] = {0};
     ptrdiff_t i = 0;
-    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+    const ptrdiff_t body = n - n % FN_LANES;
+    for (; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
         float lane1[FN_LANES] = {0}, lane2[FN_LANES] = {0};
-        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+        for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
                 lane1[j] += dy[i + k + j];
-        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+        for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
                 lane2[j] += dy[i + k + j] * (x[i + k + j] - c);
-        sum_dy += fn_lane_sum(lane1);
-        sum_dy_xc += fn_lane_sum(lane2);
+        fn_lanes_add(acc1, lane1);
+        fn_lanes_add(acc2, lane2);
     }
-    for (; i < n; i++) {
+    double sum_dy = fn_lanes_total(acc1), sum_dy_xc = fn_lanes_total(acc2);
+    for (i = body; i < n; i++) {
         sum_dy += (double)dy[i];
         sum_dy_xc += (double)dy[i] * ((double)x[i] - (double)c);
     }

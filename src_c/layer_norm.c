@@ -94,34 +94,40 @@ FN_VECTOR_KERNEL
 static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
                                     ptrdiff_t n, float centre, double sums[3])
 {
+    double acc_g[FN_LANES] = {0}, acc_gd[FN_LANES] = {0}, acc_d[FN_LANES] = {0};
     ptrdiff_t i = 0;
-    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+    const ptrdiff_t body = n - n % FN_LANES;
+    for (; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
         float lane_g[FN_LANES] = {0}, lane_gd[FN_LANES] = {0}, lane_d[FN_LANES] = {0};
         const float *dyg = dy + i, *xg = x + i;
         if (w) {
             const float *wg = w + i;
-            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
                     lane_g[j] += dyg[k + j] * wg[k + j];
-            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
                     lane_gd[j] += (dyg[k + j] * wg[k + j]) * (xg[k + j] - centre);
         } else {
-            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
                     lane_g[j] += dyg[k + j];
-            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
                     lane_gd[j] += dyg[k + j] * (xg[k + j] - centre);
         }
-        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+        for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
                 lane_d[j] += xg[k + j] - centre;
-        sums[0] += fn_lane_sum(lane_g);
-        sums[1] += fn_lane_sum(lane_gd);
-        sums[2] += fn_lane_sum(lane_d);
+        fn_lanes_add(acc_g, lane_g);
+        fn_lanes_add(acc_gd, lane_gd);
+        fn_lanes_add(acc_d, lane_d);
     }
-    for (; i < n; i++) {
+    sums[0] += fn_lanes_total(acc_g);
+    sums[1] += fn_lanes_total(acc_gd);
+    sums[2] += fn_lanes_total(acc_d);
+    for (i = body; i < n; i++) {
         double d = (double)(x[i] - centre), g = (double)(w ? dy[i] * w[i] : dy[i]);
         sums[0] += g;
         sums[1] += g * d;
@@ -160,24 +166,27 @@ FN_VECTOR_KERNEL
 static double fn_rms_backward_sum_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
                                       ptrdiff_t n)
 {
-    double total = 0.0;
+    double acc[FN_LANES] = {0};
     ptrdiff_t i = 0;
-    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+    const ptrdiff_t body = n - n % FN_LANES;
+    for (; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
         float lane[FN_LANES] = {0};
         const float *dyg = dy + i, *xg = x + i;
         if (w) {
             const float *wg = w + i;
-            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
                     lane[j] += (dyg[k + j] * wg[k + j]) * xg[k + j];
         } else {
-            for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+            for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
                     lane[j] += dyg[k + j] * xg[k + j];
         }
-        total += fn_lane_sum(lane);
+        fn_lanes_add(acc, lane);
     }
-    for (; i < n; i++)
+    double total = fn_lanes_total(acc);
+    for (i = body; i < n; i++)
         total += (double)(w ? dy[i] * w[i] : dy[i]) * (double)x[i];
     return total;
 }
@@ -222,16 +231,19 @@ FN_DEFINE_EXACT_SUM_SQUARES(double, f64)
  * could overflow or underflow float32 (or holds NaN or inf) is summed again in float64. */
 FN_VECTOR_KERNEL static double fn_lane_sum_squares_f32(const float *restrict x, ptrdiff_t n)
 {
-    double total = 0.0;
+    double acc[FN_LANES] = {0};
     ptrdiff_t i = 0;
-    for (; i + FN_LANE_GROUP <= n; i += FN_LANE_GROUP) {
+    const ptrdiff_t body = n - n % FN_LANES;
+    for (; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
         float lane[FN_LANES] = {0};
-        for (ptrdiff_t k = 0; k < FN_LANE_GROUP; k += FN_LANES)
+        for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
                 lane[j] += x[i + k + j] * x[i + k + j];
-        total += fn_lane_sum(lane);
+        fn_lanes_add(acc, lane);
     }
-    for (; i < n; i++)
+    double total = fn_lanes_total(acc);
+    for (i = body; i < n; i++)
         total += (double)x[i] * (double)x[i];
     return total;
 }
