@@ -299,6 +299,18 @@ FN_VECTOR_KERNEL static void BN_FN(bn_block_column_stats)(const BN_T *restrict x
     }
 }
 
+/* The statistics and the gradient sums of one plane unit, compiled for the vector target. */
+FN_VECTOR_KERNEL static fn_stats BN_FN(bn_unit_stats)(const BN_T *x, ptrdiff_t n)
+{
+    return BN_FN(fn_block_stats)(x, n);
+}
+
+FN_VECTOR_KERNEL static void BN_FN(bn_unit_grad_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t n,
+                                                      double mean, double sums[2])
+{
+    BN_FN(fn_grad_sums)(dy, x, n, mean, sums);
+}
+
 /* Batch mean and biased variance of every channel: per-unit statistics, then the fixed-order merge. */
 static int BN_FN(bn_statistics)(const BN_T *x, const bn_plan *p, double *mean, double *var,
                                 int num_threads)
@@ -312,7 +324,7 @@ static int BN_FN(bn_statistics)(const BN_T *x, const bn_plan *p, double *mean, d
 #pragma omp parallel for schedule(static) num_threads(num_threads)
         for (ptrdiff_t u = 0; u < units; u++) {
             bn_extent e = bn_unit_extent(p, u);
-            unit_stats[u] = BN_FN(fn_block_stats)(x + e.offset, e.len);
+            unit_stats[u] = BN_FN(bn_unit_stats)(x + e.offset, e.len);
         }
         bn_merge_plane_stats(p, unit_stats, mean, var, num_threads);
         free(unit_stats);
@@ -500,8 +512,9 @@ FN_VECTOR_KERNEL static void BN_FN(bn_grad_run)(const BN_T *restrict dy, const B
         dx[i] = (dy[i] + (x[i] - shift) * slope + offset) * alpha;
 }
 
-FN_VECTOR_KERNEL static void BN_FN(bn_grad_rows)(const BN_T *restrict dy, const BN_T *restrict x, BN_T *restrict dx,
-                                                 ptrdiff_t rows, ptrdiff_t channels, const BN_T *restrict alpha,
+FN_VECTOR_KERNEL static void BN_FN(bn_grad_rows)(const BN_T *restrict dy, const BN_T *restrict x,
+                                                 BN_T *restrict dx, ptrdiff_t rows, ptrdiff_t channels,
+                                                 const BN_T *restrict alpha,
                                                  const BN_T *restrict shift, const BN_T *restrict slope,
                                                  const BN_T *restrict offset)
 {
@@ -537,7 +550,7 @@ int BN_FN(fn_batch_norm_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdi
             BN_FN(bn_grad_sums_rows)(dy + e.offset, x + e.offset, e.len, channels, mean, sums,
                                      sums + channels);
         else
-            BN_FN(fn_grad_sums)(dy + e.offset, x + e.offset, e.len, mean[e.channel], sums);
+            BN_FN(bn_unit_grad_sums)(dy + e.offset, x + e.offset, e.len, mean[e.channel], sums);
     }
     if (p.rows)
         bn_merge_row_sums(&p, unit_sums, dbias, dweight, num_threads);

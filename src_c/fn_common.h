@@ -33,6 +33,13 @@ static inline int fn_omp_get_thread_num(void) { return 0; }
 /* Elements per statistics block: 2048 floats (8 KiB) or doubles (16 KiB) fit in any L1 cache. */
 #define FN_STATS_BLOCK 2048
 
+/* For the building blocks that must be compiled into their caller's vector target. */
+#if defined(__GNUC__)
+#define FN_INLINE static inline __attribute__((always_inline))
+#else
+#define FN_INLINE static inline
+#endif
+
 /* Count, mean and M2 (sum of squared deviations) of a run of values. */
 typedef struct {
     double n;
@@ -72,23 +79,25 @@ static inline double fn_stats_var(fn_stats s)
  * the loader picks one by the CPU it runs on (GNU ifunc), so a built package still runs on any x86-64.
  * Which version runs depends on the CPU alone, never on the thread count, so results stay bit-identical
  * for any number of threads; the build contracts a * b + c into FMA where the target has it. */
-#if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 \
+    && !defined(__AVX2__)
 #define FN_VECTOR_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
-#endif
 #endif
 #ifndef FN_VECTOR_KERNEL
 #define FN_VECTOR_KERNEL
 #endif
 
+/* The statistics and reductions below are inline building blocks: each kernel file compiles them into
+ * its own FN_VECTOR_KERNEL functions (one dispatch per row, block or unit, not per call of a loop). */
+
 /* Sum of eight accumulators in a fixed tree. */
-static inline double fn_sum8(const double *a)
+FN_INLINE double fn_sum8(const double *a)
 {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
 /* Statistics from centred sums s1 = sum(x - shift) and s2 = sum((x - shift)^2) of n values. */
-static inline fn_stats fn_stats_from_centred(double n, double shift, double s1, double s2)
+FN_INLINE fn_stats fn_stats_from_centred(double n, double shift, double s1, double s2)
 {
     fn_stats s;
     s.n = n;
@@ -105,8 +114,7 @@ static inline fn_stats fn_stats_from_centred(double n, double shift, double s1, 
  * reduction (without -ffast-math, the fixed order of additions permitting it) but leaves one that
  * updates two arrays scalar. */
 #define FN_DEFINE_EXACT_STATS(T, SUFFIX)                                                               \
-    FN_VECTOR_KERNEL static inline fn_stats fn_exact_block_stats_##SUFFIX(const T *restrict x,          \
-                                                                         ptrdiff_t n)                   \
+    FN_INLINE fn_stats fn_exact_block_stats_##SUFFIX(const T *restrict x, ptrdiff_t n)               \
     {                                                                                                  \
         const ptrdiff_t body = n - n % 8;                                                              \
         double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                      \
@@ -159,18 +167,21 @@ FN_DEFINE_EXACT_STATS(double, f64)
 #define FN_MAX_CANCELLATION 4.0
 
 /* Each group's float32 lanes are added into float64 lane accumulators, which are summed in a fixed
- * tree at the end of the run. */
-static inline void fn_lanes_add(double *restrict acc, const float *restrict lane)
+ * tree at the end of the run.  Kept a loop: GCC vectorizes the widening conversion in a loop, but turns
+ * it into scalar conversions and shuffles once it has unrolled the loop, which halves the speed of the
+ * statistics. */
+FN_INLINE void fn_lanes_add(double *restrict acc, const float *restrict lane)
 {
+#pragma GCC unroll 1
     for (int j = 0; j < FN_LANES; j++)
         acc[j] += (double)lane[j];
 }
 
-static inline double fn_lanes_total(const double *acc) { return fn_sum8(acc) + fn_sum8(acc + 8); }
+FN_INLINE double fn_lanes_total(const double *acc) { return fn_sum8(acc) + fn_sum8(acc + 8); }
 
 /* sums[0] = sum(x - shift), sums[1] = sum((x - shift)^2). */
-FN_VECTOR_KERNEL static inline void fn_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift,
-                                                        double sums[2])
+FN_INLINE void fn_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift,
+                                       double sums[2])
 {
     double acc1[FN_LANES] = {0}, acc2[FN_LANES] = {0};
     ptrdiff_t i = 0;
@@ -200,7 +211,7 @@ FN_VECTOR_KERNEL static inline void fn_centred_sums_f32(const float *restrict x,
 }
 
 /* Statistics of n <= FN_STATS_BLOCK values: float32 lanes when they are accurate, else exact. */
-static inline fn_stats fn_block_stats_f32(const float *x, ptrdiff_t n)
+FN_INLINE fn_stats fn_block_stats_f32(const float *x, ptrdiff_t n)
 {
     const ptrdiff_t head = n < 8 ? n : 8;
     double head_sum = 0.0;
@@ -222,7 +233,7 @@ static inline fn_stats fn_block_stats_f32(const float *x, ptrdiff_t n)
     return fn_exact_block_stats_f32(x, n);
 }
 
-static inline fn_stats fn_block_stats_f64(const double *x, ptrdiff_t n)
+FN_INLINE fn_stats fn_block_stats_f64(const double *x, ptrdiff_t n)
 {
     return fn_exact_block_stats_f64(x, n);
 }
@@ -232,8 +243,8 @@ static inline fn_stats fn_block_stats_f64(const double *x, ptrdiff_t n)
  * lanes of 8 values summed in float64, around the float32 rounding c of the centre (x - c is exact for
  * x near the centre), with sum(dy) * (c - centre) added back; a run whose float32 products overflow is
  * summed again in float64. */
-FN_VECTOR_KERNEL static inline void fn_grad_sums_f64(const double *restrict dy, const double *restrict x,
-                                                     ptrdiff_t n, double centre, double sums[2])
+FN_INLINE void fn_grad_sums_f64(const double *restrict dy, const double *restrict x,
+                                    ptrdiff_t n, double centre, double sums[2])
 {
     const ptrdiff_t body = n - n % 8;
     double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
@@ -255,8 +266,8 @@ FN_VECTOR_KERNEL static inline void fn_grad_sums_f64(const double *restrict dy, 
     sums[1] = sum_dy_xc;
 }
 
-FN_VECTOR_KERNEL static inline void fn_lane_grad_sums_f32(const float *restrict dy, const float *restrict x,
-                                                          ptrdiff_t n, float c, double sums[2])
+FN_INLINE void fn_lane_grad_sums_f32(const float *restrict dy, const float *restrict x,
+                                         ptrdiff_t n, float c, double sums[2])
 {
     double acc1[FN_LANES] = {0}, acc2[FN_LANES] = {0};
     ptrdiff_t i = 0;
@@ -282,7 +293,7 @@ FN_VECTOR_KERNEL static inline void fn_lane_grad_sums_f32(const float *restrict 
     sums[1] = sum_dy_xc;
 }
 
-static inline void fn_grad_sums_f32(const float *dy, const float *x, ptrdiff_t n, double centre,
+FN_INLINE void fn_grad_sums_f32(const float *dy, const float *x, ptrdiff_t n, double centre,
                                     double sums[2])
 {
     const float c = (float)centre;
@@ -302,7 +313,7 @@ static inline void fn_grad_sums_f32(const float *dy, const float *x, ptrdiff_t n
 
 /* Statistics of any number of contiguous values, block by block in a fixed order. */
 #define FN_DEFINE_RUN_STATS(T, SUFFIX)                                                                 \
-    static inline fn_stats fn_run_stats_##SUFFIX(const T *x, ptrdiff_t n)                                \
+    FN_INLINE fn_stats fn_run_stats_##SUFFIX(const T *x, ptrdiff_t n)                                \
     {                                                                                                  \
         fn_stats s = fn_stats_empty();                                                                 \
         for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {                                \

@@ -114,7 +114,7 @@ typedef struct {
  * exact, whereas x * alpha + beta with beta = -mean * alpha rounds away the digits that tell the values
  * of a large-mean block apart.  The rounding of the mean itself is folded into the T shift. */
 #define GN_DEFINE_KERNELS(T, SUFFIX)                                                                   \
-    static fn_stats stats_##SUFFIX(const void *x, ptrdiff_t n)                                         \
+    FN_VECTOR_KERNEL static fn_stats stats_##SUFFIX(const void *x, ptrdiff_t n)                        \
     {                                                                                                  \
         return fn_run_stats_##SUFFIX((const T *)x, n);                                                 \
     }                                                                                                  \
@@ -131,7 +131,8 @@ typedef struct {
             y[i] = (x[i] - center) * alpha + beta;                                                     \
     }                                                                                                  \
                                                                                                        \
-    static void grad_sums_##SUFFIX(const void *dy, const void *x, ptrdiff_t n, double mean, double sums[2])\
+    FN_VECTOR_KERNEL static void grad_sums_##SUFFIX(const void *dy, const void *x, ptrdiff_t n, double mean, \
+                                                    double sums[2])                                    \
     {                                                                                                  \
         fn_grad_sums_##SUFFIX((const T *)dy, (const T *)x, n, mean, sums);                             \
     }                                                                                                  \

@@ -208,7 +208,7 @@ static double fn_rms_backward_sum_f64(const double *restrict dy, const double *r
 
 /* Sum of squares of a row (or segment) for RMS normalization: eight float64 accumulators. */
 #define FN_DEFINE_EXACT_SUM_SQUARES(T, S)                                                              \
-    FN_VECTOR_KERNEL static double fn_exact_sum_squares_##S(const T *restrict x, ptrdiff_t n)          \
+    FN_INLINE double fn_exact_sum_squares_##S(const T *restrict x, ptrdiff_t n)                    \
     {                                                                                                  \
         double acc[8] = {0};                                                                           \
         ptrdiff_t i = 0;                                                                               \
@@ -229,7 +229,7 @@ FN_DEFINE_EXACT_SUM_SQUARES(double, f64)
 /* float32 rows: squares summed in float32 lanes of 8 values, the lanes in float64.  The terms are
  * positive, so each lane is within 8 float32 roundings (1e-6) of its exact sum.  A row whose squares
  * could overflow or underflow float32 (or holds NaN or inf) is summed again in float64. */
-FN_VECTOR_KERNEL static double fn_lane_sum_squares_f32(const float *restrict x, ptrdiff_t n)
+FN_INLINE double fn_lane_sum_squares_f32(const float *restrict x, ptrdiff_t n)
 {
     double acc[FN_LANES] = {0};
     ptrdiff_t i = 0;
@@ -248,7 +248,7 @@ FN_VECTOR_KERNEL static double fn_lane_sum_squares_f32(const float *restrict x, 
     return total;
 }
 
-static double fn_sum_squares_f32(const float *x, ptrdiff_t n)
+FN_INLINE double fn_sum_squares_f32(const float *x, ptrdiff_t n)
 {
     double total = fn_lane_sum_squares_f32(x, n);
     if (total >= 1e-30 * (double)n && total <= 1e30 * (double)n)
@@ -256,7 +256,10 @@ static double fn_sum_squares_f32(const float *x, ptrdiff_t n)
     return fn_exact_sum_squares_f32(x, n);
 }
 
-static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact_sum_squares_f64(x, n); }
+FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
+{
+    return fn_exact_sum_squares_f64(x, n);
+}
 
 #define FN_DEFINE_LAYER_NORM(T, S)                                                                              \
     /* The row's centre as hi + lo in T, and its 1/sqrt(var + eps). */                                          \
@@ -273,8 +276,7 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
         return row;                                                                                             \
     }                                                                                                           \
                                                                                                                 \
-    FN_VECTOR_KERNEL                                                                                            \
-    static void fn_ln_apply_centred_##S(const T *restrict x, const T *restrict w, const T *restrict b,          \
+    FN_INLINE void fn_ln_apply_centred_##S(const T *restrict x, const T *restrict w, const T *restrict b,       \
                                         T *restrict y, ptrdiff_t n, T hi, T inv)                                \
     {                                                                                                           \
         if (w && b)                                                                                             \
@@ -291,8 +293,7 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
                 y[i] = (x[i] - hi) * inv;                                                                       \
     }                                                                                                           \
                                                                                                                 \
-    FN_VECTOR_KERNEL                                                                                            \
-    static void fn_ln_apply_##S(const T *restrict x, const T *restrict w, const T *restrict b,                  \
+    FN_INLINE void fn_ln_apply_##S(const T *restrict x, const T *restrict w, const T *restrict b,               \
                                 T *restrict y, ptrdiff_t n, fn_ln_row_##S row)                                  \
     {                                                                                                           \
         const T hi = row.hi, lo = row.lo, inv = row.invstd;                                                     \
@@ -315,6 +316,29 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
                 y[i] = ((x[i] - hi) - lo) * inv;                                                                \
     }                                                                                                           \
                                                                                                                 \
+    /* The dispatch points: one call per row, or per segment of a wide row, runs the vector target's code       \
+     * with the statistics and the apply loop inlined. */                                                       \
+    FN_VECTOR_KERNEL static void fn_ln_normalize_row_##S(const T *x, const T *w, const T *b, T *y,              \
+                                                         ptrdiff_t cols, double eps, T *mean, T *invstd)        \
+    {                                                                                                           \
+        fn_stats s = fn_run_stats_##S(x, cols);                                                                 \
+        fn_ln_row_##S row = fn_ln_row_from_stats_##S(s, eps);                                                   \
+        *mean = (T)s.mean;                                                                                      \
+        *invstd = row.invstd;                                                                                   \
+        fn_ln_apply_##S(x, w, b, y, cols, row);                                                                 \
+    }                                                                                                           \
+                                                                                                                \
+    FN_VECTOR_KERNEL static fn_stats fn_ln_segment_stats_##S(const T *x, ptrdiff_t n)                           \
+    {                                                                                                           \
+        return fn_run_stats_##S(x, n);                                                                          \
+    }                                                                                                           \
+                                                                                                                \
+    FN_VECTOR_KERNEL static void fn_ln_segment_apply_##S(const T *x, const T *w, const T *b, T *y, ptrdiff_t n, \
+                                                         fn_ln_row_##S row)                                     \
+    {                                                                                                           \
+        fn_ln_apply_##S(x, w, b, y, n, row);                                                                    \
+    }                                                                                                           \
+                                                                                                                \
     int fn_layer_norm_##S(const T *x, const T *weight, const T *bias, T *y, T *mean, T *invstd,                 \
                           ptrdiff_t rows, ptrdiff_t cols, double eps, int num_threads)                          \
     {                                                                                                           \
@@ -322,11 +346,8 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
         if (p.segments == 1) {                                                                                  \
             _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
             for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
-                fn_stats s = fn_run_stats_##S(x + r * cols, cols);                                           \
-                fn_ln_row_##S row = fn_ln_row_from_stats_##S(s, eps);                                           \
-                mean[r] = (T)s.mean;                                                                            \
-                invstd[r] = row.invstd;                                                                         \
-                fn_ln_apply_##S(x + r * cols, weight, bias, y + r * cols, cols, row);                           \
+                fn_ln_normalize_row_##S(x + r * cols, weight, bias, y + r * cols, cols, eps, &mean[r],          \
+                                        &invstd[r]);                                                            \
             }                                                                                                   \
             return 0;                                                                                           \
         }                                                                                                       \
@@ -339,7 +360,7 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
             _Pragma("omp for schedule(static)")                                                                 \
             for (ptrdiff_t i = 0; i < items; i++) {                                                             \
                 ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
-                stats[i] = fn_run_stats_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));           \
+                stats[i] = fn_ln_segment_stats_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));     \
             }                                                                                                   \
             _Pragma("omp for schedule(static)")                                                                 \
             for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
@@ -353,8 +374,9 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
             for (ptrdiff_t i = 0; i < items; i++) {                                                             \
                 ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
                 fn_ln_row_##S row = fn_ln_row_from_stats_##S(stats[r * p.segments], eps);                       \
-                fn_ln_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, bias ? bias + c0 : NULL,        \
-                                y + r * cols + c0, fn_min(p.segment_cols, cols - c0), row);                     \
+                fn_ln_segment_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL,                         \
+                                        bias ? bias + c0 : NULL, y + r * cols + c0,                             \
+                                        fn_min(p.segment_cols, cols - c0), row);                                \
             }                                                                                                   \
         }                                                                                                       \
         free(stats);                                                                                            \
@@ -481,8 +503,7 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
         return 0;                                                                                               \
     }                                                                                                           \
                                                                                                                 \
-    FN_VECTOR_KERNEL                                                                                            \
-    static void fn_rms_apply_##S(const T *restrict x, const T *restrict w, T *restrict y, ptrdiff_t n,          \
+    FN_INLINE void fn_rms_apply_##S(const T *restrict x, const T *restrict w, T *restrict y, ptrdiff_t n,       \
                                  T invrms)                                                                      \
     {                                                                                                           \
         if (w)                                                                                                  \
@@ -498,6 +519,23 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
         return (T)(1.0 / sqrt(sum_squares / (double)cols + eps));                                               \
     }                                                                                                           \
                                                                                                                 \
+    FN_VECTOR_KERNEL static T fn_rms_normalize_row_##S(const T *x, const T *w, T *y, ptrdiff_t cols, double eps) \
+    {                                                                                                           \
+        T inv = fn_invrms_##S(fn_sum_squares_##S(x, cols), cols, eps);                                          \
+        fn_rms_apply_##S(x, w, y, cols, inv);                                                                   \
+        return inv;                                                                                             \
+    }                                                                                                           \
+                                                                                                                \
+    FN_VECTOR_KERNEL static double fn_rms_segment_sum_squares_##S(const T *x, ptrdiff_t n)                      \
+    {                                                                                                           \
+        return fn_sum_squares_##S(x, n);                                                                        \
+    }                                                                                                           \
+                                                                                                                \
+    FN_VECTOR_KERNEL static void fn_rms_segment_apply_##S(const T *x, const T *w, T *y, ptrdiff_t n, T invrms)  \
+    {                                                                                                           \
+        fn_rms_apply_##S(x, w, y, n, invrms);                                                                   \
+    }                                                                                                           \
+                                                                                                                \
     int fn_rms_norm_##S(const T *x, const T *weight, T *y, T *invrms, ptrdiff_t rows, ptrdiff_t cols,           \
                         double eps, int num_threads)                                                            \
     {                                                                                                           \
@@ -505,9 +543,7 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
         if (p.segments == 1) {                                                                                  \
             _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
             for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
-                T inv = fn_invrms_##S(fn_sum_squares_##S(x + r * cols, cols), cols, eps);                       \
-                invrms[r] = inv;                                                                                \
-                fn_rms_apply_##S(x + r * cols, weight, y + r * cols, cols, inv);                                \
+                invrms[r] = fn_rms_normalize_row_##S(x + r * cols, weight, y + r * cols, cols, eps);            \
             }                                                                                                   \
             return 0;                                                                                           \
         }                                                                                                       \
@@ -520,7 +556,7 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
             _Pragma("omp for schedule(static)")                                                                 \
             for (ptrdiff_t i = 0; i < items; i++) {                                                             \
                 ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
-                sums[i] = fn_sum_squares_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0));             \
+                sums[i] = fn_rms_segment_sum_squares_##S(x + r * cols + c0, fn_min(p.segment_cols, cols - c0)); \
             }                                                                                                   \
             _Pragma("omp for schedule(static)")                                                                 \
             for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
@@ -531,8 +567,8 @@ static double fn_sum_squares_f64(const double *x, ptrdiff_t n) { return fn_exact
             _Pragma("omp for schedule(static)")                                                                 \
             for (ptrdiff_t i = 0; i < items; i++) {                                                             \
                 ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
-                fn_rms_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, y + r * cols + c0,             \
-                                 fn_min(p.segment_cols, cols - c0), invrms[r]);                                 \
+                fn_rms_segment_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, y + r * cols + c0,     \
+                                         fn_min(p.segment_cols, cols - c0), invrms[r]);                         \
             }                                                                                                   \
         }                                                                                                       \
         free(sums);                                                                                             \
