@@ -55,6 +55,9 @@ def evaluate_targets(kernel_results):
             continue
         verdict["measured"] = ratio
         verdict["threads"] = row["threads"]
+        if kind == "scaling":
+            # What the memory allows: a kernel bound by bandwidth scales no better than the same-size copy.
+            verdict["copy_scaling"] = row.get("copy_scaling")
         verdict["met"] = ratio["median"] <= limit if kind == "x_copy" else ratio["median"] >= limit
     return verdicts
 
@@ -186,6 +189,8 @@ def markdown(results):
         for verdict in results["targets"]:
             state = {True: "met", False: "**not met**", None: "not measured"}[verdict["met"]]
             measured = _ratio(verdict["measured"], spread=True) if verdict["measured"] else verdict.get("why", "")
+            if verdict.get("copy_scaling"):
+                measured += "; the same-size copy: %s" % _ratio(verdict["copy_scaling"])
             lines.append("| %s | %s | %s |" % (verdict["target"], measured, state))
         lines.append("")
     models = results["models"]
