@@ -400,25 +400,43 @@ static void BN_FN(bn_affine_rows)(const BN_T *restrict x, BN_T *restrict y, ptrd
     }
 }
 
+/* One run of a plane: y = (x - shift) * alpha + beta, or x * alpha + beta when shift is NULL. */
+static void BN_FN(bn_plane_run)(const BN_T *x, BN_T *y, ptrdiff_t n, const BN_T *shift, ptrdiff_t c,
+                                const BN_T *alpha, const BN_T *beta)
+{
+    if (shift != NULL)
+        BN_FN(bn_shifted_run)(x, y, n, shift[c], alpha[c], beta[c]);
+    else
+        BN_FN(bn_affine_run)(x, y, n, alpha[c], beta[c]);
+}
+
 /* The one pass over x that writes y: y = (x - shift) * alpha + beta per channel, or x * alpha + beta
- * when shift is NULL. */
+ * when shift is NULL.  A large output of planes is computed piece by piece into L1 and streamed out. */
 static void BN_FN(bn_apply)(const BN_T *x, BN_T *y, const bn_plan *p, const BN_T *shift,
                             const BN_T *alpha, const BN_T *beta, int num_threads)
 {
     const ptrdiff_t units = p->units;
+    const int stream = FN_STREAMING && !p->rows &&
+                       p->outer * p->channels * p->inner * (ptrdiff_t)sizeof(BN_T) >= FN_STREAM_BYTES;
     (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t u = 0; u < units; u++) {
-        bn_extent e = bn_unit_extent(p, u);
-        const ptrdiff_t c = e.channel;
-        if (p->rows && shift != NULL)
-            BN_FN(bn_shifted_rows)(x + e.offset, y + e.offset, e.len, p->channels, shift, alpha, beta);
-        else if (p->rows)
-            BN_FN(bn_affine_rows)(x + e.offset, y + e.offset, e.len, p->channels, alpha, beta);
-        else if (shift != NULL)
-            BN_FN(bn_shifted_run)(x + e.offset, y + e.offset, e.len, shift[c], alpha[c], beta[c]);
-        else
-            BN_FN(bn_affine_run)(x + e.offset, y + e.offset, e.len, alpha[c], beta[c]);
+#pragma omp parallel num_threads(num_threads)
+    {
+        BN_T piece[FN_STATS_BLOCK];
+#pragma omp for schedule(static)
+        for (ptrdiff_t u = 0; u < units; u++) {
+            bn_extent e = bn_unit_extent(p, u);
+            if (p->rows && shift != NULL)
+                BN_FN(bn_shifted_rows)(x + e.offset, y + e.offset, e.len, p->channels, shift, alpha, beta);
+            else if (p->rows)
+                BN_FN(bn_affine_rows)(x + e.offset, y + e.offset, e.len, p->channels, alpha, beta);
+            else if (stream) {
+                BN_FN(bn_plane_run)(x + e.offset, piece, e.len, shift, e.channel, alpha, beta);
+                BN_FN(fn_stream_store)(y + e.offset, piece, e.len);
+            } else
+                BN_FN(bn_plane_run)(x + e.offset, y + e.offset, e.len, shift, e.channel, alpha, beta);
+        }
+        if (stream)
+            fn_stream_fence();
     }
 }
 

@@ -16,6 +16,10 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -32,6 +36,57 @@ static inline int fn_omp_get_thread_num(void) { return 0; }
 
 /* Elements per statistics block: 2048 floats (8 KiB) or doubles (16 KiB) fit in any L1 cache. */
 #define FN_STATS_BLOCK 2048
+
+/* Outputs at least this large are written with non-temporal stores (see fn_stream_store_f32). */
+#define FN_STREAM_BYTES ((ptrdiff_t)16 << 20)
+
+/* dst[0..n) = src[0..n) with non-temporal stores, which write an output far larger than the caches
+ * straight to memory: no read of every destination line into the cache first, and no eviction of input
+ * that is about to be read again (batch_norm_train's second pass over x).  Only this copy
+ * names SSE2, which every x86-64 has; the arithmetic stays in plain loops that write an L1-resident piece.
+ * Elsewhere the output is written with ordinary stores. */
+#if defined(__SSE2__)
+#define FN_STREAMING 1
+static inline void fn_stream_store_f32(float *restrict dst, const float *restrict src, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+    for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
+        dst[i] = src[i];
+    for (; i + 4 <= n; i += 4)
+        _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    for (; i < n; i++)
+        dst[i] = src[i];
+}
+
+static inline void fn_stream_store_f64(double *restrict dst, const double *restrict src, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+    for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
+        dst[i] = src[i];
+    for (; i + 2 <= n; i += 2)
+        _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+    for (; i < n; i++)
+        dst[i] = src[i];
+}
+
+/* Non-temporal stores are weakly ordered: each thread fences its own before the region ends. */
+static inline void fn_stream_fence(void) { _mm_sfence(); }
+#else
+#define FN_STREAMING 0
+static inline void fn_stream_store_f32(float *restrict dst, const float *restrict src, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        dst[i] = src[i];
+}
+
+static inline void fn_stream_store_f64(double *restrict dst, const double *restrict src, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        dst[i] = src[i];
+}
+
+static inline void fn_stream_fence(void) {}
+#endif
 
 /* For the building blocks that must be compiled into their caller's vector target. */
 #if defined(__GNUC__)

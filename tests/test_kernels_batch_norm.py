@@ -509,6 +509,26 @@ def test_out_is_filled_and_returned(contiguous, dtype):
         np.testing.assert_array_equal(holder[..., 1::2], 7.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_outputs_of_16_mib_or_more_are_streamed_correctly(offset, dtype):
+    """Outputs this large are written with non-temporal stores from an L1 piece: every value must land,
+    also when `out` starts off a 16-byte boundary (offset 1) and planes are not a multiple of 4 long."""
+    shape = (3, 37, 157, 257) if dtype == np.float32 else (3, 19, 157, 257)
+    assert np.prod(shape) * np.dtype(dtype).itemsize >= 16 << 20
+    x, weight, bias = make_inputs(shape, 1, dtype, seed=31)
+    holder = np.full(np.prod(shape) + 1, 7.0, dtype=dtype)
+    out = holder[offset:offset + np.prod(shape)].reshape(shape)
+    running_mean, running_var = np.full(shape[1], 0.25), np.full(shape[1], 2.0)
+    assert batch_norm(x, running_mean, running_var, weight, bias, out=out) is out
+    assert_close(out, reference_normalize(x, running_mean, running_var, weight, bias, 1e-5, 1), dtype)
+    y, mean, invstd = batch_norm_train(x, weight, bias, out=out)
+    ref_mean, ref_var = reference_stats(x, 1)
+    assert_close(mean, ref_mean, dtype)
+    assert_close(y, reference_normalize(x, ref_mean, ref_var, weight, bias, 1e-5, 1), dtype)
+    assert holder[offset - 1 if offset else -1] == 7.0
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 
