@@ -592,16 +592,29 @@ int BN_FN(fn_batch_norm_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdi
         const double rest = mean[c] - (double)shift[c];
         offset[c] = (BN_T)(-(dbias[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
     }
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t u = 0; u < units; u++) {
-        bn_extent e = bn_unit_extent(&p, u);
-        const ptrdiff_t c = e.channel;
-        if (p.rows)
-            BN_FN(bn_grad_rows)(dy + e.offset, x + e.offset, dx + e.offset, e.len, channels, alpha, shift,
-                                slope, offset);
-        else
-            BN_FN(bn_grad_run)(dy + e.offset, x + e.offset, dx + e.offset, e.len, alpha[c], shift[c],
-                               slope[c], offset[c]);
+    /* As in bn_apply: a large dx of planes is computed into L1 and streamed out. */
+    const int stream = FN_STREAMING && !p.rows &&
+                       p.outer * channels * p.inner * (ptrdiff_t)sizeof(BN_T) >= FN_STREAM_BYTES;
+#pragma omp parallel num_threads(num_threads)
+    {
+        BN_T piece[FN_STATS_BLOCK];
+#pragma omp for schedule(static)
+        for (ptrdiff_t u = 0; u < units; u++) {
+            bn_extent e = bn_unit_extent(&p, u);
+            const ptrdiff_t c = e.channel;
+            if (p.rows)
+                BN_FN(bn_grad_rows)(dy + e.offset, x + e.offset, dx + e.offset, e.len, channels, alpha, shift,
+                                    slope, offset);
+            else if (stream) {
+                BN_FN(bn_grad_run)(dy + e.offset, x + e.offset, piece, e.len, alpha[c], shift[c], slope[c],
+                                   offset[c]);
+                BN_FN(fn_stream_store)(dx + e.offset, piece, e.len);
+            } else
+                BN_FN(bn_grad_run)(dy + e.offset, x + e.offset, dx + e.offset, e.len, alpha[c], shift[c],
+                                   slope[c], offset[c]);
+        }
+        if (stream)
+            fn_stream_fence();
     }
     free(coefs);
     return FN_BN_OK;

@@ -512,8 +512,9 @@ def test_out_is_filled_and_returned(contiguous, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_outputs_of_16_mib_or_more_are_streamed_correctly(offset, dtype):
-    """Outputs this large are written with non-temporal stores from an L1 piece: every value must land,
-    also when `out` starts off a 16-byte boundary (offset 1) and planes are not a multiple of 4 long."""
+    """Outputs this large (y of both forwards, dx of the backward) are written with non-temporal stores
+    from an L1 piece: every value must land, also when `out` starts off a 16-byte boundary (offset 1) and
+    planes are not a multiple of 4 long."""
     shape = (3, 37, 157, 257) if dtype == np.float32 else (3, 19, 157, 257)
     assert np.prod(shape) * np.dtype(dtype).itemsize >= 16 << 20
     x, weight, bias = make_inputs(shape, 1, dtype, seed=31)
@@ -527,6 +528,12 @@ def test_outputs_of_16_mib_or_more_are_streamed_correctly(offset, dtype):
     assert_close(mean, ref_mean, dtype)
     assert_close(y, reference_normalize(x, ref_mean, ref_var, weight, bias, 1e-5, 1), dtype)
     assert holder[offset - 1 if offset else -1] == 7.0
+    dy = np.random.default_rng(32).standard_normal(shape).astype(dtype)
+    dx, dweight, dbias = batch_norm_backward(dy, x, mean, invstd, weight)
+    ref_dx, ref_dweight, ref_dbias = reference_backward(dy, x, mean, invstd, weight, 1)
+    assert_close(dx, ref_dx, dtype, scale=4.0)
+    assert_close(dweight, ref_dweight, dtype)
+    assert_close(dbias, ref_dbias, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
