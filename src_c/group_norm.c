@@ -103,6 +103,8 @@ typedef struct {
     fn_stats (*stats)(const void *x, ptrdiff_t n);
     /* y = (x - mean) * scale + shift */
     void (*normalize)(const void *x, void *y, ptrdiff_t n, double mean, double scale, double shift);
+    /* the same, written to memory with non-temporal stores (for outputs of FN_STREAM_BYTES or more) */
+    void (*normalize_streamed)(const void *x, void *y, ptrdiff_t n, double mean, double scale, double shift);
     /* sums[0] = sum(dy), sums[1] = sum(dy * (x - mean)) */
     void (*grad_sums)(const void *dy, const void *x, ptrdiff_t n, double mean, double sums[2]);
     /* dx = dy * dy_scale + (x - mean) * x_scale + shift */
@@ -152,8 +154,20 @@ typedef struct {
             dx[i] = dy[i] * a + (x[i] - center) * b + c;                                               \
     }                                                                                                  \
                                                                                                        \
+    static void normalize_streamed_##SUFFIX(const void *xv, void *yv, ptrdiff_t n, double mean,        \
+                                            double scale, double shift)                                \
+    {                                                                                                  \
+        T piece[FN_STATS_BLOCK];                                                                       \
+        for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {                                \
+            const ptrdiff_t len = n - start < FN_STATS_BLOCK ? n - start : FN_STATS_BLOCK;             \
+            normalize_##SUFFIX((const T *)xv + start, piece, len, mean, scale, shift);                 \
+            fn_stream_store_##SUFFIX((T *)yv + start, piece, len);                                     \
+        }                                                                                              \
+    }                                                                                                  \
+                                                                                                       \
     static const gn_kernels kernels_##SUFFIX = {sizeof(T), stats_##SUFFIX, normalize_##SUFFIX,         \
-                                                grad_sums_##SUFFIX, grad_apply_##SUFFIX};
+                                                normalize_streamed_##SUFFIX, grad_sums_##SUFFIX,       \
+                                                grad_apply_##SUFFIX};
 
 GN_DEFINE_KERNELS(float, f32)
 GN_DEFINE_KERNELS(double, f64)
@@ -185,7 +199,8 @@ static void finish_stats(fn_stats s, double eps, double *mean, double *invstd)
 }
 
 static void normalize_unit(const gn_kernels *k, const gn_layout *l, const void *x, void *y, ptrdiff_t b,
-                           ptrdiff_t u, const double *weight, const double *bias, double mean, double invstd)
+                           ptrdiff_t u, const double *weight, const double *bias, double mean, double invstd,
+                           int stream)
 {
     gn_unit t = unit_of(l, u);
     for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
@@ -193,7 +208,8 @@ static void normalize_unit(const gn_kernels *k, const gn_layout *l, const void *
         ptrdiff_t start = plane_index(l, b, p) * l->spatial + t.begin;
         double scale = weight ? weight[c] * invstd : invstd;
         double shift = bias ? bias[c] : 0.0;
-        k->normalize(at(k, x, start), at_mut(k, y, start), t.end - t.begin, mean, scale, shift);
+        (stream ? k->normalize_streamed : k->normalize)(at(k, x, start), at_mut(k, y, start), t.end - t.begin,
+                                                        mean, scale, shift);
     }
 }
 
@@ -205,6 +221,8 @@ static int group_norm(const gn_kernels *k, const void *x, void *y, ptrdiff_t bat
     const ptrdiff_t per_block = l.units_per_block;
     const ptrdiff_t units = l.blocks * per_block;
     const int parallel = batch * channels * spatial >= GN_PARALLEL_MIN;
+    /* A large y is streamed to memory: no read of each of its lines before it is written. */
+    const int stream = FN_STREAMING && batch * channels * spatial * (ptrdiff_t)k->size >= FN_STREAM_BYTES;
     fn_stats *partial = NULL;
     if (per_block > 1) {
         partial = malloc((size_t)units * sizeof *partial);
@@ -219,7 +237,7 @@ static int group_norm(const gn_kernels *k, const void *x, void *y, ptrdiff_t bat
 #pragma omp for schedule(static)
             for (ptrdiff_t b = 0; b < l.blocks; b++) {
                 finish_stats(unit_stats(k, &l, x, b, 0), eps, &mean[b], &invstd[b]);
-                normalize_unit(k, &l, x, y, b, 0, weight, bias, mean[b], invstd[b]);
+                normalize_unit(k, &l, x, y, b, 0, weight, bias, mean[b], invstd[b], stream);
             }
         } else {
 #pragma omp for schedule(static)
@@ -235,9 +253,11 @@ static int group_norm(const gn_kernels *k, const void *x, void *y, ptrdiff_t bat
 #pragma omp for schedule(static)
             for (ptrdiff_t i = 0; i < units; i++) {
                 ptrdiff_t b = i / per_block;
-                normalize_unit(k, &l, x, y, b, i % per_block, weight, bias, mean[b], invstd[b]);
+                normalize_unit(k, &l, x, y, b, i % per_block, weight, bias, mean[b], invstd[b], stream);
             }
         }
+        if (stream)
+            fn_stream_fence();
     }
     free(partial);
     return FN_GN_OK;
