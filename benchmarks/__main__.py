@@ -36,7 +36,8 @@ def parser():
     run.add_argument("--kernels", type=_names, default=None,
                      help="only these kernels, e.g. batch_norm,layer_norm ('none' for no kernels)")
     run.add_argument("--models", type=_names, default=None,
-                     help="only these models, e.g. resnet_like ('none' for no models)")
+                     help="only these models, e.g. resnet_like,conv_bn_chain (conv_bn_chain: the fold scaling; "
+                     "'none' for no models)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     compare = commands.add_parser("compare", help="per-figure ratios NEW/OLD; exit 1 when a slowdown is flagged")
     compare.add_argument("old")
@@ -59,6 +60,7 @@ def main(argv=None):
         print("benchmarks: foldnorm is not built or not importable (%s); run `make install` first" % error,
               file=sys.stderr)
         return 2
+    from . import fold_scaling
     from .runner import config_for, run
 
     config = config_for(args.mode or "full")
@@ -66,6 +68,8 @@ def main(argv=None):
         config.kernel_cases = [c for c in config.kernel_cases if c.kernel in args.kernels]
     if args.models is not None:
         config.model_cases = [c for c in config.model_cases if c.name in args.models]
+        if fold_scaling.NAME not in args.models:
+            config.fold_pairs = ()
     run(config, threads, args.out, make_plots=not args.no_plots)
     return 0
 

@@ -2,9 +2,10 @@
 onnxruntime's own basic-level optimization, each run with graph optimizations disabled and enabled.
 
 The models: the light_* models shipped inside the onnx package that contain BatchNormalization, and two
-generated CNNs (ResNet-like and MobileNet-like, BatchNormalization after every convolution). The light
-models ship with every weight produced at run time by a ConstantOfShape node (all 0.02), which no fold
-can see as constant; they are first materialized: each such weight becomes an initializer of seeded
+generated CNNs (ResNet-like and MobileNet-like, BatchNormalization after every convolution). A third
+generated model, a long chain of Conv+BatchNormalization pairs, is only folded (see fold_scaling.py).
+The light models ship with every weight produced at run time by a ConstantOfShape node (all 0.02), which
+no fold can see as constant; they are first materialized: each such weight becomes an initializer of seeded
 random values of the same shape, sized for its role (He-scaled convolution weights, positive variances),
 and the IR-3 habit of listing initializers as graph inputs (which makes them overridable, so not
 constant) is dropped.
@@ -121,9 +122,10 @@ class CnnBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
         return output
 
-    def conv(self, x, cin, cout, kernel, stride=1, groups=1):
+    def conv(self, x, cin, cout, kernel, stride=1, groups=1, gain=1.0):
+        """A Conv with He-scaled weights, times `gain`."""
         fan_in = cin // groups * kernel * kernel
-        weight = self.rng.normal(0, np.sqrt(2.0 / fan_in), (cout, cin // groups, kernel, kernel))
+        weight = self.rng.normal(0, gain * np.sqrt(2.0 / fan_in), (cout, cin // groups, kernel, kernel))
         pad = kernel // 2
         return self._node("Conv", [x, self._constant("w", weight)], kernel_shape=[kernel, kernel],
                           strides=[stride, stride], pads=[pad] * 4, group=groups)
@@ -136,8 +138,8 @@ class CnnBuilder:
         names = [self._constant(kind, p) for kind, p in zip(("gamma", "beta", "mean", "var"), params)]
         return self._node("BatchNormalization", [x] + names, epsilon=1e-5)
 
-    def conv_bn(self, x, cin, cout, kernel, stride=1, groups=1, activation="Relu"):
-        y = self.batch_norm(self.conv(x, cin, cout, kernel, stride, groups), cout)
+    def conv_bn(self, x, cin, cout, kernel, stride=1, groups=1, activation="Relu", gain=1.0):
+        y = self.batch_norm(self.conv(x, cin, cout, kernel, stride, groups, gain), cout)
         if activation == "Relu":
             return self._node("Relu", [y])
         if activation == "Relu6":
@@ -153,15 +155,15 @@ class CnnBuilder:
         return self._node("Gemm", [pooled, self._constant("fc_w", weight), self._constant("fc_b", np.zeros(classes))],
                           transB=1)
 
-    def model(self, name, input_name, input_size, output, classes):
+    def model(self, name, input_name, input_shape, output, output_shape, opset=OPSET):
         graph = helper.make_graph(
             self.nodes,
             name,
-            [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [1, 3, input_size, input_size])],
-            [helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, classes])],
+            [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_shape)],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
             initializer=self.initializers,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         model.ir_version = IR_VERSION
         return model
 
@@ -180,7 +182,8 @@ def resnet_like(input_size=224, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2),
             shortcut = x if stride == 1 and cin == width else b.conv_bn(x, cin, width, 1, stride, activation=None)
             x = b._node("Relu", [b.add(y, shortcut)])
             cin = width
-    return b.model("resnet_like", "input", input_size, b.classifier(x, cin, classes), classes)
+    return b.model("resnet_like", "input", [1, 3, input_size, input_size], b.classifier(x, cin, classes),
+                   [1, classes])
 
 
 MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -202,7 +205,29 @@ def mobilenet_like(input_size=224, blocks=MOBILENET_V2_BLOCKS, stem=32, head=128
             x = b.add(x, y) if stride == 1 and cin == width else y
             cin = width
     x = b.conv_bn(x, cin, head, 1, activation="Relu6")
-    return b.model("mobilenet_like", "input", input_size, b.classifier(x, head, classes), classes)
+    return b.model("mobilenet_like", "input", [1, 3, input_size, input_size], b.classifier(x, head, classes),
+                   [1, classes])
+
+
+CHAIN_OPSET = 17
+# He-scaled weights put a plain ReLU chain at the edge of chaos: over hundreds of layers the float32
+# rounding differences that folding introduces (it reorders the arithmetic) can grow past verification's
+# tolerance, depending on the seed. Slightly smaller weights make every layer contract them instead.
+CHAIN_GAIN = 0.7
+
+
+def conv_bn_chain(pairs, channels=8, size=8, seed=0):
+    """`pairs` times Conv 3x3 (pad 1) -> BatchNormalization -> Relu on a 1 x channels x size x size input.
+
+    Every layer keeps the input's shape, so the model grows by the same few KB of weights per pair and a
+    fold of it should take time in proportion to `pairs`.
+    """
+    b = CnnBuilder(seed)
+    x = "input"
+    for _ in range(pairs):
+        x = b.conv_bn(x, channels, channels, 3, gain=CHAIN_GAIN)
+    shape = [1, channels, size, size]
+    return b.model("conv_bn_chain_%d" % pairs, "input", shape, x, shape, opset=CHAIN_OPSET)
 
 
 def light_case(name):

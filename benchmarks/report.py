@@ -62,7 +62,7 @@ def evaluate_targets(kernel_results):
     return verdicts
 
 
-def figures(kernel_results, model_results):
+def figures(kernel_results, model_results, fold_scaling=None):
     """Flat {name: {"value", "unit"}} of foldnorm's own figures, lower is better: what `compare` compares."""
     flat = {}
     for result in kernel_results:
@@ -80,6 +80,8 @@ def figures(kernel_results, model_results):
                 flat[prefix + name] = {"value": ratio["median"], "unit": "ratio"}
         if "fold" in result:
             flat[prefix + "fold_seconds"] = {"value": result["fold"]["fold_seconds"], "unit": "s"}
+    for row in (fold_scaling or {}).get("rows", []):
+        flat["fold_scaling/%d_pairs/seconds" % row["pairs"]] = {"value": row["fold"]["median"], "unit": "s"}
     return flat
 
 
@@ -234,16 +236,52 @@ def markdown(results):
                     name, _ms(fold["fold_seconds"]), _ms(fold["seconds_with_verify"]),
                     fold["param_bytes_before"] / 1e6, fold["param_bytes_after"] / 1e6, counts))
         lines.append("")
+    scaling = results.get("fold_scaling")
+    if scaling:
+        lines += _fold_scaling(scaling, results["config"]["fold_repeats"])
     shapes_by_note = {}
     for result in kernels:
         for note in result.get("notes", []):
             shapes_by_note.setdefault((result["label"], note), []).append(result["shape_label"])
     notes = results["notes"] + [
         "%s %s: %s" % (label, ", ".join(shapes), note) for (label, note), shapes in shapes_by_note.items()
-    ] + ["%s: %s" % (r["name"], n) for r in models for n in r.get("notes", [])]
+    ] + ["%s: %s" % (r["name"], n) for r in models + ([scaling] if scaling else []) for n in r.get("notes", [])]
     if notes:
         lines += ["#### Notes", ""] + ["- " + n for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _fold_scaling(scaling, repeats):
+    """The fold-scaling section: one row per chain size, then the issue-3 verdict."""
+    lines = ["#### Fold scaling (issue 3): %s, %s" % (scaling["name"], scaling["source"]), ""]
+    if "skipped" in scaling:
+        return lines + ["Skipped: %s" % scaling["skipped"], ""]
+    if scaling["rows"]:
+        lines += [
+            "foldnorm.fold_model(model, verify=False), median of %d runs, the sizes interleaved; per pair vs "
+            "%d = time per pair / the %d-pair chain's, paired per round (1.00x: linear)." % (
+                repeats, scaling["smallest_pairs"], scaling["smallest_pairs"]),
+            "",
+            "| pairs | BN nodes before -> after | fold ms (min-max) | us per pair | per pair vs %d | "
+            "fold + verify ms | verify max rel error |" % scaling["smallest_pairs"],
+            "|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for row in scaling["rows"]:
+            timing = row["fold"]
+            lines.append("| %d | %d -> %d | %s (%s-%s) | %.0f | %s | %s | %.1e |" % (
+                row["pairs"], row["batch_norm_nodes"], row["batch_norm_nodes_left"], _ms(timing["median"]),
+                _ms(timing["min"]), _ms(timing["max"]), 1e6 * row["seconds_per_pair"],
+                _ratio(row["per_pair_vs_smallest"]), _ms(row["seconds_with_verify"]), row["verify_max_rel_error"]))
+        lines.append("")
+    verdict = scaling["target"]
+    measured = verdict["measured"]
+    measured = "%.3g s (%.3g-%.3g)" % (measured["median"], measured["min"], measured["max"]) if measured else ""
+    if verdict.get("why"):
+        measured = "; ".join(t for t in (measured, verdict["why"]) if t)
+    state = {True: "met", False: "**not met**", None: "not measured"}[verdict["met"]]
+    lines += ["| target | measured (min-max) | verdict |", "|---|---|---|",
+              "| %s | %s | %s |" % (verdict["target"], measured, state), ""]
+    return lines
 
 
 def _counts_text(counts):

@@ -5,7 +5,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from . import kernels, models, report
+from . import fold_scaling, kernels, models, report
 
 
 @dataclass
@@ -17,6 +17,8 @@ class Config:
     reference_repeats: int
     model_repeats: int
     session_repeats: int
+    fold_pairs: tuple
+    fold_repeats: int
     warmup: int = 1
 
     def describe(self):
@@ -28,6 +30,8 @@ class Config:
             "warmup": self.warmup,
             "kernel_cases": [c.key for c in self.kernel_cases],
             "models": [c.name for c in self.model_cases],
+            "fold_pairs": list(self.fold_pairs),
+            "fold_repeats": self.fold_repeats,
         }
 
 
@@ -35,13 +39,13 @@ def config_for(mode):
     """The full run, the quick run (headline shapes, fewer repetitions) or the smoke run (tiny, for tests)."""
     if mode == "full":
         return Config(mode, kernels.FULL_CASES, models.FULL_MODELS, repeats=30, reference_repeats=3,
-                      model_repeats=20, session_repeats=3)
+                      model_repeats=20, session_repeats=3, fold_pairs=(250, 500, 1000), fold_repeats=5)
     if mode == "quick":
         return Config(mode, kernels.QUICK_CASES, models.QUICK_MODELS, repeats=15, reference_repeats=1,
-                      model_repeats=10, session_repeats=1)
+                      model_repeats=10, session_repeats=1, fold_pairs=(250, 1000), fold_repeats=3)
     if mode == "smoke":
         return Config(mode, kernels.SMOKE_CASES, models.SMOKE_MODELS, repeats=2, reference_repeats=1,
-                      model_repeats=2, session_repeats=1)
+                      model_repeats=2, session_repeats=1, fold_pairs=(10, 20), fold_repeats=2)
     raise ValueError("mode must be 'full', 'quick' or 'smoke', got %r" % mode)
 
 
@@ -79,8 +83,13 @@ def run(config, threads, out_dir, make_plots=True):
                 results["models"].append(models.run_model(
                     case, max(threads), config.model_repeats, scratch, config.warmup, config.session_repeats, settle))
 
+    results["fold_scaling"] = None
+    if config.fold_pairs:
+        _log("benchmarks: fold scaling, %s pairs" % ", ".join(map(str, config.fold_pairs)))
+        results["fold_scaling"] = fold_scaling.run(config.fold_pairs, config.fold_repeats, settle)
+
     results["targets"] = report.evaluate_targets(results["kernels"])
-    results["figures"] = report.figures(results["kernels"], results["models"])
+    results["figures"] = report.figures(results["kernels"], results["models"], results["fold_scaling"])
     results["plots"] = []
     if make_plots:
         paths, note = report.plot(results, out_dir)

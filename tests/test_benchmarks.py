@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from benchmarks import kernels, models, report
+from benchmarks import fold_scaling, kernels, models, report, runner
 from benchmarks.__main__ import main
 from benchmarks.harness import Contender, Samples, Unavailable, measure, paired_ratio
 
@@ -174,6 +174,18 @@ def test_smoke_run_writes_table_json_and_plots(tmp_path, capsys):
             assert model["variants"]["folded"]["batch_norm_nodes"] == 0
             assert model["variants"]["folded"]["max_abs_diff_disabled"] < 1e-3
             assert model["fold"]["param_bytes_after"] < model["fold"]["param_bytes_before"]
+    scaling = results["fold_scaling"]
+    assert [row["pairs"] for row in scaling["rows"]] == [10, 20]
+    for row in scaling["rows"]:
+        assert row["batch_norm_nodes"] == row["pairs"] and row["batch_norm_nodes_left"] == 0
+        assert row["verify_max_rel_error"] < 1e-4
+        assert row["fold"]["n"] == 2 and row["fold"]["min"] <= row["fold"]["median"] <= row["fold"]["max"]
+        assert row["seconds_per_pair"] == pytest.approx(row["fold"]["median"] / row["pairs"])
+        assert results["figures"]["fold_scaling/%d_pairs/seconds" % row["pairs"]]["value"] == row["fold"]["median"]
+    assert scaling["rows"][0]["per_pair_vs_smallest"]["median"] == pytest.approx(1.0)
+    assert scaling["target"]["met"] is None and "not in this run" in scaling["target"]["why"]
+    assert "#### Fold scaling (issue 3)" in table
+    assert "| fold of 1000 Conv+BN pairs < 2 s | not in this run (sizes: 10, 20 pairs) | not measured |" in table
     if UNDER_ASAN:
         assert results["plots"] == []
     elif importlib.util.find_spec("matplotlib") is None:
@@ -219,6 +231,59 @@ def test_generated_cnns_have_a_batch_norm_after_every_conv_and_run(build, convs)
 
 
 
+@pytest.mark.parametrize("pairs", [1, 20])
+def test_conv_bn_chain_has_the_pairs_asked_for_and_folds_to_no_batch_norm(pairs):
+    model = models.conv_bn_chain(pairs)
+    assert model.ir_version == models.IR_VERSION == 8
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", models.CHAIN_OPSET)]
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["Conv", "BatchNormalization", "Relu"] * pairs
+    x = np.random.default_rng(2).standard_normal((1, 8, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"input": x})[0]
+    assert y.shape == (1, 8, 8, 8) and np.isfinite(y).all() and y.max() > 0
+
+    from foldnorm import fold_model
+
+    folded, fold_report = fold_model(model, verify=True)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"] * pairs
+    assert fold_report.counts()["folded"] == {"Conv": pairs}
+    assert fold_report.verification.passed
+
+
+def _scaling_row(pairs, median, left=0):
+    return {"pairs": pairs, "batch_norm_nodes_left": left,
+            "fold": {"median": median, "min": median, "max": median, "n": 1}}
+
+
+def test_the_fold_scaling_target_is_judged_on_the_1000_pair_median():
+    pairs = (250, 1000)
+    met = fold_scaling.evaluate_target([_scaling_row(250, 0.5), _scaling_row(1000, 1.9)], pairs)
+    assert met["met"] is True and met["measured"]["median"] == 1.9
+    assert fold_scaling.evaluate_target([_scaling_row(1000, 2.1)], pairs)["met"] is False
+    unfolded = fold_scaling.evaluate_target([_scaling_row(1000, 0.1, left=3)], pairs)
+    assert unfolded["met"] is False and "3 BatchNormalization nodes left" in unfolded["why"]
+    failed = fold_scaling.evaluate_target([_scaling_row(250, 0.5)], pairs)
+    assert failed["met"] is None and "1000-pair fold failed" in failed["why"]
+    assert "not in this run" in fold_scaling.evaluate_target([], (10, 20))["why"]
+
+
+@pytest.mark.parametrize("selected, fold_pairs, model_names", [
+    (None, (250, 1000), ["light_resnet50", "resnet_like", "mobilenet_like"]),
+    ("none", (), []),
+    ("conv_bn_chain", (250, 1000), []),
+    ("resnet_like", (), ["resnet_like"]),
+])
+def test_models_option_selects_the_fold_scaling_by_name(monkeypatch, selected, fold_pairs, model_names):
+    configs = []
+    monkeypatch.setattr(runner, "run", lambda config, threads, out, make_plots: configs.append(config))
+    assert main(["run", "--quick", "--threads", "1"] + (["--models", selected] if selected else [])) == 0
+    config, = configs
+    assert config.fold_pairs == fold_pairs and [c.name for c in config.model_cases] == model_names
+    assert runner.config_for("full").fold_pairs == (250, 500, 1000)
+
+
 def test_a_missing_fold_pass_leaves_the_other_variants_timed(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "foldnorm.fold", None)  # makes `from foldnorm.fold import ...` fail
     result = models.run_model(models.SMOKE_MODELS[0], threads=1, repeats=1, directory=str(tmp_path))
@@ -227,6 +292,15 @@ def test_a_missing_fold_pass_leaves_the_other_variants_timed(monkeypatch, tmp_pa
     assert set(result["latency"]) == {"original/disabled", "original/enabled", "ort_basic/disabled",
                                       "ort_basic/enabled"}
     assert "folded_vs_original/disabled" not in result["ratios"]
+
+
+def test_a_missing_fold_pass_skips_the_fold_scaling_with_the_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "foldnorm.fold", None)
+    scaling = fold_scaling.run((5,), repeats=1)
+    assert "foldnorm.fold is not available yet" in scaling["skipped"] and scaling["rows"] == []
+    lines = report._fold_scaling(scaling, repeats=1)
+    assert lines[2] == "Skipped: " + scaling["skipped"]
+    assert report.figures([], [], scaling) == {}
 
 
 def test_plots_are_skipped_with_a_note_without_matplotlib(monkeypatch):
