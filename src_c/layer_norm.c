@@ -316,16 +316,34 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
                 y[i] = ((x[i] - hi) - lo) * inv;                                                                \
     }                                                                                                           \
                                                                                                                 \
+    /* y = the applied row, written with ordinary stores, or computed piece by piece into L1 and streamed to    \
+     * memory when the whole output is large (stream). */                                                       \
+    FN_INLINE void fn_ln_write_##S(const T *x, const T *w, const T *b, T *y, ptrdiff_t n, fn_ln_row_##S row,    \
+                                   int stream)                                                                  \
+    {                                                                                                           \
+        if (!stream) {                                                                                          \
+            fn_ln_apply_##S(x, w, b, y, n, row);                                                                \
+            return;                                                                                             \
+        }                                                                                                       \
+        T piece[FN_STATS_BLOCK];                                                                                \
+        for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {                                         \
+            const ptrdiff_t len = fn_min(FN_STATS_BLOCK, n - start);                                            \
+            fn_ln_apply_##S(x + start, w ? w + start : NULL, b ? b + start : NULL, piece, len, row);            \
+            fn_stream_store_##S(y + start, piece, len);                                                         \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
     /* The dispatch points: one call per row, or per segment of a wide row, runs the vector target's code       \
      * with the statistics and the apply loop inlined. */                                                       \
     FN_VECTOR_KERNEL static void fn_ln_normalize_row_##S(const T *x, const T *w, const T *b, T *y,              \
-                                                         ptrdiff_t cols, double eps, T *mean, T *invstd)        \
+                                                         ptrdiff_t cols, double eps, T *mean, T *invstd,        \
+                                                         int stream)                                            \
     {                                                                                                           \
         fn_stats s = fn_run_stats_##S(x, cols);                                                                 \
         fn_ln_row_##S row = fn_ln_row_from_stats_##S(s, eps);                                                   \
         *mean = (T)s.mean;                                                                                      \
         *invstd = row.invstd;                                                                                   \
-        fn_ln_apply_##S(x, w, b, y, cols, row);                                                                 \
+        fn_ln_write_##S(x, w, b, y, cols, row, stream);                                                         \
     }                                                                                                           \
                                                                                                                 \
     FN_VECTOR_KERNEL static fn_stats fn_ln_segment_stats_##S(const T *x, ptrdiff_t n)                           \
@@ -334,20 +352,25 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
     }                                                                                                           \
                                                                                                                 \
     FN_VECTOR_KERNEL static void fn_ln_segment_apply_##S(const T *x, const T *w, const T *b, T *y, ptrdiff_t n, \
-                                                         fn_ln_row_##S row)                                     \
+                                                         fn_ln_row_##S row, int stream)                         \
     {                                                                                                           \
-        fn_ln_apply_##S(x, w, b, y, n, row);                                                                    \
+        fn_ln_write_##S(x, w, b, y, n, row, stream);                                                            \
     }                                                                                                           \
                                                                                                                 \
     int fn_layer_norm_##S(const T *x, const T *weight, const T *bias, T *y, T *mean, T *invstd,                 \
                           ptrdiff_t rows, ptrdiff_t cols, double eps, int num_threads)                          \
     {                                                                                                           \
         const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
+        const int stream = FN_STREAMING && rows * cols * (ptrdiff_t)sizeof(T) >= FN_STREAM_BYTES;               \
         if (p.segments == 1) {                                                                                  \
-            _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
-            for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
-                fn_ln_normalize_row_##S(x + r * cols, weight, bias, y + r * cols, cols, eps, &mean[r],          \
-                                        &invstd[r]);                                                            \
+            _Pragma("omp parallel num_threads(p.threads)")                                                      \
+            {                                                                                                   \
+                _Pragma("omp for schedule(static)")                                                             \
+                for (ptrdiff_t r = 0; r < rows; r++)                                                            \
+                    fn_ln_normalize_row_##S(x + r * cols, weight, bias, y + r * cols, cols, eps, &mean[r],      \
+                                            &invstd[r], stream);                                                \
+                if (stream)                                                                                     \
+                    fn_stream_fence();                                                                          \
             }                                                                                                   \
             return 0;                                                                                           \
         }                                                                                                       \
@@ -376,8 +399,10 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
                 fn_ln_row_##S row = fn_ln_row_from_stats_##S(stats[r * p.segments], eps);                       \
                 fn_ln_segment_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL,                         \
                                         bias ? bias + c0 : NULL, y + r * cols + c0,                             \
-                                        fn_min(p.segment_cols, cols - c0), row);                                \
+                                        fn_min(p.segment_cols, cols - c0), row, stream);                        \
             }                                                                                                   \
+            if (stream)                                                                                         \
+                fn_stream_fence();                                                                              \
         }                                                                                                       \
         free(stats);                                                                                            \
         return 0;                                                                                               \
@@ -519,10 +544,26 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
         return (T)(1.0 / sqrt(sum_squares / (double)cols + eps));                                               \
     }                                                                                                           \
                                                                                                                 \
-    FN_VECTOR_KERNEL static T fn_rms_normalize_row_##S(const T *x, const T *w, T *y, ptrdiff_t cols, double eps) \
+    /* As fn_ln_write: ordinary stores, or L1 pieces streamed to memory. */                                     \
+    FN_INLINE void fn_rms_write_##S(const T *x, const T *w, T *y, ptrdiff_t n, T invrms, int stream)            \
+    {                                                                                                           \
+        if (!stream) {                                                                                          \
+            fn_rms_apply_##S(x, w, y, n, invrms);                                                               \
+            return;                                                                                             \
+        }                                                                                                       \
+        T piece[FN_STATS_BLOCK];                                                                                \
+        for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {                                         \
+            const ptrdiff_t len = fn_min(FN_STATS_BLOCK, n - start);                                            \
+            fn_rms_apply_##S(x + start, w ? w + start : NULL, piece, len, invrms);                              \
+            fn_stream_store_##S(y + start, piece, len);                                                         \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    FN_VECTOR_KERNEL static T fn_rms_normalize_row_##S(const T *x, const T *w, T *y, ptrdiff_t cols, double eps, \
+                                                       int stream)                                              \
     {                                                                                                           \
         T inv = fn_invrms_##S(fn_sum_squares_##S(x, cols), cols, eps);                                          \
-        fn_rms_apply_##S(x, w, y, cols, inv);                                                                   \
+        fn_rms_write_##S(x, w, y, cols, inv, stream);                                                           \
         return inv;                                                                                             \
     }                                                                                                           \
                                                                                                                 \
@@ -531,19 +572,25 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
         return fn_sum_squares_##S(x, n);                                                                        \
     }                                                                                                           \
                                                                                                                 \
-    FN_VECTOR_KERNEL static void fn_rms_segment_apply_##S(const T *x, const T *w, T *y, ptrdiff_t n, T invrms)  \
+    FN_VECTOR_KERNEL static void fn_rms_segment_apply_##S(const T *x, const T *w, T *y, ptrdiff_t n, T invrms,  \
+                                                          int stream)                                           \
     {                                                                                                           \
-        fn_rms_apply_##S(x, w, y, n, invrms);                                                                   \
+        fn_rms_write_##S(x, w, y, n, invrms, stream);                                                           \
     }                                                                                                           \
                                                                                                                 \
     int fn_rms_norm_##S(const T *x, const T *weight, T *y, T *invrms, ptrdiff_t rows, ptrdiff_t cols,           \
                         double eps, int num_threads)                                                            \
     {                                                                                                           \
         const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
+        const int stream = FN_STREAMING && rows * cols * (ptrdiff_t)sizeof(T) >= FN_STREAM_BYTES;               \
         if (p.segments == 1) {                                                                                  \
-            _Pragma("omp parallel for schedule(static) num_threads(p.threads)")                                 \
-            for (ptrdiff_t r = 0; r < rows; r++) {                                                              \
-                invrms[r] = fn_rms_normalize_row_##S(x + r * cols, weight, y + r * cols, cols, eps);            \
+            _Pragma("omp parallel num_threads(p.threads)")                                                      \
+            {                                                                                                   \
+                _Pragma("omp for schedule(static)")                                                             \
+                for (ptrdiff_t r = 0; r < rows; r++)                                                            \
+                    invrms[r] = fn_rms_normalize_row_##S(x + r * cols, weight, y + r * cols, cols, eps, stream); \
+                if (stream)                                                                                     \
+                    fn_stream_fence();                                                                          \
             }                                                                                                   \
             return 0;                                                                                           \
         }                                                                                                       \
@@ -568,8 +615,10 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
             for (ptrdiff_t i = 0; i < items; i++) {                                                             \
                 ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                           \
                 fn_rms_segment_apply_##S(x + r * cols + c0, weight ? weight + c0 : NULL, y + r * cols + c0,     \
-                                         fn_min(p.segment_cols, cols - c0), invrms[r]);                         \
+                                         fn_min(p.segment_cols, cols - c0), invrms[r], stream);                 \
             }                                                                                                   \
+            if (stream)                                                                                         \
+                fn_stream_fence();                                                                              \
         }                                                                                                       \
         free(sums);                                                                                             \
         return 0;                                                                                               \

@@ -142,6 +142,20 @@ def test_rows_that_start_far_from_their_mean():
     np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape,dtype", [((2100, 2003), np.float32), ((1100, 2003), np.float64),
+                                         ((13, 330001), np.float32)])
+def test_outputs_of_16_mib_or_more_are_streamed_correctly(shape, dtype):
+    """y this large is written with non-temporal stores from an L1 piece: rows of an odd length start off
+    the 16-byte boundary the stores need, and the last shape's rows are cut into segments."""
+    assert np.prod(shape) * np.dtype(dtype).itemsize >= 16 << 20
+    x = data(shape, dtype)
+    weight, bias = params(shape[1:], dtype)
+    y, mean, invstd = layer_norm(x, weight, bias)
+    y_ref, mean_ref, _ = ref_layer_norm(x, weight, bias, -1)
+    assert_rows_close(y, y_ref, dtype)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6, atol=1e-6)
+
+
 def test_results_held_by_the_caller_are_never_reused():
     """Large results come from recycled memory: what the caller still holds must stay intact."""
     x = data((1100, 1000), np.float32)

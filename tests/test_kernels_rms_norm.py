@@ -46,6 +46,20 @@ def ref_rms_norm_backward(dy, x, weight, axis, eps=1e-5):
     return dx, (dy * x * invrms).sum(axis=lead)
 
 
+@pytest.mark.parametrize("shape,dtype", [((2100, 2003), np.float32), ((1100, 2003), np.float64),
+                                         ((13, 330001), np.float32)])
+def test_outputs_of_16_mib_or_more_are_streamed_correctly(shape, dtype):
+    """y this large is written with non-temporal stores from an L1 piece (odd rows start off the 16-byte
+    boundary; the last shape's rows are cut into segments)."""
+    assert np.prod(shape) * np.dtype(dtype).itemsize >= 16 << 20
+    x = data(shape, dtype)
+    weight, _ = params(shape[1:], dtype)
+    y, invrms = rms_norm(x, weight)
+    y_ref, invrms_ref = ref_rms_norm(x, weight, -1)
+    assert_rows_close(y, y_ref, dtype)
+    np.testing.assert_allclose(invrms, invrms_ref, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape,axis", ROW_CASES)
 def test_forward_matches_reference(shape, axis, dtype):
