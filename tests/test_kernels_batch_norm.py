@@ -511,12 +511,12 @@ def test_out_is_filled_and_returned(contiguous, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_outputs_of_16_mib_or_more_are_streamed_correctly(offset, dtype):
+def test_outputs_of_32_mib_or_more_are_streamed_correctly(offset, dtype):
     """Outputs this large (y of both forwards, dx of the backward) are written with non-temporal stores
     from an L1 piece: every value must land, also when `out` starts off a 16-byte boundary (offset 1) and
     planes are not a multiple of 4 long."""
-    shape = (3, 37, 157, 257) if dtype == np.float32 else (3, 19, 157, 257)
-    assert np.prod(shape) * np.dtype(dtype).itemsize >= 16 << 20
+    shape = (6, 37, 157, 257) if dtype == np.float32 else (6, 19, 157, 257)
+    assert np.prod(shape) * np.dtype(dtype).itemsize >= 32 << 20
     x, weight, bias = make_inputs(shape, 1, dtype, seed=31)
     holder = np.full(np.prod(shape) + 1, 7.0, dtype=dtype)
     out = holder[offset:offset + np.prod(shape)].reshape(shape)
