@@ -5,6 +5,8 @@ names the argument and says what was expected.
 """
 import numpy as np
 
+from ._outputs import empty_result
+
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -102,12 +104,13 @@ def kernel_output(out, shape, dtype):
     """(array the kernel writes, array returned to the caller).
 
     The kernel needs a C-contiguous array of the compute dtype; when `out` is not one, or the result is
-    float16, the kernel writes a temporary that `finish_output` copies into place.
+    float16, the kernel writes a temporary that `finish_output` copies into place.  What is allocated here
+    (the result or that temporary) comes from `empty_result`, so a large one reuses recycled memory.
     """
     cdtype = compute_dtype(dtype)
     if out is not None and out.dtype == cdtype and out.flags.c_contiguous:
         return out, out
-    return np.empty(shape, dtype=cdtype), out
+    return empty_result(shape, cdtype), out
 
 
 def finish_output(written, out, dtype):

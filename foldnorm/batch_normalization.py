@@ -5,12 +5,17 @@ x is (N, C, *spatial) with any number of spatial dims (channel_axis=1), or chann
 computed in float32 and its y returned as float16. Statistics are accumulated in float64 by an exact
 two-pass over cache-sized blocks merged with Chan's update, never as float32 E[x^2] - E[x]^2, and every
 result is bit-identical for any thread count.
+
+Results of 4 MiB or more (y when out is None, dx) are views of memory that is recycled once every view of a
+result is gone (their .base is set), which spares a page fault per page on each call; they behave as
+ordinary arrays.
 """
 import operator
 
 import numpy as np
 
 from . import _batch_norm
+from ._outputs import empty_result
 from ._validation import (
     as_input,
     as_like,
@@ -182,7 +187,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, channel_axis=1, num
     invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
     weight64 = as_param(weight, "weight", (channels,), np.float64)
     threads = resolve_num_threads(num_threads)
-    dx = np.empty(xc.shape, dtype=xc.dtype)
+    dx = empty_result(xc.shape, xc.dtype)
     dweight = np.empty(channels)
     dbias = np.empty(channels)
     _batch_norm.batch_norm_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), outer, channels, inner,

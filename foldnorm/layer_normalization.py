@@ -12,15 +12,12 @@ x's dtype.  Statistics are accumulated in float64, and results are bit-identical
 Results of 4 MiB or more are views of memory that is recycled once every view of a result is gone (their
 .base is set), which spares a page fault per page on each call; they behave as ordinary arrays.
 """
-import collections
-import ctypes
 import math
-import threading
-import weakref
 
 import numpy as np
 
 from . import _layer_norm
+from ._outputs import empty_result
 from ._validation import as_input, as_like, as_param, check_eps, compute_dtype, normalize_axis
 from .runtime import resolve_num_threads
 
@@ -63,7 +60,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, num_threads=None
     bias = as_param(bias, "bias", xc.shape[axis:], xc.dtype)
     eps = check_eps(eps)
     threads = resolve_num_threads(num_threads)
-    y = _OUTPUTS.empty(xc.shape, xc.dtype)
+    y = empty_result(xc.shape, xc.dtype)
     mean = np.empty(_stats_shape(xc.shape, axis), xc.dtype)
     invstd = np.empty_like(mean)
     _layer_norm.layer_norm(xc, weight, bias, y, mean, invstd, rows, cols, eps, threads)
@@ -109,7 +106,7 @@ def layer_norm_backward(dy, x, mean, invstd, weight=None, *, axis=-1, num_thread
     invstd = _row_statistic(invstd, "invstd", rows, xc.dtype)
     weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
     threads = resolve_num_threads(num_threads)
-    dx = _OUTPUTS.empty(xc.shape, xc.dtype)
+    dx = empty_result(xc.shape, xc.dtype)
     dweight = np.empty(xc.shape[axis:], xc.dtype)
     dbias = np.empty_like(dweight)
     _layer_norm.layer_norm_backward(dy, xc, mean, invstd, weight, dx, dweight, dbias, rows, cols, threads)
@@ -144,7 +141,7 @@ def rms_norm(x, weight=None, *, axis=-1, eps=1e-5, num_threads=None):
     weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
     eps = check_eps(eps)
     threads = resolve_num_threads(num_threads)
-    y = _OUTPUTS.empty(xc.shape, xc.dtype)
+    y = empty_result(xc.shape, xc.dtype)
     invrms = np.empty(_stats_shape(xc.shape, axis), xc.dtype)
     _layer_norm.rms_norm(xc, weight, y, invrms, rows, cols, eps, threads)
     return _as_dtype(y, dtype), invrms
@@ -182,7 +179,7 @@ def rms_norm_backward(dy, x, invrms, weight=None, *, axis=-1, num_threads=None):
     invrms = _row_statistic(invrms, "invrms", rows, xc.dtype)
     weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
     threads = resolve_num_threads(num_threads)
-    dx = _OUTPUTS.empty(xc.shape, xc.dtype)
+    dx = empty_result(xc.shape, xc.dtype)
     dweight = np.empty(xc.shape[axis:], xc.dtype)
     _layer_norm.rms_norm_backward(dy, xc, invrms, weight, dx, dweight, rows, cols, threads)
     return _as_dtype(dx, dtype), _as_dtype(dweight, dtype)
@@ -212,49 +209,3 @@ def _row_statistic(a, name, rows, dtype):
 
 def _as_dtype(a, dtype):
     return a if a.dtype == dtype else a.astype(dtype)
-
-
-class _OutputCache:
-    """Memory for large results, recycled once the caller has let go of them.
-
-    The first touch of a fresh multi-MiB array costs a page fault per page, which for a 32 MiB result
-    takes as long as normalizing it.  A result of at least MIN_BYTES is therefore a view of a cached
-    slab through a ctypes "lease": every array or view of the result keeps the lease alive, and when the
-    last one is gone a weakref finalizer returns the slab.  At most MAX_SLABS idle slabs (MAX_BYTES in
-    all) are kept, the oldest dropped first.
-    """
-
-    MIN_BYTES = 4 << 20
-    MAX_SLABS = 4
-    MAX_BYTES = 256 << 20
-
-    def __init__(self):
-        self._idle = collections.OrderedDict()  # id(slab) -> slab, oldest first
-        self._lock = threading.RLock()
-
-    def empty(self, shape, dtype):
-        dtype = np.dtype(dtype)
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < self.MIN_BYTES:
-            return np.empty(shape, dtype)
-        slab = self._take(nbytes)
-        lease = (ctypes.c_char * nbytes).from_buffer(slab)
-        weakref.finalize(lease, self._give_back, slab).atexit = False
-        return np.frombuffer(lease, dtype).reshape(shape)
-
-    def _take(self, nbytes):
-        with self._lock:
-            for key, slab in self._idle.items():
-                if slab.nbytes == nbytes:
-                    del self._idle[key]
-                    return slab
-        return np.empty(nbytes, np.uint8)
-
-    def _give_back(self, slab):
-        with self._lock:
-            self._idle[id(slab)] = slab
-            while len(self._idle) > self.MAX_SLABS or sum(s.nbytes for s in self._idle.values()) > self.MAX_BYTES:
-                self._idle.popitem(last=False)
-
-
-_OUTPUTS = _OutputCache()
