@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -52,27 +53,21 @@ static inline int fn_omp_get_thread_num(void) { return 0; }
  * Elsewhere the output is written with ordinary stores. */
 #if defined(__SSE2__)
 #define FN_STREAMING 1
-static inline void fn_stream_store_f32(float *restrict dst, const float *restrict src, ptrdiff_t n)
-{
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
-        dst[i] = src[i];
-    for (; i + 4 <= n; i += 4)
-        _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-    for (; i < n; i++)
-        dst[i] = src[i];
-}
-
-static inline void fn_stream_store_f64(double *restrict dst, const double *restrict src, ptrdiff_t n)
-{
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
-        dst[i] = src[i];
-    for (; i + 2 <= n; i += 2)
-        _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
-    for (; i < n; i++)
-        dst[i] = src[i];
-}
+/* Scalar stores up to the first 16-byte boundary (all of them if dst is not even aligned to its type),
+ * 16-byte non-temporal stores, scalar stores for the tail. */
+#define FN_DEFINE_STREAM_STORE(T, SUFFIX, WIDTH, STREAM, LOAD)                                         \
+    static inline void fn_stream_store_##SUFFIX(T *restrict dst, const T *restrict src, ptrdiff_t n) \
+    {                                                                                                  \
+        ptrdiff_t i = 0;                                                                               \
+        for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)                                         \
+            dst[i] = src[i];                                                                           \
+        for (; i + (WIDTH) <= n; i += (WIDTH))                                                         \
+            STREAM(dst + i, LOAD(src + i));                                                            \
+        for (; i < n; i++)                                                                             \
+            dst[i] = src[i];                                                                           \
+    }
+FN_DEFINE_STREAM_STORE(float, f32, 4, _mm_stream_ps, _mm_loadu_ps)
+FN_DEFINE_STREAM_STORE(double, f64, 2, _mm_stream_pd, _mm_loadu_pd)
 
 /* Non-temporal stores are weakly ordered: each thread fences its own before the region ends. */
 static inline void fn_stream_fence(void) { _mm_sfence(); }
@@ -80,14 +75,12 @@ static inline void fn_stream_fence(void) { _mm_sfence(); }
 #define FN_STREAMING 0
 static inline void fn_stream_store_f32(float *restrict dst, const float *restrict src, ptrdiff_t n)
 {
-    for (ptrdiff_t i = 0; i < n; i++)
-        dst[i] = src[i];
+    memcpy(dst, src, (size_t)n * sizeof *dst);
 }
 
 static inline void fn_stream_store_f64(double *restrict dst, const double *restrict src, ptrdiff_t n)
 {
-    for (ptrdiff_t i = 0; i < n; i++)
-        dst[i] = src[i];
+    memcpy(dst, src, (size_t)n * sizeof *dst);
 }
 
 static inline void fn_stream_fence(void) {}
