@@ -2,8 +2,9 @@
 
 x is (N, C, *spatial) with any number of spatial dims (channel_axis=1), or channels-last
 (N, *spatial, C) (channel_axis=-1). float32 and float64 are computed in their own precision; float16 is
-computed in float32 and its y returned as float16. Statistics are accumulated in float64 by an exact
-two-pass over cache-sized blocks merged with Chan's update, never as float32 E[x^2] - E[x]^2, and every
+computed in float32 and its y returned as float16. Statistics come from sums centred near each
+cache-sized block's mean (in float32 lanes added up in float64 when the cancellation is provably small,
+else an exact float64 two-pass), blocks merged with Chan's update, never float32 E[x^2] - E[x]^2; every
 result is bit-identical for any thread count.
 
 Results of 4 MiB or more (y when out is None, dx) are views of memory that is recycled once every view of a

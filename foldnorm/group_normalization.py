@@ -6,9 +6,10 @@ applies a per-channel weight and bias (ONNX GroupNormalization-21, torch.nn.func
 Instance normalization is the case num_groups = C: each (sample, channel) plane is normalized over its
 spatial positions (ONNX InstanceNormalization, torch.nn.functional.instance_norm without running stats).
 
-Inputs may be float16, float32 or float64; float16 is computed in float32.  The statistics are computed
-in float64 (an exact two-pass mean and variance per cache-sized block, blocks merged with Chan's update),
-never as float32 E[x^2] - E[x]^2, and are returned in the compute dtype (float32 for float16 and float32).
+Inputs may be float16, float32 or float64; float16 is computed in float32.  The statistics come from sums
+centred near each cache-sized block's mean (float32 lanes added up in float64 when the cancellation is
+provably small, else an exact float64 two-pass; blocks merged with Chan's update), never float32
+E[x^2] - E[x]^2, and are returned in the compute dtype (float32 for float16 and float32).
 Results are bit-identical for any number of threads.
 
 Results of 4 MiB or more (y, dx) are views of memory that is recycled once every view of a result is gone

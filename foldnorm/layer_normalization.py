@@ -7,7 +7,9 @@ statistics; weight and bias have shape x.shape[axis:].
 dtypes: float32 and float64; float16 is accepted, computed in float32 and returned as float16.
 Statistics (mean, invstd, invrms) come back in the compute dtype (float32 for float16/float32, float64
 for float64) with ONNX's shape for them, x.shape[:axis] + (1,) * (x.ndim - axis).  Gradients come back in
-x's dtype.  Statistics are accumulated in float64, and results are bit-identical for any num_threads.
+x's dtype.  Statistics are sums centred near each row's mean: for float32, in float32 lanes added up in
+float64 (an exact float64 two-pass where the lanes would not be accurate); for float64, the exact
+two-pass.  Results are bit-identical for any num_threads.
 
 Results of 4 MiB or more are views of memory that is recycled once every view of a result is gone (their
 .base is set), which spares a page fault per page on each call; they behave as ordinary arrays.

@@ -216,9 +216,10 @@ static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double 
 }
 
 /* BN_RESIDUAL_PASS: whether a block's statistics correct the mean for the rounding of the float64 sum
- * of its values.  A block sums at most 8192 values per channel; for floats (24-bit significands) that sum
- * is exact unless the values span more than 2^16 in magnitude, and within one float64 rounding
- * otherwise, so only double input needs the correction. */
+ * of its values (the rows layout's column statistics; planes use fn_common.h's fn_block_stats).  A row
+ * block sums at most 16384 values per channel (BN_ROW_BLOCK_ELEMS over at least 2 channels); for floats
+ * (24-bit significands) that sum is exact unless the values span more than 2^15 in magnitude, and within
+ * one float64 rounding otherwise, so only double input needs the correction. */
 #define BN_T float
 #define BN_S f32
 #define BN_RESIDUAL_PASS 0

@@ -11,7 +11,9 @@
  * to float32 precision rather than to the 1e-3 spacing of float32 numbers near 1e4.
  *
  * Statistics: fn_common.h's fn_run_stats (per L1 block: float32 lanes for float32 rows when accurate,
- * else an exact float64 two-pass; Chan merges).  RMS sums x^2 in eight float64 accumulators.
+ * else an exact float64 two-pass; Chan merges).  RMS sums x^2 in float32 lanes added up in float64 for
+ * float32 rows (again in float64 when the squares could overflow or underflow), in eight float64
+ * accumulators for float64 rows.
  *
  * The loops over a row are plain elementwise loops or single reductions into independent accumulators
  * over contiguous restrict pointers, which gcc and clang vectorize at -O3 without -ffast-math; per-row
