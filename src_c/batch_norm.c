@@ -307,9 +307,9 @@ FN_VECTOR_KERNEL static fn_stats BN_FN(bn_unit_stats)(const BN_T *x, ptrdiff_t n
 }
 
 FN_VECTOR_KERNEL static void BN_FN(bn_unit_grad_sums)(const BN_T *dy, const BN_T *x, ptrdiff_t n,
-                                                      double mean, double sums[2])
+                                                      double mean, double invstd, double sums[2])
 {
-    BN_FN(fn_grad_sums)(dy, x, n, mean, sums);
+    BN_FN(fn_grad_sums)(dy, x, n, mean, invstd, sums);
 }
 
 /* Batch mean and biased variance of every channel: per-unit statistics, then the fixed-order merge. */
@@ -569,7 +569,8 @@ int BN_FN(fn_batch_norm_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdi
             BN_FN(bn_grad_sums_rows)(dy + e.offset, x + e.offset, e.len, channels, mean, sums,
                                      sums + channels);
         else
-            BN_FN(bn_unit_grad_sums)(dy + e.offset, x + e.offset, e.len, mean[e.channel], sums);
+            BN_FN(bn_unit_grad_sums)(dy + e.offset, x + e.offset, e.len, mean[e.channel], invstd[e.channel],
+                                         sums);
     }
     if (p.rows)
         bn_merge_row_sums(&p, unit_sums, dbias, dweight, num_threads);

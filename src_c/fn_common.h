@@ -293,14 +293,30 @@ FN_INLINE fn_stats fn_block_stats_f64(const double *x, ptrdiff_t n)
     return fn_exact_block_stats_f64(x, n);
 }
 
-/* The reduction of every backward pass: sums[0] = sum(dy), sums[1] = sum(dy * (x - centre)) over n
- * contiguous values.  float64: eight float64 accumulators per sum, one loop each.  float32: float32
- * lanes of 8 values summed in float64, around the float32 rounding c of the centre (x - c is exact for
- * x near the centre), with sum(dy) * (c - centre) added back; a run whose float32 products overflow is
- * summed again in float64. */
-FN_INLINE void fn_grad_sums_f64(const double *restrict dy, const double *restrict x,
-                                    ptrdiff_t n, double centre, double sums[2])
+/* A power of two near `scale` (1 unless it is a positive finite number), as a float.  Multiplying a
+ * float32 deviation x - centre by it is exact and brings it near unit size when scale is the inverse
+ * standard deviation, so that its product with a gradient neither underflows (values near 1e-22) nor
+ * overflows (values near 1e20) in float32. */
+FN_INLINE float fn_pow2_near(double scale)
 {
+    if (!(scale > 0.0 && scale < HUGE_VAL))
+        return 1.0f;
+    int e;
+    (void)frexp(scale, &e);
+    e = e > 100 ? 100 : e < -100 ? -100 : e;
+    return ldexpf(1.0f, e);
+}
+
+/* The reduction of the batch and group norm backward passes: sums[0] = sum(dy), sums[1] = sum(dy * (x -
+ * centre)) over n contiguous values, given invstd, the inverse standard deviation of x.  float64: eight
+ * float64 accumulators per sum, one loop each.  float32: float32 lanes of 8 values summed in float64,
+ * around the float32 rounding c of the centre (x - c is exact for x near the centre) and with x - c scaled
+ * by fn_pow2_near(invstd), with sum(dy) * (c - centre) added back; a run whose float32 sums still come
+ * out infinite or NaN is summed again in float64. */
+FN_INLINE void fn_grad_sums_f64(const double *restrict dy, const double *restrict x,
+                                    ptrdiff_t n, double centre, double invstd, double sums[2])
+{
+    (void)invstd;
     const ptrdiff_t body = n - n % 8;
     double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
     for (ptrdiff_t i = 0; i < body; i += 8)
@@ -322,7 +338,7 @@ FN_INLINE void fn_grad_sums_f64(const double *restrict dy, const double *restric
 }
 
 FN_INLINE void fn_lane_grad_sums_f32(const float *restrict dy, const float *restrict x,
-                                         ptrdiff_t n, float c, double sums[2])
+                                         ptrdiff_t n, float c, float s, double sums[2])
 {
     double acc1[FN_LANES] = {0}, acc2[FN_LANES] = {0};
     ptrdiff_t i = 0;
@@ -335,11 +351,11 @@ FN_INLINE void fn_lane_grad_sums_f32(const float *restrict dy, const float *rest
                 lane1[j] += dy[i + k + j];
         for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
-                lane2[j] += dy[i + k + j] * (x[i + k + j] - c);
+                lane2[j] += dy[i + k + j] * ((x[i + k + j] - c) * s);
         fn_lanes_add(acc1, lane1);
         fn_lanes_add(acc2, lane2);
     }
-    double sum_dy = fn_lanes_total(acc1), sum_dy_xc = fn_lanes_total(acc2);
+    double sum_dy = fn_lanes_total(acc1), sum_dy_xc = fn_lanes_total(acc2) / s;
     for (i = body; i < n; i++) {
         sum_dy += (double)dy[i];
         sum_dy_xc += (double)dy[i] * ((double)x[i] - (double)c);
@@ -349,10 +365,10 @@ FN_INLINE void fn_lane_grad_sums_f32(const float *restrict dy, const float *rest
 }
 
 FN_INLINE void fn_grad_sums_f32(const float *dy, const float *x, ptrdiff_t n, double centre,
-                                    double sums[2])
+                                    double invstd, double sums[2])
 {
     const float c = (float)centre;
-    fn_lane_grad_sums_f32(dy, x, n, c, sums);
+    fn_lane_grad_sums_f32(dy, x, n, c, fn_pow2_near(invstd), sums);
     if (!(fabs(sums[0]) <= 1e300 && fabs(sums[1]) <= 1e300)) {
         double acc_dy = 0.0, acc_dy_xc = 0.0;
         for (ptrdiff_t i = 0; i < n; i++) {

@@ -106,7 +106,7 @@ typedef struct {
     /* the same, written to memory with non-temporal stores (for outputs of FN_STREAM_BYTES or more) */
     void (*normalize_streamed)(const void *x, void *y, ptrdiff_t n, double mean, double scale, double shift);
     /* sums[0] = sum(dy), sums[1] = sum(dy * (x - mean)) */
-    void (*grad_sums)(const void *dy, const void *x, ptrdiff_t n, double mean, double sums[2]);
+    void (*grad_sums)(const void *dy, const void *x, ptrdiff_t n, double mean, double invstd, double sums[2]);
     /* dx = dy * dy_scale + (x - mean) * x_scale + shift */
     void (*grad_apply)(const void *dy, const void *x, void *dx, ptrdiff_t n, double dy_scale, double mean,
                        double x_scale, double shift);
@@ -134,9 +134,9 @@ typedef struct {
     }                                                                                                  \
                                                                                                        \
     FN_VECTOR_KERNEL static void grad_sums_##SUFFIX(const void *dy, const void *x, ptrdiff_t n, double mean, \
-                                                    double sums[2])                                    \
+                                                    double invstd, double sums[2])                     \
     {                                                                                                  \
-        fn_grad_sums_##SUFFIX((const T *)dy, (const T *)x, n, mean, sums);                             \
+        fn_grad_sums_##SUFFIX((const T *)dy, (const T *)x, n, mean, invstd, sums);                     \
     }                                                                                                  \
                                                                                                        \
     FN_VECTOR_KERNEL static void grad_apply_##SUFFIX(const void *dyv, const void *xv, void *dxv,       \
@@ -272,13 +272,13 @@ static double *plane_sums(const gn_layout *l, double *sums, ptrdiff_t b, ptrdiff
 }
 
 static void unit_grad_sums(const gn_kernels *k, const gn_layout *l, const void *dy, const void *x,
-                           ptrdiff_t b, ptrdiff_t u, double mean, double *sums)
+                           ptrdiff_t b, ptrdiff_t u, double mean, double invstd, double *sums)
 {
     gn_unit t = unit_of(l, u);
     for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
         ptrdiff_t start = plane_index(l, b, p) * l->spatial + t.begin;
         double *out = plane_sums(l, sums, b, p, t.chunk);
-        k->grad_sums(at(k, dy, start), at(k, x, start), t.end - t.begin, mean, out);
+        k->grad_sums(at(k, dy, start), at(k, x, start), t.end - t.begin, mean, invstd, out);
     }
 }
 
@@ -339,7 +339,7 @@ static int group_norm_backward(const gn_kernels *k, const void *dy, const void *
         if (per_block == 1) {
 #pragma omp for schedule(static)
             for (ptrdiff_t b = 0; b < l.blocks; b++) {
-                unit_grad_sums(k, &l, dy, x, b, 0, mean[b], sums);
+                unit_grad_sums(k, &l, dy, x, b, 0, mean[b], invstd[b], sums);
                 block_grad_coefficients(&l, sums, b, weight, invstd[b], &coefs[2 * b]);
                 grad_apply_unit(k, &l, dy, x, dx, b, 0, weight, mean[b], invstd[b], &coefs[2 * b]);
             }
@@ -347,7 +347,7 @@ static int group_norm_backward(const gn_kernels *k, const void *dy, const void *
 #pragma omp for schedule(static)
             for (ptrdiff_t i = 0; i < units; i++) {
                 ptrdiff_t b = i / per_block;
-                unit_grad_sums(k, &l, dy, x, b, i % per_block, mean[b], sums);
+                unit_grad_sums(k, &l, dy, x, b, i % per_block, mean[b], invstd[b], sums);
             }
 #pragma omp for schedule(static)
             for (ptrdiff_t b = 0; b < l.blocks; b++)

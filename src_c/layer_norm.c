@@ -91,11 +91,14 @@ static void fn_ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, i
 /* The reduction pass of layer_norm_backward over one row (or segment): sums[0] += sum(g),
  * sums[1] += sum(g * d), sums[2] += sum(d), with g = dy * w (dy when w is NULL) and d = x - centre.
  * float32 rows sum each group of 128 values in float32 lanes of 8 values, one quantity per loop (the form
- * gcc vectorizes), and the lanes in float64; float64 rows use eight float64 accumulators. */
+ * gcc vectorizes), and the lanes in float64, with d scaled by fn_pow2_near(invstd) (exact; it keeps g * d
+ * from underflowing or overflowing); a row whose sums come out infinite or NaN is summed again in
+ * float64.  float64 rows use eight float64 accumulators. */
 FN_VECTOR_KERNEL
 static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
-                                    ptrdiff_t n, float centre, double sums[3])
+                                    ptrdiff_t n, float centre, double invstd, double sums[3])
 {
+    const float s = fn_pow2_near(invstd);
     double acc_g[FN_LANES] = {0}, acc_gd[FN_LANES] = {0}, acc_d[FN_LANES] = {0};
     ptrdiff_t i = 0;
     const ptrdiff_t body = n - n % FN_LANES;
@@ -110,37 +113,50 @@ static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restr
                     lane_g[j] += dyg[k + j] * wg[k + j];
             for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
-                    lane_gd[j] += (dyg[k + j] * wg[k + j]) * (xg[k + j] - centre);
+                    lane_gd[j] += (dyg[k + j] * wg[k + j]) * ((xg[k + j] - centre) * s);
         } else {
             for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
                     lane_g[j] += dyg[k + j];
             for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
-                    lane_gd[j] += dyg[k + j] * (xg[k + j] - centre);
+                    lane_gd[j] += dyg[k + j] * ((xg[k + j] - centre) * s);
         }
         for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
-                lane_d[j] += xg[k + j] - centre;
+                lane_d[j] += (xg[k + j] - centre) * s;
         fn_lanes_add(acc_g, lane_g);
         fn_lanes_add(acc_gd, lane_gd);
         fn_lanes_add(acc_d, lane_d);
     }
-    sums[0] += fn_lanes_total(acc_g);
-    sums[1] += fn_lanes_total(acc_gd);
-    sums[2] += fn_lanes_total(acc_d);
+    double total_g = fn_lanes_total(acc_g), total_gd = fn_lanes_total(acc_gd) / s;
+    double total_d = fn_lanes_total(acc_d) / s;
     for (i = body; i < n; i++) {
         double d = (double)(x[i] - centre), g = (double)(w ? dy[i] * w[i] : dy[i]);
-        sums[0] += g;
-        sums[1] += g * d;
-        sums[2] += d;
+        total_g += g;
+        total_gd += g * d;
+        total_d += d;
     }
+    if (!(fabs(total_g) <= 1e300 && fabs(total_gd) <= 1e300 && fabs(total_d) <= 1e300)) {
+        total_g = total_gd = total_d = 0.0;
+        for (i = 0; i < n; i++) {
+            double d = (double)x[i] - (double)centre, g = w ? (double)dy[i] * (double)w[i] : (double)dy[i];
+            total_g += g;
+            total_gd += g * d;
+            total_d += d;
+        }
+    }
+    sums[0] += total_g;
+    sums[1] += total_gd;
+    sums[2] += total_d;
 }
 
 FN_VECTOR_KERNEL
 static void fn_ln_backward_sums_f64(const double *restrict dy, const double *restrict x,
-                                    const double *restrict w, ptrdiff_t n, double centre, double sums[3])
+                                    const double *restrict w, ptrdiff_t n, double centre, double invstd,
+                                    double sums[3])
 {
+    (void)invstd;
     double sg[8] = {0}, sgd[8] = {0}, sd[8] = {0};
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -163,11 +179,14 @@ static void fn_ln_backward_sums_f64(const double *restrict dy, const double *res
 }
 
 /* The reduction pass of rms_norm_backward over one row (or segment): sum(g * x) with g = dy * w (dy when
- * w is NULL); float32 rows in float32 lanes of 8 values summed in float64, as in fn_ln_backward_sums_f32. */
+ * w is NULL); float32 rows in float32 lanes of 8 values summed in float64, with x scaled by
+ * fn_pow2_near(invrms), and again in float64 when that comes out infinite or NaN, as in
+ * fn_ln_backward_sums_f32. */
 FN_VECTOR_KERNEL
 static double fn_rms_backward_sum_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
-                                      ptrdiff_t n)
+                                      ptrdiff_t n, double invrms)
 {
+    const float s = fn_pow2_near(invrms);
     double acc[FN_LANES] = {0};
     ptrdiff_t i = 0;
     const ptrdiff_t body = n - n % FN_LANES;
@@ -179,24 +198,30 @@ static double fn_rms_backward_sum_f32(const float *restrict dy, const float *res
             const float *wg = w + i;
             for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
-                    lane[j] += (dyg[k + j] * wg[k + j]) * xg[k + j];
+                    lane[j] += (dyg[k + j] * wg[k + j]) * (xg[k + j] * s);
         } else {
             for (ptrdiff_t k = 0; k < len; k += FN_LANES)
                 for (int j = 0; j < FN_LANES; j++)
-                    lane[j] += dyg[k + j] * xg[k + j];
+                    lane[j] += dyg[k + j] * (xg[k + j] * s);
         }
         fn_lanes_add(acc, lane);
     }
-    double total = fn_lanes_total(acc);
+    double total = fn_lanes_total(acc) / s;
     for (i = body; i < n; i++)
         total += (double)(w ? dy[i] * w[i] : dy[i]) * (double)x[i];
+    if (!(fabs(total) <= 1e300)) {
+        total = 0.0;
+        for (i = 0; i < n; i++)
+            total += (w ? (double)dy[i] * (double)w[i] : (double)dy[i]) * (double)x[i];
+    }
     return total;
 }
 
 FN_VECTOR_KERNEL
 static double fn_rms_backward_sum_f64(const double *restrict dy, const double *restrict x,
-                                      const double *restrict w, ptrdiff_t n)
+                                      const double *restrict w, ptrdiff_t n, double invrms)
 {
+    (void)invrms;
     double acc[8] = {0};
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -485,7 +510,8 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
                 for (ptrdiff_t i = 0; i < rows * p.segments; i++) {                                             \
                     ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                       \
                     fn_ln_backward_sums_##S(dy + r * cols + c0, x + r * cols + c0, weight ? weight + c0 : NULL, \
-                                            fn_min(p.segment_cols, cols - c0), mean[r], sums + 3 * i);          \
+                                            fn_min(p.segment_cols, cols - c0), mean[r], invstd[r],              \
+                                            sums + 3 * i);                                                      \
                 }                                                                                               \
                 _Pragma("omp for schedule(static)")                                                             \
                 for (ptrdiff_t r = 0; r < rows; r++)                                                            \
@@ -509,7 +535,8 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
                     if (p.segments > 1)                                                                         \
                         s = sums + 3 * r * p.segments;                                                          \
                     else                                                                                        \
-                        fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], row_sums_here);     \
+                        fn_ln_backward_sums_##S(dy + r * cols, x + r * cols, w, n, mean[r], invstd[r],          \
+                                                row_sums_here);                                                 \
                     fn_ln_grad_row_##S row = fn_ln_grad_constants_##S(mean[r], invstd[r], s, cols);             \
                     fn_ln_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,      \
                                              dweight_rows, dbias_rows, n, row);                                 \
@@ -671,7 +698,7 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
                     ptrdiff_t r = i / p.segments, c0 = (i % p.segments) * p.segment_cols;                       \
                     sums[i] = fn_rms_backward_sum_##S(dy + r * cols + c0, x + r * cols + c0,                    \
                                                       weight ? weight + c0 : NULL,                              \
-                                                      fn_min(p.segment_cols, cols - c0));                       \
+                                                      fn_min(p.segment_cols, cols - c0), invrms[r]);            \
                 }                                                                                               \
                 _Pragma("omp for schedule(static)")                                                             \
                 for (ptrdiff_t r = 0; r < rows; r++)                                                            \
@@ -687,7 +714,7 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
                 for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {                                         \
                     double sum_gx = p.segments > 1 ? sums[r * p.segments]                                       \
                                                    : fn_rms_backward_sum_##S(dy + r * cols, x + r * cols, w,    \
-                                                                             n);                                \
+                                                                             n, invrms[r]);                     \
                     fn_rms_backward_apply_##S(dy + r * cols + c0, x + r * cols + c0, w, dx + r * cols + c0,     \
                                               group + chunk * cols + c0, n, invrms[r],                          \
                                               fn_rms_backward_c_##S(invrms[r], sum_gx, cols));                  \

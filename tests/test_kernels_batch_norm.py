@@ -282,6 +282,20 @@ def test_values_near_1e30_do_not_overflow(axis, dtype):
     assert np.all(np.isfinite(y_frozen))
 
 
+@pytest.mark.parametrize("scale,eps", [(1e-22, 0.0), (1e20, 1e-5)])
+def test_backward_of_extreme_magnitudes_float32(scale, eps):
+    """dy and x near 1e-22 (products below float32's range) and near 1e20 (products beyond it)."""
+    x, weight, _ = make_inputs((4, 3, 6, 7), 1, np.float32, seed=13, loc=0.0, scale=1.0)
+    x = (x.astype(np.float64) * scale).astype(np.float32)
+    dy = (np.random.default_rng(14).standard_normal(x.shape) * scale).astype(np.float32)
+    _, mean, invstd = batch_norm_train(x, weight, eps=eps)
+    actual = batch_norm_backward(dy, x, mean, invstd, weight)
+    expected = reference_backward(dy, x, mean, invstd, weight, 1)
+    for got, want in zip(actual, expected):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("axis", [1, -1])
 def test_nan_and_inf_propagate_like_numpy(axis, bad):

@@ -153,6 +153,21 @@ def test_values_near_float32_limit():
     np.testing.assert_allclose(invstd, expected_invstd, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale,eps", [(1e-22, 0.0), (1e20, 1e-5)])
+def test_backward_of_extreme_magnitudes_float32(scale, eps):
+    """dy and x near 1e-22 (products below float32's range) and near 1e20 (products beyond it)."""
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((2, 6, 5, 7)) * scale).astype(np.float32)
+    dy = (rng.standard_normal(x.shape) * scale).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, 6).astype(np.float32)
+    _, mean, invstd = group_norm(x, 3, weight, eps=eps)
+    actual = group_norm_backward(dy, x, mean, invstd, 3, weight)
+    expected = reference_group_norm_backward(dy, x, 3, weight, eps=eps)
+    for got, want in zip(actual, expected):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_and_inf_poison_only_their_group(dtype, bad):

@@ -148,6 +148,20 @@ def test_extreme_magnitudes_float32(scale, eps):
     np.testing.assert_allclose(invrms, invrms_ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale,eps", [(1e-22, 0.0), (1e20, 1e-5)])
+def test_backward_of_extreme_magnitudes_float32(scale, eps):
+    """dy and x near 1e-22 (products below float32's range) and near 1e20 (products beyond it)."""
+    x = (scale * data((6, 300), np.float64, seed=8)).astype(np.float32)
+    dy = (scale * data((6, 300), np.float64, seed=9)).astype(np.float32)
+    weight, _ = params((300,), np.float32)
+    _, invrms = rms_norm(x, weight, eps=eps)
+    dx, dweight = rms_norm_backward(dy, x, invrms, weight)
+    ref_dx, ref_dweight = ref_rms_norm_backward(dy, x, weight, -1, eps=eps)
+    for actual, expected in ((dx, ref_dx), (dweight, ref_dweight)):
+        assert np.isfinite(actual).all()
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nan_and_inf_propagate_to_their_rows_only(bad, dtype):
