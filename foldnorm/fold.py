@@ -731,6 +731,28 @@ def fold_graph(ctx, index):
             fold_graph(ctx, child)
 
 
+def _holds_batch_norm(nodes):
+    for node in nodes:
+        if node.op_type == BATCH_NORM and is_default_domain(node):
+            return True
+        if any(_holds_batch_norm(graph.node) for _, graph in attribute_graphs(node)):
+            return True
+    return False
+
+
+def inline_functions_holding_batch_norm(model):
+    """Inline the model's local functions (torch's export_modules_as_functions writes them) when any of
+    them holds a BatchNormalization: the pass folds graphs, where a function's weights are in reach.
+    Returns the names of the functions inlined (none when no function holds one)."""
+    if not any(_holds_batch_norm(function.node) for function in model.functions):
+        return []
+    names = sorted({function.name for function in model.functions})
+    import onnx.inliner
+
+    model.CopyFrom(onnx.inliner.inline_local_functions(model))
+    return names
+
+
 def fold_in_place(model, *, keep_bn=False):
     """Run the pass on `model` itself; returns the list of NodeOutcome."""
     opset = check_opset(model)
@@ -795,11 +817,15 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     start = time.perf_counter()
     folded = onnx.ModelProto()
     folded.CopyFrom(original)
+    inlined = inline_functions_holding_batch_norm(folded)
     outcomes = fold_in_place(folded, keep_bn=keep_bn)
     seconds = time.perf_counter() - start
     nodes_before, bytes_before = graph_statistics(original.graph)
     nodes_after, bytes_after = graph_statistics(folded.graph)
     report = FoldReport(label, outcomes, nodes_before, nodes_after, bytes_before, bytes_after, seconds)
+    if inlined:
+        report.notes.append("inlined the model's local functions %s, which hold BatchNormalization nodes, "
+                            "to fold them" % ", ".join(inlined))
     if bytes_after > bytes_before:
         report.notes.append("the parameters grew: a folded weight is stored in full, also where the model "
                             "computed it from a smaller constant (ConstantOfShape, Expand, ...)")

@@ -125,3 +125,29 @@ def test_loop_body_is_folded():
     assert outcome(report, "body_bn").graph == "main/loop.body"
     assert error < 1e-5
     assert [t.name for t in folded.graph.initializer] == [], "the captured weight is read by nobody any more"
+
+
+def test_batch_norm_inside_a_local_function_is_inlined_and_folded():
+    """A model-local function (as torch's export_modules_as_functions writes) holding Conv -> BN: the pass
+    inlines the functions and folds the BN into the Conv, and says so in the report."""
+    rng = np.random.default_rng(5)
+    params = ["w", "scale", "bias", "mean", "var"]
+    block = helper.make_function(
+        "local", "ConvBn", ["x"] + params, ["y"],
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"])],
+        [helper.make_opsetid("", 17)])
+    initializers = [numpy_helper.from_array(array(rng, (C, C, 3, 3)), "w")]
+    initializers += [numpy_helper.from_array(array(rng, (C,), positive=(p == "var")), p) for p in params[1:]]
+    graph = helper.make_graph(
+        [helper.make_node("ConvBn", ["x"] + params, ["y"], domain="local", name="block")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 5, 5])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[block], ir_version=IR_VERSION)
+    folded, report, error = fold_and_compare(model)
+    assert error < FLOAT32_TOLERANCE
+    assert count_ops(folded, "BatchNormalization") == 0 and count_ops(folded, "Conv") == 1
+    assert not any(node.op_type == "BatchNormalization" for f in folded.functions for node in f.node)
+    assert report.counts()["normalizations"] == 1 and report.counts()["left"] == 0
+    assert any("ConvBn" in note for note in report.notes)

@@ -9,7 +9,7 @@ onnxruntime, is compared with the ORIGINAL torch module's eval output on the sam
 
 Beyond the model table (at opsets 7, 9, 13, 17): a dynamic batch axis, an export without constant
 folding, weights kept as graph inputs, BatchNorm without running statistics, scripted control flow (If),
-and modules exported as ONNX functions, which the pass does not reach yet (xfail).
+and modules exported as ONNX local functions, which the pass inlines to fold.
 
 torch is an optional peer: without it the module is skipped; so is a case whose export raises.
 """
@@ -434,9 +434,8 @@ def batch_norms_in_functions(model):
     return sum(1 for function in model.functions for node in function.node if node.op_type == "BatchNormalization")
 
 
-@pytest.mark.xfail(strict=True, reason="the pass does not visit model-local functions: the BatchNormalization "
-                                       "nodes inside them are neither folded nor reported")
 def test_modules_exported_as_functions_fold(tmp_path):
+    """torch writes each BasicBlock as a model-local function; the pass inlines them to fold their BNs."""
     module = randomized(ResNet())
     x = example_input((2, 3, 16, 16))
     exported = export(module, x, tmp_path / "resnet.onnx", 17, export_modules_as_functions={BasicBlock})
@@ -445,3 +444,4 @@ def test_modules_exported_as_functions_fold(tmp_path):
     assert error_against_torch(folded, module, x) < FLOAT32_TOLERANCE
     assert count_ops(folded, "BatchNormalization") + batch_norms_in_functions(folded) == 0
     assert report.counts()["normalizations"] == 6
+    assert any("inlined the model's local functions" in note and "BasicBlock" in note for note in report.notes)
