@@ -190,7 +190,7 @@ def _batch_norm_site(ctx, index, node):
     for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
         value = _float_constant(index, name)
         if value is None:
-            return Refused("its %s %r is computed at run time, not a constant" % (role, name), final=True)
+            return Refused(_not_constant_reason(index, role, name), final=True)
         params[role] = value.array
     if ctx.opset < 9 and attributes.get("spatial", 1) == 0:
         shapes = {p.shape for p in params.values()}
@@ -738,6 +738,16 @@ def _holds_batch_norm(nodes):
         if any(_holds_batch_norm(graph.node) for _, graph in attribute_graphs(node)):
             return True
     return False
+
+
+def _not_constant_reason(index, role, name):
+    """Why a BN parameter is not a constant the pass may use, in words a user can act on."""
+    if name in index.graph_inputs and name in index.initializers:
+        return ("its %s %r is a graph input with a default value, which a caller may override at run time "
+                "(re-export without keep_initializers_as_inputs to fold it)" % (role, name))
+    if name in index.graph_inputs:
+        return "its %s %r is a graph input, given only at run time" % (role, name)
+    return "its %s %r is computed at run time, not a constant" % (role, name)
 
 
 def inline_functions_holding_batch_norm(model):

@@ -398,6 +398,7 @@ def test_parameters_kept_as_graph_inputs_are_left_because_a_caller_may_override_
     assert count_ops(folded, "BatchNormalization") == 6 == report.counts()["left"]
     stem = outcome(report, "/stem/stem.1/BatchNormalization")
     assert stem.action == "left" and "'stem.1.weight'" in stem.reason
+    assert "graph input with a default value" in stem.reason and "keep_initializers_as_inputs" in stem.reason
     assert error_against_torch(folded, module, x) < FLOAT32_TOLERANCE
 
 
