@@ -725,7 +725,7 @@ def fold_graph(ctx, index):
                 ctx.outcome(index, node, "left", None, "; ".join(refusals) or "no rule applies")
     for node in index.live_nodes():
         for label, subgraph in attribute_graphs(node):
-            child = GraphIndex(subgraph, path="%s/%s.%s" % (index.path, index.label(node), label),
+            child = GraphIndex(subgraph, path="%s/%s.%s" % (index.path, index.label(node).lstrip("/"), label),
                                names=ctx.names, opset=ctx.opset, parent=index,
                                inputs_are_constant=True, constants_as_nodes=ctx.ir_version < 4)
             fold_graph(ctx, child)
