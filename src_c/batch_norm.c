@@ -363,23 +363,23 @@ static int BN_FN(bn_statistics)(const BN_T *x, const bn_plan *p, double *mean, d
 }
 
 /* y = (x - shift) * alpha + beta along one run of a channel. */
-static void BN_FN(bn_shifted_run)(const BN_T *restrict x, BN_T *restrict y, ptrdiff_t n, BN_T shift,
-                                  BN_T alpha, BN_T beta)
+FN_INLINE void BN_FN(bn_shifted_run)(const BN_T *restrict x, BN_T *restrict y, ptrdiff_t n, BN_T shift,
+                                     BN_T alpha, BN_T beta)
 {
     for (ptrdiff_t i = 0; i < n; i++)
         y[i] = (x[i] - shift) * alpha + beta;
 }
 
-static void BN_FN(bn_affine_run)(const BN_T *restrict x, BN_T *restrict y, ptrdiff_t n, BN_T alpha,
-                                 BN_T beta)
+FN_INLINE void BN_FN(bn_affine_run)(const BN_T *restrict x, BN_T *restrict y, ptrdiff_t n, BN_T alpha,
+                                    BN_T beta)
 {
     for (ptrdiff_t i = 0; i < n; i++)
         y[i] = x[i] * alpha + beta;
 }
 
-static void BN_FN(bn_shifted_rows)(const BN_T *restrict x, BN_T *restrict y, ptrdiff_t rows,
-                                   ptrdiff_t channels, const BN_T *restrict shift,
-                                   const BN_T *restrict alpha, const BN_T *restrict beta)
+FN_VECTOR_KERNEL static void BN_FN(bn_shifted_rows)(const BN_T *restrict x, BN_T *restrict y, ptrdiff_t rows,
+                                                    ptrdiff_t channels, const BN_T *restrict shift,
+                                                    const BN_T *restrict alpha, const BN_T *restrict beta)
 {
     for (ptrdiff_t r = 0; r < rows; r++) {
         const BN_T *restrict xr = x + r * channels;
@@ -389,9 +389,9 @@ static void BN_FN(bn_shifted_rows)(const BN_T *restrict x, BN_T *restrict y, ptr
     }
 }
 
-static void BN_FN(bn_affine_rows)(const BN_T *restrict x, BN_T *restrict y, ptrdiff_t rows,
-                                  ptrdiff_t channels, const BN_T *restrict alpha,
-                                  const BN_T *restrict beta)
+FN_VECTOR_KERNEL static void BN_FN(bn_affine_rows)(const BN_T *restrict x, BN_T *restrict y, ptrdiff_t rows,
+                                                   ptrdiff_t channels, const BN_T *restrict alpha,
+                                                   const BN_T *restrict beta)
 {
     for (ptrdiff_t r = 0; r < rows; r++) {
         const BN_T *restrict xr = x + r * channels;
@@ -402,8 +402,8 @@ static void BN_FN(bn_affine_rows)(const BN_T *restrict x, BN_T *restrict y, ptrd
 }
 
 /* One run of a plane: y = (x - shift) * alpha + beta, or x * alpha + beta when shift is NULL. */
-static void BN_FN(bn_plane_run)(const BN_T *x, BN_T *y, ptrdiff_t n, const BN_T *shift, ptrdiff_t c,
-                                const BN_T *alpha, const BN_T *beta)
+FN_VECTOR_KERNEL static void BN_FN(bn_plane_run)(const BN_T *x, BN_T *y, ptrdiff_t n, const BN_T *shift,
+                                                 ptrdiff_t c, const BN_T *alpha, const BN_T *beta)
 {
     if (shift != NULL)
         BN_FN(bn_shifted_run)(x, y, n, shift[c], alpha[c], beta[c]);
