@@ -417,8 +417,7 @@ static void BN_FN(bn_apply)(const BN_T *x, BN_T *y, const bn_plan *p, const BN_T
                             const BN_T *alpha, const BN_T *beta, int num_threads)
 {
     const ptrdiff_t units = p->units;
-    const int stream = FN_STREAMING && !p->rows &&
-                       p->outer * p->channels * p->inner * (ptrdiff_t)sizeof(BN_T) >= FN_STREAM_BYTES;
+    const int stream = !p->rows && fn_streams(p->outer * p->channels * p->inner, sizeof(BN_T));
     (void)num_threads;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -595,8 +594,7 @@ int BN_FN(fn_batch_norm_backward)(const BN_T *dy, const BN_T *x, BN_T *dx, ptrdi
         offset[c] = (BN_T)(-(dbias[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
     }
     /* As in bn_apply: a large dx of planes is computed into L1 and streamed out. */
-    const int stream = FN_STREAMING && !p.rows &&
-                       p.outer * channels * p.inner * (ptrdiff_t)sizeof(BN_T) >= FN_STREAM_BYTES;
+    const int stream = !p.rows && fn_streams(p.outer * channels * p.inner, sizeof(BN_T));
 #pragma omp parallel num_threads(num_threads)
     {
         BN_T piece[FN_STATS_BLOCK];

@@ -86,6 +86,12 @@ static inline void fn_stream_store_f64(double *restrict dst, const double *restr
 static inline void fn_stream_fence(void) {}
 #endif
 
+/* Whether an output of `count` elements of `size` bytes each is streamed to memory. */
+static inline int fn_streams(ptrdiff_t count, size_t size)
+{
+    return FN_STREAMING && count * (ptrdiff_t)size >= FN_STREAM_BYTES;
+}
+
 /* For the building blocks that must be compiled into their caller's vector target. */
 #if defined(__GNUC__)
 #define FN_INLINE static inline __attribute__((always_inline))
@@ -234,15 +240,31 @@ FN_INLINE void fn_lanes_add(double *restrict acc, const float *restrict lane)
 
 FN_INLINE double fn_lanes_total(const double *acc) { return fn_sum8(acc) + fn_sum8(acc + 8); }
 
+/* Every float32 lane loop takes a run of n values the same way: groups of up to FN_LANE_GROUP values over
+ * the first fn_lane_body(n) (a whole number of lanes), group i..i+len with len = fn_lane_group(body, i);
+ * then the last n - fn_lane_body(n) < FN_LANES values one by one in float64. */
+FN_INLINE ptrdiff_t fn_lane_body(ptrdiff_t n) { return n - n % FN_LANES; }
+
+FN_INLINE ptrdiff_t fn_lane_group(ptrdiff_t body, ptrdiff_t i)
+{
+    return body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
+}
+
+/* Whether a float32 sum of n squares (of values or of deviations) lies safely inside float32's range:
+ * no square overflowed, and the small ones kept their digits. */
+FN_INLINE int fn_f32_squares_in_range(double sum, ptrdiff_t n)
+{
+    return sum >= 1e-30 * (double)n && sum <= 1e30 * (double)n;
+}
+
 /* sums[0] = sum(x - shift), sums[1] = sum((x - shift)^2). */
 FN_INLINE void fn_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift,
                                        double sums[2])
 {
     double acc1[FN_LANES] = {0}, acc2[FN_LANES] = {0};
-    ptrdiff_t i = 0;
-    const ptrdiff_t body = n - n % FN_LANES;
-    for (; i < body; i += FN_LANE_GROUP) {
-        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
+    const ptrdiff_t body = fn_lane_body(n);
+    for (ptrdiff_t i = 0; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = fn_lane_group(body, i);
         float lane1[FN_LANES] = {0}, lane2[FN_LANES] = {0};
         for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
@@ -256,7 +278,7 @@ FN_INLINE void fn_centred_sums_f32(const float *restrict x, ptrdiff_t n, float s
         fn_lanes_add(acc2, lane2);
     }
     double s1 = fn_lanes_total(acc1), s2 = fn_lanes_total(acc2);
-    for (i = body; i < n; i++) {
+    for (ptrdiff_t i = body; i < n; i++) {
         double d = (double)(x[i] - shift);
         s1 += d;
         s2 += d * d;
@@ -277,7 +299,7 @@ FN_INLINE fn_stats fn_block_stats_f32(const float *x, ptrdiff_t n)
         double sums[2];
         fn_centred_sums_f32(x, n, shift, sums);
         double m2 = sums[1] - sums[0] * (sums[0] / (double)n);
-        if (!(m2 >= 1e-30 * (double)n && sums[1] <= 1e30 * (double)n))
+        if (!(fn_f32_squares_in_range(m2, n) && fn_f32_squares_in_range(sums[1], n)))
             break;
         if (sums[1] <= FN_MAX_CANCELLATION * m2) {
             fn_stats s = {(double)n, (double)shift + sums[0] / (double)n, m2};
@@ -308,43 +330,53 @@ FN_INLINE float fn_pow2_near(double scale)
 }
 
 /* The reduction of the batch and group norm backward passes: sums[0] = sum(dy), sums[1] = sum(dy * (x -
- * centre)) over n contiguous values, given invstd, the inverse standard deviation of x.  float64: eight
- * float64 accumulators per sum, one loop each.  float32: float32 lanes of 8 values summed in float64,
- * around the float32 rounding c of the centre (x - c is exact for x near the centre) and with x - c scaled
- * by fn_pow2_near(invstd), with sum(dy) * (c - centre) added back; a run whose float32 sums still come
- * out infinite or NaN is summed again in float64. */
-FN_INLINE void fn_grad_sums_f64(const double *restrict dy, const double *restrict x,
-                                    ptrdiff_t n, double centre, double invstd, double sums[2])
+ * centre)) over n contiguous values, given invstd, the inverse standard deviation of x.
+ * fn_exact_grad_sums: eight float64 accumulators per sum, one loop each (float64 input, and float32 input
+ * whose lanes would not do).  float32: float32 lanes of 8 values summed in float64, around the float32
+ * rounding c of the centre (x - c is exact for x near the centre) and with x - c scaled by
+ * fn_pow2_near(invstd), with sum(dy) * (c - centre) added back; a run whose sums still come out infinite
+ * or NaN is summed again exactly. */
+#define FN_DEFINE_EXACT_GRAD_SUMS(T, SUFFIX)                                                           \
+    FN_INLINE void fn_exact_grad_sums_##SUFFIX(const T *restrict dy, const T *restrict x, ptrdiff_t n, \
+                                               double centre, double sums[2])                          \
+    {                                                                                                  \
+        const ptrdiff_t body = n - n % 8;                                                              \
+        double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                      \
+        for (ptrdiff_t i = 0; i < body; i += 8)                                                        \
+            for (int j = 0; j < 8; j++)                                                                \
+                acc[j] += (double)dy[i + j];                                                           \
+        double sum_dy = fn_sum8(acc);                                                                  \
+        for (int j = 0; j < 8; j++)                                                                    \
+            acc[j] = 0.0;                                                                              \
+        for (ptrdiff_t i = 0; i < body; i += 8)                                                        \
+            for (int j = 0; j < 8; j++)                                                                \
+                acc[j] += (double)dy[i + j] * ((double)x[i + j] - centre);                             \
+        double sum_dy_xc = fn_sum8(acc);                                                               \
+        for (ptrdiff_t i = body; i < n; i++) {                                                         \
+            sum_dy += (double)dy[i];                                                                   \
+            sum_dy_xc += (double)dy[i] * ((double)x[i] - centre);                                      \
+        }                                                                                              \
+        sums[0] = sum_dy;                                                                              \
+        sums[1] = sum_dy_xc;                                                                           \
+    }
+
+FN_DEFINE_EXACT_GRAD_SUMS(float, f32)
+FN_DEFINE_EXACT_GRAD_SUMS(double, f64)
+
+FN_INLINE void fn_grad_sums_f64(const double *dy, const double *x, ptrdiff_t n, double centre, double invstd,
+                                double sums[2])
 {
     (void)invstd;
-    const ptrdiff_t body = n - n % 8;
-    double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    for (ptrdiff_t i = 0; i < body; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += dy[i + j];
-    double sum_dy = fn_sum8(acc);
-    for (int j = 0; j < 8; j++)
-        acc[j] = 0.0;
-    for (ptrdiff_t i = 0; i < body; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += dy[i + j] * (x[i + j] - centre);
-    double sum_dy_xc = fn_sum8(acc);
-    for (ptrdiff_t i = body; i < n; i++) {
-        sum_dy += dy[i];
-        sum_dy_xc += dy[i] * (x[i] - centre);
-    }
-    sums[0] = sum_dy;
-    sums[1] = sum_dy_xc;
+    fn_exact_grad_sums_f64(dy, x, n, centre, sums);
 }
 
-FN_INLINE void fn_lane_grad_sums_f32(const float *restrict dy, const float *restrict x,
-                                         ptrdiff_t n, float c, float s, double sums[2])
+FN_INLINE void fn_lane_grad_sums_f32(const float *restrict dy, const float *restrict x, ptrdiff_t n, float c,
+                                     float s, double sums[2])
 {
     double acc1[FN_LANES] = {0}, acc2[FN_LANES] = {0};
-    ptrdiff_t i = 0;
-    const ptrdiff_t body = n - n % FN_LANES;
-    for (; i < body; i += FN_LANE_GROUP) {
-        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
+    const ptrdiff_t body = fn_lane_body(n);
+    for (ptrdiff_t i = 0; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = fn_lane_group(body, i);
         float lane1[FN_LANES] = {0}, lane2[FN_LANES] = {0};
         for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
@@ -356,7 +388,7 @@ FN_INLINE void fn_lane_grad_sums_f32(const float *restrict dy, const float *rest
         fn_lanes_add(acc2, lane2);
     }
     double sum_dy = fn_lanes_total(acc1), sum_dy_xc = fn_lanes_total(acc2) / s;
-    for (i = body; i < n; i++) {
+    for (ptrdiff_t i = body; i < n; i++) {
         sum_dy += (double)dy[i];
         sum_dy_xc += (double)dy[i] * ((double)x[i] - (double)c);
     }
@@ -364,22 +396,15 @@ FN_INLINE void fn_lane_grad_sums_f32(const float *restrict dy, const float *rest
     sums[1] = sum_dy_xc;
 }
 
-FN_INLINE void fn_grad_sums_f32(const float *dy, const float *x, ptrdiff_t n, double centre,
-                                    double invstd, double sums[2])
+FN_INLINE void fn_grad_sums_f32(const float *dy, const float *x, ptrdiff_t n, double centre, double invstd,
+                                double sums[2])
 {
     const float c = (float)centre;
     fn_lane_grad_sums_f32(dy, x, n, c, fn_pow2_near(invstd), sums);
-    if (!(fabs(sums[0]) <= 1e300 && fabs(sums[1]) <= 1e300)) {
-        double acc_dy = 0.0, acc_dy_xc = 0.0;
-        for (ptrdiff_t i = 0; i < n; i++) {
-            acc_dy += (double)dy[i];
-            acc_dy_xc += (double)dy[i] * ((double)x[i] - centre);
-        }
-        sums[0] = acc_dy;
-        sums[1] = acc_dy_xc;
-        return;
-    }
-    sums[1] += sums[0] * ((double)c - centre);
+    if (!(isfinite(sums[0]) && isfinite(sums[1])))
+        fn_exact_grad_sums_f32(dy, x, n, centre, sums);
+    else
+        sums[1] += sums[0] * ((double)c - centre);
 }
 
 /* Statistics of any number of contiguous values, block by block in a fixed order. */

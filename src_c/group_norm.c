@@ -222,7 +222,7 @@ static int group_norm(const gn_kernels *k, const void *x, void *y, ptrdiff_t bat
     const ptrdiff_t units = l.blocks * per_block;
     const int parallel = batch * channels * spatial >= GN_PARALLEL_MIN;
     /* A large y is streamed to memory: no read of each of its lines before it is written. */
-    const int stream = FN_STREAMING && batch * channels * spatial * (ptrdiff_t)k->size >= FN_STREAM_BYTES;
+    const int stream = fn_streams(batch * channels * spatial, k->size);
     fn_stats *partial = NULL;
     if (per_block > 1) {
         partial = malloc((size_t)units * sizeof *partial);

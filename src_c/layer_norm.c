@@ -90,20 +90,50 @@ static void fn_ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, i
 
 /* The reduction pass of layer_norm_backward over one row (or segment): sums[0] += sum(g),
  * sums[1] += sum(g * d), sums[2] += sum(d), with g = dy * w (dy when w is NULL) and d = x - centre.
- * float32 rows sum each group of 128 values in float32 lanes of 8 values, one quantity per loop (the form
- * gcc vectorizes), and the lanes in float64, with d scaled by fn_pow2_near(invstd) (exact; it keeps g * d
- * from underflowing or overflowing); a row whose sums come out infinite or NaN is summed again in
- * float64.  float64 rows use eight float64 accumulators. */
+ * fn_ln_exact_backward_sums: eight float64 accumulators (float64 rows, and float32 rows whose lanes would
+ * not do).  float32 rows sum each group of 128 values in float32 lanes of 8 values, one quantity per loop
+ * (the form gcc vectorizes), and the lanes in float64, with d scaled by fn_pow2_near(invstd) (exact; it
+ * keeps g * d from underflowing or overflowing); a row whose sums come out infinite or NaN is summed
+ * again exactly. */
+#define FN_DEFINE_LN_EXACT_BACKWARD_SUMS(T, S)                                                         \
+    FN_INLINE void fn_ln_exact_backward_sums_##S(const T *restrict dy, const T *restrict x,            \
+                                                 const T *restrict w, ptrdiff_t n, double centre,      \
+                                                 double sums[3])                                       \
+    {                                                                                                  \
+        double sg[8] = {0}, sgd[8] = {0}, sd[8] = {0};                                                 \
+        ptrdiff_t i = 0;                                                                               \
+        for (; i + 8 <= n; i += 8)                                                                     \
+            for (int j = 0; j < 8; j++) {                                                              \
+                double d = (double)x[i + j] - centre;                                                  \
+                double g = w ? (double)dy[i + j] * (double)w[i + j] : (double)dy[i + j];               \
+                sg[j] += g;                                                                            \
+                sgd[j] += g * d;                                                                       \
+                sd[j] += d;                                                                            \
+            }                                                                                          \
+        double total_g = fn_sum8(sg), total_gd = fn_sum8(sgd), total_d = fn_sum8(sd);                  \
+        for (; i < n; i++) {                                                                           \
+            double d = (double)x[i] - centre, g = w ? (double)dy[i] * (double)w[i] : (double)dy[i];    \
+            total_g += g;                                                                              \
+            total_gd += g * d;                                                                         \
+            total_d += d;                                                                              \
+        }                                                                                              \
+        sums[0] += total_g;                                                                            \
+        sums[1] += total_gd;                                                                           \
+        sums[2] += total_d;                                                                            \
+    }
+
+FN_DEFINE_LN_EXACT_BACKWARD_SUMS(float, f32)
+FN_DEFINE_LN_EXACT_BACKWARD_SUMS(double, f64)
+
 FN_VECTOR_KERNEL
 static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
                                     ptrdiff_t n, float centre, double invstd, double sums[3])
 {
     const float s = fn_pow2_near(invstd);
     double acc_g[FN_LANES] = {0}, acc_gd[FN_LANES] = {0}, acc_d[FN_LANES] = {0};
-    ptrdiff_t i = 0;
-    const ptrdiff_t body = n - n % FN_LANES;
-    for (; i < body; i += FN_LANE_GROUP) {
-        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
+    const ptrdiff_t body = fn_lane_body(n);
+    for (ptrdiff_t i = 0; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = fn_lane_group(body, i);
         float lane_g[FN_LANES] = {0}, lane_gd[FN_LANES] = {0}, lane_d[FN_LANES] = {0};
         const float *dyg = dy + i, *xg = x + i;
         if (w) {
@@ -129,69 +159,62 @@ static void fn_ln_backward_sums_f32(const float *restrict dy, const float *restr
         fn_lanes_add(acc_gd, lane_gd);
         fn_lanes_add(acc_d, lane_d);
     }
-    double total_g = fn_lanes_total(acc_g), total_gd = fn_lanes_total(acc_gd) / s;
-    double total_d = fn_lanes_total(acc_d) / s;
-    for (i = body; i < n; i++) {
+    double total[3] = {fn_lanes_total(acc_g), fn_lanes_total(acc_gd) / s, fn_lanes_total(acc_d) / s};
+    for (ptrdiff_t i = body; i < n; i++) {
         double d = (double)(x[i] - centre), g = (double)(w ? dy[i] * w[i] : dy[i]);
-        total_g += g;
-        total_gd += g * d;
-        total_d += d;
+        total[0] += g;
+        total[1] += g * d;
+        total[2] += d;
     }
-    if (!(fabs(total_g) <= 1e300 && fabs(total_gd) <= 1e300 && fabs(total_d) <= 1e300)) {
-        total_g = total_gd = total_d = 0.0;
-        for (i = 0; i < n; i++) {
-            double d = (double)x[i] - (double)centre, g = w ? (double)dy[i] * (double)w[i] : (double)dy[i];
-            total_g += g;
-            total_gd += g * d;
-            total_d += d;
-        }
+    if (!(isfinite(total[0]) && isfinite(total[1]) && isfinite(total[2]))) {
+        total[0] = total[1] = total[2] = 0.0;
+        fn_ln_exact_backward_sums_f32(dy, x, w, n, centre, total);
     }
-    sums[0] += total_g;
-    sums[1] += total_gd;
-    sums[2] += total_d;
+    sums[0] += total[0];
+    sums[1] += total[1];
+    sums[2] += total[2];
 }
 
 FN_VECTOR_KERNEL
-static void fn_ln_backward_sums_f64(const double *restrict dy, const double *restrict x,
-                                    const double *restrict w, ptrdiff_t n, double centre, double invstd,
-                                    double sums[3])
+static void fn_ln_backward_sums_f64(const double *dy, const double *x, const double *w, ptrdiff_t n,
+                                    double centre, double invstd, double sums[3])
 {
     (void)invstd;
-    double sg[8] = {0}, sgd[8] = {0}, sd[8] = {0};
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) {
-            double d = x[i + j] - centre, g = w ? dy[i + j] * w[i + j] : dy[i + j];
-            sg[j] += g;
-            sgd[j] += g * d;
-            sd[j] += d;
-        }
-    double total_g = fn_sum8(sg), total_gd = fn_sum8(sgd), total_d = fn_sum8(sd);
-    for (; i < n; i++) {
-        double d = x[i] - centre, g = w ? dy[i] * w[i] : dy[i];
-        total_g += g;
-        total_gd += g * d;
-        total_d += d;
-    }
-    sums[0] += total_g;
-    sums[1] += total_gd;
-    sums[2] += total_d;
+    fn_ln_exact_backward_sums_f64(dy, x, w, n, centre, sums);
 }
 
 /* The reduction pass of rms_norm_backward over one row (or segment): sum(g * x) with g = dy * w (dy when
- * w is NULL); float32 rows in float32 lanes of 8 values summed in float64, with x scaled by
- * fn_pow2_near(invrms), and again in float64 when that comes out infinite or NaN, as in
- * fn_ln_backward_sums_f32. */
+ * w is NULL); exactly in float64, or for float32 rows in float32 lanes summed in float64 with x scaled by
+ * fn_pow2_near(invrms), and exactly when that comes out infinite or NaN, as in fn_ln_backward_sums_f32. */
+#define FN_DEFINE_RMS_EXACT_BACKWARD_SUM(T, S)                                                         \
+    FN_INLINE double fn_rms_exact_backward_sum_##S(const T *restrict dy, const T *restrict x,          \
+                                                   const T *restrict w, ptrdiff_t n)                   \
+    {                                                                                                  \
+        double acc[8] = {0};                                                                           \
+        ptrdiff_t i = 0;                                                                               \
+        for (; i + 8 <= n; i += 8)                                                                     \
+            for (int j = 0; j < 8; j++) {                                                              \
+                double g = w ? (double)dy[i + j] * (double)w[i + j] : (double)dy[i + j];               \
+                acc[j] += g * (double)x[i + j];                                                        \
+            }                                                                                          \
+        double total = fn_sum8(acc);                                                                   \
+        for (; i < n; i++)                                                                             \
+            total += (w ? (double)dy[i] * (double)w[i] : (double)dy[i]) * (double)x[i];                \
+        return total;                                                                                  \
+    }
+
+FN_DEFINE_RMS_EXACT_BACKWARD_SUM(float, f32)
+FN_DEFINE_RMS_EXACT_BACKWARD_SUM(double, f64)
+
 FN_VECTOR_KERNEL
 static double fn_rms_backward_sum_f32(const float *restrict dy, const float *restrict x, const float *restrict w,
                                       ptrdiff_t n, double invrms)
 {
     const float s = fn_pow2_near(invrms);
     double acc[FN_LANES] = {0};
-    ptrdiff_t i = 0;
-    const ptrdiff_t body = n - n % FN_LANES;
-    for (; i < body; i += FN_LANE_GROUP) {
-        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
+    const ptrdiff_t body = fn_lane_body(n);
+    for (ptrdiff_t i = 0; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = fn_lane_group(body, i);
         float lane[FN_LANES] = {0};
         const float *dyg = dy + i, *xg = x + i;
         if (w) {
@@ -207,30 +230,17 @@ static double fn_rms_backward_sum_f32(const float *restrict dy, const float *res
         fn_lanes_add(acc, lane);
     }
     double total = fn_lanes_total(acc) / s;
-    for (i = body; i < n; i++)
+    for (ptrdiff_t i = body; i < n; i++)
         total += (double)(w ? dy[i] * w[i] : dy[i]) * (double)x[i];
-    if (!(fabs(total) <= 1e300)) {
-        total = 0.0;
-        for (i = 0; i < n; i++)
-            total += (w ? (double)dy[i] * (double)w[i] : (double)dy[i]) * (double)x[i];
-    }
-    return total;
+    return isfinite(total) ? total : fn_rms_exact_backward_sum_f32(dy, x, w, n);
 }
 
 FN_VECTOR_KERNEL
-static double fn_rms_backward_sum_f64(const double *restrict dy, const double *restrict x,
-                                      const double *restrict w, ptrdiff_t n, double invrms)
+static double fn_rms_backward_sum_f64(const double *dy, const double *x, const double *w, ptrdiff_t n,
+                                      double invrms)
 {
     (void)invrms;
-    double acc[8] = {0};
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++)
-            acc[j] += (w ? dy[i + j] * w[i + j] : dy[i + j]) * x[i + j];
-    double total = fn_sum8(acc);
-    for (; i < n; i++)
-        total += (w ? dy[i] * w[i] : dy[i]) * x[i];
-    return total;
+    return fn_rms_exact_backward_sum_f64(dy, x, w, n);
 }
 
 /* Sum of squares of a row (or segment) for RMS normalization: eight float64 accumulators. */
@@ -259,10 +269,9 @@ FN_DEFINE_EXACT_SUM_SQUARES(double, f64)
 FN_INLINE double fn_lane_sum_squares_f32(const float *restrict x, ptrdiff_t n)
 {
     double acc[FN_LANES] = {0};
-    ptrdiff_t i = 0;
-    const ptrdiff_t body = n - n % FN_LANES;
-    for (; i < body; i += FN_LANE_GROUP) {
-        const ptrdiff_t len = body - i < FN_LANE_GROUP ? body - i : FN_LANE_GROUP;
+    const ptrdiff_t body = fn_lane_body(n);
+    for (ptrdiff_t i = 0; i < body; i += FN_LANE_GROUP) {
+        const ptrdiff_t len = fn_lane_group(body, i);
         float lane[FN_LANES] = {0};
         for (ptrdiff_t k = 0; k < len; k += FN_LANES)
             for (int j = 0; j < FN_LANES; j++)
@@ -270,7 +279,7 @@ FN_INLINE double fn_lane_sum_squares_f32(const float *restrict x, ptrdiff_t n)
         fn_lanes_add(acc, lane);
     }
     double total = fn_lanes_total(acc);
-    for (i = body; i < n; i++)
+    for (ptrdiff_t i = body; i < n; i++)
         total += (double)x[i] * (double)x[i];
     return total;
 }
@@ -278,7 +287,7 @@ FN_INLINE double fn_lane_sum_squares_f32(const float *restrict x, ptrdiff_t n)
 FN_INLINE double fn_sum_squares_f32(const float *x, ptrdiff_t n)
 {
     double total = fn_lane_sum_squares_f32(x, n);
-    if (total >= 1e-30 * (double)n && total <= 1e30 * (double)n)
+    if (fn_f32_squares_in_range(total, n))
         return total;
     return fn_exact_sum_squares_f32(x, n);
 }
@@ -388,7 +397,7 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
                           ptrdiff_t rows, ptrdiff_t cols, double eps, int num_threads)                          \
     {                                                                                                           \
         const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
-        const int stream = FN_STREAMING && rows * cols * (ptrdiff_t)sizeof(T) >= FN_STREAM_BYTES;               \
+        const int stream = fn_streams(rows * cols, sizeof(T));                                                  \
         if (p.segments == 1) {                                                                                  \
             _Pragma("omp parallel num_threads(p.threads)")                                                      \
             {                                                                                                   \
@@ -611,7 +620,7 @@ FN_INLINE double fn_sum_squares_f64(const double *x, ptrdiff_t n)
                         double eps, int num_threads)                                                            \
     {                                                                                                           \
         const fn_ln_plan p = fn_ln_make_plan(rows, cols, num_threads);                                          \
-        const int stream = FN_STREAMING && rows * cols * (ptrdiff_t)sizeof(T) >= FN_STREAM_BYTES;               \
+        const int stream = fn_streams(rows * cols, sizeof(T));                                                  \
         if (p.segments == 1) {                                                                                  \
             _Pragma("omp parallel num_threads(p.threads)")                                                      \
             {                                                                                                   \
