@@ -168,13 +168,9 @@ FN_INLINE fn_stats fn_stats_from_centred(double n, double shift, double s1, doub
     return s;
 }
 
-/* Exact two-pass statistics of n <= FN_STATS_BLOCK values in float64: the mean, then the sums of the
- * deviations (which correct the mean for the rounding of the first pass) and of their squares.  Each
- * sum is a loop of its own over eight independent accumulators: GCC vectorizes a loop with one
- * reduction (without -ffast-math, the fixed order of additions permitting it) but leaves one that
- * updates two arrays scalar. */
-#define FN_DEFINE_EXACT_STATS(T, SUFFIX)                                                               \
-    FN_INLINE fn_stats fn_exact_block_stats_##SUFFIX(const T *restrict x, ptrdiff_t n)               \
+/* The sum of a run of values in float64: eight independent accumulators, the order of additions fixed. */
+#define FN_DEFINE_EXACT_SUM(T, SUFFIX)                                                                 \
+    FN_INLINE double fn_exact_sum_##SUFFIX(const T *restrict x, ptrdiff_t n)                           \
     {                                                                                                  \
         const ptrdiff_t body = n - n % 8;                                                              \
         double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                      \
@@ -184,9 +180,23 @@ FN_INLINE fn_stats fn_stats_from_centred(double n, double shift, double s1, doub
         double sum = fn_sum8(acc);                                                                     \
         for (ptrdiff_t i = body; i < n; i++)                                                           \
             sum += (double)x[i];                                                                       \
-        const double shift = sum / (double)n;                                                          \
-        for (int j = 0; j < 8; j++)                                                                    \
-            acc[j] = 0.0;                                                                              \
+        return sum;                                                                                    \
+    }
+
+FN_DEFINE_EXACT_SUM(float, f32)
+FN_DEFINE_EXACT_SUM(double, f64)
+
+/* Exact two-pass statistics of n <= FN_STATS_BLOCK values in float64: the mean, then the sums of the
+ * deviations (which correct the mean for the rounding of the first pass) and of their squares.  Each
+ * sum is a loop of its own over eight independent accumulators: GCC vectorizes a loop with one
+ * reduction (without -ffast-math, the fixed order of additions permitting it) but leaves one that
+ * updates two arrays scalar. */
+#define FN_DEFINE_EXACT_STATS(T, SUFFIX)                                                               \
+    FN_INLINE fn_stats fn_exact_block_stats_##SUFFIX(const T *restrict x, ptrdiff_t n)               \
+    {                                                                                                  \
+        const ptrdiff_t body = n - n % 8;                                                              \
+        const double shift = fn_exact_sum_##SUFFIX(x, n) / (double)n;                                  \
+        double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                      \
         for (ptrdiff_t i = 0; i < body; i += 8)                                                        \
             for (int j = 0; j < 8; j++)                                                                \
                 acc[j] += (double)x[i + j] - shift;                                                    \
@@ -258,8 +268,7 @@ FN_INLINE int fn_f32_squares_in_range(double sum, ptrdiff_t n)
 }
 
 /* sums[0] = sum(x - shift), sums[1] = sum((x - shift)^2). */
-FN_INLINE void fn_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift,
-                                       double sums[2])
+FN_INLINE void fn_centred_sums_f32(const float *restrict x, ptrdiff_t n, float shift, double sums[2])
 {
     double acc1[FN_LANES] = {0}, acc2[FN_LANES] = {0};
     const ptrdiff_t body = fn_lane_body(n);
@@ -344,19 +353,11 @@ FN_INLINE float fn_pow2_near(double scale)
         double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};                                      \
         for (ptrdiff_t i = 0; i < body; i += 8)                                                        \
             for (int j = 0; j < 8; j++)                                                                \
-                acc[j] += (double)dy[i + j];                                                           \
-        double sum_dy = fn_sum8(acc);                                                                  \
-        for (int j = 0; j < 8; j++)                                                                    \
-            acc[j] = 0.0;                                                                              \
-        for (ptrdiff_t i = 0; i < body; i += 8)                                                        \
-            for (int j = 0; j < 8; j++)                                                                \
                 acc[j] += (double)dy[i + j] * ((double)x[i + j] - centre);                             \
         double sum_dy_xc = fn_sum8(acc);                                                               \
-        for (ptrdiff_t i = body; i < n; i++) {                                                         \
-            sum_dy += (double)dy[i];                                                                   \
+        for (ptrdiff_t i = body; i < n; i++)                                                           \
             sum_dy_xc += (double)dy[i] * ((double)x[i] - centre);                                      \
-        }                                                                                              \
-        sums[0] = sum_dy;                                                                              \
+        sums[0] = fn_exact_sum_##SUFFIX(dy, n);                                                        \
         sums[1] = sum_dy_xc;                                                                           \
     }
 
