@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
-SOURCES := pyproject.toml setup.py $(wildcard src_c/*.c src_c/*.h foldnorm/*.pyx foldnorm/*.pxd)
+SOURCES := pyproject.toml setup.py $(wildcard src_c/*.c src_c/*.h foldnorm/kernels/*.pyx foldnorm/kernels/*.pxd)
 
-.PHONY: all install demo test asan lint-c bench bench-quick clean
+.PHONY: all install demo test asan lint-c bench bench-quick wheel clean
 
 all: test
 
@@ -41,7 +41,7 @@ test: install lint-c
 # with AddressSanitizer.  Python itself is not instrumented, so the runtime is preloaded and leak checking,
 # which would report the interpreter's own, is off.  The fold tests run no C code of ours, and onnx's
 # checker aborts under a preloaded ASan runtime when it throws a C++ exception, so they are left out.
-ASAN_TESTS := $(wildcard tests/test_kernels_*.py) tests/test_benchmarks.py
+ASAN_TESTS := tests/kernels tests/test_benchmarks.py
 
 asan: install
 	FOLDNORM_SANITIZE=address $(PY) setup.py -q build_ext --inplace --force
@@ -55,5 +55,22 @@ bench-quick: install
 bench: install
 	$(PY) -m benchmarks run
 
+# A wheel and an sdist into dist/, then the wheel installed into a fresh venv and imported there, away from
+# this checkout and with no compiler on PATH: what a user who installs the wheel gets.
+WHEEL_CHECK := $(shell mktemp -u /tmp/foldnorm-wheel-XXXXXX)
+
+wheel: $(PY)
+	rm -rf dist
+	$(PIP) install -q build
+	FOLDNORM_REQUIRE_OPENMP=1 $(PY) -m build -q --outdir dist . >/dev/null
+	@if unzip -l dist/*.whl | grep -E '\.(c|pyx|pxd|h)$$'; then echo "wheel ships sources"; exit 1; fi
+	$(PYTHON) -m venv $(WHEEL_CHECK)
+	$(WHEEL_CHECK)/bin/pip install -q dist/*.whl
+	cd /tmp && env PATH=$(WHEEL_CHECK)/bin CC=/nonexistent $(WHEEL_CHECK)/bin/python -c \
+	  "import numpy as np, foldnorm; y = foldnorm.batch_norm(np.ones((2, 3, 4), np.float32), np.zeros(3), np.ones(3)); \
+	   assert np.allclose(y, 1, atol=1e-4); import foldnorm.fold; print('wheel OK:', foldnorm.__version__, foldnorm.build_info()['openmp'])"
+	rm -rf $(WHEEL_CHECK)
+	ls -l dist
+
 clean:
-	rm -rf build dist *.egg-info foldnorm/*.so foldnorm/_*.c $(VENV)
+	rm -rf build dist *.egg-info foldnorm/kernels/*.so foldnorm/kernels/_*.c $(VENV)

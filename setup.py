@@ -36,11 +36,17 @@ def _env_flag(name):
 
 
 def _compiler():
-    return os.environ.get("CC") or sysconfig.get_config_var("CC").split()[0] or "cc"
+    """The C compiler to probe: $CC, else the one Python was built with; None where neither is known
+    (Windows builds have no CC in sysconfig and use MSVC through setuptools)."""
+    configured = os.environ.get("CC") or sysconfig.get_config_var("CC") or ""
+    words = configured.split()
+    return words[0] if words else None
 
 
 def _compiles_with_openmp(cc):
     """Compile and link a tiny OpenMP program; True when the compiler supports -fopenmp."""
+    if cc is None:
+        return False
     source = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn omp_get_max_threads()>0&&n>0?0:1;}\n"
     tmp = tempfile.mkdtemp()
     try:
@@ -69,7 +75,7 @@ def _build_flags():
         ldflags.append("-fopenmp")
     else:
         message = (
-            "foldnorm: the compiler %r does not support OpenMP (-fopenmp); building the kernels "
+            "foldnorm: the compiler %r does not support OpenMP (-fopenmp), or none was found; building the kernels "
             "single-threaded. Set FOLDNORM_REQUIRE_OPENMP=1 to make this an error." % cc
         )
         if _env_flag("FOLDNORM_REQUIRE_OPENMP"):
@@ -91,7 +97,7 @@ def _extensions():
     only = [name for name in os.environ.get("FOLDNORM_ONLY", "").split(",") if name]
     macros = [
         ("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
-        ("FOLDNORM_COMPILER", '"%s"' % cc),
+        ("FOLDNORM_COMPILER", '"%s"' % (cc or "unknown")),
         ("FOLDNORM_CFLAGS", '"%s"' % " ".join(cflags)),
     ]
     modules = []
@@ -100,8 +106,8 @@ def _extensions():
             continue
         modules.append(
             Extension(
-                "foldnorm." + name,
-                sources=["foldnorm/%s.pyx" % name] + [os.path.join(SRC_C, s) for s in sources],
+                "foldnorm.kernels." + name,
+                sources=["foldnorm/kernels/%s.pyx" % name] + [os.path.join(SRC_C, s) for s in sources],
                 include_dirs=[SRC_C, numpy.get_include()],
                 define_macros=macros,
                 extra_compile_args=cflags,

@@ -106,7 +106,7 @@ def thread_settings_kept():
     """
     import sys
 
-    from foldnorm.runtime import get_num_threads, set_num_threads
+    from foldnorm.kernels.runtime import get_num_threads, set_num_threads
 
     foldnorm_threads = get_num_threads()
     torch = sys.modules.get("torch")
@@ -131,7 +131,7 @@ def paired_ratio(numerator, denominator):
 
 def default_threads():
     """1, 2 (the issue-2 scaling target's count) and all cores (foldnorm's own default thread count)."""
-    from foldnorm.runtime import get_num_threads
+    from foldnorm.kernels.runtime import get_num_threads
 
     cores = get_num_threads()
     return sorted({1, min(2, cores), cores})
@@ -169,7 +169,7 @@ def copy_bandwidth(threads, settle, megabytes=64, repeats=7):
     """GB/s (bytes read + bytes written) of foldnorm's multi-threaded memcpy, per thread count."""
     import numpy as np
 
-    from foldnorm._runtime import parallel_copy
+    from foldnorm.kernels._runtime import parallel_copy
 
     src = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
     dst = np.empty_like(src)
@@ -189,7 +189,7 @@ def openmp_spin_seconds(threads, limit=0.05, tries=5):
     """
     import numpy as np
 
-    from foldnorm._runtime import parallel_copy
+    from foldnorm.kernels._runtime import parallel_copy
 
     if threads < 2:
         return 0.0

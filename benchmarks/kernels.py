@@ -106,9 +106,9 @@ SMOKE_CASES = [
 
 def _foldnorm_kernel(module, name):
     try:
-        return getattr(importlib.import_module("foldnorm." + module), name)
+        return getattr(importlib.import_module("foldnorm.kernels." + module), name)
     except (ImportError, AttributeError) as error:
-        raise Unavailable("foldnorm.%s.%s is not available yet (%s)" % (module, name, error)) from None
+        raise Unavailable("foldnorm.kernels.%s.%s is not available yet (%s)" % (module, name, error)) from None
 
 
 def _torch():
@@ -549,7 +549,7 @@ def run_case(case, threads, repeats, warmup=1, reference_repeats=1, settle=0.0, 
 
 
 def _run_case(case, threads, repeats, warmup, reference_repeats, settle, seed):
-    from foldnorm._runtime import parallel_copy
+    from foldnorm.kernels._runtime import parallel_copy
 
     from .harness import measure, paired_ratio
 

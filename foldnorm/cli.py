@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import FoldError
+from .fold.errors import FoldError
 
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
@@ -50,7 +50,7 @@ def main(argv=None):
 
 
 def _build_parser():
-    from . import __version__
+    from ._version import __version__
 
     parser = _Parser(prog="foldnorm", description="Fold BatchNormalization into neighbouring layers of ONNX models.")
     parser.add_argument("--version", action="version", version="foldnorm %s" % __version__)
@@ -91,8 +91,8 @@ def _build_parser():
 
 
 def run_fold(args):
-    from .modelio import external_data_files, load_model, save_model, write_file_atomically
-    from .verification import verify
+    from .fold.modelio import external_data_files, load_model, save_model, write_file_atomically
+    from .fold.verification import verify
 
     source = Path(args.model)
     output = Path(args.output) if args.output else _default_output(source)

@@ -69,7 +69,7 @@ def run_demo(quick=False):
 def demo_results(quick=False, echo=print):
     """The demo's numbers as a dict (what run_demo prints, through `echo`)."""
     from .fold import fold_model
-    from .runtime import get_num_threads
+    from .kernels import get_num_threads
 
     start = time.perf_counter()
     image_size = 96 if quick else 224
@@ -165,9 +165,9 @@ def run_kernels(shape, *, repeats, threads, seed=0):
     where the kernel returns them, its statistics), against a float64 reference computed here.
     """
     try:
-        from .batch_normalization import batch_norm, batch_norm_train
-        from .group_normalization import group_norm, instance_norm
-        from .layer_normalization import layer_norm, rms_norm
+        from .kernels import batch_norm, batch_norm_train
+        from .kernels import group_norm, instance_norm
+        from .kernels import layer_norm, rms_norm
     except ImportError:
         return None
 

@@ -115,7 +115,7 @@ def test_compare_rejects_bad_files_with_one_line_and_exit_code_2(tmp_path, capsy
 
 
 def test_a_case_leaves_the_default_thread_counts_as_it_found_them():
-    from foldnorm.runtime import get_num_threads, set_num_threads
+    from foldnorm.kernels.runtime import get_num_threads, set_num_threads
 
     before = get_num_threads()
     set_num_threads(3)

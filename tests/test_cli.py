@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldnorm.cli import main
-from onnx_cases import IR_VERSION
+from tests.onnx_cases import IR_VERSION
 
 OPSET = 17
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def old_opset(path):
     (lambda p: p.write_bytes(p.read_bytes()[:200]), "truncated or corrupted"),
     (corrupt, "truncated or corrupted"),
     (checker_rejects, "the ONNX checker rejects it"),
-    (old_opset, "uses opset 6; foldnorm supports opsets 7 to"),
+    (old_opset, "uses ai.onnx opset 6; foldnorm supports opsets 7 to"),
 ])
 @pytest.mark.parametrize("command", ["fold", "inspect"])
 def test_bad_model_files(tmp_path, capsys, spoil, fragment, command):
@@ -191,7 +191,7 @@ def test_external_data_out_of_the_models_folder_is_refused(tmp_path, capsys, mon
     outside.write_bytes((path.parent / "model.weights").read_bytes())
     os.symlink(outside, path.parent / "link.weights")
     relocate(path, location.format(outside=outside))
-    from foldnorm import modelio
+    from foldnorm.fold import modelio
 
     reads = []
     monkeypatch.setattr(modelio, "_read_external_bytes", lambda *args: reads.append(args))
@@ -312,7 +312,7 @@ def test_keep_bn_leaves_what_cannot_fold(tmp_path, capsys):
 
 
 def test_no_verify_skips_onnxruntime(tmp_path, capsys, monkeypatch):
-    from foldnorm import verification
+    from foldnorm.fold import verification
 
     calls = []
     real_verify = verification.verify

@@ -10,7 +10,7 @@ from foldnorm.demo import build_demo_model, count_ops, demo_results, run_demo
 from foldnorm.fold import fold_model
 
 # What the demo model holds, by construction (see build_demo_model): where each of its 10 BNs must go.
-EXPECTED_FOLDED = {"Conv": 4, "Add": 1, "Concat": 1, "forward:Conv": 1, "forward:Gemm": 1, "Gemm": 1}
+EXPECTED_FOLDED = {"Conv": 4, "across Add": 1, "across Concat": 1, "Conv (forward)": 1, "Gemm (forward)": 1, "Gemm": 1}
 
 
 @pytest.fixture(scope="module")

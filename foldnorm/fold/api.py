@@ -1,0 +1,71 @@
+"""The fold pass's public functions: fold_model and inspect_model."""
+import time
+
+import onnx
+
+from .driver import fold_in_place, inline_functions_holding_batch_norm
+from .errors import VerificationError
+from .modelio import as_model
+from .proto import graph_statistics
+from .report import FoldReport
+
+
+def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=None, atol=None, seed=0):
+    """Fold every foldable normalization of a model.
+
+    Parameters
+    ----------
+    model_or_path : onnx.ModelProto or path
+        The model. A ModelProto is never modified; a path is read with its external data.
+    keep_bn : bool
+        Leave a BatchNormalization that cannot fold as it is instead of rewriting it as Mul and Add.
+    verify : bool
+        Check the folded model against the original in onnxruntime (foldnorm.verify).
+    shapes, rtol, atol, seed
+        Passed to foldnorm.verify.
+
+    Returns
+    -------
+    (onnx.ModelProto, FoldReport)
+        The folded model and what happened to each normalization node.
+
+    Raises
+    ------
+    FoldError
+        The model is refused (invalid, opset outside 7 .. the newest onnx knows).
+    VerificationError
+        An output of the folded model diverges from the original's; it carries the report.
+    """
+    original, label = as_model(model_or_path, "model_or_path")
+    start = time.perf_counter()
+    folded = onnx.ModelProto()
+    folded.CopyFrom(original)
+    inlined = inline_functions_holding_batch_norm(folded)
+    outcomes = fold_in_place(folded, keep_bn=keep_bn)
+    seconds = time.perf_counter() - start
+    nodes_before, bytes_before = graph_statistics(original.graph)
+    nodes_after, bytes_after = graph_statistics(folded.graph)
+    report = FoldReport(model=label, outcomes=outcomes, nodes_before=nodes_before, nodes_after=nodes_after,
+                        param_bytes_before=bytes_before, param_bytes_after=bytes_after, fold_seconds=seconds)
+    if inlined:
+        report.notes.append("inlined the model's local functions %s, which hold BatchNormalization nodes, "
+                            "to fold them" % ", ".join(inlined))
+    if bytes_after > bytes_before:
+        report.notes.append("the parameters grew: a folded weight is stored in full, also where the model "
+                            "computed it from a smaller constant (ConstantOfShape, Expand, ...)")
+    if verify:
+        from .verification import verify as verify_models
+
+        result = verify_models(original, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed)
+        report.verification = result
+        if not result.passed:
+            diverged = ", ".join(repr(o.name) for o in result.outputs if not o.passed)
+            raise VerificationError("the folded model's output %s differs from the original's beyond the "
+                                    "tolerance; nothing was written" % diverged, report)
+    return folded, report
+
+
+def inspect_model(model_or_path):
+    """What fold_model would do to each normalization node: the FoldReport, without verification."""
+    _, report = fold_model(model_or_path, verify=False)
+    return report

@@ -1,0 +1,77 @@
+"""What one run of the fold pass shares, and the questions every rule asks of the graph.
+
+`FoldContext` holds the options, the value types shape inference found, the model's fresh names and the
+outcomes recorded so far. `Refused` is how a condition says no, with the reason a user reads.
+"""
+from dataclasses import dataclass
+
+from .proto import FLOAT_TYPES, value_types
+from .graph_index import NameScope
+from .report import NodeOutcome
+
+CHANNEL_AXIS = 1
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why a reading or a rule does not go through. reason None: it does not apply here at all (nothing to
+    report)."""
+
+    reason: str | None
+
+
+class FoldContext:
+    """What one run of the pass shares across graphs: options, value types, names, outcomes."""
+
+    def __init__(self, model, opset, keep_bn):
+        self.opset = opset
+        self.keep_bn = keep_bn
+        self.types = value_types(model)
+        self.names = NameScope(model)
+        self.ir_version = model.ir_version
+        self.outcomes = []
+        self.indexes = []
+        self.sites = {}
+
+    def outcome(self, index, node, *, action, reason, into=None, direction=None):
+        self.outcomes.append(NodeOutcome(node=index.label(node), op_type=node.op_type, graph=index.path,
+                                         action=action, into=into, direction=direction, reason=reason))
+
+
+def describe(index, node):
+    """A node as a user names it: its op type and name."""
+    return "%s %r" % (node.op_type, index.label(node))
+
+
+def shape_of(ctx, index, name):
+    """The value's shape as far as it is known (None dims where unknown), or None when even its rank is."""
+    known = ctx.types.get(name)
+    if known is not None and known[1] is not None:
+        return known[1]
+    value = index.constant(name)
+    if value is not None:
+        return value.array.shape
+    node = index.producer.get(name)
+    if node is not None and node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+        weight = index.constant(node.input[1])
+        if weight is not None:
+            return (None,) * weight.array.ndim
+    return None
+
+
+def rank_of(ctx, index, name):
+    shape = shape_of(ctx, index, name)
+    return None if shape is None else len(shape)
+
+
+def elem_type_of(ctx, name):
+    known = ctx.types.get(name)
+    return known[0] if known is not None and known[0] else None
+
+
+def float_constant(index, name):
+    """The value's Constant when it is a float constant, else None."""
+    value = index.constant(name)
+    if value is None or value.elem_type not in FLOAT_TYPES:
+        return None
+    return value

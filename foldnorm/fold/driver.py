@@ -1,0 +1,88 @@
+"""The driver of the fold pass: the rules on every node of every graph, once, in topological order.
+
+Every inference-mode BatchNormalization, and every Mul/Add/Sub/Div by a constant that varies only along
+the channel axis, is a site (foldnorm.fold.sites). For each site the rules of foldnorm.fold.rules are
+tried in table order; the first whose condition matches applies. A BatchNormalization no rule folds
+becomes one Mul and one Add (unless keep_bn); one in training mode, or with parameters computed at run
+time, is left exactly as it is. If/Loop/Scan bodies are visited by the same loop. Every edit goes through
+the graph's index (foldnorm.fold.graph_index), so the pass is linear in the size of the model.
+"""
+import onnx
+import onnx.inliner
+
+from .context import FoldContext, Refused
+from .graph_index import GraphIndex, remove_unused
+from .modelio import check_opset
+from .proto import attribute_graphs, is_default_domain
+from .rules import RULES
+from .sites import BATCH_NORM, SITE_OPS, batch_norm_site
+
+
+def fold_graph(ctx, index):
+    """Run the rules on every node of one graph, then on each of its subgraphs."""
+    ctx.indexes.append(index)
+    for node in list(index.nodes):
+        if index.is_removed(node) or not is_default_domain(node) or node.op_type not in SITE_OPS:
+            continue
+        if node.op_type == BATCH_NORM:
+            site = batch_norm_site(ctx, index, node)
+            if isinstance(site, Refused):
+                ctx.outcome(index, node, action="left", reason=site.reason)
+                continue
+        refusals = []
+        for rule in RULES:
+            if node.op_type not in rule.op_types:
+                continue
+            match = rule.condition(ctx, index, node)
+            if isinstance(match, Refused):
+                if match.reason and match.reason not in refusals:
+                    refusals.append(match.reason)
+                continue
+            if rule.fallback and refusals:
+                match.reason = "%s; it could not fold: %s" % (match.reason, "; ".join(refusals))
+            rule.apply(ctx, index, node, match)
+            break
+        else:
+            if node.op_type == BATCH_NORM:
+                ctx.outcome(index, node, action="left", reason="; ".join(refusals) or "no rule applies")
+    for node in index.live_nodes():
+        for label, subgraph in attribute_graphs(node):
+            child = GraphIndex(subgraph, path="%s/%s.%s" % (index.path, index.label(node).lstrip("/"), label),
+                               names=ctx.names, opset=ctx.opset, parent=index,
+                               inputs_are_constant=True, constants_as_nodes=ctx.ir_version < 4)
+            fold_graph(ctx, child)
+
+
+def _holds_batch_norm(nodes):
+    for node in nodes:
+        if node.op_type == BATCH_NORM and is_default_domain(node):
+            return True
+        if any(_holds_batch_norm(graph.node) for _, graph in attribute_graphs(node)):
+            return True
+    return False
+
+
+def inline_functions_holding_batch_norm(model):
+    """Inline the model's local functions (torch's export_modules_as_functions writes them) when any of
+    them holds a BatchNormalization: the pass folds graphs, where a function's weights are in reach.
+    Returns the names of the functions inlined (none when no function holds one)."""
+    if not any(_holds_batch_norm(function.node) for function in model.functions):
+        return []
+    names = sorted({function.name for function in model.functions})
+    model.CopyFrom(onnx.inliner.inline_local_functions(model))
+    return names
+
+
+def fold_in_place(model, *, keep_bn=False):
+    """Run the pass on `model` itself; returns the list of NodeOutcome."""
+    opset = check_opset(model)
+    if opset is None:
+        return []
+    ctx = FoldContext(model, opset, keep_bn)
+    main = GraphIndex(model.graph, path="main", names=ctx.names, opset=opset,
+                      inputs_are_constant=model.ir_version < 4, constants_as_nodes=model.ir_version < 4)
+    fold_graph(ctx, main)
+    remove_unused(ctx.indexes)
+    for index in reversed(ctx.indexes):
+        index.commit()
+    return ctx.outcomes

@@ -1,0 +1,144 @@
+"""ONNX protobuf helpers of the fold pass: tensors to arrays and back, attributes, subgraphs, opsets, types.
+
+bfloat16 tensors are handed out as float32 arrays (exact) and written back rounded to bfloat16, so the
+numeric code never sees an ml_dtypes array.
+"""
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+FLOAT_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE)
+
+
+def is_default_domain(node):
+    return node.domain in DEFAULT_DOMAINS
+
+
+def attribute_graphs(node):
+    """[(label, GraphProto)] for the subgraphs held by a node's attributes (If, Loop, Scan, ...)."""
+    graphs = []
+    for attribute in node.attribute:
+        if attribute.type == AttributeProto.GRAPH:
+            graphs.append((attribute.name, attribute.g))
+        elif attribute.type == AttributeProto.GRAPHS:
+            graphs.extend(("%s[%d]" % (attribute.name, i), g) for i, g in enumerate(attribute.graphs))
+    return graphs
+
+
+def node_attributes(node):
+    return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+
+
+def set_float_attribute(node, name, value):
+    """Set (or add) a float attribute of a node in place."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            attribute.f = float(value)
+            return
+    node.attribute.append(helper.make_attribute(name, float(value)))
+
+
+def tensor_to_array(tensor):
+    """A tensor's data as a NumPy array: float32 for bfloat16 (exact), the natural dtype otherwise."""
+    array = numpy_helper.to_array(tensor)
+    if tensor.data_type == TensorProto.BFLOAT16:
+        array = array.astype(np.float32)
+    return array
+
+
+def array_to_tensor(array, name, elem_type):
+    """A TensorProto of element type `elem_type` holding `array` (rounded to bfloat16 when asked)."""
+    if elem_type == TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        array = np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    else:
+        array = np.asarray(array, dtype=helper.tensor_dtype_to_np_dtype(elem_type))
+    return numpy_helper.from_array(array, name)
+
+
+def numpy_dtype(elem_type):
+    """The NumPy dtype the fold arithmetic hands back for `elem_type` (float32 stands in for bfloat16)."""
+    if elem_type == TensorProto.BFLOAT16:
+        return np.dtype(np.float32)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def tensor_nbytes(tensor):
+    """Bytes of a tensor's data, from its dims and type (no decoding, external data included)."""
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if tensor.data_type == TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * itemsize
+
+
+def graph_statistics(graph):
+    """(nodes, parameter bytes) of a graph and all its subgraphs; parameters are initializers and the
+    tensors of Constant nodes."""
+    nodes = len(graph.node)
+    size = sum(tensor_nbytes(t) for t in graph.initializer)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            size += sum(_constant_attribute_nbytes(attribute) for attribute in node.attribute)
+        for _, subgraph in attribute_graphs(node):
+            sub_nodes, sub_size = graph_statistics(subgraph)
+            nodes += sub_nodes
+            size += sub_size
+    return nodes, size
+
+
+def _constant_attribute_nbytes(attribute):
+    if attribute.type == AttributeProto.TENSOR:
+        return tensor_nbytes(attribute.t)
+    if attribute.type == AttributeProto.FLOATS:
+        return 4 * len(attribute.floats)
+    if attribute.type == AttributeProto.INTS:
+        return 8 * len(attribute.ints)
+    return {AttributeProto.FLOAT: 4, AttributeProto.INT: 8}.get(attribute.type, 0)
+
+
+def default_opset(model):
+    """The ai.onnx opset version a model imports, or None when it imports none."""
+    for opset in model.opset_import:
+        if opset.domain in DEFAULT_DOMAINS:
+            return opset.version
+    return None
+
+
+def value_types(model):
+    """{value name: (elem_type, shape)} for every value onnx shape inference can type, subgraphs too.
+
+    shape is a tuple (None for an unknown dim) or None when even the rank is unknown. Inference runs on
+    a copy and is best effort: a model it cannot handle (too large, unknown ops) keeps only the types it
+    declares itself.
+    """
+    try:
+        typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is an optional help; the declared types remain
+        typed = model
+    types = {}
+
+    def visit(graph):
+        for tensor in graph.initializer:
+            types[tensor.name] = (tensor.data_type, tuple(tensor.dims))
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if not value.type.HasField("tensor_type"):
+                continue
+            tensor_type = value.type.tensor_type
+            shape = None
+            if tensor_type.HasField("shape"):
+                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            types.setdefault(value.name, (tensor_type.elem_type, shape))
+        for node in graph.node:
+            for _, subgraph in attribute_graphs(node):
+                visit(subgraph)
+
+    visit(typed.graph)
+    return types

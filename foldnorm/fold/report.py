@@ -1,0 +1,124 @@
+"""What the fold pass did, node by node: the FoldReport that `foldnorm fold` prints and writes as JSON."""
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+ACTIONS = ("folded", "rewritten", "left")
+NORMALIZATION_OPS = ("BatchNormalization",)
+
+
+@dataclass
+class NodeOutcome:
+    """What happened to one normalization node, or to a per-channel Mul/Add/Sub/Div that was folded.
+
+    node: the node's name ("<op_type>#<index>" when it has none); graph: "main" or a subgraph path such as
+    "main/If_0.then_branch"; action: "folded", "rewritten" (to Mul/Add) or "left"; for "folded", into is
+    the op type of what absorbed it and direction how: "backward" (into the producing Conv,
+    ConvTranspose, Gemm or MatMul), "forward" (into the only reader), "across" (into the producers of each
+    branch of the Add, Sum or Concat named by into), or "merged" (into the Mul/Add that replaces a
+    BatchNormalization; into is "Mul/Add"); reason: one sentence saying why.
+    """
+
+    node: str
+    op_type: str
+    graph: str
+    action: str
+    reason: str
+    into: str | None = None
+    direction: str | None = None
+
+    @property
+    def folded_into(self):
+        """How the report names where the node went: "Conv", "Conv (forward)", "across Add", ..."""
+        if self.action != "folded":
+            return None
+        if self.direction == "forward":
+            return "%s (forward)" % self.into
+        if self.direction == "across":
+            return "across %s" % self.into
+        if self.direction == "merged":
+            return "a Mul/Add rewrite"
+        return self.into
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class FoldReport:
+    """The outcome of folding one model.
+
+    nodes_* count every node, subgraphs included; param_bytes_* count initializers and the tensors of
+    Constant nodes. fold_seconds is the time of the pass itself (not loading, not verification).
+    """
+
+    model: str
+    outcomes: list
+    nodes_before: int
+    nodes_after: int
+    param_bytes_before: int
+    param_bytes_after: int
+    fold_seconds: float
+    verification: object = None
+    notes: list = field(default_factory=list)
+
+    def normalizations(self):
+        return [o for o in self.outcomes if o.op_type in NORMALIZATION_OPS]
+
+    def counts(self):
+        """{"normalizations": BatchNormalization nodes found, "found": {op_type: nodes reported},
+        "folded": {folded_into: nodes}, "rewritten": nodes, "left": nodes}."""
+        return {
+            "normalizations": len(self.normalizations()),
+            "found": dict(Counter(o.op_type for o in self.outcomes)),
+            "folded": dict(Counter(o.folded_into for o in self.outcomes if o.action == "folded")),
+            "rewritten": sum(1 for o in self.outcomes if o.action == "rewritten"),
+            "left": sum(1 for o in self.outcomes if o.action == "left"),
+        }
+
+    def to_dict(self):
+        return {
+            "model": self.model,
+            "counts": self.counts(),
+            "outcomes": [o.to_dict() for o in self.outcomes],
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "param_bytes_before": self.param_bytes_before,
+            "param_bytes_after": self.param_bytes_after,
+            "fold_seconds": self.fold_seconds,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+            "notes": list(self.notes),
+        }
+
+    def format_text(self, *, every_node=False):
+        """The short report the command line prints; every_node=True also lists folded and rewritten
+        nodes (what `foldnorm inspect` shows)."""
+        counts = self.counts()
+        others = {op: n for op, n in counts["found"].items() if op not in NORMALIZATION_OPS}
+        found = "%d BatchNormalization" % counts["normalizations"]
+        if others:
+            found += " (and %s per-channel %s folded along)" % (
+                sum(others.values()), "/".join(sorted(others)))
+        lines = ["foldnorm: %s" % self.model, "  normalizations found: %s" % found]
+        folded = counts["folded"]
+        if folded:
+            kinds = ", ".join("%s %d" % (into, n) for into, n in sorted(folded.items()))
+            lines.append("  folded: %d (%s)" % (sum(folded.values()), kinds))
+        else:
+            lines.append("  folded: 0")
+        lines.append("  rewritten to Mul/Add: %d" % counts["rewritten"])
+        lines.append("  left: %d" % counts["left"])
+        listed = [o for o in self.outcomes if every_node or o.action == "left"]
+        for outcome in listed:
+            where = "" if outcome.graph == "main" else " in %s" % outcome.graph
+            action = outcome.action if outcome.action != "folded" else "folded into %s" % outcome.folded_into
+            lines.append("    - %s (%s%s): %s: %s" % (outcome.node, outcome.op_type, where, action, outcome.reason))
+        lines.append("  nodes: %d -> %d" % (self.nodes_before, self.nodes_after))
+        lines.append("  parameter bytes: %s -> %s" % (format(self.param_bytes_before, ","),
+                                                       format(self.param_bytes_after, ",")))
+        for note in self.notes:
+            lines.append("  note: %s" % note)
+        if self.verification is not None:
+            lines.extend("  " + line for line in self.verification.format_text().splitlines())
+        lines.append("  time: %.3f s folding" % self.fold_seconds)
+        return "\n".join(lines)
+
