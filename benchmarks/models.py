@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
+
+from foldnorm.fold.builder import ModelBuilder
 
 from .harness import Contender, Unavailable, first_line, measure, paired_ratio
 from .kernels import ort_session_options
@@ -99,91 +101,36 @@ def _weight_for_role(role, shape, rng):
     return rng.normal(0, 0.1, shape).astype(np.float32)
 
 
-class CnnBuilder:
-    """Conv/BatchNormalization networks with seeded weights, built node by node."""
+def conv_bn(b, x, cin, cout, kernel, stride=1, groups=1, activation="Relu", gain=1.0):
+    """Conv (He-scaled, no bias) -> BatchNormalization -> activation ("Relu", "Relu6" or None)."""
+    y = b.frozen_batch_norm(b.conv(x, cin, cout, kernel, stride=stride, groups=groups, gain=gain), cout)
+    if activation == "Relu":
+        return b.relu(y)
+    if activation == "Relu6":
+        return b.node("Clip", [y, b.constant(None, 0.0), b.constant(None, 6.0)])
+    return y
 
-    def __init__(self, seed):
-        self.rng = np.random.default_rng(seed)
-        self.nodes = []
-        self.initializers = []
-        self.count = 0
 
-    def _name(self, kind):
-        self.count += 1
-        return "%s_%d" % (kind, self.count)
-
-    def _constant(self, kind, array):
-        name = self._name(kind)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
-        return name
-
-    def _node(self, op_type, inputs, **attrs):
-        output = self._name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
-        return output
-
-    def conv(self, x, cin, cout, kernel, stride=1, groups=1, gain=1.0):
-        """A Conv with He-scaled weights, times `gain`."""
-        fan_in = cin // groups * kernel * kernel
-        weight = self.rng.normal(0, gain * np.sqrt(2.0 / fan_in), (cout, cin // groups, kernel, kernel))
-        pad = kernel // 2
-        return self._node("Conv", [x, self._constant("w", weight)], kernel_shape=[kernel, kernel],
-                          strides=[stride, stride], pads=[pad] * 4, group=groups)
-
-    def batch_norm(self, x, channels):
-        params = [
-            self.rng.uniform(0.5, 1.5, channels), self.rng.normal(0, 0.1, channels),
-            self.rng.normal(0, 0.1, channels), self.rng.uniform(0.5, 1.5, channels),
-        ]
-        names = [self._constant(kind, p) for kind, p in zip(("gamma", "beta", "mean", "var"), params)]
-        return self._node("BatchNormalization", [x] + names, epsilon=1e-5)
-
-    def conv_bn(self, x, cin, cout, kernel, stride=1, groups=1, activation="Relu", gain=1.0):
-        y = self.batch_norm(self.conv(x, cin, cout, kernel, stride, groups, gain), cout)
-        if activation == "Relu":
-            return self._node("Relu", [y])
-        if activation == "Relu6":
-            return self._node("Clip", [y, self._constant("min", 0.0), self._constant("max", 6.0)])
-        return y
-
-    def add(self, a, b):
-        return self._node("Add", [a, b])
-
-    def classifier(self, x, channels, classes):
-        pooled = self._node("Flatten", [self._node("GlobalAveragePool", [x])], axis=1)
-        weight = self.rng.normal(0, np.sqrt(1.0 / channels), (classes, channels))
-        return self._node("Gemm", [pooled, self._constant("fc_w", weight), self._constant("fc_b", np.zeros(classes))],
-                          transB=1)
-
-    def model(self, name, input_name, input_shape, output, output_shape, opset=OPSET):
-        graph = helper.make_graph(
-            self.nodes,
-            name,
-            [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_shape)],
-            [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
-            initializer=self.initializers,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = IR_VERSION
-        return model
+def _image_model(b, name, output, output_shape):
+    b.output(output, output_shape)
+    return b.model(OPSET, IR_VERSION, name=name)
 
 
 def resnet_like(input_size=224, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000, seed=0):
     """A ResNet-18-shaped network: basic blocks of two 3x3 conv+BN, 1x1 conv+BN shortcuts on a change."""
-    b = CnnBuilder(seed)
-    x = b.conv_bn("input", 3, widths[0], 7, stride=2)
-    x = b._node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    b = ModelBuilder(seed)
+    x = conv_bn(b, b.input("input", [1, 3, input_size, input_size]), 3, widths[0], 7, stride=2)
+    x = b.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     cin = widths[0]
     for stage, (width, count) in enumerate(zip(widths, blocks)):
         for block in range(count):
             stride = 2 if stage > 0 and block == 0 else 1
-            y = b.conv_bn(x, cin, width, 3, stride)
-            y = b.conv_bn(y, width, width, 3, activation=None)
-            shortcut = x if stride == 1 and cin == width else b.conv_bn(x, cin, width, 1, stride, activation=None)
-            x = b._node("Relu", [b.add(y, shortcut)])
+            y = conv_bn(b, x, cin, width, 3, stride)
+            y = conv_bn(b, y, width, width, 3, activation=None)
+            shortcut = x if stride == 1 and cin == width else conv_bn(b, x, cin, width, 1, stride, activation=None)
+            x = b.relu(b.node("Add", [y, shortcut]))
             cin = width
-    return b.model("resnet_like", "input", [1, 3, input_size, input_size], b.classifier(x, cin, classes),
-                   [1, classes])
+    return _image_model(b, "resnet_like", b.classifier(x, cin, classes), [1, classes])
 
 
 MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -192,21 +139,20 @@ MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2
 
 def mobilenet_like(input_size=224, blocks=MOBILENET_V2_BLOCKS, stem=32, head=1280, classes=1000, seed=0):
     """A MobileNetV2-shaped network: inverted residuals (1x1 expand, 3x3 depthwise, 1x1 project), BN after each."""
-    b = CnnBuilder(seed)
-    x = b.conv_bn("input", 3, stem, 3, stride=2, activation="Relu6")
+    b = ModelBuilder(seed)
+    x = conv_bn(b, b.input("input", [1, 3, input_size, input_size]), 3, stem, 3, stride=2, activation="Relu6")
     cin = stem
     for expansion, width, count, first_stride in blocks:
         for block in range(count):
             stride = first_stride if block == 0 else 1
             hidden = cin * expansion
-            y = b.conv_bn(x, cin, hidden, 1, activation="Relu6") if expansion != 1 else x
-            y = b.conv_bn(y, hidden, hidden, 3, stride, groups=hidden, activation="Relu6")
-            y = b.conv_bn(y, hidden, width, 1, activation=None)
-            x = b.add(x, y) if stride == 1 and cin == width else y
+            y = conv_bn(b, x, cin, hidden, 1, activation="Relu6") if expansion != 1 else x
+            y = conv_bn(b, y, hidden, hidden, 3, stride, groups=hidden, activation="Relu6")
+            y = conv_bn(b, y, hidden, width, 1, activation=None)
+            x = b.node("Add", [x, y]) if stride == 1 and cin == width else y
             cin = width
-    x = b.conv_bn(x, cin, head, 1, activation="Relu6")
-    return b.model("mobilenet_like", "input", [1, 3, input_size, input_size], b.classifier(x, head, classes),
-                   [1, classes])
+    x = conv_bn(b, x, cin, head, 1, activation="Relu6")
+    return _image_model(b, "mobilenet_like", b.classifier(x, head, classes), [1, classes])
 
 
 CHAIN_OPSET = 17
@@ -222,12 +168,13 @@ def conv_bn_chain(pairs, channels=8, size=8, seed=0):
     Every layer keeps the input's shape, so the model grows by the same few KB of weights per pair and a
     fold of it should take time in proportion to `pairs`.
     """
-    b = CnnBuilder(seed)
-    x = "input"
-    for _ in range(pairs):
-        x = b.conv_bn(x, channels, channels, 3, gain=CHAIN_GAIN)
+    b = ModelBuilder(seed)
     shape = [1, channels, size, size]
-    return b.model("conv_bn_chain_%d" % pairs, "input", shape, x, shape, opset=CHAIN_OPSET)
+    x = b.input("input", shape)
+    for _ in range(pairs):
+        x = conv_bn(b, x, channels, channels, 3, gain=CHAIN_GAIN)
+    b.output(x, shape)
+    return b.model(CHAIN_OPSET, IR_VERSION, name="conv_bn_chain_%d" % pairs)
 
 
 def light_case(name):

@@ -1,6 +1,6 @@
 """`foldnorm demo`: both halves of foldnorm on an embedded example, in well under a minute.
 
-1. Builds a small ResNet-style CNN in code (onnx.helper; seeded random weights) with a BatchNormalization
+1. Builds a small ResNet-style CNN in code (foldnorm.fold.builder; seeded random weights) with a BatchNormalization
    of every kind the fold pass handles: after a Conv, across a residual Add and a Concat, before an
    unpadded Conv and a Gemm (forward folds), after a Gemm, and one on the model input in front of a padded
    Conv, which cannot fold and becomes Mul/Add.
@@ -15,11 +15,9 @@ import statistics
 import time
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-IR_VERSION = 8
-OPSET = 17
+from .fold.builder import IR_VERSION, OPSET, ModelBuilder
+
 NUM_CLASSES = 10
 # Each full-size kernel result must be this close to the float64 reference, relative to its magnitude.
 KERNEL_RTOL = 1e-5
@@ -27,38 +25,45 @@ KERNEL_RTOL = 1e-5
 
 def build_demo_model(image_size=224, width=32, seed=0):
     """The demo CNN: input [1, 3, image_size, image_size] float32, output logits [1, 10]."""
-    b = _ModelBuilder(seed)
-    x = "image"
-    h = b.batch_norm("input_bn", x, 3)  # in front of a padded Conv: cannot fold, rewritten as Mul/Add
-    h = b.conv("stem_conv", h, 3, width, 7, stride=2, pad=3, bias=False)
-    h = b.relu(b.batch_norm("stem_bn", h, width))
+    b = ModelBuilder(seed)
+    x = b.input("image", [1, 3, image_size, image_size])
+
+    def conv(name, h, c_in, c_out, kernel, stride=1, pad=0, bias=True):
+        return b.conv(h, c_in, c_out, kernel, stride=stride, pad=pad, bias=bias, name=name)
+
+    def bn(name, h, channels, outputs=None):
+        return b.frozen_batch_norm(h, channels, name=name, outputs=outputs)
+
+    h = bn("input_bn", x, 3)  # in front of a padded Conv: cannot fold, rewritten as Mul/Add
+    h = conv("stem_conv", h, 3, width, 7, stride=2, pad=3, bias=False)
+    h = b.relu(bn("stem_bn", h, width))
     h = b.node("MaxPool", [h], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
 
     # A basic residual block: each BN folds backward into its Conv.
-    y = b.relu(b.batch_norm("block1_bn1", b.conv("block1_conv1", h, width, width, 3, pad=1), width))
-    y = b.batch_norm("block1_bn2", b.conv("block1_conv2", y, width, width, 3, pad=1), width)
+    y = b.relu(bn("block1_bn1", conv("block1_conv1", h, width, width, 3, pad=1), width))
+    y = bn("block1_bn2", conv("block1_conv2", y, width, width, 3, pad=1), width)
     h = b.relu(b.node("Add", [y, h]))
 
     # A downsampling block normalized after the sum: the BN folds across the Add into both Convs.
     wide = 2 * width
-    y = b.relu(b.batch_norm("block2_bn1", b.conv("block2_conv1", h, width, wide, 3, stride=2, pad=1), wide))
-    y = b.conv("block2_conv2", y, wide, wide, 3, pad=1)
-    shortcut = b.conv("block2_shortcut", h, width, wide, 1, stride=2)
-    h = b.relu(b.batch_norm("block2_bn_after_add", b.node("Add", [y, shortcut]), wide))
+    y = b.relu(bn("block2_bn1", conv("block2_conv1", h, width, wide, 3, stride=2, pad=1), wide))
+    y = conv("block2_conv2", y, wide, wide, 3, pad=1)
+    shortcut = conv("block2_shortcut", h, width, wide, 1, stride=2)
+    h = b.relu(bn("block2_bn_after_add", b.node("Add", [y, shortcut]), wide))
 
     # Two branches joined by a Concat, normalized after it: each Conv absorbs its slice of the BN.
-    left = b.conv("mix_conv1x1", h, wide, width, 1)
-    right = b.conv("mix_conv3x3", h, wide, width, 3, pad=1)
-    h = b.relu(b.batch_norm("mix_bn_after_concat", b.node("Concat", [left, right], axis=1), wide))
+    left = conv("mix_conv1x1", h, wide, width, 1)
+    right = conv("mix_conv3x3", h, wide, width, 3, pad=1)
+    h = b.relu(bn("mix_bn_after_concat", b.node("Concat", [left, right], axis=1), wide))
 
     # A pre-activation BN before an unpadded Conv: folds forward into the Conv.
-    h = b.relu(b.conv("transition_conv", b.batch_norm("transition_bn", h, wide), wide, wide, 1))
+    h = b.relu(conv("transition_conv", bn("transition_bn", h, wide), wide, wide, 1))
 
     h = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
-    h = b.batch_norm("features_bn", h, wide)  # forward into the Gemm
-    logits = b.batch_norm("head_bn", b.gemm("head_gemm", h, wide, NUM_CLASSES), NUM_CLASSES)  # backward into it
-    return b.model("demo_cnn", x, [1, 3, image_size, image_size], logits, [1, NUM_CLASSES])
-
+    h = bn("features_bn", h, wide)  # forward into the Gemm
+    logits = bn("head_bn", b.gemm(h, wide, NUM_CLASSES, name="head_gemm"), NUM_CLASSES, outputs=["logits"])
+    b.output(logits, [1, NUM_CLASSES])
+    return b.model(OPSET, IR_VERSION, name="demo_cnn", producer="foldnorm-demo", check=True)
 
 def run_demo(quick=False):
     """Run the demo, printing as it goes; returns 0 when the fold verified and every kernel is accurate."""
@@ -273,65 +278,3 @@ def _session(model, level, threads):
 def _input_shape(model):
     return [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
 
-
-class _ModelBuilder:
-    """Nodes and seeded random initializers for the demo model; weights scaled to keep activations O(1)."""
-
-    def __init__(self, seed):
-        self.rng = np.random.default_rng(seed)
-        self.nodes = []
-        self.initializers = []
-        self.counter = 0
-
-    def _fresh(self, prefix):
-        self.counter += 1
-        return "%s_%d" % (prefix, self.counter)
-
-    def _constant(self, name, array):
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=np.float32), name))
-        return name
-
-    def node(self, op_type, inputs, name=None, **attrs):
-        name = name or self._fresh(op_type.lower())
-        output = name + "_out" if name != "head_bn" else "logits"
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=name, **attrs))
-        return output
-
-    def relu(self, x):
-        return self.node("Relu", [x])
-
-    def conv(self, name, x, c_in, c_out, kernel, stride=1, pad=0, bias=True):
-        fan_in = c_in * kernel * kernel
-        inputs = [x, self._constant(name + ".weight",
-                                    self.rng.standard_normal((c_out, c_in, kernel, kernel)) * np.sqrt(2.0 / fan_in))]
-        if bias:
-            inputs.append(self._constant(name + ".bias", self.rng.standard_normal(c_out) * 0.1))
-        return self.node("Conv", inputs, name, kernel_shape=[kernel, kernel], strides=[stride, stride],
-                         pads=[pad] * 4)
-
-    def gemm(self, name, x, n_in, n_out):
-        weight = self._constant(name + ".weight", self.rng.standard_normal((n_out, n_in)) * np.sqrt(1.0 / n_in))
-        bias = self._constant(name + ".bias", self.rng.standard_normal(n_out) * 0.1)
-        return self.node("Gemm", [x, weight, bias], name, transB=1)
-
-    def batch_norm(self, name, x, channels):
-        params = [
-            self._constant(name + ".scale", self.rng.uniform(0.5, 1.5, channels)),
-            self._constant(name + ".bias", self.rng.standard_normal(channels) * 0.1),
-            self._constant(name + ".mean", self.rng.standard_normal(channels) * 0.1),
-            self._constant(name + ".var", self.rng.uniform(0.5, 1.5, channels)),
-        ]
-        return self.node("BatchNormalization", [x] + params, name, epsilon=1e-5)
-
-    def model(self, name, input_name, input_shape, output_name, output_shape):
-        graph = helper.make_graph(
-            self.nodes,
-            name,
-            [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_shape)],
-            [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, output_shape)],
-            initializer=self.initializers,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="foldnorm-demo")
-        model.ir_version = IR_VERSION
-        onnx.checker.check_model(model, full_check=True)
-        return model

@@ -45,12 +45,16 @@ def single_node_model(op_type, inputs, outputs, opset, attrs=None, domain="", in
 
 
 def run_ort(model, feeds, threads=1):
-    """Run a model in onnxruntime (CPU) and return its outputs as a list of arrays."""
+    """Every output of a model in onnxruntime (CPU, graph optimizations disabled, so that onnxruntime
+    folds nothing itself), as {output name: array} in the graph's output order."""
     options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -87,10 +87,6 @@ class ChannelAffine:
                              % (start, stop, self.channels))
         return ChannelAffine(self.scale[start:stop], self.shift[start:stop])
 
-    def is_identity(self):
-        """True when the map is exactly y = x (every scale is 1 and every shift is 0)."""
-        return bool(np.all(self.scale == 1.0) and np.all(self.shift == 0.0))
-
 
 def affine_from_batch_norm(scale, bias, mean, var, epsilon):
     """The affine map of an inference-mode BatchNormalization.

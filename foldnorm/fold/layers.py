@@ -153,7 +153,6 @@ LAYER_KINDS = {
         forward_refusal=lambda layer: None,
     ),
 }
-LAYER_OPS = tuple(LAYER_KINDS)
 
 
 def _w(layer):

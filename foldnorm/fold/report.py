@@ -2,7 +2,6 @@
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-ACTIONS = ("folded", "rewritten", "left")
 NORMALIZATION_OPS = ("BatchNormalization",)
 
 

@@ -1,4 +1,4 @@
-"""Model builders and checks shared by the fold pass tests (tests/test_fold_*.py).
+"""Model builders and checks shared by the fold pass tests (tests/fold/).
 
 Every model is built with onnx.helper and an explicit IR version (onnxruntime may refuse the newest).
 The reference for a folded model is always the ORIGINAL model run in onnxruntime with graph optimizations
@@ -6,74 +6,11 @@ disabled (so onnxruntime folds nothing itself), on seeded random inputs.
 """
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from foldnorm.fold import fold_model
-
-IR_VERSION = 8
-NP_TO_ELEM = {
-    np.dtype(np.float16): TensorProto.FLOAT16,
-    np.dtype(np.float32): TensorProto.FLOAT,
-    np.dtype(np.float64): TensorProto.DOUBLE,
-}
-
-
-class ModelBuilder:
-    """A graph under construction: initializers, nodes, inputs and outputs, named by the test."""
-
-    def __init__(self, seed=0, dtype=np.float32):
-        self.rng = np.random.default_rng(seed)
-        self.dtype = np.dtype(dtype)
-        self.elem = NP_TO_ELEM[self.dtype]
-        self.nodes = []
-        self.initializers = []
-        self.inputs = []
-        self.outputs = []
-        self.value_info = []
-
-    def weight(self, name, shape, dtype=None, positive=False):
-        array = self.rng.standard_normal(shape)
-        if positive:
-            array = np.abs(array) + 0.5
-        array = array.astype(dtype or self.dtype)
-        self.initializers.append(numpy_helper.from_array(array, name))
-        return name
-
-    def batch_norm_params(self, prefix, channels, dtype=None, mean_dtype=None):
-        """Names of scale, bias, mean, var initializers with spread-out values (not an identity map)."""
-        dtype = dtype or self.dtype
-        mean_dtype = mean_dtype or dtype
-        return [
-            self.weight(prefix + "_scale", (channels,), dtype),
-            self.weight(prefix + "_bias", (channels,), dtype),
-            self.weight(prefix + "_mean", (channels,), mean_dtype),
-            self.weight(prefix + "_var", (channels,), mean_dtype, positive=True),
-        ]
-
-    def node(self, op_type, inputs, outputs, **attributes):
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, **attributes))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-    def batch_norm(self, x, y, channels, name=None, **attributes):
-        prefix = name or y
-        return self.node("BatchNormalization", [x] + self.batch_norm_params(prefix, channels), [y],
-                         name=name or "bn_" + y, **attributes)
-
-    def input(self, name, shape, elem=None):
-        self.inputs.append(helper.make_tensor_value_info(name, elem or self.elem, shape))
-        return name
-
-    def output(self, name, shape=None, elem=None):
-        self.outputs.append(helper.make_tensor_value_info(name, elem or self.elem, shape))
-        return name
-
-    def model(self, opset=15, ir_version=IR_VERSION, name="test"):
-        graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers,
-                                  value_info=self.value_info)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = ir_version
-        return model
+from foldnorm.fold.builder import IR_VERSION, ModelBuilder  # noqa: F401 (shared by the tests)
+from tests.onnx_cases import run_ort  # noqa: F401 (shared by the tests)
 
 
 def all_nodes(graph):
@@ -108,17 +45,6 @@ def random_feeds(model, seed=1, shapes=None):
         else:
             feeds[value.name] = rng.integers(0, 4, size=shape).astype(dtype)
     return feeds
-
-
-def run_ort(model, feeds):
-    """Every output of a model in onnxruntime (CPU, graph optimizations disabled), by name."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
 
 
 def max_relative_error(original, folded, feeds):

@@ -147,7 +147,7 @@ def test_conv_reference_matches_onnxruntime():
     bias = rng.standard_normal(6).astype(np.float32)
     attrs = dict(group=2, strides=[2, 1], dilations=[1, 2], pads=[1, 0, 2, 1])
     model = single_node_model("Conv", [("x", x)], [("y", 1)], 13, attrs, initializers=[("w", w), ("b", bias)])
-    (expected,) = run_ort(model, {"x": x})
+    (expected,) = run_ort(model, {"x": x}).values()
     got = conv_reference(f64(x), f64(w), f64(bias), **attrs)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -160,7 +160,7 @@ def test_conv_transpose_reference_matches_onnxruntime():
     attrs = dict(group=2, strides=[2, 3], dilations=[1, 2], pads=[1, 0, 0, 1], output_padding=[1, 2])
     model = single_node_model("ConvTranspose", [("x", x)], [("y", 1)], 13, attrs,
                               initializers=[("w", w), ("b", bias)])
-    (expected,) = run_ort(model, {"x": x})
+    (expected,) = run_ort(model, {"x": x}).values()
     got = conv_transpose_reference(f64(x), f64(w), f64(bias), **attrs)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -172,7 +172,7 @@ def test_gemm_reference_matches_onnxruntime():
     c = rng.standard_normal((3, 1)).astype(np.float32)
     attrs = dict(alpha=0.7, beta=-1.5, transA=1, transB=1)
     model = single_node_model("Gemm", [("a", a)], [("y", 1)], 13, attrs, initializers=[("b", b), ("c", c)])
-    (expected,) = run_ort(model, {"a": a})
+    (expected,) = run_ort(model, {"a": a}).values()
     got = gemm_reference(f64(a), f64(b), f64(c), 0.7, -1.5, 1, 1)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 

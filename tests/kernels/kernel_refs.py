@@ -42,7 +42,7 @@ def assert_gradients_match_finite_differences(forward, dy, inputs, *gradients):
 def run_node_in_ort(op_type, inputs, opset, attrs, outputs=("Y",)):
     """The float32 outputs of one ONNX node run in onnxruntime; inputs are (name, array) graph inputs."""
     model = single_node_model(op_type, inputs, [(name, TensorProto.FLOAT) for name in outputs], opset, attrs)
-    return run_ort(model, dict(inputs))
+    return list(run_ort(model, dict(inputs)).values())
 
 
 def assert_bit_identical_across_threads(run, thread_counts):

@@ -376,7 +376,7 @@ def test_momentum_mapping_matches_onnxruntime_training_mode(momentum_onnx):
         opset=15,
         attrs={"training_mode": 1, "momentum": momentum_onnx, "epsilon": 1e-4},
     )
-    y_ort, mean_ort, var_ort = run_ort(model, {"x": x, "scale": scale, "b": b, "mean": mean, "var": var})
+    y_ort, mean_ort, var_ort = run_ort(model, {"x": x, "scale": scale, "b": b, "mean": mean, "var": var}).values()
     running_mean, running_var = mean.copy(), var.copy()
     y, _, _ = batch_norm_train(x, scale, b, running_mean=running_mean, running_var=running_var,
                                momentum=1 - momentum_onnx, running_var_unbiased=False, eps=1e-4)
@@ -405,7 +405,7 @@ def test_inference_matches_onnxruntime(shape, dtype):
         opset=15,
         attrs={"epsilon": 1e-3},
     )
-    (expected,) = run_ort(model, {"x": x, "scale": scale, "b": b, "mean": mean, "var": var})
+    (expected,) = run_ort(model, {"x": x, "scale": scale, "b": b, "mean": mean, "var": var}).values()
     assert_close(batch_norm(x, mean, var, scale, b, eps=1e-3), expected, dtype)
 
 
