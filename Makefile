@@ -62,7 +62,7 @@ WHEEL_CHECK := $(shell mktemp -u /tmp/foldnorm-wheel-XXXXXX)
 wheel: $(PY)
 	rm -rf dist
 	$(PIP) install -q build
-	FOLDNORM_REQUIRE_OPENMP=1 $(PY) -m build -q --outdir dist . >/dev/null
+	FOLDNORM_REQUIRE_OPENMP=1 $(PY) -m build -q --outdir dist .
 	@if unzip -l dist/*.whl | grep -E '\.(c|pyx|pxd|h)$$'; then echo "wheel ships sources"; exit 1; fi
 	$(PYTHON) -m venv $(WHEEL_CHECK)
 	$(WHEEL_CHECK)/bin/pip install -q dist/*.whl
