@@ -91,7 +91,7 @@ def _build_parser():
 
 
 def run_fold(args):
-    from .fold.modelio import external_data_files, load_model, save_model, write_file_atomically
+    from .fold.modelio import external_data_files, save_model, write_file_atomically
     from .fold.verification import verify
 
     source = Path(args.model)
@@ -106,7 +106,6 @@ def run_fold(args):
         if _same_path(report_path, output):
             raise UsageError("foldnorm: error: --report %s is the output model's path; choose another" % report_path)
 
-    original = load_model(source)
     protected = {os.path.realpath(source)} | external_data_files(source)
     for path, option in ((output, "-o"), (Path(str(output) + ".data"), "-o"), (report_path, "--report")):
         if path is not None and os.path.realpath(path) in protected:
@@ -115,10 +114,11 @@ def run_fold(args):
 
     from .fold import fold_model
 
-    folded, report = fold_model(original, keep_bn=args.keep_bn, verify=False)
+    # Read and folded in place (one copy of the model in memory); verification reads the original again.
+    folded, report = fold_model(source, keep_bn=args.keep_bn, verify=False)
     report.model = str(source)
     if not args.no_verify:
-        report.verification = verify(original, folded, shapes=shapes, rtol=args.rtol, atol=args.atol)
+        report.verification = verify(source, folded, shapes=shapes, rtol=args.rtol, atol=args.atol)
     print(report.format_text())
 
     verification = report.verification

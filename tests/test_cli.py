@@ -191,10 +191,10 @@ def test_external_data_out_of_the_models_folder_is_refused(tmp_path, capsys, mon
     outside.write_bytes((path.parent / "model.weights").read_bytes())
     os.symlink(outside, path.parent / "link.weights")
     relocate(path, location.format(outside=outside))
-    from foldnorm.fold import modelio
+    from foldnorm.fold import external_data
 
     reads = []
-    monkeypatch.setattr(modelio, "_read_external_bytes", lambda *args: reads.append(args))
+    monkeypatch.setattr(external_data, "read_external_bytes", lambda *args: reads.append(args))
     before = listing(path.parent)
     code, out, err = run_cli(capsys, "fold", path)
     assert_one_line_error(code, out, err, 2, fragment, "bn2.var")
@@ -360,9 +360,11 @@ def test_zero_tolerance_fails_verification_and_writes_nothing(tmp_path, capsys):
 def wrong_fold(real_fold_model):
     """A fold that writes every new weight 1% off: the kind of bug verification is there to catch."""
     def fold_model(model, **options):
+        source = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        before = {i.name for i in source.graph.initializer}
         folded, report = real_fold_model(model, **options)
         for tensor in folded.graph.initializer:
-            if tensor.name not in {i.name for i in model.graph.initializer}:
+            if tensor.name not in before:
                 array = numpy_helper.to_array(tensor) * 1.01
                 tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float32), tensor.name))
         return folded, report

@@ -69,7 +69,7 @@ def _cast_back(values, dtype, name, source=None):
     with np.errstate(over="ignore"):
         result = values.astype(dtype)
     if source is None or np.isfinite(source).all():
-        if not np.isfinite(result.astype(np.float64)).all():
+        if not np.isfinite(result).all():
             raise ValueError("the folded %s does not fit in %s" % (name, np.dtype(dtype)))
     return result
 

@@ -5,9 +5,13 @@ import onnx
 
 from .driver import fold_in_place, inline_functions_holding_batch_norm
 from .errors import VerificationError
-from .modelio import as_model
-from .proto import graph_statistics
+from .external_data import load_referenced
+from .modelio import check_model, open_model
+from .proto import attribute_graphs, graph_statistics
 from .report import FoldReport
+
+# IR versions before 4 list every initializer among the graph inputs as well.
+INITIALIZERS_ARE_INPUTS_BELOW_IR = 4
 
 
 def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=None, atol=None, seed=0):
@@ -16,7 +20,8 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     Parameters
     ----------
     model_or_path : onnx.ModelProto or path
-        The model. A ModelProto is never modified; a path is read with its external data.
+        The model. A ModelProto is never modified; a path is read, folded in place (no second copy in
+        memory) and its external data read when the pass needs it; the folded model holds all its data.
     keep_bn : bool
         Leave a BatchNormalization that cannot fold as it is instead of rewriting it as Mul and Add.
     verify : bool
@@ -27,26 +32,40 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     Returns
     -------
     (onnx.ModelProto, FoldReport)
-        The folded model and what happened to each normalization node.
+        The folded model and what happened to each normalization node. The folded model passes the
+        checks its input passed (foldnorm.fold.modelio.check_model), and keeps the input's IR version.
 
     Raises
     ------
     FoldError
-        The model is refused (invalid, opset outside 7 .. the newest onnx knows).
+        The model is refused (neither the ONNX checker nor onnxruntime accepts it, opset outside 7 .. the
+        newest onnx knows).
     VerificationError
         An output of the folded model diverges from the original's; it carries the report.
     """
-    original, label = as_model(model_or_path, "model_or_path")
+    opened = open_model(model_or_path, "model_or_path", in_place=True)
+    original = opened.model
     start = time.perf_counter()
-    folded = onnx.ModelProto()
-    folded.CopyFrom(original)
+    nodes_before, bytes_before = graph_statistics(original.graph)
+    if opened.owned:
+        folded = original  # read from the file just now: no one else holds it
+    else:
+        folded = onnx.ModelProto()
+        folded.CopyFrom(original)
+    declared = folded.ir_version < INITIALIZERS_ARE_INPUTS_BELOW_IR
+    read_before = names_read(folded.graph) if declared else None
     inlined = inline_functions_holding_batch_norm(folded)
     outcomes = fold_in_place(folded, keep_bn=keep_bn)
+    if declared:
+        drop_released_declarations(folded.graph, read_before)
+    load_referenced(folded)  # the data of the tensors the pass left as they were
     seconds = time.perf_counter() - start
-    nodes_before, bytes_before = graph_statistics(original.graph)
+    check_model(folded, "the folded model", at_least=opened.check.level)
     nodes_after, bytes_after = graph_statistics(folded.graph)
-    report = FoldReport(model=label, outcomes=outcomes, nodes_before=nodes_before, nodes_after=nodes_after,
+    report = FoldReport(model=opened.label, outcomes=outcomes, nodes_before=nodes_before, nodes_after=nodes_after,
                         param_bytes_before=bytes_before, param_bytes_after=bytes_after, fold_seconds=seconds)
+    if opened.check.note:
+        report.notes.append(opened.check.note)
     if inlined:
         report.notes.append("inlined the model's local functions %s, which hold BatchNormalization nodes, "
                             "to fold them" % ", ".join(inlined))
@@ -56,7 +75,8 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     if verify:
         from .verification import verify as verify_models
 
-        result = verify_models(original, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed)
+        # A model read here was folded in place: the original is read again from its file.
+        result = verify_models(model_or_path, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed)
         report.verification = result
         if not result.passed:
             diverged = ", ".join(repr(o.name) for o in result.outputs if not o.passed)
@@ -69,3 +89,34 @@ def inspect_model(model_or_path):
     """What fold_model would do to each normalization node: the FoldReport, without verification."""
     _, report = fold_model(model_or_path, verify=False)
     return report
+
+
+def names_read(graph):
+    """Every value name a graph's nodes read (their subgraphs' included) or it outputs."""
+    read = {value.name for value in graph.output}
+    for node in graph.node:
+        read.update(name for name in node.input if name)
+        for _, subgraph in attribute_graphs(node):
+            read |= names_read(subgraph)
+    return read
+
+
+def drop_released_declarations(graph, read_before):
+    """Remove, from a graph of IR version < 4, the initializers the fold stopped reading together with the
+    graph inputs that declare them: there a graph input that names an initializer is its declaration,
+    not an input a caller feeds. What the model already left unread stays as it was."""
+    inputs = {value.name for value in graph.input}
+    read_now = names_read(graph)
+    released = {tensor.name for tensor in graph.initializer
+                if tensor.name in inputs and tensor.name in read_before and tensor.name not in read_now}
+    if released:
+        _delete_where(graph.initializer, lambda tensor: tensor.name in released)
+        _delete_where(graph.input, lambda value: value.name in released)
+
+
+def _delete_where(repeated, condition):
+    """Delete the elements of a repeated protobuf field for which condition(element) holds, in place
+    (the elements kept are not copied)."""
+    for position in reversed(range(len(repeated))):
+        if condition(repeated[position]):
+            del repeated[position]

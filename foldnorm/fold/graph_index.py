@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .constants import Constant, evaluate_node
+from .external_data import read_referenced_array
 from .proto import array_to_tensor, attribute_graphs, is_default_domain, tensor_to_array
 
 
@@ -149,7 +150,8 @@ class GraphIndex:
                 return None
             tensor = self.initializers[name]
             if tensor.data_location == TensorProto.EXTERNAL:
-                return None
+                array = read_referenced_array(tensor)  # None unless foldnorm left it in its file
+                return None if array is None else Constant(array, tensor.data_type)
             return Constant(tensor_to_array(tensor), tensor.data_type)
         node = self.producer.get(name)
         if node is None or not is_default_domain(node):
@@ -176,6 +178,7 @@ class GraphIndex:
             if old:
                 self._forget_reader(old, node)
                 self.released.append(old)
+                self._constants.pop(old, None)  # a replaced weight is decoded again if read again
             node.input[position] = name
         if name:
             self.consumers[name].append(node)
@@ -213,16 +216,15 @@ class GraphIndex:
         Always new: a weight another node reads is never modified in place.
         """
         name = self.names.fresh(hint)
-        tensor = array_to_tensor(array, name, elem_type)
         if self.constants_as_nodes:
+            tensor = array_to_tensor(array, name, elem_type)
             node = helper.make_node("Constant", [], [name], name=self.names.fresh(name + "_constant"), value=tensor)
             self._leading.append(node)
             self.labels[id(node)] = node.name
             self.producer[name] = node
         else:
-            self.graph.initializer.append(tensor)
-            self.initializers[name] = self.graph.initializer[-1]
-        self._constants[name] = Constant(tensor_to_array(tensor), elem_type)
+            # Written straight into the graph: initializer.append would copy a large weight again, slowly.
+            self.initializers[name] = array_to_tensor(array, name, elem_type, into=self.graph.initializer.add())
         return name
 
     def new_node(self, op_type, inputs, outputs, hint, **attributes):
@@ -249,9 +251,10 @@ class GraphIndex:
             del self.graph.node[:]
             self.graph.node.extend(copies)
         if self._removed_initializers:
-            kept = [t for t in self.graph.initializer if t.name not in self._removed_initializers]
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(kept)
+            # Deleted in place: re-adding the kept ones would copy every weight of the model.
+            for position in reversed(range(len(self.graph.initializer))):
+                if self.graph.initializer[position].name in self._removed_initializers:
+                    del self.graph.initializer[position]
         stale = {name for name in self.vanished if not self.defines(name) or name in self._removed_initializers}
         if stale and any(v.name in stale for v in self.graph.value_info):
             kept = [v for v in self.graph.value_info if v.name not in stale]

@@ -1,56 +1,120 @@
-"""Reading ONNX models safely and writing them atomically.
+"""Reading ONNX models safely, checking them once, and writing them atomically.
 
 `load_model` refuses, with one sentence a user can act on (FoldError), everything that is not a model we
-can fold: a path that is not a file, bytes that are not ONNX (or a truncated or corrupted protobuf), a
-model onnx.checker rejects, an opset outside 7..newest, and external data that is missing or whose
-location escapes the model's folder (an absolute location, "..", a symlink pointing outside). The
-external-data locations are all checked before a single byte of external data is read: a model file is
-untrusted input, and a location is a path it asks us to open.
+can fold: a path that is not a file, bytes that are not ONNX (or a truncated or corrupted protobuf), an
+opset outside 7..newest, a model neither the ONNX checker nor onnxruntime accepts, and external data that
+is missing or whose location escapes the model's folder (foldnorm.fold.external_data validates every
+location before a byte is read).
+
+`check_model` is the one set of checks every model goes through, and says how valid the model is: it
+passes the checker's full check (strict shape inference), the checker, or only onnxruntime's loader
+(the checker rejects, for instance, a graph output with a type but no shape, which onnxruntime runs; such
+a model is folded, with a one-line warning). A folded model is checked again and must reach the level
+its input reached. Large models are checked without their tensor data: the checker reads a copy of
+the model's structure whose tensors point to an empty placeholder file.
 
 `save_model` never leaves a partial file: each file is written to a temporary file in the destination
-folder, flushed to disk, then renamed over the destination (os.replace is atomic within a folder).
+folder, flushed to disk, then renamed over the destination (os.replace is atomic within a folder). Tensor
+data goes to the external data file one tensor at a time, never the whole model copied in memory.
+
+Anything foldnorm writes elsewhere (a checker's copy, a model onnxruntime must read from a file) lives in
+`temporary_folder()`: one `foldnorm-*` folder under the system temp dir, removed at exit.
 """
+import atexit
+import contextlib
 import os
 import secrets
+import shutil
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx import numpy_helper
 
 from .errors import FoldError
+from .external_data import (PLACEHOLDER_LOCATION, DataFileWriter, all_tensors, copy_without_data, data_bytes,
+                            external_references, is_external, load_into, refer_in_place, without_data)
 from .proto import default_opset
 
 MIN_OPSET = 7
 # protobuf cannot serialize a message of 2 GiB or more: such a model must keep its tensors outside.
 PROTOBUF_LIMIT = 2**31 - 1
-# Tensors smaller than this stay inside the model file when writing external data (onnx's own default).
-EXTERNAL_DATA_THRESHOLD = 1024
-_EXTERNAL_DATA_ALIGNMENT = 64
+# Up to this many bytes of tensor data the checker reads the model itself; past it, its structure only.
+IN_MEMORY_CHECK_BYTES = 16 * 2**20
+# How valid a model is, from least to most: see check_model.
+LEVELS = ("onnxruntime", "checker", "full")
 
 # realpath of each model file load_model read -> realpaths of the external data files it used.
 _external_data_of_loaded = {}
 
 
+@dataclass(frozen=True)
+class ModelCheck:
+    """What check_model found: the ai.onnx opset (None when the model imports none); the level, one of
+    LEVELS ("full": the ONNX checker's full check passes; "checker": its basic check passes; "onnxruntime":
+    the checker rejects the model and onnxruntime loads it); and for that last level, the one-line note
+    that says so."""
+
+    opset: object
+    level: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    """A model argument made ready: the ModelProto, how reports name it, its check, and whether it was
+    read from a file here (then nobody else holds it, and the fold may work on it in place)."""
+
+    model: onnx.ModelProto
+    label: str
+    check: ModelCheck
+    owned: bool
+
+
+# ------------------------------------------------------------------------------------------- reading
+
 def load_model(path):
     """Read, check and return the model at `path`, with its external data loaded into the tensors."""
+    return _read(path).model
+
+
+def _read(path, *, in_place=False):
+    """The OpenedModel of the file at `path`; in_place: its external data stays in its files until read
+    (external_data.refer_in_place), for a caller that loads what is left (load_referenced) before the
+    model leaves foldnorm."""
     path = Path(os.fspath(path))
-    data = _read_model_file(path)
     model = onnx.ModelProto()
-    _parse(model, data, path)
+    _parse(model, _read_model_file(path), path)
     if not model.HasField("graph") or model.ir_version <= 0:
         missing = "graph" if not model.HasField("graph") else "IR version"
         raise FoldError("%s is not an ONNX model (it has no %s)" % (path, missing))
-
-    folder = path.absolute().parent
-    references = _external_references(model, folder, path)
-    for tensor, file, offset, length in references:
-        tensor.raw_data = _read_external_bytes(file, offset, length, tensor.name, path)
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+    references = external_references(model, path.absolute().parent, path)
     _external_data_of_loaded[os.path.realpath(path)] = frozenset(str(file) for _, file, _, _ in references)
+    # Checked before its data is read: the checks need the structure only, and the file as it is.
+    check = check_model(model, str(path), file=path)
+    (refer_in_place if in_place else load_into)(references, path)
+    return OpenedModel(model, str(path), check, owned=True)
 
-    check_model(model, str(path), path)
-    return model
+
+def open_model(model_or_path, name, *, in_place=False):
+    """An OpenedModel for an argument that is a ModelProto (checked here) or a path (read and checked as
+    load_model does; with in_place, its external data is left in its files: see _read)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return OpenedModel(model_or_path, "<in-memory model>", check_model(model_or_path, "the model"), owned=False)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return _read(model_or_path, in_place=in_place)
+    raise TypeError("%s must be an onnx.ModelProto or a path, got %s" % (name, type(model_or_path).__name__))
+
+
+def as_model(model_or_path, name, *, check=True):
+    """(ModelProto, label) for an argument that is a ModelProto (checked here unless check=False: a model
+    foldnorm made itself) or a path (read and checked by load_model)."""
+    if isinstance(model_or_path, onnx.ModelProto) and not check:
+        return model_or_path, "<in-memory model>"
+    opened = open_model(model_or_path, name)
+    return opened.model, opened.label
 
 
 def uses_external_data(model_or_path):
@@ -61,7 +125,7 @@ def uses_external_data(model_or_path):
     data (load_model's models have theirs loaded: ask with the path).
     """
     if isinstance(model_or_path, onnx.ModelProto):
-        return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model_or_path))
+        return any(is_external(t) for t in all_tensors(model_or_path))
     return bool(external_data_files(model_or_path))
 
 
@@ -72,17 +136,146 @@ def external_data_files(path):
         path = Path(os.fspath(path))
         model = onnx.ModelProto()
         _parse(model, _read_model_file(path), path)
-        references = _external_references(model, path.absolute().parent, path)
+        references = external_references(model, path.absolute().parent, path)
         _external_data_of_loaded[key] = frozenset(str(file) for _, file, _, _ in references)
     return set(_external_data_of_loaded[key])
 
+
+def _parse(model, data, path):
+    try:
+        model.ParseFromString(data)
+    except Exception:
+        raise FoldError("%s is not an ONNX model, or it is truncated or corrupted (its protobuf does not parse)"
+                        % path) from None
+
+
+def _read_model_file(path):
+    if not path.exists():
+        raise FoldError("%s: no such file" % path)
+    if path.is_dir():
+        raise FoldError("%s is a directory, not an ONNX model file" % path)
+    if not path.is_file():
+        raise FoldError("%s is not a regular file" % path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise FoldError("cannot read %s: %s" % (path, error.strerror or error)) from None
+    if not data:
+        raise FoldError("%s is empty, not an ONNX model" % path)
+    return data
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+def check_opset(model, label="the model"):
+    """The model's ai.onnx opset (None when it imports none); FoldError outside 7 .. the newest onnx knows."""
+    opset = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and opset < MIN_OPSET:
+        raise FoldError("%s uses ai.onnx opset %d; foldnorm supports opsets %d to %d (convert it first, e.g. "
+                        "with onnx.version_converter)" % (label, opset, MIN_OPSET, newest))
+    if opset is not None and opset > newest:
+        raise FoldError("%s uses ai.onnx opset %d, newer than the installed onnx knows (%d); upgrade onnx"
+                        % (label, opset, newest))
+    return opset
+
+
+def check_model(model, label="the model", *, file=None, at_least=None):
+    """The one set of checks every model foldnorm reads or writes goes through; returns a ModelCheck.
+
+    The opset must be 7 .. the newest onnx knows. Then the ONNX checker: its full check (strict shape
+    inference), else its basic check; a model both reject is accepted when onnxruntime loads it, with a
+    one-line warning (ModelCheck.note, also issued as a UserWarning), and refused otherwise. `file`: the
+    file `model` was parsed from, its external data not loaded (onnxruntime then reads the file).
+    `at_least`: a level of LEVELS the model must reach (a folded model, the level of its input), else
+    FoldError; no warning is issued then.
+    """
+    if at_least is not None and at_least not in LEVELS:
+        raise ValueError("at_least must be one of %s or None, got %r" % (", ".join(LEVELS), at_least))
+    opset = check_opset(model, label)
+    with contextlib.ExitStack() as stack:
+        structure = _checkable(model, stack)
+        full_error = _checker_error(structure, full=True)
+        if full_error is None:
+            return ModelCheck(opset, "full")
+        if at_least == "full":
+            raise FoldError("%s fails the ONNX checker's full check, which the original model passes: %s"
+                            % (label, full_error))
+        error = _checker_error(structure, full=False)
+    if error is None:
+        return ModelCheck(opset, "checker")
+    if at_least == "checker":
+        raise FoldError("%s fails the ONNX checker, which the original model passes: %s" % (label, error))
+    runtime_error = _onnxruntime_error(model, file)
+    if runtime_error is not None:
+        raise FoldError("%s is not a valid ONNX model; the ONNX checker rejects it: %s (and onnxruntime cannot "
+                        "load it: %s)" % (label, error, runtime_error))
+    note = ("the ONNX checker rejects %s (%s), but onnxruntime loads it, so it was folded; the result is "
+            "checked the same way" % (label, error))
+    if at_least is None:
+        warnings.warn("foldnorm: " + note, UserWarning, stacklevel=2)
+    return ModelCheck(opset, "onnxruntime", note)
+
+
+def _checkable(model, stack):
+    """What the checker reads: the model itself when it is small and holds its data, else the path of a
+    copy of its structure (tensors pointing to an empty placeholder file) in a temporary folder."""
+    if data_bytes(model) < IN_MEMORY_CHECK_BYTES and not any(is_external(t) for t in all_tensors(model)):
+        return model
+    folder = stack.enter_context(temporary_folder())
+    path = os.path.join(folder, "model.onnx")
+    with open(path, "wb") as file:
+        file.write(without_data(model).SerializeToString())
+    open(os.path.join(folder, PLACEHOLDER_LOCATION), "wb").close()
+    return path
+
+
+def _checker_error(structure, *, full):
+    try:
+        onnx.checker.check_model(structure, full_check=full)
+    except Exception as error:  # noqa: BLE001 - the checker raises several types; each is a finding
+        return _first_line(error)
+    return None
+
+
+def _onnxruntime_error(model, file):
+    """None when onnxruntime (CPU, optimizations off) creates a session for the model, else its reason."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        with temporary_folder() as folder:
+            if file is not None:
+                source = os.fspath(file)
+            elif data_bytes(model) < PROTOBUF_LIMIT and not any(is_external(t) for t in all_tensors(model)):
+                source = model.SerializeToString()
+            else:
+                source = os.path.join(folder, "model.onnx")
+                save_model(model, source, external_data=True)
+            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
+        return _first_line(error)
+    return None
+
+
+def _first_line(error):
+    text = str(error).strip()
+    for prefix in ("[ONNXRuntimeError] : ",):
+        text = text.split(prefix)[-1]
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------- writing
 
 def save_model(model, path, *, external_data=False):
     """Write `model` to `path` atomically, with its large tensors in "<file name>.data" when asked.
 
     External data is also used, whatever `external_data` says, when the model would serialize to 2 GiB
-    or more. `model` itself is never changed. On any failure nothing new is left behind: the temporary
-    files are removed and an existing file at `path` is untouched. Returns the paths written.
+    or more. `model` itself is never changed, and never copied whole: tensor data is written one tensor
+    at a time. On any failure nothing new is left behind: the temporary files are removed and an existing
+    file at `path` is untouched. Returns the paths written.
     """
     path = Path(os.fspath(path))
     folder = path.absolute().parent
@@ -91,37 +284,38 @@ def save_model(model, path, *, external_data=False):
     if path.is_dir():
         raise FoldError("cannot write %s: it is a directory" % path)
     for tensor in all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if is_external(tensor):
             raise FoldError("cannot write the model: tensor %r still points to external data that was never loaded"
                             % tensor.name)
 
-    if not external_data and _serialized_size(model) < PROTOBUF_LIMIT:
-        _write_atomically(path, [model.SerializeToString()])
-        return [path]
+    if not external_data and data_bytes(model) < PROTOBUF_LIMIT:
+        try:
+            serialized = model.SerializeToString()
+        except ValueError:  # the structure took it past protobuf's limit
+            serialized = None
+        if serialized is not None and len(serialized) < PROTOBUF_LIMIT:
+            _write_atomically(path, lambda file: file.write(serialized))
+            return [path]
+        del serialized
 
     data_name = path.name + ".data"
-    outside = onnx.ModelProto()
-    outside.CopyFrom(model)
-    chunks, offset = [], 0
-    for tensor in all_tensors(outside):
-        raw = _tensor_bytes(tensor)
-        if raw is None or len(raw) < EXTERNAL_DATA_THRESHOLD:
-            continue
-        padding = -offset % _EXTERNAL_DATA_ALIGNMENT
-        chunks.append(b"\0" * padding)
-        offset += padding
-        chunks.append(raw)
-        _point_to_external_data(tensor, data_name, offset, len(raw))
-        offset += len(raw)
-    if not chunks:
-        _write_atomically(path, [outside.SerializeToString()])
-        return [path]
+    data_path = folder / data_name
+    writer = skeleton = None
+
+    def write_data(file):
+        nonlocal writer, skeleton
+        writer = DataFileWriter(file, data_name)
+        skeleton = copy_without_data(model, writer)
+
     # The data file goes first, so a model file only ever appears next to the data it describes; a data
     # file it replaces is kept (hard-linked) until the model is in place, to be put back if that fails.
-    data_path = folder / data_name
-    data_temp = _write_temporary(data_path, chunks)
+    data_temp = _write_temporary(data_path, write_data)
+    if not writer.tensors:
+        _remove_quietly(data_temp)
+        _write_atomically(path, lambda file: file.write(skeleton.SerializeToString()))
+        return [path]
     try:
-        model_temp = _write_temporary(path, [outside.SerializeToString()])
+        model_temp = _write_temporary(path, lambda file: file.write(skeleton.SerializeToString()))
     except BaseException:
         _remove_quietly(data_temp)
         raise
@@ -154,205 +348,11 @@ def write_file_atomically(path, data):
         raise FoldError("cannot write %s: the folder %s does not exist" % (path, path.absolute().parent))
     if path.is_dir():
         raise FoldError("cannot write %s: it is a directory" % path)
-    _write_atomically(path, [data])
+    _write_atomically(path, lambda file: file.write(data))
 
 
-def check_opset(model, label="the model"):
-    """The model's ai.onnx opset (None when it imports none); FoldError outside 7 .. the newest onnx knows."""
-    opset = default_opset(model)
-    newest = onnx.defs.onnx_opset_version()
-    if opset is not None and opset < MIN_OPSET:
-        raise FoldError("%s uses ai.onnx opset %d; foldnorm supports opsets %d to %d (convert it first, e.g. "
-                        "with onnx.version_converter)" % (label, opset, MIN_OPSET, newest))
-    if opset is not None and opset > newest:
-        raise FoldError("%s uses ai.onnx opset %d, newer than the installed onnx knows (%d); upgrade onnx"
-                        % (label, opset, newest))
-    return opset
-
-
-def check_model(model, label="the model", path=None):
-    """The one set of checks every model foldnorm reads goes through: its opset, then onnx.checker (on the
-    file at `path` when the model is too large to serialize). Returns the ai.onnx opset."""
-    opset = check_opset(model, label)
-    try:
-        if _serialized_size(model) < PROTOBUF_LIMIT:
-            onnx.checker.check_model(model)
-        elif path is not None:
-            onnx.checker.check_model(str(path))
-    except Exception as error:
-        text = str(error).strip()
-        first = text.splitlines()[0] if text else type(error).__name__
-        raise FoldError("%s is not a valid ONNX model; the ONNX checker rejects it: %s" % (label, first)) from None
-    return opset
-
-
-def as_model(model_or_path, name, *, check=True):
-    """(ModelProto, label) for an argument that is a ModelProto (checked here unless check=False: a model
-    foldnorm made itself) or a path (read and checked by load_model)."""
-    if isinstance(model_or_path, onnx.ModelProto):
-        if check:
-            check_model(model_or_path, "the model")
-        return model_or_path, "<in-memory model>"
-    if isinstance(model_or_path, (str, os.PathLike)):
-        return load_model(model_or_path), str(model_or_path)
-    raise TypeError("%s must be an onnx.ModelProto or a path, got %s" % (name, type(model_or_path).__name__))
-
-
-def _parse(model, data, path):
-    try:
-        model.ParseFromString(data)
-    except Exception:
-        raise FoldError("%s is not an ONNX model, or it is truncated or corrupted (its protobuf does not parse)"
-                        % path) from None
-
-
-def _read_model_file(path):
-    if not path.exists():
-        raise FoldError("%s: no such file" % path)
-    if path.is_dir():
-        raise FoldError("%s is a directory, not an ONNX model file" % path)
-    if not path.is_file():
-        raise FoldError("%s is not a regular file" % path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise FoldError("cannot read %s: %s" % (path, error.strerror or error)) from None
-    if not data:
-        raise FoldError("%s is empty, not an ONNX model" % path)
-    return data
-
-
-def _external_references(model, folder, path):
-    """[(tensor, resolved data file, offset, length)] for every tensor kept outside the model file.
-
-    Every location is validated here, before anything is read: it must be relative, must not climb with
-    "..", and must resolve (symlinks followed) to an existing regular file inside the model's folder.
-    """
-    real_folder = os.path.realpath(folder)
-    references = []
-    for tensor in all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        where = "%s: tensor %r keeps its data at %r" % (path, tensor.name, location)
-        if not location:
-            raise FoldError("%s: tensor %r is marked as external data but names no location" % (path, tensor.name))
-        if "\0" in location:
-            raise FoldError("%s, which is not a valid file name" % where)
-        if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
-            raise FoldError("%s, an absolute path; external data must lie in the model's folder "
-                            "(path traversal refused)" % where)
-        if ".." in location.replace("\\", "/").split("/"):
-            raise FoldError("%s, which climbs out with '..'; external data must lie in the model's folder "
-                            "(path traversal refused)" % where)
-        joined = os.path.join(folder, location)
-        resolved = os.path.realpath(joined)
-        if os.path.commonpath([resolved, real_folder]) != real_folder:
-            raise FoldError("%s, a symlink that points outside the model's folder (to %s): path traversal refused"
-                            % (where, resolved))
-        if not os.path.exists(resolved):
-            raise FoldError("%s: the external data file %r of tensor %r is missing" % (path, location, tensor.name))
-        if not os.path.isfile(resolved):
-            raise FoldError("%s, which is not a regular file" % where)
-        try:
-            offset = int(info.get("offset", 0))
-            length = int(info["length"]) if "length" in info else None
-        except ValueError:
-            raise FoldError("%s with an offset or length that is not an integer" % where) from None
-        if offset < 0 or (length is not None and length < 0):
-            raise FoldError("%s with a negative offset or length" % where)
-        references.append((tensor, resolved, offset, length))
-    return references
-
-
-def _read_external_bytes(file, offset, length, tensor_name, path):
-    try:
-        with open(file, "rb") as data_file:
-            size = os.fstat(data_file.fileno()).st_size
-            end = size if length is None else offset + length
-            if offset > size or end > size:
-                raise FoldError(
-                    "%s: the external data file %s is %d bytes, too short for tensor %r (bytes %d to %d)"
-                    % (path, os.path.basename(file), size, tensor_name, offset, end)
-                )
-            data_file.seek(offset)
-            return data_file.read(end - offset)
-    except OSError as error:
-        raise FoldError("%s: cannot read the external data of tensor %r: %s"
-                        % (path, tensor_name, error.strerror or error)) from None
-
-
-def all_tensors(model):
-    """Every TensorProto a model holds: initializers, sparse ones, Constant-like attributes, subgraphs, functions."""
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
-
-
-def _graph_tensors(graph):
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node):
-    for attribute in node.attribute:
-        if attribute.HasField("t"):
-            yield attribute.t
-        yield from attribute.tensors
-        if attribute.HasField("sparse_tensor"):
-            yield attribute.sparse_tensor.values
-            yield attribute.sparse_tensor.indices
-        if attribute.HasField("g"):
-            yield from _graph_tensors(attribute.g)
-        for subgraph in attribute.graphs:
-            yield from _graph_tensors(subgraph)
-
-
-_RAW_CONVERTIBLE = {
-    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
-    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
-    onnx.TensorProto.BOOL,
-}
-
-
-def _tensor_bytes(tensor):
-    """The tensor's data in ONNX's raw (little-endian) layout, or None when it must stay inline."""
-    if tensor.HasField("raw_data"):
-        return tensor.raw_data
-    if tensor.data_type not in _RAW_CONVERTIBLE:
-        return None
-    array = numpy_helper.to_array(tensor)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return array.tobytes()
-
-
-def _point_to_external_data(tensor, location, offset, length):
-    for field in ("raw_data", "float_data", "double_data", "int32_data", "int64_data", "uint64_data", "string_data"):
-        tensor.ClearField(field)
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.add(key=key, value=value)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-
-
-def _serialized_size(model):
-    try:
-        return model.ByteSize()
-    except Exception:
-        # A message past protobuf's limit may not even report its size: count its tensor bytes instead.
-        return sum(len(t.raw_data) for t in all_tensors(model))
-
-
-def _write_atomically(path, chunks):
-    temp = _write_temporary(path, chunks)
+def _write_atomically(path, write):
+    temp = _write_temporary(path, write)
     try:
         _replace(temp, path)
     except BaseException:
@@ -360,8 +360,8 @@ def _write_atomically(path, chunks):
         raise
 
 
-def _write_temporary(path, chunks):
-    """Write `chunks` to a new temporary file beside `path`, flushed to disk; returns its path."""
+def _write_temporary(path, write):
+    """Call write(file) on a new temporary file beside `path`, then flush it to disk; returns its path."""
     folder = path.absolute().parent
     mode = _existing_mode(path)
     temp = folder / (".%s.%s.tmp" % (path.name, secrets.token_hex(6)))
@@ -372,8 +372,7 @@ def _write_temporary(path, chunks):
         raise FoldError("cannot write %s: %s" % (path, error.strerror or error)) from None
     try:
         with os.fdopen(descriptor, "wb") as file:
-            for chunk in chunks:
-                file.write(chunk)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         if mode is not None:
@@ -434,5 +433,40 @@ def _remove_quietly(path):
         pass
 
 
-__all__ = ["load_model", "save_model", "uses_external_data", "external_data_files", "check_opset",
-           "write_file_atomically", "all_tensors", "PROTOBUF_LIMIT"]
+# ------------------------------------------------------------------------------- the temporary folder
+
+_temporary_lock = threading.Lock()
+_temporary_root = None
+
+
+@contextlib.contextmanager
+def temporary_folder():
+    """A new, empty folder for the duration of a `with` block, inside foldnorm's one temporary folder
+    (`foldnorm-XXXXXXXX` under the system temp dir, mode 0700, made on first use and removed when the
+    process exits); the new folder and everything in it is removed when the block ends."""
+    global _temporary_root
+    with _temporary_lock:
+        if _temporary_root is None or not os.path.isdir(_temporary_root):
+            _temporary_root = tempfile.mkdtemp(prefix="foldnorm-")
+        folder = tempfile.mkdtemp(dir=_temporary_root)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_temporary_folder():
+    """Remove foldnorm's temporary folder and everything in it (nothing happens when there is none)."""
+    global _temporary_root
+    with _temporary_lock:
+        if _temporary_root is not None:
+            shutil.rmtree(_temporary_root, ignore_errors=True)
+            _temporary_root = None
+
+
+atexit.register(remove_temporary_folder)
+
+
+__all__ = ["load_model", "save_model", "check_model", "check_opset", "open_model", "as_model", "ModelCheck",
+           "OpenedModel", "LEVELS", "uses_external_data", "external_data_files", "write_file_atomically",
+           "all_tensors", "temporary_folder", "remove_temporary_folder", "PROTOBUF_LIMIT"]

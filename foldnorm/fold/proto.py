@@ -47,15 +47,32 @@ def tensor_to_array(tensor):
     return array
 
 
-def array_to_tensor(array, name, elem_type):
-    """A TensorProto of element type `elem_type` holding `array` (rounded to bfloat16 when asked)."""
+def array_to_tensor(array, name, elem_type, into=None):
+    """A TensorProto of element type `elem_type` holding `array` (rounded to bfloat16 when asked),
+    written into the TensorProto `into` when given (a new initializer: for a plain numeric array, one
+    copy of the data fewer than building the tensor apart and copying it in)."""
     if elem_type == TensorProto.BFLOAT16:
         import ml_dtypes
 
         array = np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16)
     else:
         array = np.asarray(array, dtype=helper.tensor_dtype_to_np_dtype(elem_type))
-    return numpy_helper.from_array(array, name)
+    if into is None:
+        return numpy_helper.from_array(array, name)
+    if elem_type not in _PLAIN_RAW_TYPES:
+        into.CopyFrom(numpy_helper.from_array(array, name))
+        return into
+    into.name = name
+    into.data_type = elem_type
+    into.dims.extend(array.shape)
+    into.raw_data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return into
+
+
+# Element types whose raw data is the little-endian bytes of the NumPy array.
+_PLAIN_RAW_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8,
+                    TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+                    TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL)
 
 
 def numpy_dtype(elem_type):
@@ -119,8 +136,10 @@ def value_types(model):
     a copy and is best effort: a model it cannot handle (too large, unknown ops) keeps only the types it
     declares itself.
     """
+    from .external_data import without_data  # inference reads dims and types, not the tensors' data
+
     try:
-        typed = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        typed = onnx.shape_inference.infer_shapes(without_data(model), strict_mode=False)
     except Exception:  # noqa: BLE001 - inference is an optional help; the declared types remain
         typed = model
     types = {}

@@ -234,15 +234,16 @@ def test_keep_bn_keeps_what_cannot_fold_as_batch_norm(keep_bn):
     assert error < 2e-6
 
 
-def test_ir_version_3_model_keeps_its_inputs_and_gets_constant_nodes():
-    # IR < 4: every initializer is also a graph input, and they are constants (onnxruntime's reading too)
+def test_ir_version_3_model_drops_the_declarations_it_folded_and_gets_constant_nodes():
+    # IR < 4: every initializer is also a graph input, and they are constants (onnxruntime's reading too);
+    # the folded ones go, declaration included (tests/fold/test_old_ir.py has the rest)
     model = conv_bn_model(bias=False)
     model.ir_version = 3
     for tensor in model.graph.initializer:
         model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    inputs = [i.name for i in model.graph.input]
     folded, report, error = fold_and_compare(model, random_feeds(model))
-    assert [i.name for i in folded.graph.input] == inputs
+    assert [i.name for i in folded.graph.input] == ["x"]
+    assert folded.ir_version == 3 and len(folded.graph.initializer) == 0
     assert [n.op_type for n in folded.graph.node] == ["Constant", "Constant", "Conv"]
     assert count_ops(folded, "BatchNormalization") == 0
     assert error < 2e-6

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldnorm import verify
-from foldnorm.fold import modelio
+from foldnorm.fold import external_data, modelio
 from foldnorm.fold.errors import FoldError
 from foldnorm.fold.modelio import external_data_files, load_model, save_model, uses_external_data
 from tests.onnx_cases import IR_VERSION
@@ -187,7 +187,7 @@ def model_and_outside_data(tmp_path):
 
 def refused_before_reading(monkeypatch, path, message):
     reads = []
-    monkeypatch.setattr(modelio, "_read_external_bytes", lambda *args: reads.append(args))
+    monkeypatch.setattr(external_data, "read_external_bytes", lambda *args: reads.append(args))
     with pytest.raises(FoldError, match=message):
         load_model(path)
     assert reads == [], "external data was read before the traversal was refused"

@@ -1,0 +1,202 @@
+"""Big models: `foldnorm fold` on a model of hundreds of megabytes kept in external data, beside
+onnxruntime's own optimizer writing its optimized model of the same file, measured in the same run.
+
+The model is generated: `pairs` Conv (channels -> channels, 3x3, with bias) + BatchNormalization + Relu
+blocks, seeded random weights, saved with every tensor in one external data file. Each command runs as
+a separate process, started from a small wrapper process that reports the command's wall time and the
+peak resident memory of the command and its children (resource.getrusage(RUSAGE_CHILDREN)), so Python's
+start-up and imports count, as they do for a user. Contenders are interleaved round by round; the
+median of the rounds is reported.
+
+    python -m benchmarks big [--megabytes 300] [--rounds 3] [--huge] [--out DIR]
+
+--huge adds one round of a model past protobuf's 2 GiB limit (folded with and without verification).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 8
+OPSET = 13
+KERNEL = 3
+SPATIAL = 4
+MIB = 2**20
+
+# Runs `argv` in a child process; prints {"seconds", "peak_bytes", "returncode", "stderr"} as JSON.
+_WRAPPER = r"""
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "peak_bytes": peak, "returncode": done.returncode,
+                  "stderr": done.stderr.decode(errors="replace")[-2000:]}))
+"""
+
+# onnxruntime's optimizer at basic level, writing its optimized model (external data past 2 GiB).
+_ORT_OPTIMIZE = r"""
+import sys
+import onnxruntime as ort
+source, target, external = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+options.optimized_model_filepath = target
+options.log_severity_level = 3
+if external:
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     target.rsplit("/", 1)[-1] + ".data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+"""
+
+
+def channels_for(megabytes, pairs):
+    """The channel count whose `pairs` Conv weights (channels x channels x 3 x 3 float32) are about
+    `megabytes` MB in all."""
+    per_pair = megabytes * 1e6 / pairs / (KERNEL * KERNEL * 4)
+    return max(8, int(round(per_pair**0.5)))
+
+
+def write_conv_bn_model(path, *, channels, pairs, seed=0):
+    """Write the model (external data in `<path>.data`) and return the bytes of its tensors."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers = [], []
+    current = "input"
+    for i in range(pairs):
+        fan_in = channels * KERNEL * KERNEL
+        weight = rng.standard_normal((channels, channels, KERNEL, KERNEL), dtype=np.float32)
+        weight *= np.float32((2.0 / fan_in) ** 0.5)
+        params = {
+            "w%d" % i: weight,
+            "b%d" % i: rng.standard_normal(channels, dtype=np.float32) * np.float32(0.1),
+            "scale%d" % i: rng.uniform(0.5, 1.5, channels).astype(np.float32),
+            "shift%d" % i: rng.standard_normal(channels, dtype=np.float32) * np.float32(0.1),
+            "mean%d" % i: rng.standard_normal(channels, dtype=np.float32) * np.float32(0.1),
+            "var%d" % i: rng.uniform(0.5, 1.5, channels).astype(np.float32),
+        }
+        initializers.extend(numpy_helper.from_array(array, name) for name, array in params.items())
+        del weight, params
+        nodes.append(helper.make_node("Conv", [current, "w%d" % i, "b%d" % i], ["conv%d" % i], name="conv%d" % i,
+                                      pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("BatchNormalization", ["conv%d" % i, "scale%d" % i, "shift%d" % i,
+                                                             "mean%d" % i, "var%d" % i], ["bn%d" % i],
+                                      name="bn%d" % i))
+        current = "output" if i == pairs - 1 else "relu%d" % i
+        nodes.append(helper.make_node("Relu", ["bn%d" % i], [current], name="relu%d" % i))
+    graph = helper.make_graph(
+        nodes, "big_conv_bn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, channels, SPATIAL, SPATIAL])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels, SPATIAL, SPATIAL])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="foldnorm-benchmark")
+    model.ir_version = IR_VERSION
+    tensor_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data", size_threshold=1024)
+    return tensor_bytes
+
+
+def measure_command(argv):
+    """{"seconds", "peak_bytes", "returncode", "stderr"} of one run of `argv` in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", _WRAPPER] + list(argv), capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
+
+
+def commands(model_path, folder, huge=False):
+    """{contender: argv} for the foldnorm command with and without verification and onnxruntime's optimizer."""
+    foldnorm = [sys.executable, "-m", "foldnorm.cli", "fold", str(model_path)]
+    return {
+        "onnxruntime_optimizer": [sys.executable, "-c", _ORT_OPTIMIZE, str(model_path),
+                                  os.path.join(folder, "ort_optimized.onnx"), "1" if huge else "0"],
+        "foldnorm_no_verify": foldnorm + ["-o", os.path.join(folder, "folded_nv.onnx"), "--no-verify"],
+        "foldnorm_verify": foldnorm + ["-o", os.path.join(folder, "folded.onnx")],
+    }
+
+
+def run_case(megabytes, pairs, rounds, folder, huge=False):
+    """Generate the model, time each contender `rounds` times (interleaved); returns the JSON-ready case."""
+    channels = channels_for(megabytes, pairs)
+    model_path = os.path.join(folder, "model.onnx")
+    start = time.perf_counter()
+    tensor_bytes = write_conv_bn_model(model_path, channels=channels, pairs=pairs)
+    model_bytes = os.path.getsize(model_path) + os.path.getsize(model_path + ".data")
+    case = {"pairs": pairs, "channels": channels, "model_bytes": model_bytes, "tensor_bytes": tensor_bytes,
+            "generate_seconds": time.perf_counter() - start, "rounds": rounds,
+            "memory_budget_bytes": 2 * model_bytes + 300 * MIB, "contenders": {}, "failures": []}
+    argvs = commands(model_path, folder, huge)
+    samples = {name: [] for name in argvs}
+    for round_index in range(rounds):
+        names = list(argvs)
+        names = names[round_index % len(names):] + names[:round_index % len(names)]
+        for name in names:
+            result = measure_command(argvs[name])
+            if result["returncode"] != 0:
+                case["failures"].append("%s: exit %d: %s" % (name, result["returncode"], result["stderr"].strip()))
+                continue
+            samples[name].append(result)
+    for name, results in samples.items():
+        if results:
+            case["contenders"][name] = {
+                "seconds_median": statistics.median(r["seconds"] for r in results),
+                "seconds_all": [r["seconds"] for r in results],
+                "peak_bytes_median": statistics.median(r["peak_bytes"] for r in results),
+                "peak_bytes_max": max(r["peak_bytes"] for r in results),
+            }
+    ort = case["contenders"].get("onnxruntime_optimizer")
+    for name in ("foldnorm_no_verify", "foldnorm_verify"):
+        mine = case["contenders"].get(name)
+        if mine and ort:
+            mine["time_vs_onnxruntime"] = mine["seconds_median"] / ort["seconds_median"]
+            mine["peak_vs_budget"] = mine["peak_bytes_max"] / case["memory_budget_bytes"]
+    return case
+
+
+def format_case(label, case):
+    lines = ["%s: %d x (Conv %d->%d 3x3 + BatchNormalization + Relu), %.0f MB on disk (external data), "
+             "median of %d rounds; memory budget 2 x model + 300 MiB = %.0f MB"
+             % (label, case["pairs"], case["channels"], case["channels"], case["model_bytes"] / 1e6,
+                case["rounds"], case["memory_budget_bytes"] / 1e6),
+             "| command | wall s (median) | peak memory MB (max) | time / onnxruntime's | peak / budget |",
+             "|---|---:|---:|---:|---:|"]
+    for name, figures in case["contenders"].items():
+        lines.append("| %s | %.2f | %.0f | %s | %s |" % (
+            name, figures["seconds_median"], figures["peak_bytes_max"] / 1e6,
+            "%.2f" % figures["time_vs_onnxruntime"] if "time_vs_onnxruntime" in figures else "",
+            "%.2f" % figures["peak_vs_budget"] if "peak_vs_budget" in figures else ""))
+    lines.extend("failed: %s" % failure for failure in case["failures"])
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks big", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megabytes", type=float, default=300.0, help="size of the model's weights (default 300)")
+    parser.add_argument("--pairs", type=int, default=8, help="Conv+BatchNormalization blocks (default 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per contender (default 3)")
+    parser.add_argument("--huge", action="store_true", help="also one round of a model past 2 GiB")
+    parser.add_argument("--out", default=None, help="write big_model.json into this folder")
+    args = parser.parse_args(argv)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="foldnorm-bench-") as folder:
+        results["big"] = run_case(args.megabytes, args.pairs, args.rounds, folder)
+        print(format_case("big", results["big"]), flush=True)
+    if args.huge:
+        with tempfile.TemporaryDirectory(prefix="foldnorm-bench-") as folder:
+            results["huge"] = run_case(2400.0, 16, 1, folder, huge=True)
+            print(format_case("huge", results["huge"]), flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "big_model.json"), "w") as file:
+            json.dump(results, file, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
