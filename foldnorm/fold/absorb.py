@@ -11,7 +11,7 @@ Notation: a = affine.scale, b = affine.shift, both (C,) float64.
 """
 import numpy as np
 
-from .affine import ChannelAffine, as_float64
+from .affine import ChannelAffine, as_float64, is_float_dtype
 
 
 def _check_affine(affine, channels, what):
@@ -96,15 +96,36 @@ def fold_into_conv(weight, bias, affine, group):
         W'[o, ...] = a[o] * W[o, ...]
         bias'[o]   = a[o] * bias[o] + b[o]        (bias' = b when there was no bias)
     """
-    w, w_dtype = _weight(weight, "weight", min_ndim=3)
+    w = np.asarray(weight)
+    if not is_float_dtype(w.dtype):
+        raise ValueError("weight must be a float array, got dtype %s" % w.dtype)
+    if w.ndim < 3:
+        raise ValueError("weight must have at least 3 dims, got shape %s" % (w.shape,))
     channels = w.shape[0]
     _check_group(group, channels, "C_out")
     _check_affine(affine, channels, "Conv's output")
     bias64 = _channel_bias(bias, channels)
-    new_weight = w * _per_axis(affine.scale, 0, w.ndim)
     new_bias = affine.shift if bias64 is None else affine.scale * bias64 + affine.shift
-    return (_cast_back(new_weight, w_dtype, "weight", w),
-            _cast_back(new_bias, _bias_dtype(bias, w_dtype), "bias", bias64))
+    return (_scale_rows(w, affine.scale, "weight"),
+            _cast_back(new_bias, _bias_dtype(bias, w.dtype), "bias", bias64))
+
+
+_ROW_BLOCK_ELEMENTS = 2**18
+
+
+def _scale_rows(weight, scale, name):
+    """weight[o, ...] * scale[o] computed in float64 and cast back to weight's dtype, as _cast_back does,
+    a block of rows at a time: the float64 copy of a whole large weight costs more than the arithmetic."""
+    result = np.empty(weight.shape, weight.dtype)
+    rows = max(1, _ROW_BLOCK_ELEMENTS // max(1, weight[0].size))
+    with np.errstate(over="ignore"):
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start:start + rows].astype(np.float64)
+            block *= _per_axis(scale[start:start + rows], 0, weight.ndim)
+            result[start:start + rows] = block
+    if np.isfinite(weight).all() and not np.isfinite(result).all():
+        raise ValueError("the folded %s does not fit in %s" % (name, weight.dtype))
+    return result
 
 
 def fold_into_conv_transpose(weight, bias, affine, group):
