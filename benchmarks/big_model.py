@@ -21,11 +21,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-IR_VERSION = 8
+from foldnorm.fold.builder import ModelBuilder
+
 OPSET = 13
 KERNEL = 3
 SPATIAL = 4
@@ -67,36 +66,16 @@ def channels_for(megabytes, pairs):
 
 
 def write_conv_bn_model(path, *, channels, pairs, seed=0):
-    """Write the model (external data in `<path>.data`) and return the bytes of its tensors."""
-    rng = np.random.default_rng(seed)
-    nodes, initializers = [], []
-    current = "input"
+    """Write the model (every tensor of 1 KiB or more in `<path>.data`, as onnx.save_model writes it for a
+    user) and return the bytes of its tensors."""
+    builder = ModelBuilder(seed=seed)
+    x = builder.input("input", [1, channels, SPATIAL, SPATIAL])
     for i in range(pairs):
-        fan_in = channels * KERNEL * KERNEL
-        weight = rng.standard_normal((channels, channels, KERNEL, KERNEL), dtype=np.float32)
-        weight *= np.float32((2.0 / fan_in) ** 0.5)
-        params = {
-            "w%d" % i: weight,
-            "b%d" % i: rng.standard_normal(channels, dtype=np.float32) * np.float32(0.1),
-            "scale%d" % i: rng.uniform(0.5, 1.5, channels).astype(np.float32),
-            "shift%d" % i: rng.standard_normal(channels, dtype=np.float32) * np.float32(0.1),
-            "mean%d" % i: rng.standard_normal(channels, dtype=np.float32) * np.float32(0.1),
-            "var%d" % i: rng.uniform(0.5, 1.5, channels).astype(np.float32),
-        }
-        initializers.extend(numpy_helper.from_array(array, name) for name, array in params.items())
-        del weight, params
-        nodes.append(helper.make_node("Conv", [current, "w%d" % i, "b%d" % i], ["conv%d" % i], name="conv%d" % i,
-                                      pads=[1, 1, 1, 1]))
-        nodes.append(helper.make_node("BatchNormalization", ["conv%d" % i, "scale%d" % i, "shift%d" % i,
-                                                             "mean%d" % i, "var%d" % i], ["bn%d" % i],
-                                      name="bn%d" % i))
-        current = "output" if i == pairs - 1 else "relu%d" % i
-        nodes.append(helper.make_node("Relu", ["bn%d" % i], [current], name="relu%d" % i))
-    graph = helper.make_graph(
-        nodes, "big_conv_bn", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, channels, SPATIAL, SPATIAL])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, channels, SPATIAL, SPATIAL])], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="foldnorm-benchmark")
-    model.ir_version = IR_VERSION
+        y = builder.conv(x, channels, channels, KERNEL, bias=True, name="conv%d" % i)
+        x = builder.relu(builder.frozen_batch_norm(y, channels, name="bn%d" % i))
+    builder.output(x, [1, channels, SPATIAL, SPATIAL])
+    model = builder.model(opset=OPSET, producer="foldnorm-benchmark")
+    del builder  # its own list of the weights
     tensor_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=os.path.basename(path) + ".data", size_threshold=1024)

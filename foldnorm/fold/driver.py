@@ -41,6 +41,7 @@ def fold_graph(ctx, index):
             if rule.fallback and refusals:
                 match.reason = "%s; it could not fold: %s" % (match.reason, "; ".join(refusals))
             rule.apply(ctx, index, node, match)
+            del match  # its arrays (a layer's old and new weights) are not kept while the next site folds
             break
         else:
             if node.op_type == BATCH_NORM:

@@ -1,0 +1,222 @@
+"""What keeps a big model's fold fast and small: external data read once and only when needed, checks
+and shape inference on the model's structure alone, tensor data written one tensor at a time, and one
+temporary folder. The 300 MB and over-2 GiB figures are in benchmarks/big_model.py."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+from foldnorm.fold import external_data, fold_model, modelio
+from foldnorm.fold.external_data import LARGE_TENSOR_ALIGNMENT, read_referenced_array
+from foldnorm.fold.modelio import load_model, save_model, temporary_folder
+from tests.fold.fold_models import ModelBuilder, count_ops, run_ort
+
+
+def conv_bn_model(channels=64, pairs=3, seed=0, tail=True):
+    """(Conv 3x3 -> BN -> Relu) * pairs, then (tail) a Conv with no BN after it, which the fold never touches."""
+    b = ModelBuilder(seed)
+    x = b.input("x", [1, channels, 6, 6])
+    for i in range(pairs):
+        y = b.conv(x, channels, channels, 3, bias=True, name="conv%d" % i)
+        x = b.relu(b.frozen_batch_norm(y, channels, name="bn%d" % i))
+    if tail:
+        x = b.conv(x, channels, channels, 3, name="tail")
+    b.output(x, [1, channels, 6, 6])
+    return b.model(opset=13)
+
+
+def save_external(model, path):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save_model moves the data of the model it saves to external data
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    return path
+
+
+def feeds(channels=64, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal((1, channels, 6, 6)).astype(np.float32)}
+
+
+def test_external_data_is_read_once_each_and_the_result_holds_all_its_data(tmp_path, monkeypatch):
+    model = conv_bn_model()
+    path = save_external(model, tmp_path / "model.onnx")
+    reads = []
+    real_read = external_data.read_external_bytes
+
+    def counting_read(file, offset, length, name, where):
+        reads.append(name)
+        return real_read(file, offset, length, name, where)
+
+    monkeypatch.setattr(external_data, "read_external_bytes", counting_read)
+    folded, report = fold_model(path, verify=False)
+    external = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                if t.data_location == TensorProto.EXTERNAL}
+    assert sorted(reads) == sorted(external)  # each once, the untouched tail weight included
+    assert "tail.weight" in reads
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in folded.graph.initializer)
+    assert count_ops(folded, "BatchNormalization") == 0
+    expected = run_ort(model, feeds())
+    got = run_ort(folded, feeds())
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max())
+
+
+def test_a_tensor_left_in_its_file_reads_as_onnx_reads_it(tmp_path):
+    rng = np.random.default_rng(2)
+    arrays = {
+        "f32": rng.standard_normal((7, 5)).astype(np.float32),
+        "f16": rng.standard_normal(600).astype(np.float16),
+        "f64": rng.standard_normal((3, 100)),
+        "i64": rng.integers(-9, 9, 200),
+        "u8": rng.integers(0, 255, 2000).astype(np.uint8),
+        "flags": rng.random(1500) < 0.5,
+    }
+    b = ModelBuilder()
+    for name, array in arrays.items():
+        b.initializers.append(onnx.numpy_helper.from_array(array, name))
+        b.node("Identity", [name], [name + "_out"])
+        b.outputs.append(onnx.helper.make_tensor_value_info(name + "_out", b.initializers[-1].data_type,
+                                                            array.shape))
+    path = tmp_path / "model.onnx"
+    onnx.save_model(b.model(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="data.bin", size_threshold=0)
+    opened = modelio.open_model(path, "path", in_place=True)
+    for tensor in opened.model.graph.initializer:
+        array = read_referenced_array(tensor)
+        assert array.dtype == arrays[tensor.name].dtype
+        np.testing.assert_array_equal(array, arrays[tensor.name])
+    assert read_referenced_array(onnx.numpy_helper.from_array(arrays["f32"], "inline")) is None
+
+
+def test_shape_inference_and_the_checker_never_see_the_tensor_data(tmp_path, monkeypatch):
+    model = conv_bn_model(channels=96)
+    path = save_external(model, tmp_path / "model.onnx")
+    seen = []
+    real_infer = onnx.shape_inference.infer_shapes
+
+    def recording_infer(proto, *args, **kwargs):
+        seen.append(proto.ByteSize())
+        return real_infer(proto, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", recording_infer)
+    folded, _ = fold_model(path, verify=False)
+    weights = sum(t.ByteSize() for t in folded.graph.initializer)
+    assert seen and max(seen) < weights / 50
+
+
+def test_saving_writes_one_tensor_at_a_time(tmp_path):
+    model = conv_bn_model(channels=128, pairs=4, tail=False)  # four 590 KB weights
+    largest = max(len(t.raw_data) for t in model.graph.initializer)
+    total = sum(len(t.raw_data) for t in model.graph.initializer)
+    assert total > 3.5 * largest
+    tracemalloc.start()
+    try:
+        save_model(model, tmp_path / "out.onnx", external_data=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * largest  # the whole model, serialized or copied as bytes, would be `total`
+    loaded = load_model(tmp_path / "out.onnx")
+    for before, after in zip(model.graph.initializer, loaded.graph.initializer):
+        assert before.raw_data == after.raw_data
+
+
+def test_large_tensors_start_where_onnxruntime_can_map_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(external_data, "LARGE_TENSOR_BYTES", 4096)
+    model = conv_bn_model(channels=32, pairs=3, tail=False)  # 36 KB weights, 128-byte BN parameters
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    written = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    offsets = {}
+    for tensor in written.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            info = {e.key: int(e.value) for e in tensor.external_data if e.key != "location"}
+            offsets[tensor.name] = info["offset"]
+    assert {n for n in offsets if n.endswith(".weight")} == {"conv0.weight", "conv1.weight", "conv2.weight"}
+    assert all(offsets[n] % LARGE_TENSOR_ALIGNMENT == 0 for n in offsets if n.endswith(".weight"))
+    assert all(offsets[n] % 64 == 0 for n in offsets)
+    expected = run_ort(model, feeds(32))
+    got = run_ort(load_model(tmp_path / "out.onnx"), feeds(32))
+    np.testing.assert_array_equal(got[model.graph.output[0].name], expected[model.graph.output[0].name])
+
+
+def test_a_model_past_the_protobuf_limit_folds_and_is_written_with_external_data(tmp_path, monkeypatch):
+    model = conv_bn_model(channels=32)
+    path = save_external(model, tmp_path / "model.onnx")
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", 20_000)
+    monkeypatch.setattr(modelio, "IN_MEMORY_CHECK_BYTES", 0)
+    folded, _ = fold_model(path, verify=False)
+    written = save_model(folded, tmp_path / "out.onnx")
+    assert written == [tmp_path / "out.onnx", tmp_path / "out.onnx.data"]
+    expected = run_ort(model, feeds(32))
+    got = run_ort(load_model(tmp_path / "out.onnx"), feeds(32))
+    name = model.graph.output[0].name
+    np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5 * np.abs(expected[name]).max())
+
+
+def test_temporary_files_live_in_one_foldnorm_folder_removed_after_use(monkeypatch):
+    monkeypatch.setattr(modelio, "IN_MEMORY_CHECK_BYTES", 0)
+    seen = []
+    with temporary_folder() as first, temporary_folder() as second:
+        seen += [first, second]
+        assert os.path.dirname(first) == os.path.dirname(second)
+        root = os.path.dirname(first)
+        assert os.path.basename(root).startswith("foldnorm-")
+        assert os.path.dirname(root) == os.path.realpath(tempfile.gettempdir()) or \
+            os.path.dirname(root) == tempfile.gettempdir()
+    assert not any(os.path.exists(folder) for folder in seen)
+    fold_model(conv_bn_model(channels=32), verify=False)  # checked through temporary copies
+    assert os.listdir(root) == []
+    modelio.remove_temporary_folder()
+    assert not os.path.exists(root)
+
+
+_PEAK_OF_A_CHILD = r"""
+import json, resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"code": done.returncode, "err": done.stderr[-500:],
+                  "peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
+
+
+def _peak_bytes(argv):
+    # glibc keeps freed blocks of a few MB for reuse instead of returning them (blocks past 32 MB, a big
+    # model's weights, always go back): this threshold makes it return these too, so that the peak counts
+    # what foldnorm holds, not what the allocator kept.
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**17))
+    done = subprocess.run([sys.executable, "-c", _PEAK_OF_A_CHILD] + argv, capture_output=True, text=True,
+                          check=True, env=environment)
+    result = json.loads(done.stdout)
+    assert result["code"] == 0, result["err"]
+    return result["peak"]
+
+
+def test_the_fold_command_holds_at_most_one_copy_of_the_model_beyond_its_start(tmp_path):
+    tiny = save_external(conv_bn_model(channels=8, pairs=4, tail=False), tmp_path / "tiny.onnx")
+    path = save_external(conv_bn_model(channels=384, pairs=4, tail=False), tmp_path / "model.onnx")  # 4 x 5.3 MB
+    model_bytes = path.stat().st_size + (tmp_path / "model.onnx.data").stat().st_size
+
+    def fold_command(source):
+        return [sys.executable, "-m", "foldnorm.cli", "fold", str(source), "-o", str(tmp_path / "out.onnx"),
+                "--no-verify"]
+
+    start = _peak_bytes(fold_command(tiny))  # the interpreter, the imports, the same steps
+    peak = _peak_bytes(fold_command(path))
+    # Before, the command held five copies (the loaded tensors, a copy to fold, the folded weights, the
+    # old ones left in the folded copy, and a copy to save); now the folded weights and the weight in flight.
+    assert peak - start < 2 * model_bytes, (peak, start, model_bytes)
+    assert count_ops(onnx.load(str(tmp_path / "out.onnx")), "BatchNormalization") == 0
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_save_does_not_change_the_model(tmp_path, external):
+    model = conv_bn_model(channels=32)
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "out.onnx", external_data=external)
+    assert model.SerializeToString() == before
