@@ -335,3 +335,77 @@ def test_unloaded_external_data_cannot_be_saved(tmp_path):
     assert uses_external_data(unloaded)
     with pytest.raises(FoldError, match="never loaded"):
         save_model(unloaded, tmp_path / "out.onnx")
+
+
+# ---- tensors everywhere: copies without data, and their round trip ---------------------------------------
+
+def model_with_tensors_everywhere():
+    """Large tensors in an initializer, a Constant node, an If branch's Constant, a sparse initializer and
+    a local function's Constant, beside small ones that stay inline."""
+    rng = np.random.default_rng(5)
+    big = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["c_branch"], value=numpy_helper.from_array(big(400), "c_branch")),
+         helper.make_node("Add", ["x_flat", "c_branch"], ["branch_out"])],
+        "branch", [], [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [400])])
+    function = helper.make_function(
+        "local", "AddConstant", ["a"], ["b"],
+        [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(big(400), "k")),
+         helper.make_node("Add", ["a", "k"], ["b"])],
+        opset_imports=[helper.make_opsetid("", OPSET)])
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(big(300), "s"),
+                                       numpy_helper.from_array(np.arange(0, 600, 2, dtype=np.int64), "s_idx"),
+                                       [600])
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["x_flat"]),
+        helper.make_node("Constant", [], ["c_main"], value=numpy_helper.from_array(big(400), "c_main")),
+        helper.make_node("Add", ["x_flat", "c_main"], ["a1"]),
+        helper.make_node("Add", ["a1", "w"], ["a2"]),
+        helper.make_node("AddConstant", ["a2"], ["a3"], domain="local"),
+        helper.make_node("If", ["cond"], ["a4"], then_branch=branch, else_branch=branch),
+        helper.make_node("Add", ["a3", "a4"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "everywhere",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [20, 20]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [400])],
+        initializer=[numpy_helper.from_array(big(400), "w"),
+                     numpy_helper.from_array(np.array([400], dtype=np.int64), "shape")],
+        sparse_initializer=[sparse])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("local", 1)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_copy_without_data_keeps_everything_but_the_large_tensors_data():
+    model = model_with_tensors_everywhere()
+    stripped = external_data.without_data(model)
+    moved = [t for t in external_data.all_tensors(stripped) if t.data_location == TensorProto.EXTERNAL]
+    # A sparse tensor stays whole: the checker's full check cannot read its indices from a file.
+    assert sorted(t.name for t in moved) == ["c_branch", "c_branch", "c_main", "k", "w"]
+    assert all(not t.raw_data and not t.float_data for t in moved)
+    kept = {t.name: t for t in external_data.all_tensors(stripped) if t.data_location != TensorProto.EXTERNAL}
+    assert numpy_helper.to_array(kept["shape"]).tolist() == [400]
+    assert stripped.ByteSize() < model.ByteSize() / 2
+    # Everything else is as it was: the same model once each moved tensor's data is put back.
+    originals = iter(list(external_data.all_tensors(model)))
+    for tensor in external_data.all_tensors(stripped):
+        original = next(originals)
+        if tensor.data_location == TensorProto.EXTERNAL:
+            tensor.CopyFrom(original)
+    assert stripped.SerializeToString() == model.SerializeToString()
+
+
+def test_every_tensor_survives_the_round_trip_through_external_data(tmp_path):
+    model = model_with_tensors_everywhere()
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    written = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    assert sum(t.data_location == TensorProto.EXTERNAL for t in external_data.all_tensors(written)) == 5
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+    loaded = load_model(tmp_path / "out.onnx")
+    for before, after in zip(external_data.all_tensors(model), external_data.all_tensors(loaded)):
+        np.testing.assert_array_equal(numpy_helper.to_array(after), numpy_helper.to_array(before))
+    assert verify(model, tmp_path / "out.onnx").outputs[0].max_abs_error == 0.0
