@@ -1,4 +1,4 @@
-"""python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | compare OLD.json NEW.json [--threshold 0.10]"""
+"""python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | compare OLD.json NEW.json [--threshold 0.10] | big"""
 import argparse
 import os
 import sys
@@ -44,10 +44,17 @@ def parser():
     compare.add_argument("new")
     compare.add_argument("--threshold", type=float, default=0.10,
                          help="flag figures slower by more than this fraction (default 0.10)")
+    commands.add_parser("big", add_help=False, help="time `foldnorm fold` on a ~300 MB external-data model beside "
+                        "onnxruntime's optimizer (options: python -m benchmarks big --help)")
     return top
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["big"]:
+        from .big_model import main as big_main
+
+        return big_main(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "compare":
         from .compare import main as compare_main

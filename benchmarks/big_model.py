@@ -29,6 +29,9 @@ OPSET = 13
 KERNEL = 3
 SPATIAL = 4
 MIB = 2**20
+# Past protobuf's 2 GiB limit, as 16 blocks of about 150 MB.
+HUGE_MEGABYTES = 2400.0
+HUGE_PAIRS = 16
 
 # Runs `argv` in a child process; prints {"seconds", "peak_bytes", "returncode", "stderr"} as JSON.
 _WRAPPER = r"""
@@ -100,7 +103,7 @@ def commands(model_path, folder, huge=False):
     }
 
 
-def run_case(megabytes, pairs, rounds, folder, huge=False):
+def run_case(megabytes, pairs, rounds, folder, huge=False, only=None):
     """Generate the model, time each contender `rounds` times (interleaved); returns the JSON-ready case."""
     channels = channels_for(megabytes, pairs)
     model_path = os.path.join(folder, "model.onnx")
@@ -111,6 +114,8 @@ def run_case(megabytes, pairs, rounds, folder, huge=False):
             "generate_seconds": time.perf_counter() - start, "rounds": rounds,
             "memory_budget_bytes": 2 * model_bytes + 300 * MIB, "contenders": {}, "failures": []}
     argvs = commands(model_path, folder, huge)
+    if only:
+        argvs = {name: argv for name, argv in argvs.items() if name in only}
     samples = {name: [] for name in argvs}
     for round_index in range(rounds):
         names = list(argvs)
@@ -160,15 +165,18 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=8, help="Conv+BatchNormalization blocks (default 8)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per contender (default 3)")
     parser.add_argument("--huge", action="store_true", help="also one round of a model past 2 GiB")
+    parser.add_argument("--only", default=None, help="these contenders only, e.g. onnxruntime_optimizer,"
+                        "foldnorm_no_verify (default: all three)")
     parser.add_argument("--out", default=None, help="write big_model.json into this folder")
     args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
     results = {}
     with tempfile.TemporaryDirectory(prefix="foldnorm-bench-") as folder:
-        results["big"] = run_case(args.megabytes, args.pairs, args.rounds, folder)
+        results["big"] = run_case(args.megabytes, args.pairs, args.rounds, folder, only=only)
         print(format_case("big", results["big"]), flush=True)
     if args.huge:
         with tempfile.TemporaryDirectory(prefix="foldnorm-bench-") as folder:
-            results["huge"] = run_case(2400.0, 16, 1, folder, huge=True)
+            results["huge"] = run_case(HUGE_MEGABYTES, HUGE_PAIRS, 1, folder, huge=True, only=only)
             print(format_case("huge", results["huge"]), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

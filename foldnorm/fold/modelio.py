@@ -246,13 +246,7 @@ def _onnxruntime_error(model, file):
     options.log_severity_level = 3
     try:
         with temporary_folder() as folder:
-            if file is not None:
-                source = os.fspath(file)
-            elif data_bytes(model) < PROTOBUF_LIMIT and not any(is_external(t) for t in all_tensors(model)):
-                source = model.SerializeToString()
-            else:
-                source = os.path.join(folder, "model.onnx")
-                save_model(model, source, external_data=True)
+            source = os.fspath(file) if file is not None else onnxruntime_source(model, folder)
             ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
         return _first_line(error)
@@ -287,15 +281,10 @@ def save_model(model, path, *, external_data=False):
             raise FoldError("cannot write the model: tensor %r still points to external data that was never loaded"
                             % tensor.name)
 
-    if not external_data and data_bytes(model) < PROTOBUF_LIMIT:
-        try:
-            serialized = model.SerializeToString()
-        except ValueError:  # the structure took it past protobuf's limit
-            serialized = None
-        if serialized is not None and len(serialized) < PROTOBUF_LIMIT:
-            _write_atomically(path, lambda file: file.write(serialized))
-            return [path]
-        del serialized
+    serialized = None if external_data else _serialized_within_limit(model)
+    if serialized is not None:
+        _write_atomically(path, lambda file: file.write(serialized))
+        return [path]
 
     data_name = path.name + ".data"
     data_path = folder / data_name
@@ -338,6 +327,32 @@ def save_model(model, path, *, external_data=False):
     if backup is not None:
         _remove_quietly(backup)
     return [path, data_path]
+
+
+def onnxruntime_source(model, folder):
+    """What onnxruntime should load for `model`: its serialized bytes, or, past protobuf's 2 GiB limit,
+    the path of a copy written by save_model into `folder` with external data (the model is not changed)."""
+    for tensor in all_tensors(model):
+        if is_external(tensor):
+            raise FoldError("tensor %r keeps its data in an external file that was not loaded" % tensor.name)
+    serialized = _serialized_within_limit(model)
+    if serialized is not None:
+        return serialized
+    path = os.path.join(os.fspath(folder), "model.onnx")
+    save_model(model, path, external_data=True)
+    return path
+
+
+def _serialized_within_limit(model):
+    """The model's bytes, or None past protobuf's limit (judged from its tensors first: asking protobuf
+    for a message's size costs as much as serializing it)."""
+    if data_bytes(model) >= PROTOBUF_LIMIT:
+        return None
+    try:
+        serialized = model.SerializeToString()
+    except ValueError:  # the rest of the model took it past the limit
+        return None
+    return serialized if len(serialized) < PROTOBUF_LIMIT else None
 
 
 def write_file_atomically(path, data):
@@ -466,6 +481,6 @@ def remove_temporary_folder():
 atexit.register(remove_temporary_folder)
 
 
-__all__ = ["load_model", "save_model", "check_model", "check_opset", "open_model", "as_model", "ModelCheck",
+__all__ = ["load_model", "save_model", "onnxruntime_source", "check_model", "check_opset", "open_model", "as_model", "ModelCheck",
            "OpenedModel", "LEVELS", "uses_external_data", "external_data_files", "write_file_atomically",
            "all_tensors", "temporary_folder", "remove_temporary_folder", "PROTOBUF_LIMIT"]

@@ -413,15 +413,9 @@ def _with_bfloat16_casts(model):
 
 def _session_source(model, folder):
     """What onnxruntime loads: the serialized model, or a file with external data when it is too large."""
-    for tensor in all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise FoldError("tensor %r keeps its data in an external file that was not loaded" % tensor.name)
-    # protobuf cannot serialize a message of 2 GiB or more; larger models go to onnxruntime through a file.
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        return model.SerializeToString()
-    path = Path(folder) / "model.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-    return str(path)
+    from .modelio import onnxruntime_source  # neither a full serialization to learn the size nor a change to the model
+
+    return onnxruntime_source(model, folder)
 
 
 def _check_tolerance(value, name):
