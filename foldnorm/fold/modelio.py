@@ -18,15 +18,13 @@ folder, flushed to disk, then renamed over the destination (os.replace is atomic
 data goes to the external data file one tensor at a time, never the whole model copied in memory.
 
 Anything foldnorm writes elsewhere (a checker's copy, a model onnxruntime must read from a file) lives in
-`temporary_folder()`: one `foldnorm-*` folder under the system temp dir, removed at exit.
+`temporary_folder()`, inside foldnorm's one temporary folder (foldnorm.fold.scratch).
 """
-import atexit
 import contextlib
 import os
 import secrets
 import shutil
 import tempfile
-import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from .errors import FoldError
 from .external_data import (PLACEHOLDER_LOCATION, DataFileWriter, all_tensors, copy_without_data, data_bytes,
                             external_references, is_external, load_into, refer_in_place, without_data)
 from .proto import default_opset
+from .scratch import scratch_folder
 
 MIN_OPSET = 7
 # protobuf cannot serialize a message of 2 GiB or more: such a model must keep its tensors outside.
@@ -449,38 +448,18 @@ def _remove_quietly(path):
 
 # ------------------------------------------------------------------------------- the temporary folder
 
-_temporary_lock = threading.Lock()
-_temporary_root = None
-
-
 @contextlib.contextmanager
 def temporary_folder():
     """A new, empty folder for the duration of a `with` block, inside foldnorm's one temporary folder
-    (`foldnorm-XXXXXXXX` under the system temp dir, mode 0700, made on first use and removed when the
-    process exits); the new folder and everything in it is removed when the block ends."""
-    global _temporary_root
-    with _temporary_lock:
-        if _temporary_root is None or not os.path.isdir(_temporary_root):
-            _temporary_root = tempfile.mkdtemp(prefix="foldnorm-")
-        folder = tempfile.mkdtemp(dir=_temporary_root)
+    (foldnorm.fold.scratch: `foldnorm-XXXXXXXX` under the system temp dir, removed at the end of the
+    command or of the process); the new folder and everything in it is removed when the block ends."""
+    folder = tempfile.mkdtemp(dir=scratch_folder())
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def remove_temporary_folder():
-    """Remove foldnorm's temporary folder and everything in it (nothing happens when there is none)."""
-    global _temporary_root
-    with _temporary_lock:
-        if _temporary_root is not None:
-            shutil.rmtree(_temporary_root, ignore_errors=True)
-            _temporary_root = None
-
-
-atexit.register(remove_temporary_folder)
-
-
 __all__ = ["load_model", "save_model", "onnxruntime_source", "check_model", "check_opset", "open_model", "as_model", "ModelCheck",
            "OpenedModel", "LEVELS", "uses_external_data", "external_data_files", "write_file_atomically",
-           "all_tensors", "temporary_folder", "remove_temporary_folder", "PROTOBUF_LIMIT"]
+           "all_tensors", "temporary_folder", "PROTOBUF_LIMIT"]

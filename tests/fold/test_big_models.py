@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from foldnorm.fold import external_data, fold_model, modelio
+from foldnorm.fold import external_data, fold_model, modelio, scratch
 from foldnorm.fold.external_data import LARGE_TENSOR_ALIGNMENT, read_referenced_array
 from foldnorm.fold.modelio import load_model, save_model, temporary_folder
 from tests.fold.fold_models import ModelBuilder, count_ops, run_ort
@@ -173,7 +173,7 @@ def test_temporary_files_live_in_one_foldnorm_folder_removed_after_use(monkeypat
     assert not any(os.path.exists(folder) for folder in seen)
     fold_model(conv_bn_model(channels=32), verify=False)  # checked through temporary copies
     assert os.listdir(root) == []
-    modelio.remove_temporary_folder()
+    scratch.remove_scratch_folder()
     assert not os.path.exists(root)
 
 
