@@ -74,7 +74,7 @@ class OpenedModel:
 
 # ------------------------------------------------------------------------------------------- reading
 
-def load_model(path):
+def load_model(path: "str | os.PathLike") -> onnx.ModelProto:
     """Read, check and return the model at `path`, with its external data loaded into the tensors."""
     return _read(path).model
 
@@ -179,15 +179,37 @@ def check_opset(model, label="the model"):
     return opset
 
 
-def check_model(model, label="the model", *, file=None, at_least=None):
-    """The one set of checks every model foldnorm reads or writes goes through; returns a ModelCheck.
+def check_model(model: onnx.ModelProto, label: str = "the model", *, file: "str | os.PathLike | None" = None,
+                at_least: "str | None" = None) -> ModelCheck:
+    """The one set of checks every model foldnorm reads or writes goes through.
 
     The opset must be 7 .. the newest onnx knows. Then the ONNX checker: its full check (strict shape
     inference), else its basic check; a model both reject is accepted when onnxruntime loads it, with a
-    one-line warning (ModelCheck.note, also issued as a UserWarning), and refused otherwise. `file`: the
-    file `model` was parsed from, its external data not loaded (onnxruntime then reads the file).
-    `at_least`: a level of LEVELS the model must reach (a folded model, the level of its input), else
-    FoldError; no warning is issued then.
+    one-line warning, and refused otherwise.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        The model; large ones are checked through a copy of their structure alone.
+    label : str
+        How messages name the model.
+    file : path, optional
+        The file `model` was parsed from, its external data not loaded (onnxruntime then reads the file).
+    at_least : str, optional
+        A level of LEVELS the model must reach (for a folded model, the level of its input); no warning
+        is issued then.
+
+    Returns
+    -------
+    ModelCheck
+        The opset, the level reached and, for the "onnxruntime" level, the note (also issued as a
+        UserWarning when at_least is None).
+
+    Raises
+    ------
+    FoldError
+        The opset is out of range, neither the checker nor onnxruntime accepts the model, or it does not
+        reach `at_least`.
     """
     if at_least is not None and at_least not in LEVELS:
         raise ValueError("at_least must be one of %s or None, got %r" % (", ".join(LEVELS), at_least))
@@ -261,7 +283,7 @@ def _first_line(error):
 
 # ------------------------------------------------------------------------------------------- writing
 
-def save_model(model, path, *, external_data=False):
+def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool = False) -> list:
     """Write `model` to `path` atomically, with its large tensors in "<file name>.data" when asked.
 
     External data is also used, whatever `external_data` says, when the model would serialize to 2 GiB
@@ -328,7 +350,7 @@ def save_model(model, path, *, external_data=False):
     return [path, data_path]
 
 
-def onnxruntime_source(model, folder):
+def onnxruntime_source(model: onnx.ModelProto, folder: "str | os.PathLike") -> "bytes | str":
     """What onnxruntime should load for `model`: its serialized bytes, or, past protobuf's 2 GiB limit,
     the path of a copy written by save_model into `folder` with external data (the model is not changed)."""
     for tensor in all_tensors(model):
