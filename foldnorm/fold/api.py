@@ -7,7 +7,7 @@ from .driver import fold_in_place, inline_functions_holding_batch_norm
 from .errors import VerificationError
 from .modelio import as_model
 from .proto import graph_statistics
-from .report import FoldReport
+from .report import FoldReport, count_layers
 
 
 def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=None, atol=None, seed=0):
@@ -46,7 +46,8 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     nodes_before, bytes_before = graph_statistics(original.graph)
     nodes_after, bytes_after = graph_statistics(folded.graph)
     report = FoldReport(model=label, outcomes=outcomes, nodes_before=nodes_before, nodes_after=nodes_after,
-                        param_bytes_before=bytes_before, param_bytes_after=bytes_after, fold_seconds=seconds)
+                        param_bytes_before=bytes_before, param_bytes_after=bytes_after, fold_seconds=seconds,
+                        layers=count_layers(original.graph))
     if inlined:
         report.notes.append("inlined the model's local functions %s, which hold BatchNormalization nodes, "
                             "to fold them" % ", ".join(inlined))

@@ -235,6 +235,14 @@ def run_model(model, feeds, label="model", *, optimized=False):
     return outputs[0]
 
 
+def quiet_onnxruntime():
+    """Keep onnxruntime's process-wide log lines off stderr (its errors still arrive as exceptions, which
+    foldnorm reports as one line). The command line calls this; a library caller decides for its process."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)
+
+
 class _Session:
     """An onnxruntime session of one model, with the bfloat16 casts the feeds and outputs need."""
 
@@ -482,4 +490,5 @@ def _check_shapes(shapes):
 
 
 
-__all__ = ["verify", "VerifyReport", "OutputComparison", "compare_output", "make_inputs", "run_model"]
+__all__ = ["verify", "VerifyReport", "OutputComparison", "compare_output", "make_inputs", "run_model",
+           "quiet_onnxruntime"]
