@@ -10,6 +10,7 @@ untrusted input, and a location is a path it asks us to open.
 `save_model` never leaves a partial file: each file is written to a temporary file in the destination
 folder, flushed to disk, then renamed over the destination (os.replace is atomic within a folder).
 """
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -18,7 +19,9 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import FoldError
+from .messages import one_line
 from .proto import default_opset
+from .wire import unreadable_model_message
 
 MIN_OPSET = 7
 # protobuf cannot serialize a message of 2 GiB or more: such a model must keep its tensors outside.
@@ -180,9 +183,8 @@ def check_model(model, label="the model", path=None):
         elif path is not None:
             onnx.checker.check_model(str(path))
     except Exception as error:
-        text = str(error).strip()
-        first = text.splitlines()[0] if text else type(error).__name__
-        raise FoldError("%s is not a valid ONNX model; the ONNX checker rejects it: %s" % (label, first)) from None
+        raise FoldError("%s is not a valid ONNX model; the ONNX checker rejects it: %s"
+                        % (label, one_line(error))) from None
     return opset
 
 
@@ -201,9 +203,8 @@ def as_model(model_or_path, name, *, check=True):
 def _parse(model, data, path):
     try:
         model.ParseFromString(data)
-    except Exception:
-        raise FoldError("%s is not an ONNX model, or it is truncated or corrupted (its protobuf does not parse)"
-                        % path) from None
+    except Exception as error:
+        raise FoldError(unreadable_model_message(path, data, error)) from None
 
 
 def _read_model_file(path):
@@ -251,6 +252,8 @@ def _external_references(model, folder, path):
         if os.path.commonpath([resolved, real_folder]) != real_folder:
             raise FoldError("%s, a symlink that points outside the model's folder (to %s): path traversal refused"
                             % (where, resolved))
+        if _is_symlink_loop(joined):
+            raise FoldError("%s, a symlink loop (it never reaches a file)" % where)
         if not os.path.exists(resolved):
             raise FoldError("%s: the external data file %r of tensor %r is missing" % (path, location, tensor.name))
         if not os.path.isfile(resolved):
@@ -264,6 +267,14 @@ def _external_references(model, folder, path):
             raise FoldError("%s with a negative offset or length" % where)
         references.append((tensor, resolved, offset, length))
     return references
+
+
+def _is_symlink_loop(path):
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
 
 
 def _read_external_bytes(file, offset, length, tensor_name, path):
@@ -284,8 +295,12 @@ def _read_external_bytes(file, offset, length, tensor_name, path):
 
 
 def all_tensors(model):
-    """Every TensorProto a model holds: initializers, sparse ones, Constant-like attributes, subgraphs, functions."""
+    """Every TensorProto a model holds: initializers, sparse ones, Constant-like attributes, subgraphs, training
+    graphs, functions."""
     yield from _graph_tensors(model.graph)
+    for training_info in model.training_info:
+        yield from _graph_tensors(training_info.initialization)
+        yield from _graph_tensors(training_info.algorithm)
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
