@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -32,6 +33,10 @@ class UsageError(Exception):
     """A mistake on the command line; argparse's own errors arrive as this too."""
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: raised where the program is, so that files being written are cleaned up."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError("%s: error: %s" % (self.prog, message))
@@ -40,6 +45,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None):
     """Run the command line with `argv` (sys.argv[1:] when None); returns the exit code."""
     parser = _build_parser()
+    previous_handler = _raise_on_sigterm()
     try:
         with warnings.catch_warnings():
             # Third-party warnings (NumPy on extreme tolerances, onnx deprecations) are not the user's
@@ -62,10 +68,26 @@ def main(argv=None):
                      "are too large for this machine (--no-verify skips verification)", EXIT_USAGE)
     except KeyboardInterrupt:
         return _fail("foldnorm: interrupted", 130)
+    except Terminated:
+        return _fail("foldnorm: terminated; nothing written", 128 + signal.SIGTERM)
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         scratch = sys.modules.get("foldnorm.fold.scratch")
         if scratch is not None:
             scratch.remove_scratch_folder()
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into Terminated (in the main thread only, where Python runs handlers); returns the
+    handler it replaced, or None when it could not install one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def _build_parser():

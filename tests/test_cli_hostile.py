@@ -325,3 +325,36 @@ def test_a_real_process_prints_one_line_and_opens_only_its_folders(place, tmp_pa
     assert listing(place["tmp"]) == baseline
     assert any(os.path.basename(p) == "m.onnx" for p in opened), "the audit hook did not see the model read"
     assert outside(opened, place) == []
+
+
+SLOW = textwrap.dedent("""
+    import sys, time
+    import foldnorm.cli, foldnorm.fold.verification
+    from foldnorm.fold.scratch import scratch_folder
+
+    def slow_verify(*args, **kwargs):
+        open(scratch_folder() + "/partial", "wb").close()  # a temporary file in foldnorm's folder
+        print("verifying", flush=True)
+        time.sleep(60)
+
+    foldnorm.fold.verification.verify = slow_verify
+    sys.exit(foldnorm.cli.main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_leaves_nothing_behind(place):
+    import signal
+
+    path = save(place, conv_bn_model())
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(place["tmp"]))
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], env=env, check=True, timeout=60)
+    baseline = listing(place["tmp"])
+    process = subprocess.Popen([sys.executable, "-c", SLOW, "fold", str(path), "-o", str(place["out"] / "o.onnx")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "verifying\n"
+    assert any(name.startswith("foldnorm-") for name in listing(place["tmp"]))
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err == "foldnorm: terminated; nothing written\n"
+    assert listing(place["tmp"]) == baseline and listing(place["out"]) == []

@@ -509,3 +509,15 @@ def test_the_noise_is_reported_and_unmeasured_noise_is_said(monkeypatch):
     assert report.passed and all(o.noise is None for o in report.outputs)
     assert any("noise was not measured" in note for note in report.notes)
     assert "noise was not measured" in report.format_text()
+
+
+def test_a_large_models_noise_is_measured_only_when_an_output_needs_it(monkeypatch):
+    monkeypatch.setattr(verification, "NOISE_ALWAYS_BYTES", 0)  # every model counts as large
+    original, folded = folded_by_hand(np.float32)
+    quiet = verify(original, folded)
+    assert quiet.passed and all(o.noise is None for o in quiet.outputs)
+    assert any("noise was not measured" in note for note in quiet.notes)
+    noisy = sigmoid_head_model()
+    noisy_folded, _ = foldnorm.fold_model(noisy, verify=False)
+    report = verify(noisy, noisy_folded)
+    assert report.passed and report.outputs[0].noise > 0.0 and not report.notes
