@@ -354,8 +354,6 @@ class Progress:
                 self.stream.write("\r\033[K")
                 self.stream.flush()
                 self._shown = False
-            if self.verbose:
-                print("foldnorm: [%7.2f s] done" % (time.perf_counter() - self.start), file=self.stream, flush=True)
 
     def _show(self, message):
         with self._lock:

@@ -175,7 +175,6 @@ def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progr
 
     say("verification: loading the original model in onnxruntime")
     session = _session(original, "original", optimized=False)
-    say("verification: running the original model")
     shape_sets, feeds, expected, notes = _run_original(session, specs, original, seed, say)
     del session
 
@@ -325,6 +324,7 @@ def _run_original(session, specs, model, seed, say):
     if not symbols(specs):
         shapes = concrete_shapes(specs, {})
         check_input_bytes(specs, shapes, "at the shapes given or declared")
+        say("verification: running the original model at %s" % _format_shapes(shapes))
         feeds = _random_feeds(specs, shapes, seed)
         try:
             outputs = session.run(feeds)
