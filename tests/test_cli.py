@@ -611,3 +611,40 @@ def test_an_unwritable_report_folder_leaves_nothing_written(tmp_path, capsys, mo
     code, out, err = run_cli(capsys, "fold", model, "-o", tmp_path / "out.onnx", "--report", tmp_path / "ro" / "r.json")
     assert_one_line_error(code, out, err, 2, "--report", "cannot write in the folder", "Permission denied")
     assert listing(tmp_path) == ["model.onnx", "ro"] and listing(tmp_path / "ro") == []
+
+
+def test_a_model_with_a_rank_0_bool_input_folds_and_verifies(tmp_path, capsys):
+    """A BN inside each branch of an If whose condition is a rank-0 bool graph input."""
+    rng = np.random.default_rng(3)
+
+    def branch(name, sign):
+        inits = [numpy_helper.from_array((sign * rng.standard_normal((4, 3, 1, 1))).astype(np.float32), name + ".w")]
+        for part, values in (("scale", rng.uniform(0.5, 1.5, 4)), ("bias", rng.standard_normal(4)),
+                             ("mean", rng.standard_normal(4)), ("var", rng.uniform(0.5, 2.0, 4))):
+            inits.append(numpy_helper.from_array(values.astype(np.float32), "%s.%s" % (name, part)))
+        nodes = [helper.make_node("Conv", ["image", name + ".w"], [name + "_conv"], name=name + "_conv"),
+                 helper.make_node("BatchNormalization", [name + "_conv"] + ["%s.%s" % (name, p) for p in
+                                  ("scale", "bias", "mean", "var")], [name + "_y"], name=name + "_bn")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(name + "_y", TensorProto.FLOAT,
+                                                                                 ["N", 4, 5, 5])], initializer=inits)
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0))],
+        "if_model",
+        [helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    path = write_model(tmp_path, model)
+    code, out, err = run_cli(capsys, "fold", path, "--report", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["counts"]["folded"] == {"Conv": 2} and report["verification"]["passed"]
+    assert report["verification"]["input_shapes"]["flag"] == []
+    folded = onnx.load(str(tmp_path / "model.folded.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"flag": np.array(flag), "image": x}
+        np.testing.assert_allclose(run_unoptimized(folded, feeds)[0], run_unoptimized(model, feeds)[0],
+                                   rtol=1e-5, atol=1e-5)
