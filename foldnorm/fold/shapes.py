@@ -9,8 +9,8 @@ input, for a named dim) and "size" otherwise (spatial sizes, sequence lengths, f
 
 Without the caller's shapes, verification tries candidate sizes until onnxruntime runs the original:
 batch sizes BATCH_SIZES, the other sizes SIZE_LADDER (224 first, then multiples of 32, which strided
-models need, then small sizes) followed by the small dims of the model's own initializers (a Reshape or a
-weight may fix a size). It then looks for a second shape whose batch and sizes both differ from the
+models need, then small sizes), each followed by the small dims of the model's own initializers (a
+Reshape or a weight may fix a size), at most FIRST_SHAPE_ATTEMPTS candidates and LADDER_SECONDS. It then looks for a second shape whose batch and sizes both differ from the
 first, so that a fold which is only right at one shape fails.
 
 Sizes are bounded in bytes: a shape the caller gives or the model fixes may take up to INPUT_BYTES_LIMIT
@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import onnx
+from onnx import numpy_helper
 
 from .errors import FoldError
 
@@ -30,6 +31,7 @@ SIZE_LADDER = (224, 64, 32, 256, 320, 128, 96, 16, 8, 3, 1)
 MODEL_SIZES = 6  # how many sizes read off the model's initializers extend the ladder
 FIRST_SHAPE_ATTEMPTS = 32
 SECOND_SHAPE_ATTEMPTS = 8
+LADDER_SECONDS = 120.0  # no further candidate is tried once the failed ones have taken this long
 INPUT_BYTES_LIMIT = 2**30
 CHOSEN_BYTES_LIMIT = 64 * 2**20
 
@@ -157,7 +159,8 @@ def first_candidates(specs, model):
     batch = [s for s in free if s.role == "batch"]
     sizes = [s for s in free if s.role == "size"]
     seen, candidates = set(), []
-    for b in BATCH_SIZES if batch else (None,):
+    batch_ladder = list(BATCH_SIZES) + [size for size in ladder[len(SIZE_LADDER):] if size not in BATCH_SIZES]
+    for b in batch_ladder if batch else (None,):
         for size in ladder if sizes else (None,):
             assignment = {s: (b if s.role == "batch" else size) for s in free}
             key = tuple(assignment.values())
@@ -187,10 +190,15 @@ def second_candidates(specs, model, first):
 
 
 def size_ladder(model):
-    """SIZE_LADDER, then the most common small dims of the model's initializers not already in it."""
+    """SIZE_LADDER, then the sizes most common in the model's initializers (their dims, and the values of
+    small integer ones: the target shapes of Reshape, Expand, ...) not already in it."""
     counts = Counter()
     for tensor in model.graph.initializer:
-        counts.update(d for d in tensor.dims if 1 < d <= 1024 and d not in SIZE_LADDER)
+        sizes = list(tensor.dims)
+        if (tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and math.prod(tensor.dims) <= 8
+                and tensor.data_location != onnx.TensorProto.EXTERNAL):
+            sizes += [int(v) for v in numpy_helper.to_array(tensor).ravel()]
+        counts.update(d for d in sizes if 1 < d <= 1024 and d not in SIZE_LADDER)
     return list(SIZE_LADDER) + [size for size, _ in counts.most_common(MODEL_SIZES)]
 
 

@@ -33,8 +33,8 @@ from .messages import one_line
 from .modelio import PROTOBUF_LIMIT, all_tensors, as_model
 from .proto import graph_statistics
 from .scratch import scratch_folder
-from .shapes import (ShapeError, check_input_bytes, chosen_axes, concrete_shapes, first_candidates, format_dims,
-                     input_specs, second_candidates, symbols)
+from .shapes import (LADDER_SECONDS, ShapeError, check_input_bytes, chosen_axes, concrete_shapes, first_candidates,
+                     format_dims, input_specs, second_candidates, symbols)
 from .tolerance import (NOISE_FACTOR, OutputComparison, compare_output, diverged, dtype_name, format_error,
                         json_float, merge_comparisons, rounding_noise)
 
@@ -357,7 +357,10 @@ def _first_that_runs(session, specs, candidates, seed, say):
     """((sizes, shapes, feeds, outputs) of the first candidate the session runs, or None; shapes tried;
     the first error)."""
     tried, first_error = [], None
+    start = time.perf_counter()
     for sizes in candidates:
+        if tried and time.perf_counter() - start > LADDER_SECONDS:
+            break
         shapes = concrete_shapes(specs, sizes)
         tried.append(shapes)
         say("verification: running the original model at %s" % _format_shapes(shapes))

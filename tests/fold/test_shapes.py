@@ -181,3 +181,17 @@ def test_the_ladder_is_bounded_and_in_order():
     second = shapes.second_candidates(specs, model, first[0])
     assert len(second) <= shapes.SECOND_SHAPE_ATTEMPTS
     assert all(c != first[0] for c in second)
+
+
+def test_the_ladder_stops_after_its_time_budget(monkeypatch):
+    from foldnorm.fold import verification
+
+    monkeypatch.setattr(verification, "LADDER_SECONDS", 0.0)  # every failed attempt exhausts the budget
+    model = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       [("shape", np.array([5, 3], np.int64))])
+    with pytest.raises(ShapeError, match=r"at none of the 1 input shapes tried \(x=\[1,3\], \.\.\.\): Reshape node"):
+        verify(model, model)
+    monkeypatch.undo()
+    assert verify(model, model).shape_sets == [{"x": [5, 3]}]  # 5 comes from the Reshape's own constant
