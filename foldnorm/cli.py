@@ -135,10 +135,17 @@ def _build_parser():
 
 
 def run_fold(args):
+    progress = Progress(verbose=args.verbose, quiet=args.quiet)
+    try:
+        return _fold(args, progress)
+    finally:
+        progress.done()  # a progress line left on the terminal by an error is cleared before its message
+
+
+def _fold(args, progress):
     from .fold.modelio import external_data_files, load_model, save_model, write_file_atomically
     from .fold.verification import quiet_onnxruntime, verify
 
-    progress = Progress(verbose=args.verbose, quiet=args.quiet)
     source = Path(args.model)
     output = Path(args.output) if args.output else _default_output(source)
     report_path = Path(args.report) if args.report else None
@@ -201,9 +208,11 @@ def run_inspect(args):
     from .fold import inspect_model
 
     progress = Progress(verbose=args.verbose, quiet=args.quiet)
-    progress.step("reading and folding %s (nothing is written)" % args.model)
-    report = inspect_model(Path(args.model))
-    progress.done()
+    try:
+        progress.step("reading and folding %s (nothing is written)" % args.model)
+        report = inspect_model(Path(args.model))
+    finally:
+        progress.done()
     if not args.quiet:
         print(report.format_text(every_node=True))
     return EXIT_OK
@@ -339,7 +348,7 @@ class Progress:
             if self.verbose:
                 print("foldnorm: [%7.2f s] %s" % (time.perf_counter() - self.start, message), file=self.stream,
                       flush=True)
-            elif self.live and self._shown:
+            elif self.live and (self._shown or self.SHOW_AFTER <= 0):
                 self._write_line(message)
             elif self.live:
                 self._timer = threading.Timer(self.SHOW_AFTER, self._show, args=(message,))

@@ -562,8 +562,8 @@ def test_progress_on_a_terminal_shows_slow_steps_on_one_line_and_clears_it(tmp_p
     code = main(["fold", str(write_model(tmp_path))])
     out, _ = capsys.readouterr()
     assert code == 0
-    # once a step has shown, each next one replaces it at once; the last one is the writing
-    assert "\r\033[Kfoldnorm: writing " in terminal.text
+    for step in ("reading", "folding", "verification: running the folded model", "writing"):
+        assert "\r\033[Kfoldnorm: %s" % step in terminal.text
     assert terminal.text.endswith("\r\033[K")  # the line is cleared before the report prints
     assert "\n" not in terminal.text and "passed" in out
 
@@ -648,3 +648,18 @@ def test_a_model_with_a_rank_0_bool_input_folds_and_verifies(tmp_path, capsys):
         feeds = {"flag": np.array(flag), "image": x}
         np.testing.assert_allclose(run_unoptimized(folded, feeds)[0], run_unoptimized(model, feeds)[0],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_an_error_clears_the_progress_line_before_its_message(tmp_path, capsys, monkeypatch):
+    from foldnorm import cli
+
+    terminal = FakeTerminal()
+    monkeypatch.setattr(cli.sys, "stderr", terminal)
+    monkeypatch.setattr(cli.Progress, "SHOW_AFTER", 0.0)
+    model = conv_bn_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**40
+    code = main(["fold", str(write_model(tmp_path, model))])
+    assert code == 2
+    shown, _, message = terminal.text.rpartition("\r\033[K")
+    assert "foldnorm: " in shown  # a step was on the line, and was cleared
+    assert message.startswith("foldnorm: error: ") and message.count("\n") == 1 and "limit" in message
