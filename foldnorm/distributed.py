@@ -536,9 +536,8 @@ def _exchange(comm: Communicator, prepare):
     failures = [(rank, failure) for rank, (failure, _, _) in enumerate(gathered) if failure is not None]
     if failures:
         rank, (kind, message) = failures[0]
-        others = "" if len(failures) == 1 else " (ranks %s failed too)" % ", ".join(str(r) for r, _ in failures[1:])
-        raise _EXCEPTION_TYPES.get(kind, RuntimeError)(
-            "rank %d of %d refused its arguments%s: %s" % (rank, comm.size, others, message))
+        others = "" if len(failures) == 1 else " (and on rank %s)" % ", ".join(str(r) for r, _ in failures[1:])
+        raise _EXCEPTION_TYPES.get(kind, RuntimeError)("on rank %d of %d%s: %s" % (rank, comm.size, others, message))
     for name, value in agreed.items():
         values = [other[name] for _, other, _ in gathered]
         if any(v != value for v in values):

@@ -199,7 +199,7 @@ def check_error_case(ranks, name):
         text = str(saved[name + "/error_message"])
         assert message in text, "rank %d: %s" % (rank, text)
         if bad is not None and rank != bad:
-            assert text.startswith("rank %d of %d refused its arguments: " % (bad, world)), text
+            assert text.startswith("on rank %d of %d: " % (bad, world)), text
 
 
 ERROR_PARAMS = [(world, name) for name, (_, _, _, worlds) in ERROR_CASES.items() for world in worlds]
