@@ -581,8 +581,7 @@ def _stats_of(x3: np.ndarray) -> ChannelStats:
         count = (hi - lo) * inner
         mean = piece.sum(axis=(0, 2), dtype=np.float64) / count
         centred = np.subtract(piece, mean[:, None], dtype=np.float64)
-        np.square(centred, out=centred)
-        parts.append(ChannelStats(count, mean, centred.sum(axis=(0, 2))))
+        parts.append(ChannelStats(count, mean, np.einsum("oci,oci->c", centred, centred)))
     return merge_stats(parts)
 
 
@@ -594,9 +593,8 @@ def _grad_sums_of(dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray) -> GradSums
     for lo, hi in _pieces(outer, channels * inner):
         dy_piece = dy3[lo:hi]
         centred = np.subtract(x3[lo:hi], mean[:, None], dtype=np.float64)
-        centred *= dy_piece
         sum_dy += dy_piece.sum(axis=(0, 2), dtype=np.float64)
-        sum_dy_xmu += centred.sum(axis=(0, 2))
+        sum_dy_xmu += np.einsum("oci,oci->c", centred, dy_piece)
     return GradSums(outer * inner, sum_dy, sum_dy_xmu)
 
 
