@@ -35,7 +35,8 @@ class Case:
         """(x, dy, weight, bias, running_mean, running_var) of the whole batch, in the case's dtype."""
         rng = np.random.default_rng(sum(map(ord, self.name)) + world)
         shape = (sum(self.shards(world)),) + self.sample_shape
-        x = (rng.standard_normal(shape) * 2.0 + self.offset + rng.standard_normal(self.channels_shape())).astype(self.dtype)
+        x = rng.standard_normal(shape) * 2.0 + self.offset + rng.standard_normal(self.channels_shape())
+        x = x.astype(self.dtype)
         dy = rng.standard_normal(shape).astype(self.dtype)
         c = self.channels
         return (x, dy, rng.standard_normal(c) + 1.0, rng.standard_normal(c), rng.standard_normal(c),
