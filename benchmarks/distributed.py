@@ -177,6 +177,7 @@ def launch(args):
     if mpiexec is None:
         sys.exit("benchmarks/distributed.py: no mpiexec beside this Python or on PATH (pip install mpich)")
     results = []
+    load_before = os.getloadavg()[0]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in args.ranks:
@@ -190,6 +191,8 @@ def launch(args):
             with open(out) as f:
                 results.append(json.load(f))
     print(report(results))
+    print("\n%d cores usable; load average %.1f before the runs, %.1f after." % (
+        len(os.sched_getaffinity(0)), load_before, os.getloadavg()[0]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
