@@ -32,6 +32,7 @@ message naming the rank), so no rank is left waiting in a collective the others 
 from __future__ import annotations
 
 import operator
+import zlib
 from typing import Any, List, NamedTuple, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
@@ -476,8 +477,8 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
     Raises
     ------
     TypeError, ValueError
-        On every rank, when any rank's arguments are wrong, when ranks disagree on C, or when the whole
-        batch is empty.
+        On every rank, when any rank's arguments are wrong, when ranks disagree on C or pass different
+        mean or invstd, or when the whole batch is empty.
     """
     _check_comm(comm)
 
@@ -488,7 +489,9 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
         invstd64 = _param(invstd, "invstd", channels, required=True)
         weight64 = _param(weight, "weight", channels)
         sums = _grad_sums_of(dy3, x3, mean64)
-        agreed = {"the number of channels": channels}
+        # Every rank must pass the statistics the forward gave all of them; a checksum tells.
+        checksum = zlib.crc32(invstd64.tobytes(), zlib.crc32(mean64.tobytes()))
+        agreed = {"the number of channels": channels, "the checksum of mean and invstd": checksum}
         return (x3, dy3, dtype, mean64, invstd64, weight64, sums), agreed, tuple(sums)
 
     (x3, dy3, dtype, mean64, invstd64, weight64, local), _, gathered = _exchange(comm, prepare)

@@ -341,6 +341,21 @@ def test_threads_several_bad_ranks_are_all_named():
     assert str(errors[0]) == "on rank 1 of 3 (and on rank 2): momentum must be a number, got 'fast'"
 
 
+def test_threads_backward_with_different_statistics_on_one_rank_raises_everywhere():
+    world = ThreadWorld(2)
+
+    def job(rank, comm):
+        x = np.random.default_rng(rank).standard_normal((4, 3))
+        y, mean, invstd = sync_batch_norm_train(x, None, None, comm)
+        if rank == 1:
+            mean, invstd = local_stats(x).mean, local_stats(x).invstd(1e-5)  # its shard's, not the batch's
+        return sync_batch_norm_backward(np.ones_like(x), x, mean, invstd, None, comm)
+
+    errors = [error for _, error in world.run(job)]
+    assert all(isinstance(error, ValueError) for error in errors), errors
+    assert all(str(error).startswith("ranks disagree on the checksum of mean and invstd: ") for error in errors)
+
+
 def test_threads_a_failure_while_computing_reaches_every_rank(monkeypatch):
     """Not only argument checks: anything raised before the collective is shared."""
     world = ThreadWorld(2)
