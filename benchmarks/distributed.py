@@ -56,14 +56,15 @@ def worker(args):
         return mean, invstd
 
     def timed(run, repeat):
+        """(wall seconds, CPU seconds of this process) of each repetition."""
         samples = []
         for _ in range(3):
             run()
         for _ in range(repeat):
             comm.Barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
-            samples.append(time.perf_counter() - start)
+            samples.append((time.perf_counter() - start, time.process_time() - start_cpu))
         return samples
 
     mean, invstd = step()
@@ -83,17 +84,27 @@ def worker(args):
                                           args.repeat),
         "kernels, 1 thread": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1), args.repeat),
     }
-    allgather = {k: timed(lambda: comm.allgather(np.zeros(k)), 200) for k in ALLGATHER_SIZES}
+    allgather = {k: [wall for wall, _ in timed(lambda: comm.allgather(np.zeros(k)), 200)] for k in ALLGATHER_SIZES}
     sent = len(pickle.dumps(forward_payload, pickle.HIGHEST_PROTOCOL)) + \
         len(pickle.dumps(backward_payload, pickle.HIGHEST_PROTOCOL))
     gathered = comm.gather({"parts": parts, "allgather": allgather, "sent": sent}, root=0)
     if comm.rank == 0:
         # A step lasts until its slowest rank is done: per repetition, the maximum over the ranks.
-        slowest = lambda key, table="parts": [max(s) for s in zip(*(g[table][key] for g in gathered))]  # noqa: E731
+        # The CPU time is the busiest rank's: on a loaded machine the wall time also counts the time a rank
+        # waited for a core.
+        def slowest(key, table="parts", field=None):
+            samples = (g[table][key] for g in gathered)
+            if field is not None:
+                samples = ([sample[field] for sample in rank_samples] for rank_samples in samples)
+            return [max(s) for s in zip(*samples)]
+
         result = {
             "ranks": comm.size, "shape": list(shape), "dtype": args.dtype,
-            "parts_ms": {key: _median_ms(slowest(key)) for key in parts},
+            "parts_ms": {key: _median_ms(slowest(key, field=0)) for key in parts},
+            "parts_min_ms": {key: 1e3 * min(slowest(key, field=0)) for key in parts},
+            "parts_cpu_ms": {key: _median_ms(slowest(key, field=1)) for key in parts},
             "allgather_us": {str(k): 1e6 * statistics.median(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
+            "allgather_min_us": {str(k): 1e6 * min(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
             "sent_bytes": sent, "received_bytes": sent * (comm.size - 1),
             "float64_values_sent": 2 * (2 * channels + 1),
         }
@@ -129,15 +140,18 @@ def report(results):
     first = results[0]
     shape = "x".join(map(str, first["shape"]))
     channels = first["shape"][1]
-    lines.append("Per-rank batch %s %s (C = %d), median of the repetitions, each step timed from a barrier to "
-                 "its slowest rank's end; every rank on this machine's cores." % (shape, first["dtype"], channels))
+    lines.append("Per-rank batch %s %s (C = %d), median of the repetitions, each timed from a barrier to its "
+                 "slowest rank's end (wall), and the CPU time of the busiest rank; the parts are timed alone, "
+                 "the kernels at 1 thread." % (shape, first["dtype"], channels))
     lines.append("")
-    header = "| | " + " | ".join("%d rank%s" % (r["ranks"], "" if r["ranks"] == 1 else "s") for r in results) + " |"
+    header = "| ms: wall median (min) / CPU median | " + " | ".join("%d rank%s" % (r["ranks"], "" if r["ranks"] == 1 else "s") for r in results) + " |"
     lines.append(header)
     lines.append("|---|" + "--:|" * len(results))
     for key in first["parts_ms"]:
         label = "**step: forward + backward**" if key == "step" else key
-        lines.append("| %s ms | %s |" % (label, " | ".join("%.3f" % r["parts_ms"][key] for r in results)))
+        lines.append("| %s | %s |" % (label, " | ".join(
+            "%.2f (%.2f) / %.2f" % (r["parts_ms"][key], r["parts_min_ms"][key], r["parts_cpu_ms"][key])
+            for r in results)))
     lines.append("| bytes sent per rank per step | %s |" % " | ".join(str(r["sent_bytes"]) for r in results))
     lines.append("| bytes received per rank per step | %s |" % " | ".join(str(r["received_bytes"]) for r in results))
     lines.append("| of which float64 values sent | %s |" % " | ".join(
@@ -146,10 +160,13 @@ def report(results):
     multi = [r for r in results if r["ranks"] > 1]
     if multi:
         r = multi[-1]
-        latency, bandwidth = fit_latency_bandwidth(r["allgather_us"], r["ranks"])
-        lines.append("allgather of k float64 per rank, %d ranks on this machine (median us): %s; fit: latency "
-                     "%.1f us (the smallest), bandwidth %.2f GB/s (from the largest)." % (r["ranks"], ", ".join(
-                         "k=%s: %.1f" % (k, v) for k, v in r["allgather_us"].items()), latency * 1e6, bandwidth / 1e9))
+        # The fastest repetitions: what the exchange costs when no other process takes the cores.
+        latency, bandwidth = fit_latency_bandwidth(r["allgather_min_us"], r["ranks"])
+        lines.append("mpi4py allgather of k float64 per rank, %d ranks on this machine, us median (min): %s. From "
+                     "the minima: latency %.1f us (the smallest k), bandwidth %.2f GB/s (what the largest adds)." % (
+                         r["ranks"], ", ".join("k=%s: %.1f (%.1f)" % (k, v, r["allgather_min_us"][k])
+                                               for k, v in r["allgather_us"].items()),
+                         latency * 1e6, bandwidth / 1e9))
         lines.append("")
         links = [("this machine (fit)", latency, bandwidth)] + LINKS
         lines.append("Exchange per step (model, ms) = 2 x [2 ceil(log2 P) x latency + (P - 1) x 8(2C + 1) B / "
