@@ -84,7 +84,8 @@ def worker(args):
                                           args.repeat),
         "kernels, 1 thread": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1), args.repeat),
     }
-    allgather = {k: [wall for wall, _ in timed(lambda: comm.allgather(np.zeros(k)), 200)] for k in ALLGATHER_SIZES}
+    allgather = {k: [wall for wall, _ in timed(lambda: comm.allgather(np.zeros(k)), args.allgather_repeat)]
+                 for k in ALLGATHER_SIZES}
     sent = len(pickle.dumps(forward_payload, pickle.HIGHEST_PROTOCOL)) + \
         len(pickle.dumps(backward_payload, pickle.HIGHEST_PROTOCOL))
     gathered = comm.gather({"parts": parts, "allgather": allgather, "sent": sent}, root=0)
@@ -118,12 +119,13 @@ def _kernel_step(foldnorm, x, dy, weight, bias, threads):
 
 
 def fit_latency_bandwidth(allgather_us, ranks):
-    """(latency in s, bandwidth in bytes/s) of an allgather here: the latency is the time of the smallest
-    message, the bandwidth what the largest one adds to it for the (P - 1) payloads each rank receives."""
+    """(latency of one message round in s, bandwidth in bytes/s) that make the model below reproduce the
+    measured allgathers: the smallest k's time is 2 ceil(log2 P) rounds, and the largest k adds the
+    (P - 1) payloads each rank receives."""
     sizes = sorted(allgather_us, key=int)
     small, large = allgather_us[sizes[0]] * 1e-6, allgather_us[sizes[-1]] * 1e-6
     extra_bytes = (ranks - 1) * 8.0 * (int(sizes[-1]) - int(sizes[0]))
-    return small, (extra_bytes / (large - small) if large > small else float("inf"))
+    return small / (2 * np.ceil(np.log2(ranks))), (extra_bytes / (large - small) if large > small else float("inf"))
 
 
 def exchange_model(ranks, channels, latency, bandwidth):
@@ -163,7 +165,7 @@ def report(results):
         # The fastest repetitions: what the exchange costs when no other process takes the cores.
         latency, bandwidth = fit_latency_bandwidth(r["allgather_min_us"], r["ranks"])
         lines.append("mpi4py allgather of k float64 per rank, %d ranks on this machine, us median (min): %s. From "
-                     "the minima: latency %.1f us (the smallest k), bandwidth %.2f GB/s (what the largest adds)." % (
+                     "the minima: latency %.1f us per message round, bandwidth %.2f GB/s (what the largest k adds)." % (
                          r["ranks"], ", ".join("k=%s: %.1f (%.1f)" % (k, v, r["allgather_min_us"][k])
                                                for k, v in r["allgather_us"].items()),
                          latency * 1e6, bandwidth / 1e9))
@@ -201,7 +203,7 @@ def launch(args):
             out = os.path.join(tmp, "ranks%d.json" % ranks)
             command = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--worker", "--json",
                        out, "--shape", ",".join(map(str, args.shape)), "--dtype", args.dtype,
-                       "--repeat", str(args.repeat)]
+                       "--repeat", str(args.repeat), "--allgather-repeat", str(args.allgather_repeat)]
             print("running: %s" % " ".join(command[:3] + ["python", "benchmarks/distributed.py", "..."]),
                   file=sys.stderr)
             subprocess.run(command, check=True, env=env)
@@ -222,10 +224,21 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--ranks", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--allgather-repeat", type=int, default=200, help="repetitions of each allgather size")
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true",
+                        help="be one rank (under your own mpiexec, e.g. with a hostfile); rank 0 writes --json")
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="print the report of --worker runs' files")
     args = parser.parse_args(argv)
-    if args.worker:
+    if args.report:
+        results = []
+        for path in args.report:
+            with open(path) as f:
+                results.append(json.load(f))
+        print(report(sorted(results, key=lambda r: r["ranks"])))
+    elif args.worker:
+        if not args.json:
+            parser.error("--worker needs --json FILE")
         worker(args)
     else:
         launch(args)
