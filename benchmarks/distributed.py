@@ -146,8 +146,8 @@ def report(results):
                  "slowest rank's end (wall), and the CPU time of the busiest rank; the parts are timed alone, "
                  "the kernels at 1 thread." % (shape, first["dtype"], channels))
     lines.append("")
-    header = "| ms: wall median (min) / CPU median | " + " | ".join("%d rank%s" % (r["ranks"], "" if r["ranks"] == 1 else "s") for r in results) + " |"
-    lines.append(header)
+    columns = ["%d rank%s" % (r["ranks"], "" if r["ranks"] == 1 else "s") for r in results]
+    lines.append("| ms: wall median (min) / CPU median | " + " | ".join(columns) + " |")
     lines.append("|---|" + "--:|" * len(results))
     for key in first["parts_ms"]:
         label = "**step: forward + backward**" if key == "step" else key
@@ -164,11 +164,11 @@ def report(results):
         r = multi[-1]
         # The fastest repetitions: what the exchange costs when no other process takes the cores.
         latency, bandwidth = fit_latency_bandwidth(r["allgather_min_us"], r["ranks"])
+        measured = ", ".join("k=%s: %.1f (%.1f)" % (k, v, r["allgather_min_us"][k])
+                             for k, v in r["allgather_us"].items())
         lines.append("mpi4py allgather of k float64 per rank, %d ranks on this machine, us median (min): %s. From "
-                     "the minima: latency %.1f us per message round, bandwidth %.2f GB/s (what the largest k adds)." % (
-                         r["ranks"], ", ".join("k=%s: %.1f (%.1f)" % (k, v, r["allgather_min_us"][k])
-                                               for k, v in r["allgather_us"].items()),
-                         latency * 1e6, bandwidth / 1e9))
+                     "the minima: latency %.1f us per message round, bandwidth %.2f GB/s (what the largest k "
+                     "adds)." % (r["ranks"], measured, latency * 1e6, bandwidth / 1e9))
         lines.append("")
         links = [("this machine (fit)", latency, bandwidth)] + LINKS
         lines.append("Exchange per step (model, ms) = 2 x [2 ceil(log2 P) x latency + (P - 1) x 8(2C + 1) B / "
@@ -228,13 +228,14 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--worker", action="store_true",
                         help="be one rank (under your own mpiexec, e.g. with a hostfile); rank 0 writes --json")
-    parser.add_argument("--report", nargs="+", metavar="JSON", help="print the report of --worker runs' files")
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="print the report of saved --json files")
     args = parser.parse_args(argv)
     if args.report:
         results = []
         for path in args.report:
             with open(path) as f:
-                results.append(json.load(f))
+                loaded = json.load(f)  # one --worker run, or the list a launch writes
+            results.extend(loaded if isinstance(loaded, list) else [loaded])
         print(report(sorted(results, key=lambda r: r["ranks"])))
     elif args.worker:
         if not args.json:
