@@ -25,15 +25,20 @@ def run_example(launcher, extra, out):
 
 
 @pytest.fixture(scope="module")
+def mpiexec():
+    path = _mpiexec()
+    if path is None:
+        pytest.skip("mpi4py and mpiexec are not installed (pip install 'foldnorm[mpi]')")
+    return path
+
+
+@pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     return run_example([sys.executable], ["--single"], tmp_path_factory.mktemp("example") / "single.json")
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_ranks_follow_one_process_on_the_whole_batch(ranks, one_process, tmp_path):
-    mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip("mpi4py and mpiexec are not installed (pip install 'foldnorm[mpi]')")
+def test_ranks_follow_one_process_on_the_whole_batch(ranks, mpiexec, one_process, tmp_path):
     synced = run_example([mpiexec, "-n", str(ranks), sys.executable], [], tmp_path / "synced.json")
     assert synced["ranks"] == ranks and one_process["ranks"] == 1
     losses, expected = np.array(synced["losses"]), np.array(one_process["losses"])
