@@ -16,7 +16,10 @@ size, and a shard may be empty.
 
 The building blocks (`local_stats`, `merge_stats`, `normalize`, `local_grad_sums`, `merge_grad_sums`,
 `normalize_backward`) take and return NumPy arrays and need no communication; `sync_batch_norm_train`
-and `sync_batch_norm_backward` compose them around one collective each.
+and `sync_batch_norm_backward` compose them around one collective each. They are NumPy rather than the
+compiled kernels: `batch_norm_train` and `batch_norm_backward` return float32 statistics and gradient
+sums for float32 input and apply them to the shard in the same call, and `batch_norm`'s one-FMA apply
+loses digits of float32 data far from zero, where `normalize` subtracts the mean first.
 
 Communicators
 -------------
