@@ -82,7 +82,7 @@ def test_local_stats_are_the_exact_float64_statistics(case, dtype):
 
 def test_local_stats_merge_their_pieces_in_order(monkeypatch):
     """Inputs larger than one piece are reduced piece by piece (a few rows each here) and Chan-merged."""
-    monkeypatch.setattr(distributed, "_PIECE_ELEMS", 40)
+    monkeypatch.setattr(distributed.statistics, "_PIECE_ELEMS", 40)
     for shape, axis in [((13, 3, 7), 1), ((13, 7, 3), -1)]:
         x, _ = data(shape, np.float32, offset=1e3)
         stats = local_stats(x, channel_axis=axis)
@@ -359,14 +359,14 @@ def test_threads_backward_with_different_statistics_on_one_rank_raises_everywher
 def test_threads_a_failure_while_computing_reaches_every_rank(monkeypatch):
     """Not only argument checks: anything raised before the collective is shared."""
     world = ThreadWorld(2)
-    real = distributed._stats_of
+    real = distributed.sync._stats_of
 
     def stats_of(x3):
         if x3.shape[0] == 1:
             raise MemoryError("no room")
         return real(x3)
 
-    monkeypatch.setattr(distributed, "_stats_of", stats_of)
+    monkeypatch.setattr(distributed.sync, "_stats_of", stats_of)
 
     def job(rank, comm):
         return sync_batch_norm_train(np.ones((1 if rank else 3, 2)), None, None, comm)
