@@ -18,7 +18,7 @@ $(PY):
 # installed only when a local CPU wheel of the pinned release is available (a plain download would be a
 # multi-GB CUDA build); tests and benchmarks that compare with it are skipped without it.
 $(VENV)/.installed: $(PY) $(SOURCES)
-	FOLDNORM_REQUIRE_OPENMP=1 $(PIP) install -q -e '.[test,bench]'
+	FOLDNORM_REQUIRE_OPENMP=1 $(PIP) install -q -e '.[test,bench,mpi]'
 	@if $(PIP) download -q --no-index --no-deps -d $(VENV)/.torch-probe torch==2.13.0 >/dev/null 2>&1; then \
 		$(PIP) install -q torch==2.13.0 || echo "foldnorm: torch could not be installed; torch comparisons are skipped"; \
 	else echo "foldnorm: no local torch==2.13.0 CPU wheel; torch comparisons are skipped"; fi

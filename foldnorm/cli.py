@@ -1,18 +1,25 @@
 """The `foldnorm` command: fold, inspect, demo.
 
     foldnorm fold MODEL.onnx [-o OUT.onnx] [--report REPORT.json] [--keep-bn] [--no-verify]
-                  [--shape NAME=1,3,224,224 ...] [--rtol R] [--atol A] [--force]
+                  [--shape NAME=1,3,224,224 ...] [--rtol R] [--atol A] [--force] [-q | -v]
     foldnorm inspect MODEL.onnx
     foldnorm demo [--quick]
 
 Exit codes: 0 done; 1 the folded model failed verification (nothing written, unless --force); 2 a
 mistake in the command or a file foldnorm refuses, reported as one line on stderr, never a traceback.
+On a failure nothing is written. Progress goes to stderr: with -v every step as it starts; on a terminal
+a step that takes more than a couple of seconds; -q prints nothing but errors.
 """
 import argparse
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+import warnings
 from pathlib import Path
 
 from .fold.errors import FoldError
@@ -26,6 +33,10 @@ class UsageError(Exception):
     """A mistake on the command line; argparse's own errors arrive as this too."""
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: raised where the program is, so that files being written are cleaned up."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError("%s: error: %s" % (self.prog, message))
@@ -34,19 +45,49 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None):
     """Run the command line with `argv` (sys.argv[1:] when None); returns the exit code."""
     parser = _build_parser()
+    previous_handler = _raise_on_sigterm()
     try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            raise UsageError("foldnorm: error: choose a command: fold, inspect or demo (foldnorm --help shows them)")
-        return args.run(args)
+        with warnings.catch_warnings():
+            # Third-party warnings (NumPy on extreme tolerances, onnx deprecations) are not the user's
+            # business; what matters reaches them as foldnorm's own lines.
+            warnings.simplefilter("ignore")
+            args = parser.parse_args(argv)
+            if args.command is None:
+                raise UsageError("foldnorm: error: choose a command: fold, inspect or demo (foldnorm --help shows "
+                                 "them)")
+            return args.run(args)
     except SystemExit as exit_request:  # --help and --version exit through argparse
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
     except UsageError as error:
         return _fail(str(error), EXIT_USAGE)
     except FoldError as error:
-        return _fail("foldnorm: error: %s" % error, EXIT_USAGE)
+        # A shape problem names the command line's --shape rather than the Python API's shapes=.
+        return _fail("foldnorm: error: %s" % getattr(error, "cli_message", error), EXIT_USAGE)
+    except MemoryError:
+        return _fail("foldnorm: error: out of memory; the model, or the inputs it asks verification to make, "
+                     "are too large for this machine (--no-verify skips verification)", EXIT_USAGE)
     except KeyboardInterrupt:
         return _fail("foldnorm: interrupted", 130)
+    except Terminated:
+        return _fail("foldnorm: terminated; nothing written", 128 + signal.SIGTERM)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        scratch = sys.modules.get("foldnorm.fold.scratch")
+        if scratch is not None:
+            scratch.remove_scratch_folder()
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into Terminated (in the main thread only, where Python runs handlers); returns the
+    handler it replaced, or None when it could not install one."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 def _build_parser():
@@ -71,17 +112,20 @@ def _build_parser():
     fold.add_argument("--no-verify", action="store_true", help="skip the comparison with the original in onnxruntime")
     fold.add_argument(
         "--shape", metavar="NAME=D0,D1,...", action="append", default=[], type=_parse_shape,
-        help="the size of an input with dynamic dims, for verification (repeatable)",
+        help="the shape verification feeds an input with dynamic dims (repeatable; by default foldnorm "
+        "chooses sizes onnxruntime runs, and checks two different shapes)",
     )
     fold.add_argument("--rtol", type=_tolerance("--rtol"),
                       help="relative tolerance (default 1e-4 for float32/64 outputs, 1e-2 for float16/bfloat16)")
     fold.add_argument("--atol", type=_tolerance("--atol"),
                       help="absolute tolerance (default rtol times each output's largest magnitude)")
     fold.add_argument("--force", action="store_true", help="write the result even when verification fails")
+    _add_verbosity(fold)
     fold.set_defaults(run=run_fold)
 
     inspect = commands.add_parser("inspect", help="show what fold would do to each normalization, writing nothing")
     inspect.add_argument("model", metavar="MODEL.onnx")
+    _add_verbosity(inspect)
     inspect.set_defaults(run=run_inspect)
 
     demo = commands.add_parser("demo", help="fold a built-in CNN, time it in onnxruntime, and run the kernels")
@@ -91,8 +135,16 @@ def _build_parser():
 
 
 def run_fold(args):
+    progress = Progress(verbose=args.verbose, quiet=args.quiet)
+    try:
+        return _fold(args, progress)
+    finally:
+        progress.done()  # a progress line left on the terminal by an error is cleared before its message
+
+
+def _fold(args, progress):
     from .fold.modelio import external_data_files, save_model, write_file_atomically
-    from .fold.verification import verify
+    from .fold.verification import quiet_onnxruntime, verify
 
     source = Path(args.model)
     output = Path(args.output) if args.output else _default_output(source)
@@ -106,6 +158,7 @@ def run_fold(args):
         if _same_path(report_path, output):
             raise UsageError("foldnorm: error: --report %s is the output model's path; choose another" % report_path)
 
+    progress.step("reading %s" % source)
     protected = {os.path.realpath(source)} | external_data_files(source)
     for path, option in ((output, "-o"), (Path(str(output) + ".data"), "-o"), (report_path, "--report")):
         if path is not None and os.path.realpath(path) in protected:
@@ -114,12 +167,17 @@ def run_fold(args):
 
     from .fold import fold_model
 
+    progress.step("folding")
     # Read and folded in place (one copy of the model in memory); verification reads the original again.
     folded, report = fold_model(source, keep_bn=args.keep_bn, verify=False)
     report.model = str(source)
     if not args.no_verify:
-        report.verification = verify(source, folded, shapes=shapes, rtol=args.rtol, atol=args.atol)
-    print(report.format_text())
+        quiet_onnxruntime()
+        report.verification = verify(source, folded, shapes=shapes, rtol=args.rtol, atol=args.atol,
+                                     progress=progress.step)
+    progress.done()
+    if not args.quiet:
+        print(report.format_text(every_node=args.verbose), flush=True)
 
     verification = report.verification
     if verification is not None and not verification.passed:
@@ -129,19 +187,34 @@ def run_fold(args):
                          EXIT_VERIFICATION_FAILED)
         print("foldnorm: verification failed: %s; written anyway because of --force" % summary, file=sys.stderr)
 
-    written = [str(p) for p in save_model(folded, output, external_data=bool(external_data_files(source)))]
+    # The report's folder was probed before folding; it is checked once more here, before the model is
+    # written, so that a report that cannot be written leaves no model behind either.
+    report_json = None
     if report_path is not None:
-        write_file_atomically(report_path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+        report_json = (json.dumps(report.to_dict(), indent=2) + "\n").encode()
+        _check_writable(report_path, "--report")
+    progress.step("writing %s" % output)
+    written = [str(p) for p in save_model(folded, output, external_data=bool(external_data_files(source)))]
+    if report_json is not None:
+        write_file_atomically(report_path, report_json)
         written.append(str(report_path))
-    print("wrote %s" % ", ".join(written))
+    progress.done()
+    if not args.quiet:
+        print("wrote %s" % ", ".join(written))
     return EXIT_OK
 
 
 def run_inspect(args):
     from .fold import inspect_model
 
-    report = inspect_model(Path(args.model))
-    print(report.format_text(every_node=True))
+    progress = Progress(verbose=args.verbose, quiet=args.quiet)
+    try:
+        progress.step("reading and folding %s (nothing is written)" % args.model)
+        report = inspect_model(Path(args.model))
+    finally:
+        progress.done()
+    if not args.quiet:
+        print(report.format_text(every_node=True))
     return EXIT_OK
 
 
@@ -169,6 +242,20 @@ def _check_destination(path, option):
         raise UsageError("foldnorm: error: %s %s: the folder %s does not exist" % (option, path, folder))
     if path.is_dir():
         raise UsageError("foldnorm: error: %s %s is a directory; give a file name" % (option, path))
+    _check_writable(path, option)
+
+
+def _check_writable(path, option):
+    """Create and remove a file in the destination's folder: the one test of writability that holds for
+    every user, root included, and every file system (read-only mounts, ACLs)."""
+    folder = path.absolute().parent
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".%s." % path.name, suffix=".probe", dir=folder)
+    except OSError as error:
+        raise UsageError("foldnorm: error: %s %s: cannot write in the folder %s (%s)"
+                         % (option, path, folder, error.strerror or error)) from None
+    os.close(descriptor)
+    os.unlink(probe)
 
 
 def _same_path(a, b):
@@ -220,10 +307,84 @@ def _tolerance(option):
 def _divergence_summary(verification):
     failed = verification.failed_outputs
     first = failed[0]
-    detail = first.note or "max abs error %.3g, max rel error %.3g (rtol %.0e, atol %.1e)" % (
-        first.max_abs_error, first.max_rel_error, first.rtol, first.atol)
+    noise = "" if first.noise is None else ", the model's own noise %.3g" % first.noise
+    detail = first.note or "max abs error %.3g, max rel error %.3g (rtol %.0e, atol %.1e%s)" % (
+        first.max_abs_error, first.max_rel_error, first.rtol, first.atol, noise)
     more = " and %d more output%s" % (len(failed) - 1, "s" if len(failed) > 2 else "") if len(failed) > 1 else ""
     return "output %r diverged: %s%s" % (first.name, detail, more)
+
+
+def _add_verbosity(command):
+    group = command.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="show every step with its time on stderr, and every node in the report")
+
+
+class Progress:
+    """What foldnorm is doing, on stderr.
+
+    verbose: every step as it starts, with the time since the command started. Otherwise, on a terminal:
+    a step still running after SHOW_AFTER seconds appears on one line, which the next step replaces and
+    done() clears. quiet, or stderr not a terminal: nothing.
+    """
+
+    SHOW_AFTER = 2.0
+
+    def __init__(self, *, verbose=False, quiet=False, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.verbose = verbose and not quiet
+        self.live = not quiet and not verbose and _is_terminal(self.stream)
+        self.start = time.perf_counter()
+        self._lock = threading.Lock()
+        self._timer = None
+        self._current = None
+        self._shown = False
+
+    def step(self, message):
+        with self._lock:
+            self._cancel_timer()
+            self._current = message
+            if self.verbose:
+                print("foldnorm: [%7.2f s] %s" % (time.perf_counter() - self.start, message), file=self.stream,
+                      flush=True)
+            elif self.live and (self._shown or self.SHOW_AFTER <= 0):
+                self._write_line(message)
+            elif self.live:
+                self._timer = threading.Timer(self.SHOW_AFTER, self._show, args=(message,))
+                self._timer.daemon = True
+                self._timer.start()
+
+    def done(self):
+        with self._lock:
+            self._cancel_timer()
+            self._current = None
+            if self._shown:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+                self._shown = False
+
+    def _show(self, message):
+        with self._lock:
+            if self._current is message:
+                self._write_line(message)
+
+    def _write_line(self, message):
+        self.stream.write("\r\033[Kfoldnorm: %s ..." % message)
+        self.stream.flush()
+        self._shown = True
+
+    def _cancel_timer(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _fail(message, code):

@@ -335,18 +335,38 @@ def test_no_verify_skips_onnxruntime(tmp_path, capsys, monkeypatch):
     assert len(calls) == 1 and "verification against onnxruntime" in out
 
 
-def test_shape_gives_dynamic_dims_for_verification(tmp_path, capsys):
+def test_dynamic_dims_need_no_shape_and_shape_overrides_them(tmp_path, capsys):
     model = conv_bn_model()
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[0].dim_param, dims[2].dim_param, dims[3].dim_param = "batch", "height", "width"
     path = write_model(tmp_path, model)
-    code, out, err = run_cli(capsys, "fold", path)
-    assert_one_line_error(code, out, err, 2, "input 'image' has a dynamic dim at axis 2 ('height')", "--shape image=")
-    assert listing(tmp_path) == ["model.onnx"]
+    code, out, err = run_cli(capsys, "fold", path, "--report", tmp_path / "chosen.json")
+    assert code == 0, err
+    verification = json.loads((tmp_path / "chosen.json").read_text())["verification"]
+    assert verification["passed"] and verification["shapes_chosen"] is True
+    first, second = verification["shape_sets"]
+    assert first == {"image": [1, 3, 224, 224]} and second["image"][0] != 1 and second["image"][2] != 224
+    assert verification["dynamic_dims"] == {"image": [0, 2, 3]}
+    assert "image=[1,3,224,224]" in out and "chosen by foldnorm" in out and "model noise" in out
     code, out, err = run_cli(capsys, "fold", path, "--shape", "image=2,3,12,9", "--report", tmp_path / "r.json")
     assert code == 0, err
-    assert json.loads((tmp_path / "r.json").read_text())["verification"]["input_shapes"] == {"image": [2, 3, 12, 9]}
-    assert "image=[2,3,12,9]" in out
+    verification = json.loads((tmp_path / "r.json").read_text())["verification"]
+    assert verification["input_shapes"] == {"image": [2, 3, 12, 9]} and verification["shapes_chosen"] is False
+    assert verification["shape_sets"] == [{"image": [2, 3, 12, 9]}]
+    assert "image=[2,3,12,9]" in out and "chosen by foldnorm" not in out
+
+
+def test_shape_errors_name_the_shape_option(tmp_path, capsys):
+    model = conv_bn_model()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -5
+    path = write_model(tmp_path, model)
+    code, out, err = run_cli(capsys, "fold", path)
+    assert_one_line_error(code, out, err, 2, "input 'image' declares dim -5 at axis 2, which is invalid",
+                          "--shape image=d0,d1,...")
+    assert "shapes=" not in err
+    assert listing(tmp_path) == ["model.onnx"]
+    code, out, err = run_cli(capsys, "fold", path, "--shape", "image=1,3,10,10")
+    assert code == 0, err
 
 
 def test_zero_tolerance_fails_verification_and_writes_nothing(tmp_path, capsys):
@@ -438,3 +458,210 @@ def test_python_m_foldnorm_folds(tmp_path):
     result = python_m_foldnorm("fold", "model.onnx", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "passed" in result.stdout and (tmp_path / "model.folded.onnx").exists()
+
+
+# ---- nothing to fold; what is printed: -q, -v, progress -----------------------------------------------------
+
+def conv_only_model():
+    """A Conv with no BatchNormalization after it: what an exporter that folds BN itself writes."""
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["y"], name="conv")], "no_bn",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+def training_mode_model():
+    model = conv_bn_model()
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.attribute.append(helper.make_attribute("training_mode", 1))
+            node.output.extend([node.name + "_running_mean", node.name + "_running_var"])
+    return model
+
+
+def parameters_as_inputs_model():
+    model = conv_bn_model()
+    for name in ("bn1.scale", "bn2.scale"):
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [16]))
+    return model
+
+
+@pytest.mark.parametrize("build, reason", [
+    (conv_only_model, "the model has no BatchNormalization; its exporter likely folded them already"),
+    (training_mode_model, "of 2 BatchNormalization, 2 in training mode"),
+    (parameters_as_inputs_model, "2 whose parameters are graph inputs"),
+])
+def test_nothing_to_fold_is_said_in_one_line_and_the_model_is_still_written(tmp_path, capsys, build, reason):
+    path = write_model(tmp_path, build())
+    # onnxruntime does not run a training-mode BatchNormalization in an inference session: no verification
+    extra = ["--no-verify"] if build is training_mode_model else []
+    code, out, err = run_cli(capsys, "fold", path, "--keep-bn", "--report", tmp_path / "r.json", *extra)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if "nothing was folded" in line]
+    assert len(lines) == 1 and reason in lines[0], out
+    assert json.loads((tmp_path / "r.json").read_text())["nothing_folded"] == lines[0].strip()
+    written = onnx.load(str(tmp_path / "model.folded.onnx"))
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in build().graph.node]
+
+
+def test_something_folded_says_nothing_of_the_sort(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "fold", write_model(tmp_path), "--report", tmp_path / "r.json")
+    assert code == 0 and "nothing was folded" not in out
+    assert json.loads((tmp_path / "r.json").read_text())["nothing_folded"] is None
+
+
+def test_quiet_prints_nothing_but_errors(tmp_path, capsys):
+    model = write_model(tmp_path)
+    code, out, err = run_cli(capsys, "fold", model, "-q")
+    assert code == 0 and out == "" and err == ""
+    assert (tmp_path / "model.folded.onnx").exists()
+    code, out, err = run_cli(capsys, "fold", model, "-q", "--rtol", "0", "--atol", "0", "-o", tmp_path / "o.onnx")
+    assert_one_line_error(code, out, err, 1, "verification failed")
+    assert out == ""
+    code, out, err = run_cli(capsys, "inspect", model, "-q")
+    assert code == 0 and out == "" and err == ""
+
+
+def test_verbose_shows_each_step_and_every_node(tmp_path, capsys):
+    model = write_model(tmp_path, conv_bn_model(pre_bn=True))
+    code, out, err = run_cli(capsys, "fold", model, "-v")
+    assert code == 0, err
+    steps = [line for line in err.splitlines() if line.startswith("foldnorm: [")]
+    for fragment in ("reading", "folding", "running the original", "running the folded", "rounding noise",
+                     "writing"):
+        assert any(fragment in line for line in steps), err
+    assert "folded into Conv" in out  # every node, not only those left
+    code, out, err = run_cli(capsys, "fold", model, "-q", "-v")
+    assert_one_line_error(code, out, err, 2, "not allowed with argument")
+
+
+class FakeTerminal:
+    """A stderr that says it is a terminal and records what is written to it."""
+
+    def __init__(self):
+        self.text = ""
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_on_a_terminal_shows_slow_steps_on_one_line_and_clears_it(tmp_path, capsys, monkeypatch):
+    from foldnorm import cli
+
+    terminal = FakeTerminal()
+    monkeypatch.setattr(cli.sys, "stderr", terminal)
+    monkeypatch.setattr(cli.Progress, "SHOW_AFTER", 0.0)  # every step counts as slow
+    code = main(["fold", str(write_model(tmp_path))])
+    out, _ = capsys.readouterr()
+    assert code == 0
+    for step in ("reading", "folding", "verification: running the folded model", "writing"):
+        assert "\r\033[Kfoldnorm: %s" % step in terminal.text
+    assert terminal.text.endswith("\r\033[K")  # the line is cleared before the report prints
+    assert "\n" not in terminal.text and "passed" in out
+
+
+def test_progress_shows_a_step_only_after_it_has_run_a_while():
+    import time
+
+    from foldnorm.cli import Progress
+
+    terminal = FakeTerminal()
+    progress = Progress(stream=terminal)
+    progress.SHOW_AFTER = 0.05
+    progress.step("slow step")
+    time.sleep(0.5)
+    progress.step("next step")
+    progress.done()
+    assert terminal.text == "\r\033[Kfoldnorm: slow step ...\r\033[Kfoldnorm: next step ...\r\033[K"
+
+
+def test_progress_is_silent_when_stderr_is_not_a_terminal_or_steps_are_quick(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "fold", write_model(tmp_path))
+    assert code == 0 and err == ""
+    terminal = FakeTerminal()
+    from foldnorm.cli import Progress
+
+    progress = Progress(stream=terminal)
+    progress.step("a quick step")
+    progress.done()
+    assert terminal.text == ""  # done before SHOW_AFTER seconds: nothing shown
+
+
+def test_an_unwritable_report_folder_leaves_nothing_written(tmp_path, capsys, monkeypatch):
+    import tempfile as tempfile_module
+
+    model = write_model(tmp_path)
+    (tmp_path / "ro").mkdir()
+    real_mkstemp = tempfile_module.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # a read-only folder, even for root
+        if dir is not None and Path(dir).name == "ro":
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile_module, "mkstemp", read_only)
+    code, out, err = run_cli(capsys, "fold", model, "-o", tmp_path / "out.onnx", "--report", tmp_path / "ro" / "r.json")
+    assert_one_line_error(code, out, err, 2, "--report", "cannot write in the folder", "Permission denied")
+    assert listing(tmp_path) == ["model.onnx", "ro"] and listing(tmp_path / "ro") == []
+
+
+def test_a_model_with_a_rank_0_bool_input_folds_and_verifies(tmp_path, capsys):
+    """A BN inside each branch of an If whose condition is a rank-0 bool graph input."""
+    rng = np.random.default_rng(3)
+
+    def branch(name, sign):
+        inits = [numpy_helper.from_array((sign * rng.standard_normal((4, 3, 1, 1))).astype(np.float32), name + ".w")]
+        for part, values in (("scale", rng.uniform(0.5, 1.5, 4)), ("bias", rng.standard_normal(4)),
+                             ("mean", rng.standard_normal(4)), ("var", rng.uniform(0.5, 2.0, 4))):
+            inits.append(numpy_helper.from_array(values.astype(np.float32), "%s.%s" % (name, part)))
+        nodes = [helper.make_node("Conv", ["image", name + ".w"], [name + "_conv"], name=name + "_conv"),
+                 helper.make_node("BatchNormalization", [name + "_conv"] + ["%s.%s" % (name, p) for p in
+                                  ("scale", "bias", "mean", "var")], [name + "_y"], name=name + "_bn")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(name + "_y", TensorProto.FLOAT,
+                                                                                 ["N", 4, 5, 5])], initializer=inits)
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0))],
+        "if_model",
+        [helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    path = write_model(tmp_path, model)
+    code, out, err = run_cli(capsys, "fold", path, "--report", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["counts"]["folded"] == {"Conv": 2} and report["verification"]["passed"]
+    assert report["verification"]["input_shapes"]["flag"] == []
+    folded = onnx.load(str(tmp_path / "model.folded.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 5)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"flag": np.array(flag), "image": x}
+        np.testing.assert_allclose(run_unoptimized(folded, feeds)[0], run_unoptimized(model, feeds)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_an_error_clears_the_progress_line_before_its_message(tmp_path, capsys, monkeypatch):
+    from foldnorm import cli
+
+    terminal = FakeTerminal()
+    monkeypatch.setattr(cli.sys, "stderr", terminal)
+    monkeypatch.setattr(cli.Progress, "SHOW_AFTER", 0.0)
+    model = conv_bn_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2**40
+    code = main(["fold", str(write_model(tmp_path, model))])
+    assert code == 2
+    shown, _, message = terminal.text.rpartition("\r\033[K")
+    assert "foldnorm: " in shown  # a step was on the line, and was cleared
+    assert message.startswith("foldnorm: error: ") and message.count("\n") == 1 and "limit" in message

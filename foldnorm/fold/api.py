@@ -8,7 +8,7 @@ from .errors import VerificationError
 from .external_data import load_referenced
 from .modelio import check_model, open_model
 from .proto import attribute_graphs, graph_statistics
-from .report import FoldReport
+from .report import FoldReport, count_layers
 
 # IR versions before 4 list every initializer among the graph inputs as well.
 INITIALIZERS_ARE_INPUTS_BELOW_IR = 4
@@ -47,6 +47,7 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     original = opened.model
     start = time.perf_counter()
     nodes_before, bytes_before = graph_statistics(original.graph)
+    layers = count_layers(original.graph)  # before the fold, which may work on `original` itself
     if opened.owned:
         folded = original  # read from the file just now: no one else holds it
     else:
@@ -63,7 +64,8 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     check_model(folded, "the folded model", at_least=opened.check.level)
     nodes_after, bytes_after = graph_statistics(folded.graph)
     report = FoldReport(model=opened.label, outcomes=outcomes, nodes_before=nodes_before, nodes_after=nodes_after,
-                        param_bytes_before=bytes_before, param_bytes_after=bytes_after, fold_seconds=seconds)
+                        param_bytes_before=bytes_before, param_bytes_after=bytes_after, fold_seconds=seconds,
+                        layers=layers)
     if opened.check.note:
         report.notes.append(opened.check.note)
     if inlined:

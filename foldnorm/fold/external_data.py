@@ -9,6 +9,7 @@ model whose data need not be copied or serialized again).
 External data locations a model file names are validated here before a byte is read: a model file is
 untrusted input, and a location is a path it asks us to open.
 """
+import errno
 import os
 
 import numpy as np
@@ -46,8 +47,12 @@ _RAW_CONVERTIBLE = {
 # ---------------------------------------------------------------------------------------- every tensor
 
 def all_tensors(model):
-    """Every TensorProto a model holds: initializers, sparse ones, Constant-like attributes, subgraphs, functions."""
+    """Every TensorProto a model holds: initializers, sparse ones, Constant-like attributes, subgraphs, training
+    graphs, functions."""
     yield from _graph_tensors(model.graph)
+    for training_info in model.training_info:
+        yield from _graph_tensors(training_info.initialization)
+        yield from _graph_tensors(training_info.algorithm)
     for function in model.functions:
         for node in function.node:
             yield from _node_tensors(node)
@@ -95,9 +100,16 @@ def copy_without_data(model, place):
     length) has no data of its own but points to external data there; `place` returning None keeps the
     tensor as it is. The large tensors' data is never copied: the copy costs the model's structure."""
     copy = onnx.ModelProto()
-    _copy_fields(model, copy, skip=("graph", "functions"))
+    _copy_fields(model, copy, skip=("graph", "functions", "training_info"))
     if model.HasField("graph"):
         _copy_graph(model.graph, copy.graph, place)
+    for training_info in model.training_info:
+        target = copy.training_info.add()
+        _copy_fields(training_info, target, skip=("initialization", "algorithm"))
+        if training_info.HasField("initialization"):
+            _copy_graph(training_info.initialization, target.initialization, place)
+        if training_info.HasField("algorithm"):
+            _copy_graph(training_info.algorithm, target.algorithm, place)
     for function in model.functions:
         target = copy.functions.add()
         _copy_fields(function, target, skip=("node",))
@@ -274,10 +286,13 @@ def external_references(model, folder, path):
         if ".." in location.replace("\\", "/").split("/"):
             raise FoldError("%s, which climbs out with '..'; external data must lie in the model's folder "
                             "(path traversal refused)" % where)
-        resolved = os.path.realpath(os.path.join(folder, location))
+        joined = os.path.join(folder, location)
+        resolved = os.path.realpath(joined)
         if os.path.commonpath([resolved, real_folder]) != real_folder:
             raise FoldError("%s, a symlink that points outside the model's folder (to %s): path traversal refused"
                             % (where, resolved))
+        if _is_symlink_loop(joined):
+            raise FoldError("%s, a symlink loop (it never reaches a file)" % where)
         if not os.path.exists(resolved):
             raise FoldError("%s: the external data file %r of tensor %r is missing" % (path, location, tensor.name))
         if not os.path.isfile(resolved):
@@ -291,6 +306,14 @@ def external_references(model, folder, path):
             raise FoldError("%s with a negative offset or length" % where)
         references.append((tensor, resolved, offset, length))
     return references
+
+
+def _is_symlink_loop(path):
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
 
 
 def read_external_bytes(file, offset, length, tensor_name, path):

@@ -32,10 +32,12 @@ from pathlib import Path
 import onnx
 
 from .errors import FoldError
+from .messages import one_line
 from .external_data import (PLACEHOLDER_LOCATION, DataFileWriter, all_tensors, copy_without_data, data_bytes,
                             external_references, is_external, load_into, refer_in_place, without_data)
 from .proto import default_opset
 from .scratch import scratch_folder
+from .wire import unreadable_model_message
 
 MIN_OPSET = 7
 # protobuf cannot serialize a message of 2 GiB or more: such a model must keep its tensors outside.
@@ -143,9 +145,8 @@ def external_data_files(path):
 def _parse(model, data, path):
     try:
         model.ParseFromString(data)
-    except Exception:
-        raise FoldError("%s is not an ONNX model, or it is truncated or corrupted (its protobuf does not parse)"
-                        % path) from None
+    except Exception as error:
+        raise FoldError(unreadable_model_message(path, data, error)) from None
 
 
 def _read_model_file(path):
@@ -254,7 +255,7 @@ def _checker_error(structure, *, full):
     try:
         onnx.checker.check_model(structure, full_check=full)
     except Exception as error:  # noqa: BLE001 - the checker raises several types; each is a finding
-        return _first_line(error)
+        return one_line(error)
     return None
 
 
@@ -270,15 +271,8 @@ def _onnxruntime_error(model, file):
             source = os.fspath(file) if file is not None else onnxruntime_source(model, folder)
             ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime's own exception types
-        return _first_line(error)
+        return one_line(error)
     return None
-
-
-def _first_line(error):
-    text = str(error).strip()
-    for prefix in ("[ONNXRuntimeError] : ",):
-        text = text.split(prefix)[-1]
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------- writing

@@ -2,7 +2,15 @@
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from .proto import attribute_graphs
+
 NORMALIZATION_OPS = ("BatchNormalization",)
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# What keeps a BatchNormalization from folding, told apart by the words of its outcome's reason.
+_LEFT_CAUSES = (
+    ("training", "in training mode (they normalize with each batch's statistics)"),
+    ("graph input", "whose parameters are graph inputs (re-export with the parameters as constants)"),
+)
 
 
 @dataclass
@@ -59,6 +67,7 @@ class FoldReport:
     fold_seconds: float
     verification: object = None
     notes: list = field(default_factory=list)
+    layers: int = 0  # Conv / ConvTranspose / Gemm / MatMul nodes in the model, subgraphs included
 
     def normalizations(self):
         return [o for o in self.outcomes if o.op_type in NORMALIZATION_OPS]
@@ -74,9 +83,33 @@ class FoldReport:
             "left": sum(1 for o in self.outcomes if o.action == "left"),
         }
 
+    def nothing_folded(self):
+        """None when something was folded; otherwise one sentence saying so and the likely reason."""
+        counts = self.counts()
+        if counts["folded"]:
+            return None
+        found = counts["normalizations"]
+        if not found:
+            if self.layers:
+                return ("nothing was folded: the model has no BatchNormalization; its exporter likely folded "
+                        "them already (its %d Conv/Gemm/MatMul layers have none after them)" % self.layers)
+            return "nothing was folded: the model has no BatchNormalization and no layer that could absorb one"
+        left = [o for o in self.normalizations() if o.action != "folded"]
+        causes = []
+        for words, cause in _LEFT_CAUSES:
+            n = sum(1 for o in left if words in o.reason)
+            if n:
+                causes.append("%d %s" % (n, cause))
+        others = [o for o in left if not any(words in o.reason for words, _ in _LEFT_CAUSES)]
+        if others:
+            causes.append("%d because %s" % (len(others), others[0].reason))
+        rewritten = " (%d rewritten as Mul/Add)" % counts["rewritten"] if counts["rewritten"] else ""
+        return "nothing was folded%s: of %d BatchNormalization, %s" % (rewritten, found, "; ".join(causes))
+
     def to_dict(self):
         return {
             "model": self.model,
+            "nothing_folded": self.nothing_folded(),
             "counts": self.counts(),
             "outcomes": [o.to_dict() for o in self.outcomes],
             "nodes_before": self.nodes_before,
@@ -116,8 +149,21 @@ class FoldReport:
                                                        format(self.param_bytes_after, ",")))
         for note in self.notes:
             lines.append("  note: %s" % note)
+        nothing = self.nothing_folded()
+        if nothing:
+            lines.append("  " + nothing)
         if self.verification is not None:
             lines.extend("  " + line for line in self.verification.format_text().splitlines())
         lines.append("  time: %.3f s folding" % self.fold_seconds)
         return "\n".join(lines)
 
+
+
+def count_layers(graph):
+    """How many Conv / ConvTranspose / Gemm / MatMul nodes a graph and its subgraphs hold."""
+    count = 0
+    for node in graph.node:
+        count += node.op_type in LAYER_OPS
+        for _, subgraph in attribute_graphs(node):
+            count += count_layers(subgraph)
+    return count

@@ -2,44 +2,50 @@
 
 `verify` (public as foldnorm.verify) runs the original and the folded model in onnxruntime's CPU provider
 with every graph optimization DISABLED (ORT_DISABLE_ALL), so the check tests our folding and not
-onnxruntime's own, on the same seeded random inputs, and compares every graph output.
+onnxruntime's own, on the same seeded random inputs, and compares every graph output. A third run, of the
+original with every optimization enabled, measures the model's own rounding noise on those inputs, which
+widens the default tolerance (foldnorm.fold.tolerance says how, and how each output is judged); for a
+model with more than NOISE_ALWAYS_BYTES of parameters that run happens only when an output exceeds the
+default tolerance without it.
 
-Inputs, one array per graph input that is not an initializer, drawn from `numpy.random.default_rng(seed)`
-in graph-input order:
+Input shapes (foldnorm.fold.shapes says how sizes are chosen): a fixed dim keeps its size; a dynamic dim
+takes its size from `shapes` ({input name: [dims]}) when given, and is otherwise chosen by trying
+candidate sizes until onnxruntime runs the original. With chosen sizes, the models are compared at two
+shapes whose batch and other sizes differ, so a fold that is right at one shape only fails; the report
+lists the shapes and says they were chosen.
+
+Inputs, one array per graph input that is not an initializer, drawn from `numpy.random.default_rng`
+(seed, then seed + 1 for the second shape) in graph-input order:
 - float16 / bfloat16 / float / double: standard normal values, rounded to the input's dtype;
 - integer types: uniform integers in [0, 4) (small, so that they stay valid as indices);
-- bool: True or False with equal probability.
-Shapes: a fixed dim keeps its size; a dynamic dim takes its size from `shapes` ({input name: [dims]});
-without one, a dynamic FIRST dim (the batch) is `default_dim` (1 unless told) and the report says so; any
-other dynamic dim, or an input with no shape at all, needs `shapes` and is otherwise refused (FoldError).
-
-Tolerance, per output (an element passes when |folded - original| <= atol + rtol * |original|):
-- rtol: the caller's, else 1e-4 for float32/float64 outputs, 1e-2 for float16/bfloat16, 0 for integer and
-  bool outputs (which must match exactly).
-- atol: the caller's, else rtol * max|original| over the output's finite elements (the output's own
-  scale, at least the dtype's smallest normal number). Folding moves rounding by a few ulps of the values
-  that were summed, which scale with the output's magnitude; an absolute floor relative to that magnitude
-  keeps elements that happen to be near zero from failing on rounding alone.
-NaN matches NaN and an infinity matches the same infinity; anything else non-finite that differs fails.
-`max_rel_error` is max|folded - original| / max|original| (the error relative to the output's largest
-magnitude: element-wise ratios mean nothing next to zeros). With the default atol, an output whose
-max_rel_error is at most its rtol always passes.
+- bool: True or False with equal probability (a rank-0 input is a 0-d array).
 """
 import math
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from .errors import FoldError
-from .modelio import PROTOBUF_LIMIT, all_tensors, as_model
+from .messages import one_line
+from .modelio import as_model, onnxruntime_source
+from .proto import graph_statistics
+from .scratch import scratch_folder
+from .shapes import (LADDER_SECONDS, ShapeError, check_input_bytes, chosen_axes, concrete_shapes, first_candidates,
+                     format_dims, input_specs, second_candidates, symbols)
+from .tolerance import (NOISE_FACTOR, OutputComparison, compare_output, diverged, dtype_name, format_error,
+                        json_float, merge_comparisons, rounding_noise)
 
-DEFAULT_RTOL = {"float32": 1e-4, "float64": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 INTEGER_INPUT_HIGH = 4
+# onnxruntime's severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Its errors reach the caller as
+# exceptions, which foldnorm turns into one line; its log lines would only repeat them, with source paths.
+ORT_LOG_SEVERITY = 4
+# Parameter bytes above which the noise run (a third onnxruntime session) happens only when an output
+# exceeds the default tolerance without it.
+NOISE_ALWAYS_BYTES = 256 * 2**20
 
 _FLOAT_INPUT_TYPES = {
     onnx.TensorProto.FLOAT16: np.float16,
@@ -59,38 +65,14 @@ _INTEGER_INPUT_TYPES = {
 
 
 @dataclass
-class OutputComparison:
-    """How one graph output of the folded model compares with the original's."""
-
-    name: str
-    max_abs_error: float
-    max_rel_error: float
-    passed: bool
-    dtype: str = ""
-    rtol: float = 0.0
-    atol: float = 0.0
-    note: str = ""  # why an output failed beyond its numbers (a different shape, a missing output, ...)
-
-    def to_dict(self):
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "max_abs_error": _json_float(self.max_abs_error),
-            "max_rel_error": _json_float(self.max_rel_error),
-            "rtol": _json_float(self.rtol),
-            "atol": _json_float(self.atol),
-            "passed": self.passed,
-            "note": self.note,
-        }
-
-
-@dataclass
 class VerifyReport:
     """The outcome of `verify`.
 
     rtol / atol are the caller's tolerances, or, when defaulted, the largest used for any output (each
-    output's own are in `outputs`). input_shapes are the shapes actually fed; dynamic_dims names, per
-    input, the axes that were dynamic and took `default_dim` because `shapes` did not give them.
+    output's own are in `outputs`, with the original's rounding noise). input_shapes is the first shape
+    the models ran at and shape_sets every one ({input name: [dims]} each); dynamic_dims names, per input,
+    the axes whose size verification chose (empty when `shapes` or the model fixed them all); each output
+    in `outputs` is the worst over all shapes.
     """
 
     passed: bool
@@ -99,22 +81,32 @@ class VerifyReport:
     input_shapes: dict
     outputs: list
     seconds: float
-    default_dim: int = 1
+    shape_sets: list = field(default_factory=list)
     dynamic_dims: dict = field(default_factory=dict)
+    noise_factor: float = NOISE_FACTOR
+    notes: list = field(default_factory=list)
 
     @property
     def failed_outputs(self):
         return [o for o in self.outputs if not o.passed]
 
+    @property
+    def shapes_chosen(self):
+        """Whether verification chose the size of some dynamic dim."""
+        return bool(self.dynamic_dims)
+
     def to_dict(self):
         return {
             "passed": self.passed,
-            "rtol": _json_float(self.rtol),
-            "atol": _json_float(self.atol),
+            "rtol": json_float(self.rtol),
+            "atol": json_float(self.atol),
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
-            "default_dim": self.default_dim,
+            "shape_sets": [{k: list(v) for k, v in shapes.items()} for shapes in self.shape_sets],
+            "shapes_chosen": self.shapes_chosen,
             "dynamic_dims": {k: list(v) for k, v in self.dynamic_dims.items()},
+            "noise_factor": self.noise_factor,
             "outputs": [o.to_dict() for o in self.outputs],
+            "notes": list(self.notes),
             "seconds": self.seconds,
         }
 
@@ -123,236 +115,283 @@ class VerifyReport:
             "verification against onnxruntime (graph optimizations disabled): %s in %.2f s"
             % ("passed" if self.passed else "FAILED", self.seconds)
         ]
-        inputs = ", ".join("%s=%s" % (k, _format_dims(v)) for k, v in self.input_shapes.items())
-        lines.append("  inputs: %s" % (inputs or "(none)"))
+        for index, shapes in enumerate(self.shape_sets or [self.input_shapes]):
+            inputs = ", ".join("%s=%s" % (k, format_dims(v)) for k, v in shapes.items())
+            label = "inputs" if len(self.shape_sets) < 2 else "inputs (shape %d)" % (index + 1)
+            lines.append("  %s: %s" % (label, inputs or "(none)"))
         if self.dynamic_dims:
             where = ", ".join("%s axis %s" % (k, ",".join(map(str, v))) for k, v in self.dynamic_dims.items())
-            lines.append("  dynamic dims set to %d (%s); --shape NAME=d0,d1,... sets them" % (self.default_dim, where))
+            lines.append("  sizes of the dynamic dims chosen by foldnorm (%s); --shape NAME=d0,d1,... sets them"
+                         % where)
+        for note in self.notes:
+            lines.append("  note: %s" % note)
         width = max([len("output")] + [len(o.name) for o in self.outputs])
-        row = "  %-*s  %-12s  %-12s  %-24s  %s"
-        lines.append(row % (width, "output", "max abs err", "max rel err", "tolerance", "result"))
+        row = "  %-*s  %-11s  %-11s  %-11s  %-24s  %s"
+        lines.append(row % (width, "output", "max abs err", "max rel err", "model noise", "tolerance", "result"))
         for o in self.outputs:
             tolerance = "rtol %.0e atol %.1e" % (o.rtol, o.atol)
             result = "ok" if o.passed else "DIVERGED" + (" (%s)" % o.note if o.note else "")
-            errors = _format_error(o.max_abs_error), _format_error(o.max_rel_error)
-            lines.append(row % ((width, o.name) + errors + (tolerance, result)))
+            numbers = format_error(o.max_abs_error), format_error(o.max_rel_error), format_error(o.noise)
+            lines.append(row % ((width, o.name) + numbers + (tolerance, result)))
+        lines.append("  (model noise: how far onnxruntime's optimized run of the original is from its plain run; "
+                     "the default atol is at least %g times it)" % self.noise_factor)
         return "\n".join(lines)
 
 
-def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, default_dim=1):
-    """Run `original` and `folded` (ModelProtos or paths) in onnxruntime and compare every output.
+def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progress=None):
+    """Run `original` and `folded` in onnxruntime on the same seeded inputs and compare every output.
 
-    Returns a VerifyReport; a mismatch never raises (the caller decides what to do with it). Raises
-    FoldError when a model cannot be run: an input whose shape is unknown, an input type verification
-    cannot generate, a model onnxruntime refuses. See the module docstring for inputs and tolerances.
+    Parameters
+    ----------
+    original, folded : onnx.ModelProto or path
+        The model before and after folding.
+    shapes : dict, optional
+        {input name: [dims]} for inputs whose dynamic dims should not be chosen by verification.
+    rtol, atol : float, optional
+        Tolerances replacing the defaults (foldnorm.fold.tolerance).
+    seed : int
+        Seed of the random inputs.
+    progress : callable, optional
+        Called with a short sentence as each step starts (the command line shows them).
+
+    Returns
+    -------
+    VerifyReport
+        A mismatch never raises: the caller decides what to do with it.
+
+    Raises
+    ------
+    FoldError
+        The original cannot be run: an input whose shape is unknown and not given, an input type
+        verification cannot generate, inputs over the byte limit, a model onnxruntime refuses, or no
+        candidate shape at which onnxruntime runs it.
     """
     start = time.perf_counter()
     rtol = _check_tolerance(rtol, "rtol")
     atol = _check_tolerance(atol, "atol")
-    default_dim = _check_default_dim(default_dim)
+    say = progress or (lambda message: None)
     original, _ = as_model(original, "original", check=False)
     folded, _ = as_model(folded, "folded", check=False)
+    specs = input_specs(original, _check_shapes(shapes))
 
-    feeds, input_shapes, dynamic_dims = make_inputs(original, shapes=shapes, seed=seed, default_dim=default_dim)
-    expected = run_model(original, feeds, "original")
-    actual = run_model(folded, feeds, "folded")
+    say("verification: loading the original model in onnxruntime")
+    session = _session(original, "original", optimized=False)
+    shape_sets, feeds, expected, notes = _run_original(session, specs, original, seed, say)
+    del session
 
-    comparisons = []
-    for name, reference in expected.items():
-        if name not in actual:
-            comparisons.append(_diverged(name, _dtype_name(reference), "missing from the folded model"))
-            continue
-        comparisons.append(compare_output(name, reference, actual[name], rtol=rtol, atol=atol))
+    say("verification: running the folded model")
+    actual, folded_error = _run_all(folded, "folded", feeds, optimized=False)
+    comparisons = _compare_all(expected, actual, folded_error, None, rtol, atol)
+    large = graph_statistics(original.graph)[1] > NOISE_ALWAYS_BYTES
+    if folded_error is None and large and all(c.passed for c in comparisons):
+        # A large model's third session costs seconds: its noise is measured only when an output needs it.
+        notes.append("the model's rounding noise was not measured: every output is within the default "
+                     "tolerance, and for a model this large it is measured only when one is not")
+    elif folded_error is None:
+        say("verification: measuring the original model's own rounding noise (onnxruntime, optimizations on)")
+        noisy, noise_error = _run_all(original, "original", feeds, optimized=True)
+        if noise_error is not None:
+            notes.append("the model's rounding noise was not measured (with optimizations on, %s)" % noise_error)
+        else:
+            comparisons = _compare_all(expected, actual, folded_error, noisy, rtol, atol)
     return VerifyReport(
         passed=all(c.passed for c in comparisons),
         rtol=rtol if rtol is not None else max((c.rtol for c in comparisons), default=0.0),
         atol=atol if atol is not None else max((c.atol for c in comparisons), default=0.0),
-        input_shapes=input_shapes,
+        input_shapes=shape_sets[0],
         outputs=comparisons,
         seconds=time.perf_counter() - start,
-        default_dim=default_dim,
-        dynamic_dims=dynamic_dims,
+        shape_sets=shape_sets,
+        dynamic_dims=chosen_axes(specs),
+        notes=notes,
     )
 
 
-def make_inputs(model, *, shapes=None, seed=0, default_dim=1):
-    """Seeded random inputs for every graph input that is not an initializer.
+def _compare_all(expected, actual, folded_error, noisy, rtol, atol):
+    """One comparison per output of the original, the worst over the shape sets."""
+    comparisons = []
+    for name in expected[0]:
+        parts = []
+        for index, reference in enumerate(expected):
+            if folded_error is not None:
+                parts.append(diverged(name, dtype_name(reference[name]), folded_error))
+            elif name not in actual[index]:
+                parts.append(diverged(name, dtype_name(reference[name]), "missing from the folded model"))
+            else:
+                noise = None if noisy is None else rounding_noise(reference[name], noisy[index].get(name))
+                parts.append(compare_output(name, reference[name], actual[index][name], rtol=rtol, atol=atol,
+                                            noise=noise))
+        comparisons.append(merge_comparisons(parts))
+    return comparisons
 
-    Returns (feeds {name: array}, shapes {name: [dims]}, dynamic dims that took default_dim {name: [axes]}).
-    bfloat16 inputs are returned as ml_dtypes.bfloat16 arrays.
+
+def make_inputs(model, *, shapes=None, seed=0):
+    """Seeded random inputs for every graph input that is not an initializer, without running the model.
+
+    Dynamic dims not fixed by `shapes` take the first candidate sizes verification would try. Returns
+    (feeds {name: array}, shapes {name: [dims]}, dims chosen {name: [axes]}); bfloat16 inputs are
+    ml_dtypes.bfloat16 arrays.
     """
-    shapes = _check_shapes(shapes)
-    initializers = {init.name for init in model.graph.initializer}
-    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
-    unknown = sorted(set(shapes) - {i.name for i in graph_inputs})
-    if unknown:
-        raise FoldError(
-            "a shape was given for %s, which is not an input of the model (its inputs: %s)"
-            % (", ".join(repr(n) for n in unknown), ", ".join(i.name for i in graph_inputs) or "none")
-        )
-    rng = np.random.default_rng(seed)
-    feeds, used_shapes, dynamic_dims = {}, {}, {}
-    for value_info in graph_inputs:
-        name = value_info.name
-        if not value_info.type.HasField("tensor_type"):
-            raise FoldError("input %r is not a tensor; verification feeds tensors only (skip it with --no-verify)"
-                            % name)
-        elem_type = value_info.type.tensor_type.elem_type
-        dims, defaulted = _input_shape(value_info, shapes.get(name), default_dim)
-        feeds[name] = _random_tensor(rng, elem_type, dims, name)
-        used_shapes[name] = dims
-        if defaulted:
-            dynamic_dims[name] = defaulted
-    return feeds, used_shapes, dynamic_dims
+    specs = input_specs(model, _check_shapes(shapes))
+    sizes = first_candidates(specs, model)[0] if symbols(specs) else {}
+    used = concrete_shapes(specs, sizes)
+    check_input_bytes(specs, used, "at these shapes")
+    return _random_feeds(specs, used, seed), used, chosen_axes(specs)
 
 
-def run_model(model, feeds, label="model"):
-    """Run a ModelProto in onnxruntime (CPU, graph optimizations disabled); {output name: array}.
+def run_model(model, feeds, label="model", *, optimized=False):
+    """Run a ModelProto in onnxruntime's CPU provider; {output name: array}.
 
-    bfloat16 graph inputs and outputs travel as float32 through Cast nodes added to a copy of the model
-    (onnxruntime's Python binding has no bfloat16 arrays); both casts are exact for bfloat16 values.
+    Graph optimizations are disabled unless `optimized`. bfloat16 graph inputs and outputs travel as
+    float32 through Cast nodes added to a copy of the model (onnxruntime's Python binding has no bfloat16
+    arrays); both casts are exact for bfloat16 values. Raises FoldError when onnxruntime cannot run it.
     """
+    outputs, error = _run_all(model, label, [feeds], optimized=optimized)
+    if error is not None:
+        raise FoldError(error)
+    return outputs[0]
+
+
+def quiet_onnxruntime():
+    """Keep onnxruntime's process-wide log lines off stderr (its errors still arrive as exceptions, which
+    foldnorm reports as one line). The command line calls this; a library caller decides for its process."""
     import onnxruntime as ort
 
-    runnable, bfloat16_outputs = _with_bfloat16_casts(model)
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)
+
+
+class _Session:
+    """An onnxruntime session of one model, with the bfloat16 casts the feeds and outputs need."""
+
+    def __init__(self, inference_session, bfloat16_outputs):
+        self.session = inference_session
+        self.bfloat16_outputs = bfloat16_outputs
+        self.names = [o.name for o in inference_session.get_outputs()]
+
+    def run(self, feeds):
+        run_feeds = {}
+        for name, array in feeds.items():
+            if _is_bfloat16(array):
+                run_feeds[_bfloat16_feed_name(name)] = array.astype(np.float32)
+            else:
+                run_feeds[name] = array
+        values = self.session.run(self.names, run_feeds)
+        outputs = {}
+        for name, value in zip(self.names, values):
+            if name in self.bfloat16_outputs:
+                name, value = self.bfloat16_outputs[name], np.asarray(value).astype(_bfloat16_dtype())
+            outputs[name] = value
+        return outputs
+
+
+def _session(model, label, *, optimized):
+    """A _Session of `model`; FoldError (one line) when onnxruntime refuses the model."""
+    import onnxruntime as ort
+
+    runnable, bfloat16_outputs = _with_bfloat16_casts(_without_zero_dims(model))
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    run_feeds = {}
-    for name, array in feeds.items():
-        run_feeds[_bfloat16_feed_name(name) if _is_bfloat16(array) else name] = (
-            array.astype(np.float32) if _is_bfloat16(array) else array
-        )
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = ORT_LOG_SEVERITY
     try:
-        with tempfile.TemporaryDirectory(prefix="foldnorm-verify-") as folder:
+        with tempfile.TemporaryDirectory(prefix="verify-", dir=scratch_folder()) as folder:
             session = ort.InferenceSession(_session_source(runnable, folder), options,
                                            providers=["CPUExecutionProvider"])
-            names = [o.name for o in session.get_outputs()]
-            values = session.run(names, run_feeds)
     except FoldError:
         raise
     except Exception as error:
-        raise FoldError("onnxruntime cannot run the %s model: %s" % (label, _first_line(error))) from None
-    outputs = {}
-    for name, value in zip(names, values):
-        if name in bfloat16_outputs:
-            name, value = bfloat16_outputs[name], np.asarray(value).astype(_bfloat16_dtype())
-        outputs[name] = value
-    return outputs
+        raise FoldError("onnxruntime cannot load the %s model: %s" % (label, one_line(error))) from None
+    return _Session(session, bfloat16_outputs)
 
 
-def compare_output(name, reference, candidate, *, rtol=None, atol=None):
-    """Compare one output (an array, or a sequence of arrays) of the folded model with the original's."""
-    if isinstance(reference, (list, tuple)) or isinstance(candidate, (list, tuple)):
-        return _compare_sequence(name, reference, candidate, rtol, atol)
-    reference = np.asarray(reference)
-    candidate = np.asarray(candidate)
-    dtype = _dtype_name(reference)
-    if candidate.dtype != reference.dtype:
-        return _diverged(name, dtype, "dtype %s, original %s" % (_dtype_name(candidate), dtype))
-    if candidate.shape != reference.shape:
-        return _diverged(name, dtype, "shape %s, original %s" % (candidate.shape, reference.shape))
-    if reference.dtype.kind not in "fiub" and dtype != "bfloat16":
-        if np.array_equal(reference, candidate):
-            return OutputComparison(name, 0.0, 0.0, True, dtype)
-        return _diverged(name, dtype, "values differ")
-
-    is_float = reference.dtype.kind == "f" or dtype == "bfloat16"
-    out_rtol = rtol if rtol is not None else DEFAULT_RTOL.get(dtype, 0.0) if is_float else 0.0
-    ref = reference.astype(np.float64)
-    got = candidate.astype(np.float64)
-    finite = np.isfinite(ref)
-    magnitude = float(np.abs(ref[finite]).max()) if finite.any() else 0.0
-    if atol is not None:
-        out_atol = atol
-    elif is_float:
-        smallest_normal = float(np.finfo(np.float32 if dtype == "bfloat16" else reference.dtype).tiny)
-        out_atol = out_rtol * max(magnitude, smallest_normal)
-    else:
-        out_atol = 0.0
-
-    same = (ref == got) | (np.isnan(ref) & np.isnan(got))
-    with np.errstate(invalid="ignore", over="ignore"):
-        error = np.where(same, 0.0, np.abs(got - ref))
-    error = np.where(np.isnan(error), math.inf, error)
-    max_abs = float(error.max()) if error.size else 0.0
-    if max_abs == 0.0:
-        max_rel = 0.0
-    elif magnitude > 0.0:
-        max_rel = max_abs / magnitude
-    else:
-        max_rel = math.inf
-    with np.errstate(invalid="ignore"):
-        passed = bool(np.all(error <= out_atol + out_rtol * np.abs(np.where(finite, ref, 0.0))))
-    return OutputComparison(name, max_abs, max_rel, passed, dtype, out_rtol, out_atol)
+def _run_all(model, label, feeds_list, *, optimized):
+    """([outputs per feeds], None), or (None, a sentence saying why) when onnxruntime cannot load or run the
+    model."""
+    try:
+        session = _session(model, label, optimized=optimized)
+        return [session.run(feeds) for feeds in feeds_list], None
+    except FoldError as error:
+        return None, str(error)
+    except Exception as error:
+        return None, "onnxruntime cannot run the %s model: %s" % (label, one_line(error))
 
 
-def _diverged(name, dtype, note):
-    return OutputComparison(name, math.inf, math.inf, False, dtype, note=note)
+def _run_original(session, specs, model, seed, say):
+    """Run the original at its shapes (chosen ones when some dim is dynamic).
+
+    Returns (shape sets, feeds per set, outputs per set, notes).
+    """
+    if not symbols(specs):
+        shapes = concrete_shapes(specs, {})
+        check_input_bytes(specs, shapes, "at the shapes given or declared")
+        say("verification: running the original model at %s" % _format_shapes(shapes))
+        feeds = _random_feeds(specs, shapes, seed)
+        try:
+            outputs = session.run(feeds)
+        except Exception as error:
+            raise FoldError("onnxruntime cannot run the original model at %s: %s"
+                            % (_format_shapes(shapes), one_line(error))) from None
+        return [shapes], [feeds], [outputs], []
+
+    first, tried, first_error = _first_that_runs(session, specs, first_candidates(specs, model), seed, say)
+    if first is None:
+        if not tried:
+            raise ShapeError("no candidate size for the dynamic dims keeps the inputs within verification's "
+                             "byte limit; give the input shapes with shapes=",
+                             "no candidate size for the dynamic dims keeps the inputs within verification's "
+                             "byte limit; give the input shapes with --shape NAME=d0,d1,...")
+        message = ("onnxruntime runs the original model at none of the %d input shapes tried (%s, ...): %s; "
+                   % (len(tried), _format_shapes(tried[0]), first_error))
+        raise ShapeError(message + "give the input shapes with shapes=",
+                         message + "give the input shapes with --shape NAME=d0,d1,...")
+    sizes, shapes, feeds, outputs = first
+    second, _, _ = _first_that_runs(session, specs, second_candidates(specs, model, sizes), seed + 1, say)
+    if second is None:
+        return [shapes], [feeds], [outputs], [
+            "verified at one shape only: the original model ran at no other size tried"]
+    _, shapes2, feeds2, outputs2 = second
+    return [shapes, shapes2], [feeds, feeds2], [outputs, outputs2], []
 
 
-def _compare_sequence(name, reference, candidate, rtol, atol):
-    if not isinstance(reference, (list, tuple)) or not isinstance(candidate, (list, tuple)):
-        return _diverged(name, "sequence", "a sequence in only one model")
-    if len(reference) != len(candidate):
-        return _diverged(name, "sequence", "%d elements, original %d" % (len(candidate), len(reference)))
-    parts = [compare_output("%s[%d]" % (name, i), r, c, rtol=rtol, atol=atol)
-             for i, (r, c) in enumerate(zip(reference, candidate))]
-    failed = [p for p in parts if not p.passed]
-    return OutputComparison(
-        name,
-        max((p.max_abs_error for p in parts), default=0.0),
-        max((p.max_rel_error for p in parts), default=0.0),
-        not failed,
-        "sequence(%s)" % (parts[0].dtype if parts else ""),
-        max((p.rtol for p in parts), default=0.0),
-        max((p.atol for p in parts), default=0.0),
-        note="; ".join("%s: %s" % (p.name, p.note or "beyond tolerance") for p in failed[:3]),
-    )
+def _first_that_runs(session, specs, candidates, seed, say):
+    """((sizes, shapes, feeds, outputs) of the first candidate the session runs, or None; shapes tried;
+    the first error)."""
+    tried, first_error = [], None
+    start = time.perf_counter()
+    for sizes in candidates:
+        if tried and time.perf_counter() - start > LADDER_SECONDS:
+            break
+        shapes = concrete_shapes(specs, sizes)
+        tried.append(shapes)
+        say("verification: running the original model at %s" % _format_shapes(shapes))
+        feeds = _random_feeds(specs, shapes, seed)
+        try:
+            return (sizes, shapes, feeds, session.run(feeds)), tried, None
+        except Exception as error:
+            if first_error is None:
+                first_error = one_line(error)
+    return None, tried, first_error
 
 
-def _input_shape(value_info, given, default_dim):
-    name = value_info.name
-    tensor_type = value_info.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        if given is None:
-            raise FoldError("input %r has no shape in the model; give one with --shape %s=d0,d1,..." % (name, name))
-        return list(given), []
-    dims = tensor_type.shape.dim
-    if given is not None:
-        if len(given) != len(dims):
-            raise FoldError("the shape given for input %r has %d dims; the model's input has %d"
-                            % (name, len(given), len(dims)))
-        for axis, (dim, size) in enumerate(zip(dims, given)):
-            if dim.HasField("dim_value") and dim.dim_value != size:
-                raise FoldError("the shape given for input %r has %d at axis %d, where the model fixes %d"
-                                % (name, size, axis, dim.dim_value))
-        return list(given), []
-    shape, defaulted = [], []
-    for axis, dim in enumerate(dims):
-        if dim.HasField("dim_value") and dim.dim_value > 0:
-            shape.append(dim.dim_value)
-        elif dim.HasField("dim_value") and dim.dim_value == 0:
-            shape.append(0)
-        elif axis == 0:
-            shape.append(default_dim)
-            defaulted.append(axis)
-        else:
-            label = (" (%r)" % dim.dim_param) if dim.dim_param else ""
-            raise FoldError("input %r has a dynamic dim at axis %d%s; give its shape with --shape %s=d0,d1,..."
-                            % (name, axis, label, name))
-    return shape, defaulted
+def _random_feeds(specs, shapes, seed):
+    rng = np.random.default_rng(seed)
+    return {spec.name: _random_tensor(rng, spec.elem_type, shapes[spec.name], spec.name) for spec in specs}
+
+
+def _format_shapes(shapes):
+    return ", ".join("%s=%s" % (name, format_dims(dims)) for name, dims in shapes.items()) or "no inputs"
 
 
 def _random_tensor(rng, elem_type, shape, name):
+    # np.asarray: NumPy returns a scalar, not an array, for a rank-0 shape; onnxruntime wants arrays.
     if elem_type in _FLOAT_INPUT_TYPES:
-        return rng.standard_normal(shape).astype(_FLOAT_INPUT_TYPES[elem_type])
+        return np.asarray(rng.standard_normal(shape), dtype=_FLOAT_INPUT_TYPES[elem_type])
     if elem_type == onnx.TensorProto.BFLOAT16:
-        return rng.standard_normal(shape).astype(np.float32).astype(_bfloat16_dtype())
+        return np.asarray(rng.standard_normal(shape), dtype=np.float32).astype(_bfloat16_dtype())
     if elem_type in _INTEGER_INPUT_TYPES:
-        return rng.integers(0, INTEGER_INPUT_HIGH, size=shape).astype(_INTEGER_INPUT_TYPES[elem_type])
+        return np.asarray(rng.integers(0, INTEGER_INPUT_HIGH, size=shape), dtype=_INTEGER_INPUT_TYPES[elem_type])
     if elem_type == onnx.TensorProto.BOOL:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     known = elem_type in onnx.TensorProto.DataType.values()
     type_name = onnx.TensorProto.DataType.Name(elem_type) if known else str(elem_type)
     raise FoldError("input %r has element type %s, for which verification cannot make inputs (use --no-verify)"
@@ -411,10 +450,24 @@ def _with_bfloat16_casts(model):
     return copy, renamed
 
 
-def _session_source(model, folder):
-    """What onnxruntime loads: the serialized model, or a file with external data when it is too large."""
-    from .modelio import onnxruntime_source  # neither a full serialization to learn the size nor a change to the model
+def _without_zero_dims(model):
+    """`model`, or a copy whose graph inputs declare no dim_value 0: such a dim is dynamic to foldnorm (some
+    exporters write it so), but onnxruntime would insist on a size of 0."""
+    if not any(dim.HasField("dim_value") and dim.dim_value == 0
+               for value_info in model.graph.input for dim in value_info.type.tensor_type.shape.dim):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value_info in copy.graph.input:
+        for dim in value_info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value == 0:
+                dim.Clear()
+    return copy
 
+
+def _session_source(model, folder):
+    """What onnxruntime loads: the serialized model, or a file with external data when it is too large
+    (modelio.onnxruntime_source: no full serialization to learn the size, no change to the model)."""
     return onnxruntime_source(model, folder)
 
 
@@ -429,11 +482,6 @@ def _check_tolerance(value, name):
         raise ValueError("%s must be a finite non-negative number, got %r" % (name, value))
     return value
 
-
-def _check_default_dim(value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError("default_dim must be a positive int, got %r" % (value,))
-    return int(value)
 
 
 def _check_shapes(shapes):
@@ -454,25 +502,7 @@ def _check_shapes(shapes):
     return checked
 
 
-def _dtype_name(array):
-    if isinstance(array, (list, tuple)):
-        return "sequence"
-    return np.asarray(array).dtype.name
 
 
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _format_dims(dims):
-    return "[" + ",".join(str(d) for d in dims) + "]"
-
-
-def _format_error(value):
-    return "inf" if math.isinf(value) else "nan" if math.isnan(value) else "%.3g" % value
-
-
-def _json_float(value):
-    """A float for JSON: non-finite values (a diverged output) become None, which JSON can represent."""
-    return float(value) if math.isfinite(value) else None
+__all__ = ["verify", "VerifyReport", "OutputComparison", "compare_output", "make_inputs", "run_model",
+           "quiet_onnxruntime"]

@@ -1,0 +1,249 @@
+"""Synchronized batch norm across processes: time per training step at a fixed batch per rank, bytes
+exchanged, and what the exchange costs on many ranks.
+
+    python benchmarks/distributed.py [--shape 16,64,28,28] [--dtype float32] [--ranks 1,2] [--repeat 30]
+
+launches `mpiexec -n P` of itself for each P in --ranks (the mpich wheel's mpiexec beside this Python, else
+one on PATH), and prints a Markdown report: per rank count, the median step time (forward
+sync_batch_norm_train + backward sync_batch_norm_backward, each step timed from a barrier to the slowest
+rank's end), its parts, the same step of foldnorm's single-process kernels on one rank's batch, the bytes
+each rank sends and receives per step, a fit of the allgather's latency and bandwidth on this machine, and
+the cost model of the exchange for many ranks. Needs the `mpi` extra (mpi4py, mpich).
+"""
+import argparse
+import json
+import os
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# Assumed interconnects for the many-rank model (typical one-way small-message latency, bandwidth).
+LINKS = [("InfiniBand HDR", 2e-6, 20e9), ("100 GbE", 10e-6, 10e9), ("10 GbE TCP", 30e-6, 1.1e9)]
+MODEL_RANKS = [2, 8, 64, 512, 4096]
+ALLGATHER_SIZES = [1, 129, 1025, 16385, 131073]  # float64 values per rank (129 = 2C + 1 at C = 64)
+
+
+def _median_ms(samples):
+    return 1e3 * statistics.median(samples)
+
+
+def worker(args):
+    """One rank: time the steps, gather every rank's samples to rank 0, which writes the JSON."""
+    from mpi4py import MPI
+
+    import foldnorm
+    from foldnorm import distributed
+
+    comm = MPI.COMM_WORLD
+    shape = tuple(args.shape)
+    channels = shape[1]
+    rng = np.random.default_rng(comm.rank)
+    x = (rng.standard_normal(shape) * 2.0 + 0.5).astype(args.dtype)
+    dy = rng.standard_normal(shape).astype(args.dtype)
+    weight, bias = rng.standard_normal(channels) + 1.0, rng.standard_normal(channels)
+    running_mean, running_var = np.zeros(channels), np.ones(channels)
+
+    def step():
+        y, mean, invstd = distributed.sync_batch_norm_train(x, weight, bias, comm, running_mean=running_mean,
+                                                            running_var=running_var)
+        distributed.sync_batch_norm_backward(dy, x, mean, invstd, weight, comm)
+        return mean, invstd
+
+    def timed(run, repeat):
+        """(wall seconds, CPU seconds of this process) of each repetition."""
+        samples = []
+        for _ in range(3):
+            run()
+        for _ in range(repeat):
+            comm.Barrier()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            samples.append((time.perf_counter() - start, time.process_time() - start_cpu))
+        return samples
+
+    mean, invstd = step()
+    stats = distributed.local_stats(x)
+    sums = distributed.local_grad_sums(dy, x, mean)
+    forward_payload = (None, {"the number of channels": channels, "eps": 1e-5, "momentum": 0.1}, tuple(stats))
+    backward_payload = (None, {"the number of channels": channels}, tuple(sums))
+    total = distributed.merge_grad_sums([sums] * comm.size)
+    parts = {
+        "step": timed(step, args.repeat),
+        "local statistics": timed(lambda: distributed.local_stats(x), args.repeat),
+        "normalize": timed(lambda: distributed.normalize(x, mean, invstd, weight, bias), args.repeat),
+        "local gradient sums": timed(lambda: distributed.local_grad_sums(dy, x, mean), args.repeat),
+        "normalize backward": timed(lambda: distributed.normalize_backward(dy, x, mean, invstd, weight, total),
+                                    args.repeat),
+        "exchanges (2 allgathers)": timed(lambda: (comm.allgather(forward_payload), comm.allgather(backward_payload)),
+                                          args.repeat),
+        "kernels, 1 thread": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1), args.repeat),
+    }
+    allgather = {k: [wall for wall, _ in timed(lambda: comm.allgather(np.zeros(k)), args.allgather_repeat)]
+                 for k in ALLGATHER_SIZES}
+    sent = len(pickle.dumps(forward_payload, pickle.HIGHEST_PROTOCOL)) + \
+        len(pickle.dumps(backward_payload, pickle.HIGHEST_PROTOCOL))
+    gathered = comm.gather({"parts": parts, "allgather": allgather, "sent": sent}, root=0)
+    if comm.rank == 0:
+        # A step lasts until its slowest rank is done: per repetition, the maximum over the ranks.
+        # The CPU time is the busiest rank's: on a loaded machine the wall time also counts the time a rank
+        # waited for a core.
+        def slowest(key, table="parts", field=None):
+            samples = (g[table][key] for g in gathered)
+            if field is not None:
+                samples = ([sample[field] for sample in rank_samples] for rank_samples in samples)
+            return [max(s) for s in zip(*samples)]
+
+        result = {
+            "ranks": comm.size, "shape": list(shape), "dtype": args.dtype,
+            "parts_ms": {key: _median_ms(slowest(key, field=0)) for key in parts},
+            "parts_min_ms": {key: 1e3 * min(slowest(key, field=0)) for key in parts},
+            "parts_cpu_ms": {key: _median_ms(slowest(key, field=1)) for key in parts},
+            "allgather_us": {str(k): 1e6 * statistics.median(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
+            "allgather_min_us": {str(k): 1e6 * min(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
+            "sent_bytes": sent, "received_bytes": sent * (comm.size - 1),
+            "float64_values_sent": 2 * (2 * channels + 1),
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f)
+
+
+def _kernel_step(foldnorm, x, dy, weight, bias, threads):
+    y, mean, invstd = foldnorm.batch_norm_train(x, weight, bias, num_threads=threads)
+    foldnorm.batch_norm_backward(dy, x, mean, invstd, weight, num_threads=threads)
+
+
+def fit_latency_bandwidth(allgather_us, ranks):
+    """(latency of one message round in s, bandwidth in bytes/s) that make the model below reproduce the
+    measured allgathers: the smallest k's time is 2 ceil(log2 P) rounds, and the largest k adds the
+    (P - 1) payloads each rank receives."""
+    sizes = sorted(allgather_us, key=int)
+    small, large = allgather_us[sizes[0]] * 1e-6, allgather_us[sizes[-1]] * 1e-6
+    extra_bytes = (ranks - 1) * 8.0 * (int(sizes[-1]) - int(sizes[0]))
+    return small / (2 * np.ceil(np.log2(ranks))), (extra_bytes / (large - small) if large > small else float("inf"))
+
+
+def exchange_model(ranks, channels, latency, bandwidth):
+    """Seconds per step of the exchange: two allgathers of (2C + 1) float64 values per rank. mpi4py's
+    allgather of objects is two MPI collectives (the sizes, then the bytes), each about log2(P) rounds of
+    latency for small messages; every rank then receives (P - 1) payloads."""
+    payload = 8.0 * (2 * channels + 1)
+    rounds = 2 * np.ceil(np.log2(ranks))
+    return 2 * (rounds * latency + (ranks - 1) * payload / bandwidth)
+
+
+def report(results):
+    lines = []
+    first = results[0]
+    shape = "x".join(map(str, first["shape"]))
+    channels = first["shape"][1]
+    lines.append("Per-rank batch %s %s (C = %d), median of the repetitions, each timed from a barrier to its "
+                 "slowest rank's end (wall), and the CPU time of the busiest rank; the parts are timed alone, "
+                 "the kernels at 1 thread." % (shape, first["dtype"], channels))
+    lines.append("")
+    columns = ["%d rank%s" % (r["ranks"], "" if r["ranks"] == 1 else "s") for r in results]
+    lines.append("| ms: wall median (min) / CPU median | " + " | ".join(columns) + " |")
+    lines.append("|---|" + "--:|" * len(results))
+    for key in first["parts_ms"]:
+        label = "**step: forward + backward**" if key == "step" else key
+        lines.append("| %s | %s |" % (label, " | ".join(
+            "%.2f (%.2f) / %.2f" % (r["parts_ms"][key], r["parts_min_ms"][key], r["parts_cpu_ms"][key])
+            for r in results)))
+    lines.append("| bytes sent per rank per step | %s |" % " | ".join(str(r["sent_bytes"]) for r in results))
+    lines.append("| bytes received per rank per step | %s |" % " | ".join(str(r["received_bytes"]) for r in results))
+    lines.append("| of which float64 values sent | %s |" % " | ".join(
+        "%d (%d B)" % (r["float64_values_sent"], 8 * r["float64_values_sent"]) for r in results))
+    lines.append("")
+    multi = [r for r in results if r["ranks"] > 1]
+    if multi:
+        r = multi[-1]
+        # The fastest repetitions: what the exchange costs when no other process takes the cores.
+        latency, bandwidth = fit_latency_bandwidth(r["allgather_min_us"], r["ranks"])
+        measured = ", ".join("k=%s: %.1f (%.1f)" % (k, v, r["allgather_min_us"][k])
+                             for k, v in r["allgather_us"].items())
+        lines.append("mpi4py allgather of k float64 per rank, %d ranks on this machine, us median (min): %s. From "
+                     "the minima: latency %.1f us per message round, bandwidth %.2f GB/s (what the largest k "
+                     "adds)." % (r["ranks"], measured, latency * 1e6, bandwidth / 1e9))
+        lines.append("")
+        links = [("this machine (fit)", latency, bandwidth)] + LINKS
+        lines.append("Exchange per step (model, ms) = 2 x [2 ceil(log2 P) x latency + (P - 1) x 8(2C + 1) B / "
+                     "bandwidth], C = %d:" % channels)
+        lines.append("")
+        lines.append("| link (latency, bandwidth) | " + " | ".join("P = %d" % p for p in MODEL_RANKS) + " |")
+        lines.append("|---|" + "--:|" * len(MODEL_RANKS))
+        for name, lat, bw in links:
+            lines.append("| %s (%.0f us, %.1f GB/s) | %s |" % (name, lat * 1e6, bw / 1e9, " | ".join(
+                "%.3f" % (1e3 * exchange_model(p, channels, lat, bw)) for p in MODEL_RANKS)))
+    return "\n".join(lines)
+
+
+def mpiexec_path():
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else shutil.which("mpiexec")
+
+
+def launch(args):
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        sys.exit("benchmarks/distributed.py: mpi4py is not installed (pip install 'foldnorm[mpi]')")
+    mpiexec = mpiexec_path()
+    if mpiexec is None:
+        sys.exit("benchmarks/distributed.py: no mpiexec beside this Python or on PATH (pip install mpich)")
+    results = []
+    load_before = os.getloadavg()[0]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        for ranks in args.ranks:
+            out = os.path.join(tmp, "ranks%d.json" % ranks)
+            command = [mpiexec, "-n", str(ranks), sys.executable, os.path.abspath(__file__), "--worker", "--json",
+                       out, "--shape", ",".join(map(str, args.shape)), "--dtype", args.dtype,
+                       "--repeat", str(args.repeat), "--allgather-repeat", str(args.allgather_repeat)]
+            print("running: %s" % " ".join(command[:3] + ["python", "benchmarks/distributed.py", "..."]),
+                  file=sys.stderr)
+            subprocess.run(command, check=True, env=env)
+            with open(out) as f:
+                results.append(json.load(f))
+    print(report(results))
+    print("\n%d cores usable; load average %.1f before the runs, %.1f after." % (
+        len(os.sched_getaffinity(0)), load_before, os.getloadavg()[0]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=lambda s: [int(v) for v in s.split(",")], default=[16, 64, 28, 28],
+                        help="one rank's batch, N,C,H,W (default 16,64,28,28)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--ranks", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--allgather-repeat", type=int, default=200, help="repetitions of each allgather size")
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--worker", action="store_true",
+                        help="be one rank (under your own mpiexec, e.g. with a hostfile); rank 0 writes --json")
+    parser.add_argument("--report", nargs="+", metavar="JSON", help="print the report of saved --json files")
+    args = parser.parse_args(argv)
+    if args.report:
+        results = []
+        for path in args.report:
+            with open(path) as f:
+                loaded = json.load(f)  # one --worker run, or the list a launch writes
+            results.extend(loaded if isinstance(loaded, list) else [loaded])
+        print(report(sorted(results, key=lambda r: r["ranks"])))
+    elif args.worker:
+        if not args.json:
+            parser.error("--worker needs --json FILE")
+        worker(args)
+    else:
+        launch(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The synchronized batch norm: the building blocks around one allgather per pass, and the communicator
+protocol."""
+from __future__ import annotations
+
+import zlib
+from typing import Any, List, Optional, Protocol, Tuple, runtime_checkable
+
+import numpy as np
+
+from .statistics import (ChannelStats, GradSums, _as_batch, _as_like, _eps, _finite_number, _grad_sums_of,
+                         _normalize, _normalize_backward, _param, _running_statistic, _stats_of, merge_grad_sums,
+                         merge_stats)
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What the synchronized functions need from a communicator.
+
+    ``rank`` is this process's index in ``range(size)``; ``allgather(obj)`` is a collective that every
+    rank calls with one picklable object and that returns the list of all ranks' objects, in rank
+    order. An mpi4py communicator has exactly these; `TorchDistributedComm` gives them to a
+    ``torch.distributed`` process group.
+    """
+
+    rank: int
+    size: int
+
+    def allgather(self, obj: Any) -> List[Any]:
+        ...
+
+
+class TorchDistributedComm:
+    """A ``torch.distributed`` process group (gloo on CPU) as a `Communicator`.
+
+    Parameters
+    ----------
+    group : torch.distributed.ProcessGroup, optional
+        The group to synchronize over; the default group when None. ``torch.distributed`` must already
+        be initialized (``init_process_group``).
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call "
+                               "torch.distributed.init_process_group first")
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    def allgather(self, obj: Any) -> List[Any]:
+        gathered: List[Any] = [None] * self.size
+        self._dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synchronized training forward and backward: the building blocks around one collective each.
+
+
+def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
+                          comm: Communicator, *, running_mean: Optional[np.ndarray] = None,
+                          running_var: Optional[np.ndarray] = None, momentum: float = 0.1, eps: float = 1e-5,
+                          channel_axis: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch normalization of one rank's shard with the statistics of the whole batch (training forward).
+
+    A collective: every rank of ``comm`` calls it with its own shard. Over the n values per channel of
+    all shards together: mean = sum(x) / n, var = sum((x - mean)^2) / n, invstd = 1 / sqrt(var + eps),
+    and each rank gets y = (x - mean) * invstd * weight + bias for its shard, as `batch_norm_train` on
+    the concatenated batch would give. One ``allgather`` of ``(count, mean, m2)`` per rank (2C + 1
+    float64 values) is exchanged; every rank merges them in rank order, so mean and invstd are the same
+    bits on every rank.
+
+    running_mean and running_var, when given, are updated in place with PyTorch's convention:
+    running = (1 - momentum) * running + momentum * batch, the batch variance being the whole batch's
+    unbiased m2 / (n - 1) (computed in float64, stored in the arrays' dtype). Ranks usually all pass
+    them, so that they stay equal everywhere.
+
+    Parameters
+    ----------
+    x : ndarray
+        This rank's shard: (N, C, *spatial), or (N, *spatial, C) with ``channel_axis=-1``; float16, float32
+        or float64. N may differ between ranks and may be 0; the whole batch needs more than one value
+        per channel.
+    weight, bias : array_like (C,) or None
+        1 and 0 when None.
+    comm : Communicator
+        An mpi4py communicator, a `TorchDistributedComm`, or any object with ``rank``, ``size`` and
+        ``allgather``.
+    running_mean, running_var : writable float ndarray (C,), optional
+    momentum : float
+        The weight of the batch statistics in the running update. Must be the same on every rank.
+    eps : float
+        Added to the variance. Must be the same on every rank.
+    channel_axis : {1, -1}
+
+    Returns
+    -------
+    y : ndarray
+        The shard normalized, of x's shape and dtype.
+    mean, invstd : ndarray
+        The whole batch's statistics, float64 (C,), bit-identical on every rank: pass them on to
+        `sync_batch_norm_backward`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On every rank, when any rank's arguments are wrong (the message names the rank), when ranks
+        disagree on C, eps or momentum, or when the whole batch has fewer than 2 values per channel.
+
+    Examples
+    --------
+    With mpi4py, run under ``mpiexec -n 2 python train.py``:
+
+    >>> from mpi4py import MPI                                    # doctest: +SKIP
+    >>> comm = MPI.COMM_WORLD                                     # doctest: +SKIP
+    >>> x = np.random.default_rng(comm.rank).standard_normal((8, 3, 4, 4))  # doctest: +SKIP
+    >>> rm, rv = np.zeros(3), np.ones(3)                          # doctest: +SKIP
+    >>> y, mean, invstd = sync_batch_norm_train(x, None, None, comm, running_mean=rm,
+    ...                                         running_var=rv)  # doctest: +SKIP
+    """
+    _check_comm(comm)
+
+    def prepare():
+        x3, dtype, channels = _as_batch(x, "x", channel_axis)
+        weight64 = _param(weight, "weight", channels)
+        bias64 = _param(bias, "bias", channels)
+        rmean = _running_statistic(running_mean, "running_mean", channels)
+        rvar = _running_statistic(running_var, "running_var", channels)
+        if rmean is not None and rvar is not None and np.shares_memory(rmean, rvar):
+            raise ValueError("running_mean and running_var must not overlap")
+        momentum64 = _finite_number(momentum, "momentum")
+        eps64 = _eps(eps)
+        stats = _stats_of(x3)
+        agreed = {"the number of channels": channels, "eps": eps64, "momentum": momentum64}
+        return (x3, dtype, weight64, bias64, rmean, rvar), agreed, (stats.count, stats.mean, stats.m2)
+
+    (x3, dtype, weight64, bias64, rmean, rvar), agreed, gathered = _exchange(comm, prepare)
+    stats = merge_stats([ChannelStats(int(count), mean, m2) for count, mean, m2 in gathered])
+    if stats.count < 2:
+        raise ValueError("expected more than 1 value per channel when training, got %d over the %d ranks"
+                         % (stats.count, len(gathered)))
+    momentum64, eps64 = agreed["momentum"], agreed["eps"]
+    invstd = stats.invstd(eps64)
+    y = _normalize(x3, dtype, np.shape(x), stats.mean, invstd, weight64, bias64)
+    if rmean is not None:
+        rmean[...] = (1.0 - momentum64) * rmean.astype(np.float64) + momentum64 * stats.mean
+    if rvar is not None:
+        rvar[...] = (1.0 - momentum64) * rvar.astype(np.float64) + momentum64 * stats.unbiased_var()
+    return y, stats.mean, invstd
+
+
+def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
+                             weight: Optional[np.ndarray], comm: Communicator, *, channel_axis: int = 1,
+                             reduce_weight_grads: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of `sync_batch_norm_train`'s y for one rank's shard (training backward).
+
+    A collective: every rank calls it with its shard's dy and x and the mean and invstd the forward
+    returned. With n values per channel in the whole batch, each rank's
+    dx = weight * invstd * (dy - sum(dy) / n - xhat * sum(dy * xhat) / n), the sums running over the
+    whole batch: one ``allgather`` of ``(count, sum(dy), sum(dy * (x - mean)))`` per rank (2C + 1
+    float64 values), added up in rank order on every rank.
+
+    dweight and dbias are, by default, this shard's contributions only, as PyTorch's SyncBatchNorm
+    returns them: sum(dy * xhat) and sum(dy) over the shard, so that the data-parallel reduction of all
+    parameter gradients (summing or averaging them over ranks with the other layers') treats them like
+    any other. With ``reduce_weight_grads=True`` they are the whole batch's (the sums over all ranks,
+    the same on every rank), which the collective has already computed.
+
+    Parameters
+    ----------
+    dy : ndarray
+        The gradient of the loss with respect to this shard's y, of x's shape.
+    x : ndarray
+        This rank's shard, as passed to `sync_batch_norm_train`.
+    mean, invstd : array_like (C,)
+        As returned by `sync_batch_norm_train`.
+    weight : array_like (C,) or None
+    comm : Communicator
+    channel_axis : {1, -1}
+    reduce_weight_grads : bool
+        Return the whole batch's dweight and dbias instead of this shard's.
+
+    Returns
+    -------
+    dx : ndarray
+        Of x's shape and dtype.
+    dweight, dbias : ndarray
+        (C,), in x's dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On every rank, when any rank's arguments are wrong, when ranks disagree on C or pass different
+        mean or invstd, or when the whole batch is empty.
+    """
+    _check_comm(comm)
+
+    def prepare():
+        x3, dtype, channels = _as_batch(x, "x", channel_axis)
+        dy3 = _as_like(dy, "dy", np.shape(x)).reshape(x3.shape)
+        mean64 = _param(mean, "mean", channels, required=True)
+        invstd64 = _param(invstd, "invstd", channels, required=True)
+        weight64 = _param(weight, "weight", channels)
+        sums = _grad_sums_of(dy3, x3, mean64)
+        # Every rank must pass the statistics the forward gave all of them; a checksum tells.
+        checksum = zlib.crc32(invstd64.tobytes(), zlib.crc32(mean64.tobytes()))
+        agreed = {"the number of channels": channels, "the checksum of mean and invstd": checksum}
+        return (x3, dy3, dtype, mean64, invstd64, weight64, sums), agreed, tuple(sums)
+
+    (x3, dy3, dtype, mean64, invstd64, weight64, local), _, gathered = _exchange(comm, prepare)
+    total = merge_grad_sums([GradSums(int(count), sum_dy, sum_dy_xmu) for count, sum_dy, sum_dy_xmu in gathered])
+    if total.count < 1:
+        raise ValueError("the whole batch is empty: every rank's x has no values")
+    dx = _normalize_backward(dy3, x3, dtype, np.shape(x), mean64, invstd64, weight64, total)
+    sums = total if reduce_weight_grads else local
+    return dx, (sums.sum_dy_xmu * invstd64).astype(dtype), sums.sum_dy.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The collective: every rank's local outcome (its summaries, or why its arguments were refused) in one
+# allgather.
+
+
+def _check_comm(comm: Any) -> None:
+    if not callable(getattr(comm, "allgather", None)):
+        raise TypeError("comm must be a communicator with rank, size and allgather(obj) -> list (an "
+                        "mpi4py communicator, or TorchDistributedComm), got %s" % type(comm).__name__)
+    rank, size = getattr(comm, "rank", None), getattr(comm, "size", None)
+    if not (isinstance(rank, int) and isinstance(size, int) and 0 <= rank < size):
+        raise TypeError("comm must have integer rank and size with 0 <= rank < size, got rank %r, size %r"
+                        % (rank, size))
+
+
+def _exchange(comm: Communicator, prepare):
+    """Run prepare() -> (local, agreed, summaries) here, gather every rank's outcome, and either return
+    (local, agreed, [every rank's summaries in rank order]) or raise on every rank.
+
+    `agreed` holds values every rank must share (name -> value); `summaries` is what is gathered.
+    """
+    try:
+        local, agreed, summaries = prepare()
+        outcome = (None, agreed, summaries)
+        error = None
+    except Exception as caught:  # every failure must reach the other ranks, or they would wait forever
+        error = caught
+        outcome = ((type(caught).__name__, str(caught)), None, None)
+    gathered = comm.allgather(outcome)
+    if len(gathered) != comm.size:
+        raise RuntimeError("comm.allgather returned %d objects for %d ranks" % (len(gathered), comm.size))
+    if error is not None:
+        raise error
+    failures = [(rank, failure) for rank, (failure, _, _) in enumerate(gathered) if failure is not None]
+    if failures:
+        rank, (kind, message) = failures[0]
+        others = "" if len(failures) == 1 else " (and on rank %s)" % ", ".join(str(r) for r, _ in failures[1:])
+        raise _EXCEPTION_TYPES.get(kind, RuntimeError)("on rank %d of %d%s: %s" % (rank, comm.size, others, message))
+    for name, value in agreed.items():
+        values = [other[name] for _, other, _ in gathered]
+        if any(v != value for v in values):
+            raise ValueError("ranks disagree on %s: %s" % (
+                name, ", ".join("%r on rank %d" % (v, r) for r, v in enumerate(values))))
+    return local, agreed, [summaries for _, _, summaries in gathered]
+
+
+_EXCEPTION_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "MemoryError": MemoryError}
