@@ -374,7 +374,8 @@ def _referenced(tensor):
 
 def read_referenced_array(tensor):
     """The array of a tensor refer_in_place left in its file (read-only, as proto.tensor_to_array gives
-    it), or None for any other tensor; the tensor itself stays as it is."""
+    it; mapped from the file for the plain numeric types), or None for any other tensor; the tensor itself
+    stays as it is."""
     where = _referenced(tensor)
     if where is None:
         return None
@@ -386,9 +387,19 @@ def read_referenced_array(tensor):
         _copy_fields(tensor, decoded, skip=_DATA_FIELDS)
         decoded.raw_data = read_external_bytes(file, offset, length, tensor.name, file)
         return tensor_to_array(decoded)
-    # Straight from the file into the array (a view of the bytes read): one copy of the data, not three.
-    array = np.frombuffer(read_external_bytes(file, offset, length, tensor.name, file), dtype=layout)
+    array = map_external_array(file, offset, count, layout, tensor.name)
     return array.astype(layout.newbyteorder("="), copy=False).reshape(tuple(tensor.dims))
+
+
+def map_external_array(file, offset, count, dtype, tensor_name):
+    """A read-only array of `count` elements of `dtype` mapped from the data file `file` at `offset`: the
+    pages come straight from the file as the fold reads them, with no copy (refer_in_place has checked
+    that the file holds them)."""
+    try:
+        return np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=(count,))
+    except (OSError, ValueError) as error:
+        raise FoldError("cannot read the external data of tensor %r from %s: %s"
+                        % (tensor_name, file, getattr(error, "strerror", None) or error)) from None
 
 
 def load_referenced(model):
