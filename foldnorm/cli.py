@@ -166,10 +166,14 @@ def _fold(args, progress):
                              % (option, path))
 
     from .fold import fold_model
+    from .fold.api import fold_for_saving
 
     progress.step("folding")
     # Read and folded in place (one copy of the model in memory); verification reads the original again.
-    folded, report = fold_model(source, keep_bn=args.keep_bn, verify=False)
+    if external_data_files(source):  # written back with external data: folded weights straight from their arrays
+        folded, report = fold_for_saving(source, keep_bn=args.keep_bn)
+    else:
+        folded, report = fold_model(source, keep_bn=args.keep_bn, verify=False)
     report.model = str(source)
     if not args.no_verify:
         quiet_onnxruntime()

@@ -43,6 +43,30 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     VerificationError
         An output of the folded model diverges from the original's; it carries the report.
     """
+    folded, report = _fold(model_or_path, keep_bn=keep_bn, hold_weights=False)
+    if verify:
+        from .verification import verify as verify_models
+
+        # A model read here was folded in place: the original is read again from its file.
+        result = verify_models(model_or_path, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed)
+        report.verification = result
+        if not result.passed:
+            diverged = ", ".join(repr(o.name) for o in result.outputs if not o.passed)
+            raise VerificationError("the folded model's output %s differs from the original's beyond the "
+                                    "tolerance; nothing was written" % diverged, report)
+    return folded, report
+
+
+def fold_for_saving(model_or_path, *, keep_bn=False):
+    """fold_model without verification, for a model that is then only written with
+    save_model(..., external_data=True) or compared with foldnorm.verify (what `foldnorm fold` does with a
+    model kept in external data): each large folded weight stays the NumPy array the fold computed, and
+    save_model writes it straight to the data file, instead of a copy into the protobuf and a copy out.
+    Anything else reading the result's tensors must use fold_model. Returns (folded model, FoldReport)."""
+    return _fold(model_or_path, keep_bn=keep_bn, hold_weights=True)
+
+
+def _fold(model_or_path, *, keep_bn, hold_weights):
     opened = open_model(model_or_path, "model_or_path", in_place=True)
     original = opened.model
     start = time.perf_counter()
@@ -59,7 +83,8 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     outcomes = fold_in_place(folded, keep_bn=keep_bn)
     if declared:
         drop_released_declarations(folded.graph, read_before)
-    load_referenced(folded)  # the data of the tensors the pass left as they were
+    # The data of the tensors the pass left as they were, and unless held, of the weights it made.
+    load_referenced(folded, held=not hold_weights)
     seconds = time.perf_counter() - start
     check_model(folded, "the folded model", at_least=opened.check.level)
     nodes_after, bytes_after = graph_statistics(folded.graph)
@@ -74,16 +99,6 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     if bytes_after > bytes_before:
         report.notes.append("the parameters grew: a folded weight is stored in full, also where the model "
                             "computed it from a smaller constant (ConstantOfShape, Expand, ...)")
-    if verify:
-        from .verification import verify as verify_models
-
-        # A model read here was folded in place: the original is read again from its file.
-        result = verify_models(model_or_path, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed)
-        report.verification = result
-        if not result.passed:
-            diverged = ", ".join(repr(o.name) for o in result.outputs if not o.passed)
-            raise VerificationError("the folded model's output %s differs from the original's beyond the "
-                                    "tolerance; nothing was written" % diverged, report)
     return folded, report
 
 

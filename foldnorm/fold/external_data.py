@@ -10,6 +10,7 @@ External data locations a model file names are validated here before a byte is r
 untrusted input, and a location is a path it asks us to open.
 """
 import errno
+import itertools
 import os
 
 import numpy as np
@@ -231,19 +232,22 @@ class DataFileWriter:
         self.tensors = 0
 
     def __call__(self, tensor):
-        if is_external(tensor) or not _movable(tensor):
-            return None
-        raw = tensor_bytes(tensor)
+        raw = held_array(tensor)  # written from the array itself, never copied into the protobuf
         if raw is None:
-            return None
-        alignment = LARGE_TENSOR_ALIGNMENT if len(raw) >= LARGE_TENSOR_BYTES else SMALL_TENSOR_ALIGNMENT
+            if is_external(tensor) or not _movable(tensor):
+                return None
+            raw = tensor_bytes(tensor)
+            if raw is None:
+                return None
+        size = raw.nbytes if isinstance(raw, np.ndarray) else len(raw)
+        alignment = LARGE_TENSOR_ALIGNMENT if size >= LARGE_TENSOR_BYTES else SMALL_TENSOR_ALIGNMENT
         padding = -self.offset % alignment
         if padding:
             self.file.write(b"\0" * padding)
             self.offset += padding
-        self.file.write(raw)
-        where = (self.location, self.offset, len(raw))
-        self.offset += len(raw)
+        self.file.write(raw.reshape(-1).view(np.uint8) if isinstance(raw, np.ndarray) else raw)
+        where = (self.location, self.offset, size)
+        self.offset += size
         self.tensors += 1
         return where
 
@@ -361,6 +365,43 @@ def refer_in_place(references, path):
         point_to_external_data(tensor, file, offset, end - offset)
 
 
+# Large weights the fold made, held as NumPy arrays outside the protobuf until the model is saved or handed
+# out (hold_array); the tensor's location names the key. A NUL character: no file can have this name.
+_HELD_PREFIX = "\0foldnorm-held-"
+_held = {}
+_held_keys = itertools.count()
+
+
+def hold_array(tensor, name, array, elem_type):
+    """Make the empty TensorProto `tensor` a tensor `name` of `elem_type` whose data is `array` (already of
+    that type's NumPy dtype), held in memory rather than copied into the protobuf: save_model writes it
+    straight to the data file, load_referenced copies it in."""
+    key = "%s%d" % (_HELD_PREFIX, next(_held_keys))
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    array.flags.writeable = False
+    _held[key] = array
+    tensor.name = name
+    tensor.data_type = elem_type
+    tensor.dims.extend(array.shape)
+    point_to_external_data(tensor, key, 0, array.nbytes)
+    return tensor
+
+
+def held_array(tensor):
+    """The array hold_array holds for `tensor`, or None."""
+    if not is_external(tensor):
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return _held.get(entry.value)
+    return None
+
+
+def is_unloaded(tensor):
+    """Whether the tensor's data is in a file foldnorm has not read (not an array it holds)."""
+    return is_external(tensor) and held_array(tensor) is None
+
+
 def _referenced(tensor):
     """(absolute file, offset, length) of a tensor refer_in_place left in its file, else None."""
     if not is_external(tensor):
@@ -376,6 +417,9 @@ def read_referenced_array(tensor):
     """The array of a tensor refer_in_place left in its file (read-only, as proto.tensor_to_array gives
     it; mapped from the file for the plain numeric types), or None for any other tensor; the tensor itself
     stays as it is."""
+    held = held_array(tensor)
+    if held is not None:
+        return held.astype(held.dtype.newbyteorder("="), copy=False)
     where = _referenced(tensor)
     if where is None:
         return None
@@ -402,11 +446,21 @@ def map_external_array(file, offset, count, dtype, tensor_name):
                         % (tensor_name, file, getattr(error, "strerror", None) or error)) from None
 
 
-def load_referenced(model):
-    """Load the data of every tensor of `model` that refer_in_place left in its file."""
+def load_referenced(model, *, held=True):
+    """Load into `model` the data of every tensor refer_in_place left in its file and, unless held=False,
+    of every array hold_array holds (which it then lets go)."""
     for tensor in all_tensors(model):
-        where = _referenced(tensor)
-        if where is not None:
-            tensor.raw_data = read_external_bytes(*where, tensor.name, where[0])
-            tensor.data_location = TensorProto.DEFAULT
-            del tensor.external_data[:]
+        array = held_array(tensor)
+        if array is not None:
+            if not held:
+                continue
+            data = array.tobytes()
+            _held.pop(next(e.value for e in tensor.external_data if e.key == "location"), None)
+        else:
+            where = _referenced(tensor)
+            if where is None:
+                continue
+            data = read_external_bytes(*where, tensor.name, where[0])
+        tensor.raw_data = data
+        tensor.data_location = TensorProto.DEFAULT
+        del tensor.external_data[:]

@@ -34,7 +34,8 @@ import onnx
 from .errors import FoldError
 from .messages import one_line
 from .external_data import (PLACEHOLDER_LOCATION, DataFileWriter, all_tensors, copy_without_data, data_bytes,
-                            external_references, is_external, load_into, refer_in_place, without_data)
+                            external_references, held_array, is_external, is_unloaded, load_into, refer_in_place,
+                            without_data)
 from .proto import default_opset
 from .scratch import scratch_folder
 from .wire import unreadable_model_message
@@ -292,11 +293,11 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     if path.is_dir():
         raise FoldError("cannot write %s: it is a directory" % path)
     for tensor in all_tensors(model):
-        if is_external(tensor):
+        if is_unloaded(tensor):
             raise FoldError("cannot write the model: tensor %r still points to external data that was never loaded"
                             % tensor.name)
 
-    serialized = None if external_data else _serialized_within_limit(model)
+    serialized = None if external_data else _serialized_within_limit(_with_held_data(model))
     if serialized is not None:
         _write_atomically(path, lambda file: file.write(serialized))
         return [path]
@@ -348,14 +349,30 @@ def onnxruntime_source(model: onnx.ModelProto, folder: "str | os.PathLike") -> "
     """What onnxruntime should load for `model`: its serialized bytes, or, past protobuf's 2 GiB limit,
     the path of a copy written by save_model into `folder` with external data (the model is not changed)."""
     for tensor in all_tensors(model):
-        if is_external(tensor):
+        if is_unloaded(tensor):
             raise FoldError("tensor %r keeps its data in an external file that was not loaded" % tensor.name)
-    serialized = _serialized_within_limit(model)
+    # A model with held arrays goes through a file: save_model writes them without a copy.
+    serialized = None if any(held_array(t) is not None for t in all_tensors(model)) else _serialized_within_limit(model)
     if serialized is not None:
         return serialized
     path = os.path.join(os.fspath(folder), "model.onnx")
     save_model(model, path, external_data=True)
     return path
+
+
+def _with_held_data(model):
+    """`model`, or when it has arrays foldnorm holds (external_data.hold_array), a copy holding their data."""
+    if not any(held_array(t) is not None for t in all_tensors(model)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in all_tensors(copy):
+        array = held_array(tensor)
+        if array is not None:
+            tensor.raw_data = array.tobytes()
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return copy
 
 
 def _serialized_within_limit(model):

@@ -50,7 +50,8 @@ def tensor_to_array(tensor):
 def array_to_tensor(array, name, elem_type, into=None):
     """A TensorProto of element type `elem_type` holding `array` (rounded to bfloat16 when asked),
     written into the TensorProto `into` when given (a new initializer: for a plain numeric array, one
-    copy of the data fewer than building the tensor apart and copying it in)."""
+    copy of the data fewer than building the tensor apart and copying it in; from HELD_ARRAY_BYTES on, no
+    copy at all until it is saved or handed out: foldnorm.fold.external_data.hold_array)."""
     if elem_type == TensorProto.BFLOAT16:
         import ml_dtypes
 
@@ -59,6 +60,10 @@ def array_to_tensor(array, name, elem_type, into=None):
         array = np.asarray(array, dtype=helper.tensor_dtype_to_np_dtype(elem_type))
     if into is None:
         return numpy_helper.from_array(array, name)
+    if elem_type in _PLAIN_RAW_TYPES and array.nbytes >= HELD_ARRAY_BYTES:
+        from .external_data import hold_array  # a large weight: held as the array, not copied in
+
+        return hold_array(into, name, array, elem_type)
     if elem_type not in _PLAIN_RAW_TYPES:
         into.CopyFrom(numpy_helper.from_array(array, name))
         return into
@@ -69,6 +74,8 @@ def array_to_tensor(array, name, elem_type, into=None):
     return into
 
 
+# From this size on, a new initializer's data stays a NumPy array until the model is saved or handed out.
+HELD_ARRAY_BYTES = 2**20
 # Element types whose raw data is the little-endian bytes of the NumPy array.
 _PLAIN_RAW_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8,
                     TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,

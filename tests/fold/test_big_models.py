@@ -48,13 +48,18 @@ def test_external_data_is_read_once_each_and_the_result_holds_all_its_data(tmp_p
     model = conv_bn_model()
     path = save_external(model, tmp_path / "model.onnx")
     reads = []
-    real_read = external_data.read_external_bytes
+    real_read, real_map = external_data.read_external_bytes, external_data.map_external_array
 
     def counting_read(file, offset, length, name, where):
         reads.append(name)
         return real_read(file, offset, length, name, where)
 
+    def counting_map(file, offset, count, dtype, name):
+        reads.append(name)
+        return real_map(file, offset, count, dtype, name)
+
     monkeypatch.setattr(external_data, "read_external_bytes", counting_read)
+    monkeypatch.setattr(external_data, "map_external_array", counting_map)
     folded, report = fold_model(path, verify=False)
     external = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer
                 if t.data_location == TensorProto.EXTERNAL}
@@ -220,3 +225,32 @@ def test_save_does_not_change_the_model(tmp_path, external):
     before = model.SerializeToString()
     save_model(model, tmp_path / "out.onnx", external_data=external)
     assert model.SerializeToString() == before
+
+
+def test_folding_for_saving_writes_the_same_files_from_the_arrays_themselves(tmp_path):
+    from foldnorm import verify
+    from foldnorm.fold.api import fold_for_saving
+    from foldnorm.fold.external_data import held_array
+
+    model = conv_bn_model(channels=192, pairs=2)  # 1.3 MB weights: held as arrays
+    path = save_external(model, tmp_path / "model.onnx")
+    held, _ = fold_for_saving(path)
+    arrays = [t.name for t in held.graph.initializer if held_array(t) is not None]
+    assert len(arrays) == 2 and all(name.endswith("_folded_weight") for name in arrays)
+    plain, _ = fold_model(path, verify=False)
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in plain.graph.initializer)
+
+    save_model(held, tmp_path / "held.onnx", external_data=True)
+    save_model(plain, tmp_path / "plain.onnx", external_data=True)
+    assert (tmp_path / "held.onnx.data").read_bytes() == (tmp_path / "plain.onnx.data").read_bytes()
+    held_file = onnx.load(str(tmp_path / "held.onnx"), load_external_data=False)
+    plain_file = onnx.load(str(tmp_path / "plain.onnx"), load_external_data=False)
+    for a, b in zip(held_file.graph.initializer, plain_file.graph.initializer):
+        a.ClearField("external_data"), b.ClearField("external_data")
+    assert held_file.graph == plain_file.graph
+
+    save_model(held, tmp_path / "inline.onnx")  # written whole: the arrays copied in, the model unchanged
+    assert (tmp_path / "inline.onnx").read_bytes() == plain.SerializeToString()
+    assert [t.name for t in held.graph.initializer if held_array(t) is not None] == arrays
+    assert verify(path, held).passed
+    assert verify(path, plain).outputs[0].max_abs_error == verify(path, held).outputs[0].max_abs_error
