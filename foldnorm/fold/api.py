@@ -10,7 +10,8 @@ from .proto import graph_statistics
 from .report import FoldReport, count_layers
 
 
-def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=None, atol=None, seed=0):
+def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=None, atol=None, seed=0,
+               fold_through_qdq=False, steps=None):
     """Fold every foldable normalization of a model.
 
     Parameters
@@ -23,6 +24,12 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
         Check the folded model against the original in onnxruntime (foldnorm.verify).
     shapes, rtol, atol, seed
         Passed to foldnorm.verify.
+    fold_through_qdq : bool
+        Also fold a BatchNormalization that reads a QuantizeLinear -> DequantizeLinear pair after a layer,
+        dropping the pair (one rounding step fewer: close to the original, not exact).
+    steps : float or None
+        The verification tolerance for quantized outputs, in their quantization steps (default 1 when every
+        quantized fold is exact, 3 otherwise).
 
     Returns
     -------
@@ -41,7 +48,7 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     folded = onnx.ModelProto()
     folded.CopyFrom(original)
     inlined = inline_functions_holding_batch_norm(folded)
-    outcomes = fold_in_place(folded, keep_bn=keep_bn)
+    outcomes = fold_in_place(folded, keep_bn=keep_bn, fold_through_qdq=fold_through_qdq)
     seconds = time.perf_counter() - start
     nodes_before, bytes_before = graph_statistics(original.graph)
     nodes_after, bytes_after = graph_statistics(folded.graph)
@@ -57,7 +64,10 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     if verify:
         from .verification import verify as verify_models
 
-        result = verify_models(original, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed)
+        from .quantized import default_step_tolerance
+
+        steps = default_step_tolerance(outcomes) if steps is None else steps
+        result = verify_models(original, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed, steps=steps)
         report.verification = result
         if not result.passed:
             diverged = ", ".join(repr(o.name) for o in result.outputs if not o.passed)
@@ -66,7 +76,7 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     return folded, report
 
 
-def inspect_model(model_or_path):
+def inspect_model(model_or_path, *, fold_through_qdq=False):
     """What fold_model would do to each normalization node: the FoldReport, without verification."""
-    _, report = fold_model(model_or_path, verify=False)
+    _, report = fold_model(model_or_path, verify=False, fold_through_qdq=fold_through_qdq)
     return report
