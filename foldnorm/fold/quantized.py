@@ -160,6 +160,14 @@ def _output_layout(op_type, shape, attributes):
     return out_axis, np.arange(shape[out_axis])[:, None]
 
 
+def _slot_of_channel(op_type, shape, attributes):
+    """The weight scale slot (index along the output axis) of each output channel."""
+    if op_type == "ConvTranspose":
+        return np.tile(np.arange(shape[1]), int(attributes.get("group", 1)))
+    out_axis, _ = _output_layout(op_type, shape, attributes)
+    return np.arange(shape[out_axis])
+
+
 def _input_scale(index, node):
     """The per-tensor scale of the layer's input when a DequantizeLinear of a constant scale writes it."""
     dq = index.producer.get(node.input[0])
@@ -275,8 +283,9 @@ def _quantized_match(ctx, index, layer_node, site, found, pair):
         rescaled = rescale(weight, site.affine.scale, out_axis, channel_of, per_axis=per_axis,
                            max_steps=MAX_REQUANTIZE_STEPS)
     except ValueError as error:
-        suffix = "" if per_axis or weight.axis is not None else " (the model is opset %d)" % ctx.opset
-        return Refused("folding into the quantized weight of %s is not exact: %s%s" % (what, error, suffix))
+        before = "" if per_axis else ("DequantizeLinear before opset 13 has one scale per tensor (the model is "
+                                      "opset %d), so " % ctx.opset)
+        return Refused("folding into the quantized weight of %s is not exact: %s%s" % (what, before, error))
     match = QuantizedMatch(site, "", into=layer_node.op_type, layer_node=layer_node,
                            weight_node=dq, rescaled=rescaled, weight_type=weight.elem_type, pair=pair or (),
                            beta=absorption.beta)
@@ -287,7 +296,9 @@ def _quantized_match(ctx, index, layer_node, site, found, pair):
     wants_int32 = is_dequantize(bias_producer) or (bias is None and input_scale is not None)
     if wants_int32 and input_scale is not None and layer_node.op_type != "MatMul" and new_bias.size == out_channels:
         try:
-            match.bias_int32 = requantize_bias(new_bias, input_scale, rescaled.scale)
+            slot_scales = rescaled.scale[_slot_of_channel(layer_node.op_type, shape, attributes)] \
+                if rescaled.axis is not None else rescaled.scale
+            match.bias_int32 = requantize_bias(new_bias, input_scale, slot_scales)
             bias_kind, bias_steps = "int32", match.bias_int32[2]
         except ValueError:
             match.bias_int32 = None

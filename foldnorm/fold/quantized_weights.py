@@ -36,6 +36,8 @@ INTEGER_RANGES = {
 }
 INT32_RANGE = (-(2 ** 31), 2 ** 31 - 1)
 EXACT_STEPS = 1e-3  # a channel whose weights moved by less than this many steps counts as exact
+SAME_MAGNITUDE = 2.0 ** -20  # |a| of channels sharing a scale that differ by less (relative) count as equal:
+# a float32 BN gives equal magnitudes only up to its own rounding, and s' is rounded to float32 anyway
 
 
 @dataclass
@@ -133,10 +135,14 @@ def rescale(weight, factors, out_axis, channel_of, *, per_axis, max_steps=1.0):
     low, high = INTEGER_RANGES[weight.elem_type]
     factors = np.asarray(factors, dtype=np.float64)
     q = np.moveaxis(weight.integers.astype(np.int64), out_axis, 0)
+    channel_of = np.broadcast_to(channel_of, q.shape)
+    if not per_axis:  # one slot: the whole tensor
+        if weight.axis is not None:
+            raise ValueError("it has per-axis scales before opset 13")
+        q, channel_of = q.reshape(1, -1), channel_of.reshape(1, -1)
     slots = q.shape[0]
     scales = _per_slot(weight.scale, weight, out_axis, slots)
     zero_points = _per_slot(weight.zero_point, weight, out_axis, slots).astype(np.int64)
-    channel_of = np.broadcast_to(channel_of, q.shape)
     new_q = np.empty_like(q)
     new_scales = np.empty(slots, dtype=np.float32)
     result = RescaledWeight(integers=None, scale=None, zero_point=None, axis=out_axis if per_axis else None)
@@ -151,14 +157,13 @@ def rescale(weight, factors, out_axis, channel_of, *, per_axis, max_steps=1.0):
             result.zeroed.extend(sorted({int(c) for c in channel_of[k][a == 0.0].reshape(-1)}))
             continue
         new_q[k], new_scales[k] = _rescale_slot(q[k], s, zp, a, channel_of[k], low, high, max_steps, result)
-    if not per_axis and len(set(new_scales.tolist())) > 1:
-        raise ValueError("DequantizeLinear before opset 13 has one scale per tensor, and the map's |scale| "
-                         "differs across channels, which needs one scale per channel")
-    result.integers = np.moveaxis(new_q, 0, out_axis).astype(weight.integers.dtype)
     if per_axis:
+        result.integers = np.moveaxis(new_q, 0, out_axis).astype(weight.integers.dtype)
         result.scale = new_scales
         result.zero_point = None if weight.zero_point is None else zero_points.astype(weight.zero_point.dtype)
     else:
+        shape = np.moveaxis(weight.integers, out_axis, 0).shape
+        result.integers = np.moveaxis(new_q.reshape(shape), 0, out_axis).astype(weight.integers.dtype)
         result.scale = np.asarray(new_scales[0], dtype=np.float32).reshape(np.shape(weight.scale))
         result.zero_point = weight.zero_point
     for name in ("negated", "requantized", "zeroed"):
@@ -170,8 +175,8 @@ def _rescale_slot(q, s, zp, a, channels, low, high, max_steps, result):
     """(integers, float32 scale) of one scale slot; records negated/requantized channels in `result`."""
     magnitudes = np.abs(a)
     nonzero = magnitudes[magnitudes > 0.0]
-    if np.all(nonzero == nonzero[0]):
-        scale = np.float32(s * nonzero[0])
+    if nonzero.max() - nonzero.min() <= SAME_MAGNITUDE * nonzero.max():
+        scale = np.float32(s * nonzero.max())
         if not np.isfinite(scale) or scale == 0.0:
             raise ValueError("its rescaled weight scale %r * %r is outside float32's range" % (float(s), nonzero[0]))
         flipped = 2 * zp - q
@@ -213,8 +218,8 @@ def _rescale_slot(q, s, zp, a, channels, low, high, max_steps, result):
 
 
 def _why_requantized(a, channels, channel, zp, low, high):
-    shared = np.unique(np.abs(a[a != 0.0]))
-    if shared.size > 1:
+    shared = np.abs(a[a != 0.0])
+    if shared.max() - shared.min() > SAME_MAGNITUDE * shared.max():
         return "it shares one weight scale with channels whose |scale| in the map differs"
     return "negating its integers around zero point %d leaves the range [%d, %d]" % (zp, low, high)
 
