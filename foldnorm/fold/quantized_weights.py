@@ -176,7 +176,8 @@ def _rescale_slot(q, s, zp, a, channels, low, high, max_steps, result):
     magnitudes = np.abs(a)
     nonzero = magnitudes[magnitudes > 0.0]
     if nonzero.max() - nonzero.min() <= SAME_MAGNITUDE * nonzero.max():
-        scale = np.float32(s * nonzero.max())
+        with np.errstate(over="ignore"):
+            scale = np.float32(s * nonzero.max())
         if not np.isfinite(scale) or scale == 0.0:
             raise ValueError("its rescaled weight scale %r * %r is outside float32's range" % (float(s), nonzero[0]))
         flipped = 2 * zp - q
@@ -192,7 +193,8 @@ def _rescale_slot(q, s, zp, a, channels, low, high, max_steps, result):
         scale = max(scale, target.max() / (high - zp)) if high > zp else np.inf
     if target.min() < 0.0:
         scale = max(scale, target.min() / (low - zp)) if low < zp else np.inf
-    scale32 = np.float32(scale)
+    with np.errstate(over="ignore"):
+        scale32 = np.float32(scale)
     if not np.isfinite(scale32) or scale32 == 0.0:
         raise ValueError("its weights do not fit the integer range around zero point %d at any float32 scale" % zp)
     if float(scale32) < scale:
