@@ -46,7 +46,9 @@ class QuantizedFold:
     were negated around the zero point or requantized; weight_steps: the largest change of a requantized
     channel's weights in steps of its scale (0 when none was); bias: "int32", "float" or "none";
     bias_steps: the largest rounding of an int32 bias, in steps of its scale; through_qdq: a
-    QuantizeLinear -> DequantizeLinear pair between the layer and the map was dropped.
+    QuantizeLinear -> DequantizeLinear pair between the layer and the map was dropped; dropped_steps: the
+    most that dropping its rounding moves the map's output, in steps of the QuantizeLinear after the map
+    (max |a| x the pair's step / 2 / that step; None when either step is not a constant), clipping aside.
     """
 
     layer: str
@@ -59,6 +61,7 @@ class QuantizedFold:
     bias: str
     bias_steps: float
     through_qdq: bool
+    dropped_steps: float | None = None
 
     @property
     def exact(self):
@@ -79,6 +82,9 @@ class QuantizedFold:
             parts.append("int32 bias requantized (rounding up to %.2f step)" % self.bias_steps)
         elif self.bias == "float":
             parts.append("float bias")
+        if self.dropped_steps is not None:
+            parts.append("dropping the pair's rounding moves its output by up to %.2f step where the pair did "
+                         "not clip" % self.dropped_steps)
         return "; ".join(parts)
 
 
@@ -190,6 +196,25 @@ def _through_pair(index, value):
     return q, dq
 
 
+def _scalar_scale(index, node):
+    scale = index.constant(node.input[1]) if len(node.input) > 1 else None
+    if scale is None or scale.array.size != 1:
+        return None
+    return float(np.asarray(scale.array, dtype=np.float64).reshape(-1)[0])
+
+
+def _dropped_steps(index, node, pair, affine):
+    """How far dropping the pair's rounding moves the BN's output, in steps of the QuantizeLinear that
+    reads it (see QuantizedFold.dropped_steps), or None."""
+    after = index.only_reader(node.output[0])
+    if after is None or after.op_type != QUANTIZE or not is_default_domain(after):
+        return None
+    before, step = _scalar_scale(index, pair[1]), _scalar_scale(index, after)
+    if before is None or not step:
+        return None
+    return float(np.abs(affine.scale).max() * before / 2.0 / step)
+
+
 def _single_path(index, names_and_readers):
     for name, reader in names_and_readers:
         if index.only_reader(name) is not reader:
@@ -225,14 +250,24 @@ def quantized_condition(ctx, index, node):
     site = batch_norm_site(ctx, index, node)
     if isinstance(site, Refused):
         return site
+    dropped = _dropped_steps(index, node, pair, site.affine) if pair else None
+    if dropped is not None and dropped + STEPS_EXACT > STEPS_INEXACT:
+        return Refused("dropping %s -> %s would move its output by up to %.2f steps of the quantizer after it, "
+                       "beyond the %g-step tolerance" % (describe(index, pair[0]), describe(index, pair[1]), dropped,
+                                                        STEPS_INEXACT))
     found = quantized_weight(index, layer_node)
     if found is None:
         if pair is None:
             return Refused(None)
-        return _float_through(ctx, index, layer_node, site, pair)
-    if isinstance(found, str):
+        match = _float_through(ctx, index, layer_node, site, pair)
+    elif isinstance(found, str):
         return Refused("%s cannot take the map: %s" % (describe(index, layer_node), found))
-    return _quantized_match(ctx, index, layer_node, site, found, pair)
+    else:
+        match = _quantized_match(ctx, index, layer_node, site, found, pair)
+    if isinstance(match, QuantizedMatch) and dropped is not None:
+        match.plan.dropped_steps = dropped
+        match.reason = _reason(index, layer_node, match.plan, pair)
+    return match
 
 
 def _float_through(ctx, index, layer_node, site, pair):

@@ -143,8 +143,9 @@ def build(op="Conv", *, dtype=np.int8, per_channel=True, zero_point=0, negative=
     x_info = helper.make_tensor_value_info("x_in", TensorProto.FLOAT, x_shape)
     y_info = helper.make_tensor_value_info(y, TensorProto.FLOAT, OUTPUT_SHAPES[op])
     model = make_model(g, [x_info], [y_info], opset)
-    reference = (integers.astype(np.float64) - np.asarray(zps, np.float64).reshape(_along(axis, len(w_shape), per_channel))) \
-        * scales.astype(np.float64).reshape(_along(axis, len(w_shape), per_channel))
+    along = _along(axis, len(w_shape), per_channel)
+    reference = (integers.astype(np.float64) - np.asarray(zps, np.float64).reshape(along)) \
+        * scales.astype(np.float64).reshape(along)
     return model, {"weight": reference, "affine": bn_affine(params), "axis": axis, "op": op, "dtype": dtype,
                    "x_shape": x_shape, "attributes": attributes}
 

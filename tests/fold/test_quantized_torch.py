@@ -90,8 +90,8 @@ def output_steps(original, folded, shape):
     feeds = {"x": np.random.default_rng(99).standard_normal(shape).astype(np.float32)}
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    results = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-               for m in (original, folded)]
+    results = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+               .run(None, feeds)[0] for m in (original, folded)]
     return float(np.abs(results[1].astype(np.float64) - results[0]).max() / step)
 
 
