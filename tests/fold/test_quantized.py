@@ -385,3 +385,12 @@ def test_verification_in_steps_catches_a_wrong_fold():
     (comparison,) = result.outputs
     assert not result.passed and comparison.max_steps > 1.0
     assert comparison.max_steps == pytest.approx(steps_apart(model, folded, facts["x_shape"]), abs=1e-3)
+
+
+@pytest.mark.parametrize("op,kernel", [("Conv", "QLinearConv"), ("Gemm", "QGemm"), ("MatMul", "QGemm")])
+def test_onnxruntime_runs_the_folded_layer_as_an_integer_kernel(op, kernel, tmp_path):
+    model, _ = build(op)
+    folded, _ = fold_model(model)
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        ops = optimized_ops(folded, tmp_path, level)
+        assert kernel in ops and "BatchNormalization" not in ops and op not in ops
