@@ -26,13 +26,13 @@ import sys
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+from foldnorm.fold.builder import ModelBuilder
 
 from .harness import Contender, measure, paired_ratio
 from .kernels import ort_session_options
-from .models import CnnBuilder, mobilenet_like, resnet_like
+from .models import conv_bn, mobilenet_like, resnet_like
 
-IR_VERSION = 8
 CALIBRATION_BATCHES = 4
 MODES = {
     "full": {"size": 224, "repeats": 30},
@@ -43,17 +43,17 @@ MODES = {
 
 def decoder(input_size=56, seed=0):
     """Conv+BN+ReLU, then two ConvTranspose (stride 2) + BN (+ReLU): an upsampling head."""
-    b = CnnBuilder(seed)
-    x = b.conv_bn("input", 16, 32, 3)
+    b = ModelBuilder(seed)
+    x = conv_bn(b, b.input("input", [1, 16, input_size, input_size]), 16, 32, 3)
     for cin, cout, relu in ((32, 16, True), (16, 8, False)):
         weight = b.rng.normal(0, np.sqrt(2.0 / (cin * 4)), (cin, cout, 2, 2))
-        x = b._node("ConvTranspose", [x, b._constant("wt", weight), b._constant("bt", np.zeros(cout))],
-                    kernel_shape=[2, 2], strides=[2, 2])
-        x = b.batch_norm(x, cout)
+        x = b.node("ConvTranspose", [x, b.constant(None, weight), b.constant(None, np.zeros(cout))],
+                   kernel_shape=[2, 2], strides=[2, 2])
+        x = b.frozen_batch_norm(x, cout)
         if relu:
-            x = b._node("Relu", [x])
-    out = 4 * input_size
-    return b.model("decoder", "input", [1, 16, input_size, input_size], x, [1, 8, out, out])
+            x = b.relu(x)
+    b.output(x, [1, 8, 4 * input_size, 4 * input_size])
+    return b.model(opset=13, name="decoder")
 
 
 NETWORKS = {"resnet18": resnet_like, "mobilenet_v2": mobilenet_like, "decoder": decoder}

@@ -6,22 +6,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from foldnorm.fold import fold_model
+from foldnorm.fold.builder import ModelBuilder
+from tests.onnx_cases import run_ort
 
-IR_VERSION = 8
 EPS = 1e-5
 Y_SCALE = 0.07  # the output's quantization step
-INT_TYPES = {np.int8: TensorProto.INT8, np.uint8: TensorProto.UINT8}
-
-
-def run(model, feeds, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
 
 
 def optimized_ops(model, tmp_path, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED):
@@ -33,38 +25,20 @@ def optimized_ops(model, tmp_path, level=ort.GraphOptimizationLevel.ORT_ENABLE_E
     return {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
 
 
-class QdqGraph:
-    """A one-layer QDQ graph: x -> Q -> DQ -> layer(DQ(integer weight)) [-> Q -> DQ] -> BN -> Q -> DQ -> y."""
-
-    def __init__(self, seed=0):
-        self.rng = np.random.default_rng(seed)
-        self.nodes, self.inits = [], []
-
-    def const(self, name, array):
-        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def node(self, op, inputs, output, **attributes):
-        self.nodes.append(helper.make_node(op, inputs, [output], name=output + "_node", **attributes))
-        return output
-
-    def qdq(self, x, scale, zero_point, name, dtype=np.uint8):
-        s = self.const(name + "_s", np.float32(scale))
-        z = self.const(name + "_z", dtype(zero_point))
-        return self.node("DequantizeLinear", [self.node("QuantizeLinear", [x, s, z], name + "_q"), s, z], name + "_dq")
-
-    def dequantize(self, name, integers, scale, zero_point=None, axis=None):
-        inputs = [self.const(name + "_q", integers), self.const(name + "_s", np.asarray(scale, np.float32))]
-        if zero_point is not None:
-            inputs.append(self.const(name + "_z", np.asarray(zero_point, integers.dtype)))
-        return self.node("DequantizeLinear", inputs, name, **({} if axis is None else {"axis": axis}))
+def qdq(b, x, scale, zero_point, name, dtype=np.uint8):
+    """x -> QuantizeLinear -> DequantizeLinear (per tensor) in builder `b`; returns the DequantizeLinear's output."""
+    s = b.constant(name + "_s", np.float32(scale))
+    z = b.constant(name + "_z", dtype(zero_point), dtype)
+    q = b.node("QuantizeLinear", [x, s, z], [name + "_q"], name=name + "_q_node")
+    return b.node("DequantizeLinear", [q, s, z], [name + "_dq"], name=name + "_dq_node")
 
 
-def make_model(graph, inputs, outputs, opset):
-    model = helper.make_model(helper.make_graph(graph.nodes, "qdq", inputs, outputs, graph.inits),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = IR_VERSION
-    return model
+def dequantize(b, name, integers, scale, zero_point=None, axis=None):
+    """DequantizeLinear of constants in builder `b`: the integers, the scale, the zero point."""
+    inputs = [b.constant(name + "_q", integers, integers.dtype), b.constant(name + "_s", scale, np.float32)]
+    if zero_point is not None:
+        inputs.append(b.constant(name + "_z", zero_point, integers.dtype))
+    return b.node("DequantizeLinear", inputs, [name], name=name + "_node", **({} if axis is None else {"axis": axis}))
 
 
 def bn_params(rng, channels, negative=(), zero=(), magnitudes=None):
@@ -100,8 +74,8 @@ def build(op="Conv", *, dtype=np.int8, per_channel=True, zero_point=0, negative=
           bias="int32", through_qdq=False, bn_dequantized=False, opset=15, integers=None, scales=None, seed=0):
     """A QDQ model around one layer and one BN; returns (model, facts) with the layer's float64 reference
     values for the checks."""
-    g = QdqGraph(seed)
-    rng = g.rng
+    b = ModelBuilder(seed)
+    rng = b.rng
     bias = "none" if op == "MatMul" else bias
     w_shape, x_shape, channels, axis, attributes = LAYERS[op]
     low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
@@ -112,8 +86,8 @@ def build(op="Conv", *, dtype=np.int8, per_channel=True, zero_point=0, negative=
         scales = rng.uniform(0.002, 0.02, slots) if per_channel else np.float64(0.01)
     scales = np.asarray(scales, np.float32)
     zps = np.full(slots, zero_point) if per_channel else np.asarray(zero_point)
-    x = g.qdq("x_in", 0.02, 128, "x")
-    weight = g.dequantize("w", integers, scales, zps.astype(dtype), axis if per_channel else None)
+    x = qdq(b, "x_in", 0.02, 128, "x")
+    weight = dequantize(b, "w", integers, scales, zps.astype(dtype), axis if per_channel else None)
     inputs = [x, weight]
     x_scale = np.float32(0.02)
     if bias == "int32":
@@ -121,13 +95,13 @@ def build(op="Conv", *, dtype=np.int8, per_channel=True, zero_point=0, negative=
         if op == "ConvTranspose" and per_channel:  # output channel g * 3 + j has weight scale j
             bias_scale = np.tile(bias_scale, attributes["group"])
         bias_int = rng.integers(-2000, 2000, channels).astype(np.int32)
-        inputs.append(g.dequantize("bias", bias_int, bias_scale if per_channel else bias_scale.reshape(()),
+        inputs.append(dequantize(b, "bias", bias_int, bias_scale if per_channel else bias_scale.reshape(()),
                                    np.zeros(np.shape(bias_scale), np.int32), 0 if per_channel else None))
     elif bias == "float":
-        inputs.append(g.const("bias", rng.standard_normal(channels).astype(np.float32)))
-    layer = g.node(op, inputs, "layer", **attributes)
+        inputs.append(b.constant("bias", rng.standard_normal(channels)))
+    layer = b.node(op, inputs, ["layer"], name="layer_node", **attributes)
     if through_qdq:
-        layer = g.qdq(layer, 0.1, 128, "layer_out")  # wide enough that it does not clip the layer's output
+        layer = qdq(b, layer, 0.1, 128, "layer_out")  # wide enough that it does not clip the layer's output
     params = bn_params(rng, channels, negative, zero, magnitudes)
     names = []
     for role, values in zip(("scale", "bias", "mean", "var"), params):
@@ -135,14 +109,14 @@ def build(op="Conv", *, dtype=np.int8, per_channel=True, zero_point=0, negative=
             step = np.float32(np.abs(values).max() / 100)
             q = np.round(values / step).astype(np.int8)
             params[("scale", "bias").index(role)] = (q * step).astype(np.float32)
-            names.append(g.dequantize("bn_" + role, q, step))
+            names.append(dequantize(b, "bn_" + role, q, step))
         else:
-            names.append(g.const("bn_" + role, values))
-    g.node("BatchNormalization", [layer] + names, "bn", epsilon=EPS)
-    y = g.qdq("bn", Y_SCALE, 128, "y")
-    x_info = helper.make_tensor_value_info("x_in", TensorProto.FLOAT, x_shape)
-    y_info = helper.make_tensor_value_info(y, TensorProto.FLOAT, OUTPUT_SHAPES[op])
-    model = make_model(g, [x_info], [y_info], opset)
+            names.append(b.constant("bn_" + role, values))
+    b.node("BatchNormalization", [layer] + names, ["bn"], name="bn_node", epsilon=EPS)
+    y = qdq(b, "bn", Y_SCALE, 128, "y")
+    b.input("x_in", x_shape)
+    b.output(y, OUTPUT_SHAPES[op])
+    model = b.model(opset=opset)
     along = _along(axis, len(w_shape), per_channel)
     reference = (integers.astype(np.float64) - np.asarray(zps, np.float64).reshape(along)) \
         * scales.astype(np.float64).reshape(along)
@@ -192,7 +166,7 @@ def dequantized(q, s, zp, axis):
 
 def steps_apart(original, folded, x_shape, seed=0):
     feeds = {"x_in": np.random.default_rng(seed).standard_normal(x_shape).astype(np.float32)}
-    (expected,), (actual,) = run(original, feeds), run(folded, feeds)
+    (expected,), (actual,) = run_ort(original, feeds).values(), run_ort(folded, feeds).values()
     return float(np.abs(actual.astype(np.float64) - expected).max() / Y_SCALE)
 
 

@@ -1,12 +1,15 @@
 """Post-training-quantized models: unfolded torch models (BN kept: training=PRESERVE) quantized by
 onnxruntime.quantization.quantize_static (QDQ, per-channel and per-tensor), folded with and without
 fold_through_qdq, checked against onnxruntime on the quantized original in quantization steps."""
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
 from foldnorm.fold import fold_model
+from tests.onnx_cases import run_ort
 
 torch = pytest.importorskip("torch")
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -62,8 +65,11 @@ def quantized_model(tmp_path, case, per_channel):
             bn.bias.normal_()
     net.eval()
     float_path, quantized_path = tmp_path / "float.onnx", tmp_path / "quantized.onnx"
-    torch.onnx.export(net, (torch.randn(shape),), str(float_path), dynamo=False, opset_version=13,
-                      training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"], output_names=["y"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's deprecation notices
+        torch.onnx.export(net, (torch.randn(shape),), str(float_path), dynamo=False, opset_version=13,
+                          do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE,
+                          input_names=["x"], output_names=["y"])
     assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(float_path)).graph.node) > 0
     quantization.quantize_static(str(float_path), str(quantized_path), Calibration(shape),
                                  quant_format=quantization.QuantFormat.QDQ, per_channel=per_channel,
@@ -88,10 +94,7 @@ def output_steps(original, folded, shape):
     assert last.op_type == "DequantizeLinear"
     step = float(inits[last.input[1]])
     feeds = {"x": np.random.default_rng(99).standard_normal(shape).astype(np.float32)}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    results = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-               .run(None, feeds)[0] for m in (original, folded)]
+    results = [run_ort(m, feeds)["y"] for m in (original, folded)]
     return float(np.abs(results[1].astype(np.float64) - results[0]).max() / step)
 
 

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -12,6 +11,7 @@ from benchmarks import quantized as bench
 from foldnorm.fold import fold_model
 from foldnorm.fold.quantized_verify import compare_in_steps, output_steps
 from foldnorm.fold.verification import verify
+from tests.onnx_cases import run_ort
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -26,10 +26,7 @@ def run_all(model, feeds, names):
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.UINT8, None) for n in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    return run_ort(copy, feeds)
 
 
 def test_exact_folds_of_a_deep_network_pass_layer_by_layer(deep_qat):
