@@ -2,7 +2,8 @@
 
     foldnorm fold MODEL.onnx [-o OUT.onnx] [--report REPORT.json] [--keep-bn] [--no-verify]
                   [--shape NAME=1,3,224,224 ...] [--rtol R] [--atol A] [--force] [-q | -v]
-    foldnorm inspect MODEL.onnx
+                  [--fold-through-qdq] [--steps N]
+    foldnorm inspect MODEL.onnx [--fold-through-qdq]
     foldnorm demo [--quick]
 
 Exit codes: 0 done; 1 the folded model failed verification (nothing written, unless --force); 2 a
@@ -120,11 +121,19 @@ def _build_parser():
     fold.add_argument("--atol", type=_tolerance("--atol"),
                       help="absolute tolerance (default rtol times each output's largest magnitude)")
     fold.add_argument("--force", action="store_true", help="write the result even when verification fails")
+    fold.add_argument("--fold-through-qdq", action="store_true",
+                      help="in a quantized model, also fold a BN that follows a QuantizeLinear/DequantizeLinear "
+                      "pair after its layer, dropping the pair (close to the original, not exact)")
+    fold.add_argument("--steps", type=_tolerance("--steps"),
+                      help="tolerance for quantized outputs, in quantization steps (default 1 when every quantized "
+                      "fold is exact, else 3)")
     _add_verbosity(fold)
     fold.set_defaults(run=run_fold)
 
     inspect = commands.add_parser("inspect", help="show what fold would do to each normalization, writing nothing")
     inspect.add_argument("model", metavar="MODEL.onnx")
+    inspect.add_argument("--fold-through-qdq", action="store_true",
+                         help="show the plan with the fold through QuantizeLinear/DequantizeLinear pairs")
     _add_verbosity(inspect)
     inspect.set_defaults(run=run_inspect)
 
@@ -171,14 +180,17 @@ def _fold(args, progress):
     progress.step("folding")
     # Read and folded in place (one copy of the model in memory); verification reads the original again.
     if external_data_files(source):  # written back with external data: folded weights straight from their arrays
-        folded, report = fold_for_saving(source, keep_bn=args.keep_bn)
+        folded, report = fold_for_saving(source, keep_bn=args.keep_bn, fold_through_qdq=args.fold_through_qdq)
     else:
-        folded, report = fold_model(source, keep_bn=args.keep_bn, verify=False)
+        folded, report = fold_model(source, keep_bn=args.keep_bn, verify=False, fold_through_qdq=args.fold_through_qdq)
     report.model = str(source)
     if not args.no_verify:
+        from .fold.quantized import default_step_tolerance
+
         quiet_onnxruntime()
+        steps = args.steps if args.steps is not None else default_step_tolerance(report.outcomes)
         report.verification = verify(source, folded, shapes=shapes, rtol=args.rtol, atol=args.atol,
-                                     progress=progress.step)
+                                     progress=progress.step, steps=steps)
     progress.done()
     if not args.quiet:
         print(report.format_text(every_node=args.verbose), flush=True)
@@ -214,7 +226,7 @@ def run_inspect(args):
     progress = Progress(verbose=args.verbose, quiet=args.quiet)
     try:
         progress.step("reading and folding %s (nothing is written)" % args.model)
-        report = inspect_model(Path(args.model))
+        report = inspect_model(Path(args.model), fold_through_qdq=args.fold_through_qdq)
     finally:
         progress.done()
     if not args.quiet:

@@ -14,7 +14,8 @@ from .report import FoldReport, count_layers
 INITIALIZERS_ARE_INPUTS_BELOW_IR = 4
 
 
-def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=None, atol=None, seed=0):
+def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=None, atol=None, seed=0,
+               fold_through_qdq=False, steps=None):
     """Fold every foldable normalization of a model.
 
     Parameters
@@ -28,6 +29,12 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
         Check the folded model against the original in onnxruntime (foldnorm.verify).
     shapes, rtol, atol, seed
         Passed to foldnorm.verify.
+    fold_through_qdq : bool
+        Also fold a BatchNormalization that reads a QuantizeLinear -> DequantizeLinear pair after a layer,
+        dropping the pair (one rounding step fewer: close to the original, not exact).
+    steps : float or None
+        The verification tolerance for quantized outputs, in their quantization steps (default 1 when every
+        quantized fold is exact, 3 otherwise).
 
     Returns
     -------
@@ -43,12 +50,14 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     VerificationError
         An output of the folded model diverges from the original's; it carries the report.
     """
-    folded, report = _fold(model_or_path, keep_bn=keep_bn, hold_weights=False)
+    folded, report = _fold(model_or_path, keep_bn=keep_bn, fold_through_qdq=fold_through_qdq, hold_weights=False)
     if verify:
+        from .quantized import default_step_tolerance
         from .verification import verify as verify_models
 
+        steps = default_step_tolerance(report.outcomes) if steps is None else steps
         # A model read here was folded in place: the original is read again from its file.
-        result = verify_models(model_or_path, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed)
+        result = verify_models(model_or_path, folded, shapes=shapes, rtol=rtol, atol=atol, seed=seed, steps=steps)
         report.verification = result
         if not result.passed:
             diverged = ", ".join(repr(o.name) for o in result.outputs if not o.passed)
@@ -57,16 +66,16 @@ def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=N
     return folded, report
 
 
-def fold_for_saving(model_or_path, *, keep_bn=False):
+def fold_for_saving(model_or_path, *, keep_bn=False, fold_through_qdq=False):
     """fold_model without verification, for a model that is then only written with
     save_model(..., external_data=True) or compared with foldnorm.verify (what `foldnorm fold` does with a
     model kept in external data): each large folded weight stays the NumPy array the fold computed, and
     save_model writes it straight to the data file, instead of a copy into the protobuf and a copy out.
     Anything else reading the result's tensors must use fold_model. Returns (folded model, FoldReport)."""
-    return _fold(model_or_path, keep_bn=keep_bn, hold_weights=True)
+    return _fold(model_or_path, keep_bn=keep_bn, fold_through_qdq=fold_through_qdq, hold_weights=True)
 
 
-def _fold(model_or_path, *, keep_bn, hold_weights):
+def _fold(model_or_path, *, keep_bn, fold_through_qdq, hold_weights):
     opened = open_model(model_or_path, "model_or_path", in_place=True)
     original = opened.model
     start = time.perf_counter()
@@ -80,7 +89,7 @@ def _fold(model_or_path, *, keep_bn, hold_weights):
     declared = folded.ir_version < INITIALIZERS_ARE_INPUTS_BELOW_IR
     read_before = names_read(folded.graph) if declared else None
     inlined = inline_functions_holding_batch_norm(folded)
-    outcomes = fold_in_place(folded, keep_bn=keep_bn)
+    outcomes = fold_in_place(folded, keep_bn=keep_bn, fold_through_qdq=fold_through_qdq)
     if declared:
         drop_released_declarations(folded.graph, read_before)
     # The data of the tensors the pass left as they were, and unless held, of the weights it made.
@@ -102,9 +111,9 @@ def _fold(model_or_path, *, keep_bn, hold_weights):
     return folded, report
 
 
-def inspect_model(model_or_path):
+def inspect_model(model_or_path, *, fold_through_qdq=False):
     """What fold_model would do to each normalization node: the FoldReport, without verification."""
-    _, report = fold_model(model_or_path, verify=False)
+    _, report = fold_model(model_or_path, verify=False, fold_through_qdq=fold_through_qdq)
     return report
 
 

@@ -15,7 +15,7 @@ from .proto import node_attributes, tensor_to_array
 BY_HAND = ("Identity", "Cast", "ConstantOfShape", "Reshape", "Unsqueeze", "Squeeze", "Concat",
            "Transpose", "Flatten")
 BY_REFERENCE = ("Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Expand", "Tile", "Slice",
-                "Gather", "Split", "Range")
+                "Gather", "Split", "Range", "DequantizeLinear")
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ class Refused:
 class FoldContext:
     """What one run of the pass shares across graphs: options, value types, names, outcomes."""
 
-    def __init__(self, model, opset, keep_bn):
+    def __init__(self, model, opset, keep_bn, fold_through_qdq=False):
         self.opset = opset
         self.keep_bn = keep_bn
+        self.fold_through_qdq = fold_through_qdq  # fold across a QuantizeLinear -> DequantizeLinear pair
         self.types = value_types(model)
         self.names = NameScope(model)
         self.ir_version = model.ir_version
@@ -33,9 +34,10 @@ class FoldContext:
         self.indexes = []
         self.sites = {}
 
-    def outcome(self, index, node, *, action, reason, into=None, direction=None):
+    def outcome(self, index, node, *, action, reason, into=None, direction=None, quantized=None):
         self.outcomes.append(NodeOutcome(node=index.label(node), op_type=node.op_type, graph=index.path,
-                                         action=action, into=into, direction=direction, reason=reason))
+                                         action=action, into=into, direction=direction, reason=reason,
+                                         quantized=quantized))
 
 
 def describe(index, node):

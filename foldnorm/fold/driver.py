@@ -74,12 +74,12 @@ def inline_functions_holding_batch_norm(model):
     return names
 
 
-def fold_in_place(model, *, keep_bn=False):
+def fold_in_place(model, *, keep_bn=False, fold_through_qdq=False):
     """Run the pass on `model` itself; returns the list of NodeOutcome."""
     opset = check_opset(model)
     if opset is None:
         return []
-    ctx = FoldContext(model, opset, keep_bn)
+    ctx = FoldContext(model, opset, keep_bn, fold_through_qdq)
     main = GraphIndex(model.graph, path="main", names=ctx.names, opset=opset,
                       inputs_are_constant=model.ir_version < 4, constants_as_nodes=model.ir_version < 4)
     fold_graph(ctx, main)

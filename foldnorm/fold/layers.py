@@ -174,6 +174,10 @@ def read_layer(ctx, index: GraphIndex, node):
         return Refused("%s cannot absorb a per-channel map" % what)
     if len(node.input) < 2:
         return Refused("%s has no weight input" % what)
+    weight_producer = index.producer.get(node.input[1])
+    if weight_producer is not None and weight_producer.op_type == "DequantizeLinear":  # foldnorm.fold.quantized
+        return Refused("%s's weight %r is quantized (DequantizeLinear): only a BatchNormalization on its output "
+                       "folds into it, through the weight's scales" % (what, node.input[1]))
     weight = float_constant(index, node.input[1])
     if weight is None:
         return Refused("%s's weight %r is not a float constant" % (what, node.input[1]))

@@ -493,6 +493,6 @@ def temporary_folder():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-__all__ = ["load_model", "save_model", "onnxruntime_source", "check_model", "check_opset", "open_model", "as_model", "ModelCheck",
-           "OpenedModel", "LEVELS", "uses_external_data", "external_data_files", "write_file_atomically",
-           "all_tensors", "temporary_folder", "PROTOBUF_LIMIT"]
+__all__ = ["load_model", "save_model", "onnxruntime_source", "check_model", "check_opset", "open_model", "as_model",
+           "ModelCheck", "OpenedModel", "LEVELS", "uses_external_data", "external_data_files",
+           "write_file_atomically", "all_tensors", "temporary_folder", "PROTOBUF_LIMIT"]

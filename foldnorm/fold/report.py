@@ -22,7 +22,8 @@ class NodeOutcome:
     the op type of what absorbed it and direction how: "backward" (into the producing Conv,
     ConvTranspose, Gemm or MatMul), "forward" (into the only reader), "across" (into the producers of each
     branch of the Add, Sum or Concat named by into), or "merged" (into the Mul/Add that replaces a
-    BatchNormalization; into is "Mul/Add"); reason: one sentence saying why.
+    BatchNormalization; into is "Mul/Add"); reason: one sentence saying why; quantized: for a fold into a
+    layer with a quantized weight, what it did to the integers (foldnorm.fold.quantized.QuantizedFold).
     """
 
     node: str
@@ -32,6 +33,7 @@ class NodeOutcome:
     reason: str
     into: str | None = None
     direction: str | None = None
+    quantized: object = None
 
     @property
     def folded_into(self):

@@ -15,6 +15,7 @@ from .affine import ChannelAffine
 from .context import CHANNEL_AXIS, Refused, describe, elem_type_of, rank_of, shape_of
 from .layers import Absorption, is_layer, absorb_into, forward_refusal, producing_layer, read_layer, write_absorption
 from .proto import is_default_domain, node_attributes, numpy_dtype
+from .quantized import quantized_apply, quantized_condition
 from .sites import (BATCH_NORM, SITE_OPS, Site, batch_norm_site, elementwise_operands, elementwise_site,
                     extend_chain, site_input, site_of)
 
@@ -323,5 +324,6 @@ RULES = (
     Rule("fold across Add/Sum", SITE_OPS, across_add_condition, across_apply),
     Rule("fold across Concat", SITE_OPS, across_concat_condition, across_apply),
     Rule("fold forward into the reading layer", SITE_OPS, forward_condition, forward_apply),
+    Rule("fold into a quantized layer", (BATCH_NORM,), quantized_condition, quantized_apply),
     Rule("rewrite as Mul and Add", (BATCH_NORM,), rewrite_condition, rewrite_apply, fallback=True),
 )

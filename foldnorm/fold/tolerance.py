@@ -44,6 +44,9 @@ class OutputComparison:
     note: str = ""
     noise: float | None = None
 
+    def tolerance_text(self):
+        return "rtol %.0e atol %.1e" % (self.rtol, self.atol)
+
     def to_dict(self):
         return {
             "name": self.name,

@@ -33,6 +33,7 @@ from .errors import FoldError
 from .messages import one_line
 from .modelio import as_model, onnxruntime_source
 from .proto import graph_statistics
+from .quantized_verify import QuantizedOutputs
 from .scratch import scratch_folder
 from .shapes import (LADDER_SECONDS, ShapeError, check_input_bytes, chosen_axes, concrete_shapes, first_candidates,
                      format_dims, input_specs, second_candidates, symbols)
@@ -129,7 +130,7 @@ class VerifyReport:
         row = "  %-*s  %-11s  %-11s  %-11s  %-24s  %s"
         lines.append(row % (width, "output", "max abs err", "max rel err", "model noise", "tolerance", "result"))
         for o in self.outputs:
-            tolerance = "rtol %.0e atol %.1e" % (o.rtol, o.atol)
+            tolerance = o.tolerance_text()
             result = "ok" if o.passed else "DIVERGED" + (" (%s)" % o.note if o.note else "")
             numbers = format_error(o.max_abs_error), format_error(o.max_rel_error), format_error(o.noise)
             lines.append(row % ((width, o.name) + numbers + (tolerance, result)))
@@ -138,7 +139,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progress=None):
+def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progress=None, steps=None):
     """Run `original` and `folded` in onnxruntime on the same seeded inputs and compare every output.
 
     Parameters
@@ -153,6 +154,9 @@ def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progr
         Seed of the random inputs.
     progress : callable, optional
         Called with a short sentence as each step starts (the command line shows them).
+    steps : float, optional
+        The tolerance of an output written by QuantizeLinear (-> DequantizeLinear), which is compared in its
+        quantization steps instead (1 when None; foldnorm.fold.quantized_verify).
 
     Returns
     -------
@@ -181,7 +185,8 @@ def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progr
 
     say("verification: running the folded model")
     actual, folded_error = _run_all(folded, "folded", feeds, optimized=False)
-    comparisons = _compare_all(expected, actual, folded_error, None, rtol, atol)
+    quantized = QuantizedOutputs(original, folded, feeds, expected, actual, steps)
+    comparisons = quantized.compare(_compare_all(expected, actual, folded_error, None, rtol, atol))
     large = graph_statistics(original.graph)[1] > NOISE_ALWAYS_BYTES
     if folded_error is None and large and all(c.passed for c in comparisons):
         # A large model's third session costs seconds: its noise is measured only when an output needs it.
@@ -193,7 +198,7 @@ def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progr
         if noise_error is not None:
             notes.append("the model's rounding noise was not measured (with optimizations on, %s)" % noise_error)
         else:
-            comparisons = _compare_all(expected, actual, folded_error, noisy, rtol, atol)
+            comparisons = quantized.compare(_compare_all(expected, actual, folded_error, noisy, rtol, atol))
     return VerifyReport(
         passed=all(c.passed for c in comparisons),
         rtol=rtol if rtol is not None else max((c.rtol for c in comparisons), default=0.0),
