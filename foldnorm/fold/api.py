@@ -71,7 +71,9 @@ def fold_for_saving(model_or_path, *, keep_bn=False, fold_through_qdq=False):
     save_model(..., external_data=True) or compared with foldnorm.verify (what `foldnorm fold` does with a
     model kept in external data): each large folded weight stays the NumPy array the fold computed, and
     save_model writes it straight to the data file, instead of a copy into the protobuf and a copy out.
-    Anything else reading the result's tensors must use fold_model. Returns (folded model, FoldReport)."""
+    Anything else reading the result's tensors must use fold_model. The arrays are held until
+    external_data.load_referenced copies them into the model, or the process ends.
+    Returns (folded model, FoldReport)."""
     return _fold(model_or_path, keep_bn=keep_bn, fold_through_qdq=fold_through_qdq, hold_weights=True)
 
 
