@@ -20,7 +20,9 @@ from ._outputs import empty_result
 from ._validation import (
     as_input,
     as_like,
+    as_bool,
     as_param,
+    as_real,
     check_eps,
     check_out,
     compute_dtype,
@@ -68,7 +70,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5
     weight64 = as_param(weight, "weight", (channels,), np.float64)
     bias64 = as_param(bias, "bias", (channels,), np.float64)
     eps = check_eps(eps)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     out = check_out(out, xc.shape, dtype, _named_arrays(x=x, running_mean=running_mean,
                                                          running_var=running_var, weight=weight, bias=bias))
     written, out = kernel_output(out, xc.shape, dtype)
@@ -133,8 +135,9 @@ def batch_norm_train(x, weight=None, bias=None, *, running_mean=None, running_va
     if running_mean is not None and running_var is not None and np.shares_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not overlap")
     momentum = _momentum(momentum)
+    running_var_unbiased = as_bool(running_var_unbiased, "running_var_unbiased")
     eps = check_eps(eps)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     out = check_out(out, xc.shape, dtype, _named_arrays(x=x, weight=weight, bias=bias,
                                                          running_mean=running_mean, running_var=running_var))
     written, out = kernel_output(out, xc.shape, dtype)
@@ -187,7 +190,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, channel_axis=1, num
     mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
     invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
     weight64 = as_param(weight, "weight", (channels,), np.float64)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     dx = empty_result(xc.shape, xc.dtype)
     dweight = np.empty(channels)
     dbias = np.empty(channels)
@@ -226,13 +229,7 @@ def _running_statistic(a, name, channels):
 
 
 def _momentum(momentum):
-    try:
-        value = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError("momentum must be a number, got %r" % (momentum,)) from None
-    if not np.isfinite(value):
-        raise ValueError("momentum must be finite, got %r" % value)
-    return value
+    return as_real(momentum, "momentum", "finite (a real number)")
 
 
 def _named_arrays(**arrays):
