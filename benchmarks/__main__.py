@@ -1,7 +1,10 @@
-"""python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | compare OLD.json NEW.json [--threshold 0.10]"""
+"""python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | compare OLD.json NEW.json [--threshold 0.10]
+| under-load [--spinners 2] [--seconds 1.5] [--rounds 3]"""
 import argparse
 import os
 import sys
+
+from . import under_load
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -44,11 +47,15 @@ def parser():
     compare.add_argument("new")
     compare.add_argument("--threshold", type=float, default=0.10,
                          help="flag figures slower by more than this fraction (default 0.10)")
+    under_load.add_arguments(commands.add_parser(
+        "under-load", help="batch_norm_train latency beside torch while other processes spin"))
     return top
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.command == "under-load":
+        return under_load.main(args)
     if args.command == "compare":
         from .compare import main as compare_main
 
