@@ -163,7 +163,7 @@ def verdict(summary):
 def table(results, spinners):
     lines = ["batch_norm_train, float32, default threads, %d spinning process%s; latency in ms"
              % (spinners, "" if spinners == 1 else "es"), "",
-             "| shape | contender | threads | p50 | p99 | mean | calls |", "|---|---|---|---|---|---|---|"]
+             "| shape | contender | default threads | p50 | p99 | mean | calls |", "|---|---|---|---|---|---|---|"]
     notes = []
     for entry in results:
         label = shape_label(entry["shape"])
@@ -182,7 +182,7 @@ def table(results, spinners):
         if v is None:
             lines.append("| %s | n/a | n/a | n/a |" % shape_label(entry["shape"]))
         else:
-            lines.append("| %s | %.2f | %.2f | %s |" % (shape_label(entry["shape"]), v["mean"], v["p99"],
+            lines.append("| %s | %.3g | %.3g | %s |" % (shape_label(entry["shape"]), v["mean"], v["p99"],
                                                         "yes" if v["met"] else "NO"))
     return "\n".join(lines + [""] + notes)
 
