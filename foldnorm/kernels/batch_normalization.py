@@ -18,9 +18,9 @@ import numpy as np
 from . import _batch_norm
 from ._outputs import empty_result
 from ._validation import (
+    as_bool,
     as_input,
     as_like,
-    as_bool,
     as_param,
     as_real,
     check_eps,
@@ -47,10 +47,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5
     x : ndarray (N, C, *spatial), or (N, *spatial, C) with channel_axis=-1; float16, float32 or float64.
     running_mean, running_var : array-like (C,).
     weight, bias : array-like (C,) or None (1 and 0).
-    eps : float added to the variance.
+    eps : finite non-negative real number added to the variance.
     channel_axis : 1 (channels first) or -1 (channels last).
     out : optional ndarray of x's shape and dtype to write y into; must not overlap any input.
-    num_threads : int, or None for foldnorm.get_num_threads().
+    num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
+        one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
 
     Returns
     -------
@@ -104,10 +105,11 @@ def batch_norm_train(x, weight=None, bias=None, *, running_mean=None, running_va
     running_mean, running_var : writable float ndarrays (C,), or None.
     momentum : float weight of the batch statistics in the running update.
     running_var_unbiased : bool, store the unbiased (True) or the population (False) batch variance.
-    eps : float added to the variance.
+    eps : finite non-negative real number added to the variance.
     channel_axis : 1 (channels first) or -1 (channels last).
     out : optional ndarray of x's shape and dtype to write y into; must not overlap any input.
-    num_threads : int, or None for foldnorm.get_num_threads().
+    num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
+        one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
 
     Returns
     -------
@@ -170,7 +172,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, channel_axis=1, num
     mean, invstd : array-like (C,), as returned by batch_norm_train.
     weight : array-like (C,) or None (1).
     channel_axis : 1 (channels first) or -1 (channels last).
-    num_threads : int, or None for foldnorm.get_num_threads().
+    num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
+        one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
 
     Returns
     -------

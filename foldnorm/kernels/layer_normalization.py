@@ -39,8 +39,9 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, num_threads=None
         x: float16/32/64 array of any shape with at least one dimension, not empty.
         weight, bias: arrays of shape x.shape[axis:], or None for 1 and 0.
         axis: first normalized dimension, in [-x.ndim, x.ndim).
-        eps: added to the variance.
-        num_threads: threads to use; None means foldnorm.get_num_threads().
+        eps: finite non-negative real number added to the variance.
+        num_threads: threads to use, a positive int; None means foldnorm.get_num_threads().  Capped to
+            the usable cores and to one thread per 128 Ki elements (runtime.PARALLEL_GRAIN).
 
     Returns:
         (y, mean, invstd): y like x (same shape and dtype); mean and invstd of shape
