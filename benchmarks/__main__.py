@@ -1,7 +1,10 @@
-"""python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | compare OLD.json NEW.json [--threshold 0.10] | big"""
+"""python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | compare OLD.json NEW.json [--threshold 0.10]
+| under-load [--spinners 2] [--seconds 1.5] [--rounds 3] | big [--megabytes 300] [--rounds 5] [--huge]"""
 import argparse
 import os
 import sys
+
+from . import big_model, under_load
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -44,18 +47,19 @@ def parser():
     compare.add_argument("new")
     compare.add_argument("--threshold", type=float, default=0.10,
                          help="flag figures slower by more than this fraction (default 0.10)")
-    commands.add_parser("big", add_help=False, help="time `foldnorm fold` on a ~300 MB external-data model beside "
-                        "onnxruntime's optimizer (options: python -m benchmarks big --help)")
+    under_load.add_arguments(commands.add_parser(
+        "under-load", help="batch_norm_train latency beside torch while other processes spin"))
+    big_model.add_arguments(commands.add_parser(
+        "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
     return top
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["big"]:
-        from .big_model import main as big_main
-
-        return big_main(argv[1:])
     args = parser().parse_args(argv)
+    if args.command == "under-load":
+        return under_load.main(args)
+    if args.command == "big":
+        return big_model.main(args)
     if args.command == "compare":
         from .compare import main as compare_main
 

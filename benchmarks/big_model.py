@@ -9,11 +9,10 @@ start-up and imports count, as they do for a user. Contenders are interleaved ro
 median of the rounds is reported, and each time against onnxruntime's is the median of the ratios taken
 round by round.
 
-    python -m benchmarks big [--megabytes 300] [--rounds 3] [--huge] [--out DIR]
+    python -m benchmarks big [--megabytes 300] [--rounds 5] [--huge] [--only NAMES] [--out DIR]
 
 --huge adds one round of a model past protobuf's 2 GiB limit (folded with and without verification).
 """
-import argparse
 import json
 import os
 import statistics
@@ -23,8 +22,6 @@ import tempfile
 import time
 
 import onnx
-
-from foldnorm.fold.builder import ModelBuilder
 
 OPSET = 13
 KERNEL = 3
@@ -72,6 +69,8 @@ def channels_for(megabytes, pairs):
 def write_conv_bn_model(path, *, channels, pairs, seed=0):
     """Write the model (every tensor of 1 KiB or more in `<path>.data`, as onnx.save_model writes it for a
     user) and return the bytes of its tensors."""
+    from foldnorm.fold.builder import ModelBuilder
+
     builder = ModelBuilder(seed=seed)
     x = builder.input("input", [1, channels, SPATIAL, SPATIAL])
     for i in range(pairs):
@@ -167,16 +166,20 @@ def format_case(label, case):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks big", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--megabytes", type=float, default=300.0, help="size of the model's weights (default 300)")
-    parser.add_argument("--pairs", type=int, default=8, help="Conv+BatchNormalization blocks (default 8)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per contender (default 3)")
-    parser.add_argument("--huge", action="store_true", help="also one round of a model past 2 GiB")
-    parser.add_argument("--only", default=None, help="these contenders only, e.g. onnxruntime_optimizer,"
-                        "foldnorm_no_verify (default: all three)")
-    parser.add_argument("--out", default=None, help="write big_model.json into this folder")
-    args = parser.parse_args(argv)
+def add_arguments(p):
+    p.add_argument("--megabytes", type=float, default=300.0, help="size of the model's weights (default 300)")
+    p.add_argument("--pairs", type=int, default=8, help="Conv+BatchNormalization blocks (default 8)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per contender (default 5)")
+    p.add_argument("--huge", action="store_true", help="also one round of a model past 2 GiB (2.4 GB)")
+    p.add_argument("--only", default=None, help="these contenders only, e.g. onnxruntime_optimizer,"
+                   "foldnorm_no_verify (default: all three)")
+    p.add_argument("--out", default=None, help="write big_model.json into this folder")
+
+
+def main(args):
+    if not args.megabytes > 0 or args.pairs < 1 or args.rounds < 1:
+        print("big: --megabytes must be > 0, --pairs and --rounds >= 1", file=sys.stderr)
+        return 2
     only = [name.strip() for name in args.only.split(",")] if args.only else None
     results = {}
     with tempfile.TemporaryDirectory(prefix="foldnorm-bench-") as folder:
@@ -191,7 +194,3 @@ def main(argv=None):
         with open(os.path.join(args.out, "big_model.json"), "w") as file:
             json.dump(results, file, indent=2)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,6 +3,11 @@
 The compiled layer trusts its inputs; everything a user can get wrong is caught here, with an error that
 names the argument and says what was expected.
 """
+import math
+import numbers
+import operator
+import reprlib
+
 import numpy as np
 
 from ._outputs import empty_result
@@ -59,23 +64,51 @@ def as_param(p, name, shape, dtype, required=False):
 
 
 def normalize_axis(axis, ndim, name="axis"):
-    """A Python int axis in [-ndim, ndim) as a non-negative int."""
+    """An int axis (NumPy integers too) in [-ndim, ndim) as a non-negative int."""
+    index = as_int(axis, name)
+    if not -ndim <= index < ndim:
+        raise ValueError("%s=%d is out of range for an input with %d dimensions" % (name, index, ndim))
+    return index % ndim
+
+
+def as_int(value, name):
+    """value as a Python int: an int or a NumPy integer, never a bool, a float or a string."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError("%s must be an int, got %s" % (name, reprlib.repr(value)))
+
+
+def as_bool(value, name):
+    """value as a Python bool: True, False or a NumPy bool, never an int or a string."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError("%s must be a bool, got %s" % (name, reprlib.repr(value)))
+
+
+def as_real(value, name, expected="a finite real number"):
+    """value as a finite Python float: an int, a float or a NumPy number, never a bool or a string."""
+    message = "%s must be %s, got %s" % (name, expected, reprlib.repr(value))
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(message)
     try:
-        axis = int(axis) if not isinstance(axis, bool) else None
-    except (TypeError, ValueError):
-        axis = None
-    if axis is None:
-        raise TypeError("%s must be an int" % name)
-    if not -ndim <= axis < ndim:
-        raise ValueError("%s=%d is out of range for an input with %d dimensions" % (name, axis, ndim))
-    return axis % ndim
+        number = float(value)
+    except OverflowError:
+        raise ValueError(message) from None
+    if not math.isfinite(number):
+        raise ValueError(message)
+    return number
 
 
 def check_eps(eps):
-    eps = float(eps)
-    if not (eps >= 0.0 and np.isfinite(eps)):
-        raise ValueError("eps must be a finite non-negative number, got %r" % eps)
-    return eps
+    """eps as a float: a finite non-negative real number (int, float or NumPy number)."""
+    expected = "a finite non-negative real number"
+    value = as_real(eps, "eps", expected)
+    if value < 0.0:
+        raise ValueError("eps must be %s, got %s" % (expected, reprlib.repr(eps)))
+    return value
 
 
 def check_out(out, shape, dtype, inputs, name="out"):

@@ -18,9 +18,11 @@ import numpy as np
 from . import _batch_norm
 from ._outputs import empty_result
 from ._validation import (
+    as_bool,
     as_input,
     as_like,
     as_param,
+    as_real,
     check_eps,
     check_out,
     compute_dtype,
@@ -45,10 +47,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5
     x : ndarray (N, C, *spatial), or (N, *spatial, C) with channel_axis=-1; float16, float32 or float64.
     running_mean, running_var : array-like (C,).
     weight, bias : array-like (C,) or None (1 and 0).
-    eps : float added to the variance.
+    eps : finite non-negative real number added to the variance.
     channel_axis : 1 (channels first) or -1 (channels last).
     out : optional ndarray of x's shape and dtype to write y into; must not overlap any input.
-    num_threads : int, or None for foldnorm.get_num_threads().
+    num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
+        one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
 
     Returns
     -------
@@ -68,7 +71,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5
     weight64 = as_param(weight, "weight", (channels,), np.float64)
     bias64 = as_param(bias, "bias", (channels,), np.float64)
     eps = check_eps(eps)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     out = check_out(out, xc.shape, dtype, _named_arrays(x=x, running_mean=running_mean,
                                                          running_var=running_var, weight=weight, bias=bias))
     written, out = kernel_output(out, xc.shape, dtype)
@@ -102,10 +105,11 @@ def batch_norm_train(x, weight=None, bias=None, *, running_mean=None, running_va
     running_mean, running_var : writable float ndarrays (C,), or None.
     momentum : float weight of the batch statistics in the running update.
     running_var_unbiased : bool, store the unbiased (True) or the population (False) batch variance.
-    eps : float added to the variance.
+    eps : finite non-negative real number added to the variance.
     channel_axis : 1 (channels first) or -1 (channels last).
     out : optional ndarray of x's shape and dtype to write y into; must not overlap any input.
-    num_threads : int, or None for foldnorm.get_num_threads().
+    num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
+        one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
 
     Returns
     -------
@@ -133,8 +137,9 @@ def batch_norm_train(x, weight=None, bias=None, *, running_mean=None, running_va
     if running_mean is not None and running_var is not None and np.shares_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not overlap")
     momentum = _momentum(momentum)
+    running_var_unbiased = as_bool(running_var_unbiased, "running_var_unbiased")
     eps = check_eps(eps)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     out = check_out(out, xc.shape, dtype, _named_arrays(x=x, weight=weight, bias=bias,
                                                          running_mean=running_mean, running_var=running_var))
     written, out = kernel_output(out, xc.shape, dtype)
@@ -167,7 +172,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, channel_axis=1, num
     mean, invstd : array-like (C,), as returned by batch_norm_train.
     weight : array-like (C,) or None (1).
     channel_axis : 1 (channels first) or -1 (channels last).
-    num_threads : int, or None for foldnorm.get_num_threads().
+    num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
+        one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
 
     Returns
     -------
@@ -187,7 +193,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, channel_axis=1, num
     mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
     invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
     weight64 = as_param(weight, "weight", (channels,), np.float64)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     dx = empty_result(xc.shape, xc.dtype)
     dweight = np.empty(channels)
     dbias = np.empty(channels)
@@ -226,13 +232,7 @@ def _running_statistic(a, name, channels):
 
 
 def _momentum(momentum):
-    try:
-        value = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError("momentum must be a number, got %r" % (momentum,)) from None
-    if not np.isfinite(value):
-        raise ValueError("momentum must be finite, got %r" % value)
-    return value
+    return as_real(momentum, "momentum", "finite (a real number)")
 
 
 def _named_arrays(**arrays):

@@ -38,8 +38,9 @@ def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, num_threads=N
         x: (N, C, *spatial) float16/float32/float64 array, at least 2 dims.
         num_groups: positive int G dividing C.
         weight, bias: (C,) per-channel scale and shift; None means 1 and 0.
-        eps: added to the variance.
-        num_threads: threads to use; None uses foldnorm.get_num_threads().
+        eps: finite non-negative real number added to the variance.
+        num_threads: threads to use, a positive int; None uses foldnorm.get_num_threads().  Capped to the
+            usable cores and to one thread per 128 Ki elements (runtime.PARALLEL_GRAIN).
 
     Returns:
         (y, mean, invstd): y shaped and typed like x; mean and invstd (N, G) in the compute dtype
@@ -73,7 +74,8 @@ def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, *, num_thr
         mean, invstd: (N, G) statistics returned by group_norm.
         num_groups: the forward's G.
         weight: the forward's (C,) weight, or None.
-        num_threads: threads to use; None uses foldnorm.get_num_threads().
+        num_threads: threads to use, a positive int; None uses foldnorm.get_num_threads().  Capped to the
+            usable cores and to one thread per 128 Ki elements (runtime.PARALLEL_GRAIN).
 
     Returns:
         (dx, dweight, dbias): dx shaped like x; dweight and dbias (C,); all in x's dtype.
@@ -173,7 +175,7 @@ def _forward(x3, dtype, shape, groups, weight, bias, eps, num_threads):
     weight = as_param(weight, "weight", (channels,), _F64)
     bias = as_param(bias, "bias", (channels,), _F64)
     eps = check_eps(eps)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, x3.size)
     y = empty_result(x3.shape, x3.dtype)
     mean = np.empty((shape[0], groups), dtype=_F64)
     invstd = np.empty((shape[0], groups), dtype=_F64)
@@ -188,7 +190,7 @@ def _backward(dy, x3, dtype, shape, mean, invstd, groups, weight, num_threads):
     mean = as_param(mean, "mean", (batch, groups), _F64, required=True)
     invstd = as_param(invstd, "invstd", (batch, groups), _F64, required=True)
     weight = as_param(weight, "weight", (channels,), _F64)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, x3.size)
     dx = empty_result(x3.shape, x3.dtype)
     dweight = np.empty(channels, dtype=_F64)
     dbias = np.empty(channels, dtype=_F64)

@@ -39,8 +39,9 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, num_threads=None
         x: float16/32/64 array of any shape with at least one dimension, not empty.
         weight, bias: arrays of shape x.shape[axis:], or None for 1 and 0.
         axis: first normalized dimension, in [-x.ndim, x.ndim).
-        eps: added to the variance.
-        num_threads: threads to use; None means foldnorm.get_num_threads().
+        eps: finite non-negative real number added to the variance.
+        num_threads: threads to use, a positive int; None means foldnorm.get_num_threads().  Capped to
+            the usable cores and to one thread per 128 Ki elements (runtime.PARALLEL_GRAIN).
 
     Returns:
         (y, mean, invstd): y like x (same shape and dtype); mean and invstd of shape
@@ -61,7 +62,7 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, num_threads=None
     weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
     bias = as_param(bias, "bias", xc.shape[axis:], xc.dtype)
     eps = check_eps(eps)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     y = empty_result(xc.shape, xc.dtype)
     mean = np.empty(_stats_shape(xc.shape, axis), xc.dtype)
     invstd = np.empty_like(mean)
@@ -107,7 +108,7 @@ def layer_norm_backward(dy, x, mean, invstd, weight=None, *, axis=-1, num_thread
     mean = _row_statistic(mean, "mean", rows, xc.dtype)
     invstd = _row_statistic(invstd, "invstd", rows, xc.dtype)
     weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     dx = empty_result(xc.shape, xc.dtype)
     dweight = np.empty(xc.shape[axis:], xc.dtype)
     dbias = np.empty_like(dweight)
@@ -142,7 +143,7 @@ def rms_norm(x, weight=None, *, axis=-1, eps=1e-5, num_threads=None):
     rows, cols = _rows_cols(xc.shape, axis)
     weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
     eps = check_eps(eps)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     y = empty_result(xc.shape, xc.dtype)
     invrms = np.empty(_stats_shape(xc.shape, axis), xc.dtype)
     _layer_norm.rms_norm(xc, weight, y, invrms, rows, cols, eps, threads)
@@ -180,7 +181,7 @@ def rms_norm_backward(dy, x, invrms, weight=None, *, axis=-1, num_threads=None):
     dy = as_like(dy, "dy", xc.shape, xc.dtype)
     invrms = _row_statistic(invrms, "invrms", rows, xc.dtype)
     weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
-    threads = resolve_num_threads(num_threads)
+    threads = resolve_num_threads(num_threads, xc.size)
     dx = empty_result(xc.shape, xc.dtype)
     dweight = np.empty(xc.shape[axis:], xc.dtype)
     _layer_norm.rms_norm_backward(dy, xc, invrms, weight, dx, dweight, rows, cols, threads)

@@ -90,6 +90,13 @@ def main(engine, out_dir):
     # The collectives are still paired up after every refusal: a last case runs as the first did.
     run_case(CASES[0], comm, results, prefix="after_errors")
     np.savez(os.path.join(out_dir, "rank%d.npz" % comm.rank), **results)
+    if engine == "gloo":
+        # gloo's threads must be joined before the interpreter exits, or a rank can abort at exit
+        # ("terminate called without an active exception") after its results are written.
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
