@@ -1,7 +1,14 @@
 """Constant evaluation for the fold pass: the value of a node whose inputs are all constant.
 
-Exporters build weights with small constant sub-graphs (ConstantOfShape, Cast, Reshape, Expand, ... of
-constants). Shape and type plumbing is evaluated by hand; small arithmetic by onnx's reference evaluator.
+Exporters build weights with small constant sub-graphs: torch's dynamo exporter writes a Conv's bias as
+Expand / Cast / ConstantOfShape of constants, quantizers store weights as DequantizeLinear of integers,
+and Identity chains, Where, Slice, Gather, Concat, Unsqueeze ... of constants are common. Shape and type
+plumbing is evaluated by hand; arithmetic by onnx's reference evaluator.
+
+Every evaluation first works out the size of its output from the shapes of its inputs (and, for
+ConstantOfShape / Expand / Tile / Range, from their values) and raises ConstantTooLarge, without
+allocating anything, when it would exceed MAX_CONSTANT_BYTES: a model may declare a constant of any size
+it likes, and evaluating one must never cost gigabytes.
 """
 from dataclasses import dataclass
 
@@ -10,12 +17,23 @@ from onnx import TensorProto, helper
 
 from .proto import node_attributes, tensor_to_array
 
+# The largest value the pass computes from constants. Real weights computed in the graph are far smaller;
+# anything past this is refused with a reason instead of allocated.
+MAX_CONSTANT_BYTES = 256 * 2**20
+
 # Ops whose output is constant when their inputs are, evaluated by hand (shape/type plumbing) or by onnx's
-# reference evaluator (small arithmetic).
+# reference evaluator (arithmetic).
 BY_HAND = ("Identity", "Cast", "ConstantOfShape", "Reshape", "Unsqueeze", "Squeeze", "Concat",
-           "Transpose", "Flatten")
-BY_REFERENCE = ("Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Expand", "Tile", "Slice",
-                "Gather", "Split", "Range", "DequantizeLinear")
+           "Transpose", "Flatten", "Shape", "Size", "DequantizeLinear")
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Mod", "Min", "Max", "Sum", "Mean", "Where", "Equal", "Less",
+               "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor")
+UNARY = ("Neg", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Sign", "Floor", "Ceil", "Not", "Clip", "Relu",
+         "CastLike")
+BY_REFERENCE = ELEMENTWISE + UNARY + ("Expand", "Tile", "Slice", "Gather", "Split", "Range")
+
+
+class ConstantTooLarge(ValueError):
+    """A value computed from constants would be larger than MAX_CONSTANT_BYTES; nothing was allocated."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,33 @@ def _evaluate_by_hand(node, inputs, opset):
         axis = int(attributes.get("axis", 1)) % max(first.array.ndim, 1)
         outer = int(np.prod(first.array.shape[:axis], dtype=np.int64))
         return Constant(first.array.reshape(outer, -1), first.elem_type)
+    if op == "Shape":
+        dims = first.array.shape[int(attributes.get("start", 0)):attributes.get("end")]
+        return Constant(np.array(dims, dtype=np.int64), TensorProto.INT64)
+    if op == "Size":
+        return Constant(np.array(first.array.size, dtype=np.int64), TensorProto.INT64)
+    if op == "DequantizeLinear":
+        return _dequantize(first, inputs[1], inputs[2] if len(inputs) > 2 else None, attributes)
     raise NotImplementedError(op)
+
+
+def _dequantize(quantized, scale, zero_point, attributes):
+    """(x - zero_point) * scale, per tensor or per axis; blocked quantization is not evaluated."""
+    if int(attributes.get("block_size", 0)):
+        raise NotImplementedError("blocked DequantizeLinear")
+    values = quantized.array.astype(np.float64)
+    scales = scale.array.astype(np.float64)
+    zeros = np.zeros(1) if zero_point is None else zero_point.array.astype(np.float64)
+    if scales.ndim == 1 and scales.size > 1 or zeros.size > 1:
+        axis = int(attributes.get("axis", 1)) % values.ndim
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        scales, zeros = scales.reshape(shape), zeros.reshape(shape) if zeros.size > 1 else zeros.reshape(())
+    elif scales.size != 1 or zeros.size != 1:
+        raise ValueError("DequantizeLinear with a scale of shape %s" % (scales.shape,))
+    else:
+        scales, zeros = scales.reshape(()), zeros.reshape(())
+    return Constant(_round_to((values - zeros) * scales, scale.elem_type), scale.elem_type)
 
 
 def _evaluate_by_reference(node, inputs, opset, output_position):
@@ -128,16 +172,93 @@ def _evaluate_by_reference(node, inputs, opset, output_position):
     if any(v is not None and v.elem_type == TensorProto.BFLOAT16 for v in inputs):
         return None
     feeds = {name: value.array for name, value in zip(node.input, inputs) if name}
-    evaluator = ReferenceEvaluator(node, opsets={"": opset})
-    outputs = evaluator.run(None, feeds)
+    try:
+        evaluator = ReferenceEvaluator(node, opsets={"": opset})
+        outputs = evaluator.run(None, feeds)
+    except RuntimeError as error:  # the reference evaluator has no implementation at this opset
+        raise NotImplementedError(str(error)) from error
     return _constant_from_array(outputs[output_position])
+
+
+def _size(shape):
+    """Elements of a shape, as a Python int (no overflow)."""
+    count = 1
+    for dim in shape:
+        count *= max(int(dim), 0)
+    return count
+
+
+def _int_values(value):
+    return [int(v) for v in value.array.reshape(-1)]
+
+
+def _broadcast_size(shapes):
+    rank = max((len(shape) for shape in shapes), default=0)
+    dims = [1] * rank
+    for shape in shapes:
+        for axis, dim in enumerate(shape, rank - len(shape)):
+            dims[axis] = max(dims[axis], int(dim)) if dim != 0 and dims[axis] != 0 else 0
+    return _size(dims)
+
+
+def _range_size(inputs):
+    start, limit, delta = (float(v.array.reshape(-1)[0]) for v in inputs[:3])
+    if delta == 0 or not np.isfinite([start, limit, delta]).all():
+        raise ValueError("Range with delta 0 or a non-finite bound")
+    return max(int(np.ceil((limit - start) / delta)), 0)
+
+
+def output_elements(node, inputs):
+    """How many elements the node's largest output would have, worked out without computing it."""
+    op = node.op_type
+    present = [v for v in inputs if v is not None]
+    if op == "ConstantOfShape":
+        return _size(_int_values(present[0]))
+    if op == "Expand":
+        return _broadcast_size([present[0].array.shape, _int_values(present[1])])
+    if op == "Tile":
+        repeats = _int_values(present[1])
+        return _size(present[0].array.shape) * _size(repeats)
+    if op == "Range":
+        return _range_size(present)
+    if op in ELEMENTWISE:
+        return _broadcast_size([v.array.shape for v in present])
+    if op == "Concat":
+        return sum(v.array.size for v in present)
+    if op == "Gather":
+        data, indices = present[0].array, present[1].array
+        return data.size // max(data.shape[int(node_attributes(node).get("axis", 0))], 1) * indices.size
+    return max((v.array.size for v in present), default=1)
+
+
+def _itemsize(node, inputs):
+    attributes = node_attributes(node)
+    if node.op_type == "Cast":
+        return helper.tensor_dtype_to_np_dtype(int(attributes["to"])).itemsize
+    if node.op_type == "ConstantOfShape":
+        fill = attributes.get("value")
+        return 4 if fill is None else helper.tensor_dtype_to_np_dtype(fill.data_type).itemsize
+    return max([v.array.itemsize for v in inputs if v is not None] + [4])
+
+
+def check_output_size(node, inputs, limit=MAX_CONSTANT_BYTES):
+    """Raise ConstantTooLarge when the node's output would be larger than `limit` bytes."""
+    size = output_elements(node, inputs) * _itemsize(node, inputs)
+    if size > limit:
+        raise ConstantTooLarge("is computed from constants by %s, but would be %s bytes, larger than the %d MiB "
+                               "the pass evaluates" % (node.op_type, format(size, ","), limit // 2**20))
 
 
 def evaluate_node(node, inputs, opset, output_position):
     """The Constant at output `output_position` of `node`, whose inputs are the Constants `inputs`
-    (None for an omitted optional input); None when the op is not one that is evaluated."""
+    (None for an omitted optional input); None when the op is not one that is evaluated.
+
+    Raises ConstantTooLarge, before allocating anything, when the output would exceed MAX_CONSTANT_BYTES.
+    """
     if node.op_type == "Constant":
         return constant_node_value(node)
+    if node.op_type in BY_HAND or node.op_type in BY_REFERENCE:
+        check_output_size(node, inputs)
     if node.op_type in BY_HAND:
         return _evaluate_by_hand(node, inputs, opset)
     if node.op_type in BY_REFERENCE:

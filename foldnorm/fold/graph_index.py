@@ -12,7 +12,7 @@ from collections import defaultdict
 import onnx
 from onnx import TensorProto, helper
 
-from .constants import Constant, evaluate_node
+from .constants import Constant, ConstantTooLarge, evaluate_node
 from .external_data import read_referenced_array
 from .proto import array_to_tensor, attribute_graphs, is_default_domain, tensor_to_array
 
@@ -91,6 +91,7 @@ class GraphIndex:
         self._leading = []
         self._removed_initializers = set()
         self._constants = {}
+        self._too_large = {}
         self.released = []
         self.vanished = set()
         for position, node in enumerate(self.nodes):
@@ -139,10 +140,26 @@ class GraphIndex:
         self._constants[name] = None  # a cycle (invalid model) reads as "not constant"
         try:
             value = self._evaluate(name)
+        except ConstantTooLarge as error:
+            self._too_large[name] = "%r %s" % (name, error)
+            value = None
+        except MemoryError:
+            self._too_large[name] = "%r is computed from constants, but evaluating it ran out of memory" % name
+            value = None
         except (ValueError, TypeError, KeyError, IndexError, RecursionError, NotImplementedError):
             value = None
         self._constants[name] = value
         return value
+
+    def too_large(self, name):
+        """Why a value computed from constants was not evaluated because of its size (its own, or that of a
+        value it is computed from), or None."""
+        if not name:
+            return None
+        if name not in self._constants and not self.defines(name):
+            return self.parent.too_large(name) if self.parent is not None else None
+        self.constant(name)
+        return self._too_large.get(name)
 
     def _evaluate(self, name):
         if name in self.initializers and name not in self._removed_initializers:
@@ -163,6 +180,9 @@ class GraphIndex:
                 continue
             value = self.constant(input_name)
             if value is None:
+                reason = self.too_large(input_name)
+                if reason is not None:
+                    self._too_large[name] = reason
                 return None
             inputs.append(value)
         return evaluate_node(node, inputs, self.opset, list(node.output).index(name))

@@ -74,6 +74,9 @@ def not_constant_reason(index, role, name):
                 "(re-export without keep_initializers_as_inputs to fold it)" % (role, name))
     if name in index.graph_inputs:
         return "its %s %r is a graph input, given only at run time" % (role, name)
+    too_large = index.too_large(name)
+    if too_large is not None:
+        return "its %s is not evaluated: %s" % (role, too_large)
     return "its %s %r is computed at run time, not a constant" % (role, name)
 
 
