@@ -61,7 +61,8 @@ class LayerKind:
 
     channels(weight_shape, attributes) -> (rank, in_channels, out_channels) or a reason string;
     backward / forward(layer, affine) -> (weight, bias, beta) with the map folded in (ValueError when that
-    is not exact); forward_refusal(layer) -> why a map on the input cannot be folded exactly, or None.
+    is not exact); forward_refusal(layer) -> why a map on the input cannot be folded exactly, or None;
+    output_axis / input_axis(layer) -> the axis of its output / input tensor that its weight indexes.
     """
 
     op_type: str
@@ -69,6 +70,8 @@ class LayerKind:
     backward: Callable
     forward: Callable
     forward_refusal: Callable
+    output_axis: Callable = lambda layer: 1
+    input_axis: Callable = lambda layer: 1
 
 
 def _group(layer):
@@ -111,10 +114,6 @@ def _gemm_args(layer):
     return attributes.get("alpha", 1.0), attributes.get("beta", 1.0), attributes.get("transB", 0)
 
 
-def _gemm_forward_refusal(layer):
-    return "reads its input transposed (transA=1)" if layer.attributes.get("transA", 0) else None
-
-
 def _with_beta(result, beta=None):
     weight, bias, *rest = result
     return weight, bias, rest[0] if rest else beta
@@ -143,7 +142,8 @@ LAYER_KINDS = {
         channels=lambda shape, attributes: _matrix_channels(shape, attributes, lambda a: a.get("transB", 0)),
         backward=lambda layer, a: absorb.fold_into_gemm(_w(layer), _b(layer), a, *_gemm_args(layer)),
         forward=lambda layer, a: absorb.fold_forward_into_gemm(_w(layer), _b(layer), a, *_gemm_args(layer)),
-        forward_refusal=_gemm_forward_refusal,
+        forward_refusal=lambda layer: None,
+        input_axis=lambda layer: 0 if layer.attributes.get("transA", 0) else 1,  # A is (K, M) when transposed
     ),
     "MatMul": LayerKind(
         "MatMul",
@@ -151,6 +151,8 @@ LAYER_KINDS = {
         backward=lambda layer, a: _with_beta(absorb.fold_into_matmul(_w(layer), _b(layer), a)),
         forward=lambda layer, a: _with_beta(absorb.fold_forward_into_matmul(_w(layer), _b(layer), a)),
         forward_refusal=lambda layer: None,
+        output_axis=lambda layer: layer.rank - 1,
+        input_axis=lambda layer: layer.rank - 1,
     ),
 }
 
@@ -180,12 +182,12 @@ def read_layer(ctx, index: GraphIndex, node):
                        "folds into it, through the weight's scales" % (what, node.input[1]))
     weight = float_constant(index, node.input[1])
     if weight is None:
-        return Refused("%s's weight %r is not a float constant" % (what, node.input[1]))
+        return Refused("%s's weight %s" % (what, _not_constant(index, node.input[1])))
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = float_constant(index, node.input[2])
         if bias is None:
-            return Refused("%s's bias %r is not a float constant" % (what, node.input[2]))
+            return Refused("%s's bias %s" % (what, _not_constant(index, node.input[2])))
     attributes = node_attributes(node)
     channels = LAYER_KINDS[node.op_type].channels(weight.array.shape, attributes)
     if isinstance(channels, str):
@@ -198,15 +200,23 @@ def read_layer(ctx, index: GraphIndex, node):
     return layer
 
 
+def _not_constant(index, name):
+    too_large = index.too_large(name)
+    if too_large is not None:
+        return "is not evaluated: %s" % too_large
+    return "%r is not a float constant" % name
+
+
 def _read_matmul(ctx, index, layer, what):
-    """A MatMul absorbs along axis 1 only when its output is 2-D; an Add of a constant row after it is its
-    bias."""
+    """A MatMul with a constant 2-D weight absorbs along the last axis of its input and output, which have
+    the input's rank; an Add of a constant row after it is its bias."""
     node = layer.node
     input_rank = rank_of(ctx, index, node.input[0])
     if input_rank is None:
         return Refused("the rank of %s's input %r is unknown" % (what, node.input[0]))
-    if input_rank != 2:
-        return Refused("%s's output is %d-D, so axis 1 is not its feature axis" % (what, input_rank))
+    if input_rank < 2:
+        return Refused("%s reads a %d-D input" % (what, input_rank))
+    layer.rank = input_rank
     layer.bias_position = None
     add = index.only_reader(node.output[0])
     if add is not None and add.op_type == "Add":
@@ -261,6 +271,19 @@ def absorb_into(layer, affine, *, forward):
     except (ValueError, TypeError) as error:
         return Refused("folding into %s is not exact: %s" % (layer.op_type, error))
     return Absorption(layer=layer, weight=weight, bias=bias, beta=beta)
+
+
+def axis_refusal(index, layer, axis, *, forward):
+    """Why a map whose channels lie on `axis` of the layer's input (forward) or output does not reach the
+    features its weight indexes; None when it does."""
+    feature_axis = (layer.kind.input_axis if forward else layer.kind.output_axis)(layer)
+    if axis == feature_axis:
+        return None
+    side = "input" if forward else "output"
+    if layer.op_type == "Gemm" and forward and layer.attributes.get("transA", 0):
+        side = "input, which it reads transposed (transA=1),"
+    return ("its channels are on axis %d of %s's %d-D %s, whose features are on axis %d"
+            % (axis, describe(index, layer.node), layer.rank, side, feature_axis))
 
 
 def forward_refusal(index, layer):

@@ -13,7 +13,9 @@ import numpy as np
 from . import absorb
 from .affine import ChannelAffine
 from .context import CHANNEL_AXIS, Refused, describe, elem_type_of, rank_of, shape_of
-from .layers import Absorption, is_layer, absorb_into, forward_refusal, producing_layer, read_layer, write_absorption
+from .layers import (Absorption, absorb_into, axis_refusal, forward_refusal, is_layer, producing_layer, read_layer,
+                     write_absorption)
+from .layout import Route, feature_affine, place_at_layer, route_back, route_forward
 from .proto import is_default_domain, node_attributes, numpy_dtype
 from .quantized import quantized_apply, quantized_condition
 from .sites import (BATCH_NORM, SITE_OPS, Site, batch_norm_site, elementwise_operands, elementwise_site,
@@ -35,7 +37,7 @@ class Match:
 
     direction: "backward" (into the producer), "forward" (into the only reader), "across" (into the
     producers of each branch of `joint`, an Add/Sum/Concat) or None for a rewrite; into: the op type of
-    what absorbed the map (the layer, or the joint).
+    what absorbed the map (the layer, or the joint); route: the layout ops between the map and its layer.
     """
 
     site: Site
@@ -45,6 +47,7 @@ class Match:
     direction: str | None = None
     joint: object = None
     rewrite: MulAdd | None = None
+    route: Route | None = None
 
 
 @dataclass(frozen=True)
@@ -79,32 +82,75 @@ def record(ctx, index, match, action):
 # ---------------------------------------------------------------------- backward, into the producer
 
 
+def _site_shape(ctx, index, route, value, layer, channels_of_layer):
+    """(rank, channels) of the tensor a map acts on: the layer's own when no layout op is between them."""
+    if not route.nodes:
+        return layer.rank, channels_of_layer
+    shape = shape_of(ctx, index, value)
+    if shape is None or len(shape) < 2:
+        return None, None
+    return len(shape), shape[CHANNEL_AXIS]
+
+
+def _through(route, index):
+    return " through %s" % route.describe(index) if route.nodes else ""
+
+
+def _reached(route, index):
+    return " (reached through %s)" % route.describe(index) if route.nodes else ""
+
+
+def _layer_affine(ctx, index, site, route, layer, *, forward):
+    """The site's map as one value per feature of the layer's weight, or Refused."""
+    place = place_at_layer(ctx, index, route, site.affine.channels, forward=forward)
+    if isinstance(place, Refused):
+        return place
+    refusal = axis_refusal(index, layer, place.axis, forward=forward)
+    if refusal:
+        return Refused(refusal + _reached(route, index))
+    features = layer.in_channels if forward else layer.out_channels
+    affine = feature_affine(site.affine, place, features)
+    if affine is None or (not route.nodes and site.affine.channels != features):
+        return Refused("it has %d channels, %s %s %d%s" % (
+            site.affine.channels, describe(index, layer.node), "reads" if forward else "outputs", features,
+            _reached(route, index)))
+    return affine
+
+
 def backward_condition(ctx, index, node):
-    """Fold the map into the layer that produces its input (that layer feeds nothing else)."""
+    """Fold the map into the layer that produces its input (that layer feeds nothing else), directly or
+    through layout ops that feed nothing else."""
     x = site_input(index, node)
     if x is None:
         return Refused(None)
-    layer = producing_layer(ctx, index, x)
+    route = route_back(index, x)
+    layer = producing_layer(ctx, index, route.value)
     if isinstance(layer, Refused):
         return layer
     if layer.bias_add is node or (node.op_type == "Add" and layer.op_type == "MatMul" and layer.bias_add is None):
         return Refused(None)  # it is the MatMul's own bias
-    site = site_of(ctx, index, node, layer.rank, layer.out_channels)
+    rank, channels = _site_shape(ctx, index, route, x, layer, layer.out_channels)
+    if node.op_type != BATCH_NORM and (rank is None or channels is None):
+        return Refused("the shape of its input %r is unknown" % x)
+    site = site_of(ctx, index, node, rank, channels)
     if isinstance(site, Refused):
         return site
-    if site.affine.channels != layer.out_channels:
-        return Refused("it has %d channels, %s outputs %d"
-                       % (site.affine.channels, describe(index, layer.node), layer.out_channels))
-    absorption = absorb_into(layer, site.affine, forward=False)
+    affine = _layer_affine(ctx, index, site, route, layer, forward=False)
+    if isinstance(affine, Refused):
+        return affine
+    absorption = absorb_into(layer, affine, forward=False)
     if isinstance(absorption, Refused):
         return absorption
-    return Match(site, "folded into the weights of %s, its producer" % describe(index, layer.node),
-                 absorptions=[absorption], into=layer.op_type, direction="backward")
+    return Match(site, "folded into the weights of %s, its producer%s" % (describe(index, layer.node),
+                                                                         _through(route, index)),
+                 absorptions=[absorption], into=layer.op_type, direction="backward", route=route)
 
 
 def backward_apply(ctx, index, node, match):
     remove_site(index, match.site)
     writer = write_absorption(ctx, index, match.absorptions[0])
+    if match.route is not None and match.route.nodes:
+        writer = match.route.nodes[0]  # the layout op nearest the map now writes its output
     index.set_output(writer, 0, match.site.output)
     record(ctx, index, match, "folded")
 
@@ -120,6 +166,9 @@ def _branch_layers(ctx, index, joint):
         layer = producing_layer(ctx, index, name)
         if isinstance(layer, Refused):
             return Refused("%s's branch: %s" % (describe(index, joint), layer.reason))
+        refusal = axis_refusal(index, layer, CHANNEL_AXIS, forward=False)
+        if refusal:
+            return Refused("%s's branch: %s" % (describe(index, joint), refusal))
         layers.append(layer)
     if len({layer.rank for layer in layers}) != 1:
         return Refused("the branches of %s have different ranks" % describe(index, joint))
@@ -209,20 +258,20 @@ def across_apply(ctx, index, node, match):
 # ---------------------------------------------------------------------- forward, into the only reader
 
 
-def _keeps_input_shape(ctx, index, node, layer):
-    """Whether a Mul/Add/Sub/Div before `layer` writes a value of its input's shape, so that the layer may
-    read the input instead: its constant is a single value, or the input is known to have the layer's
-    rank and input channels."""
+def _keeps_input_shape(ctx, index, node, rank, channels):
+    """Whether a Mul/Add/Sub/Div writes a value of its input's shape, so that what reads its output may
+    read its input instead: its constant is a single value, or the input is known to have the output's
+    rank and channels."""
     x, constant, _ = elementwise_operands(index, node)
-    if constant.array.size == 1 and constant.array.ndim <= layer.rank:
+    if constant.array.size == 1 and constant.array.ndim <= rank:
         return True
     shape = shape_of(ctx, index, x)
-    return shape is not None and len(shape) == layer.rank and shape[1] == layer.in_channels
+    return shape is not None and len(shape) == rank and shape[1] == channels
 
 
 def forward_condition(ctx, index, node):
-    """Fold the map into the layer that is the only reader of its output (Conv without padding, Gemm with
-    transA=0, 2-D MatMul)."""
+    """Fold the map into the layer that is the only reader of its output, directly or through layout
+    ops that are each the only reader (Conv without padding, Gemm, MatMul)."""
     if node.op_type == BATCH_NORM:
         site = batch_norm_site(ctx, index, node)
         if isinstance(site, Refused):
@@ -233,12 +282,13 @@ def forward_condition(ctx, index, node):
         if operands is None:
             return Refused(None)
         site = Site([node], None, operands[0], node.output[0])
-    reader = index.only_reader(site.output)
+    route = route_forward(index, site.output)
+    reader = index.only_reader(route.value)
     if reader is None:
-        count = len(index.readers(site.output))
-        return Refused("its output %s" % ("is a graph output" if index.is_graph_output(site.output)
-                                          else "has %d readers" % count))
-    if not is_layer(reader) or reader.input[0] != site.output:
+        count = len(index.readers(route.value))
+        return Refused("its output %s%s" % ("is a graph output" if index.is_graph_output(route.value)
+                                            else "has %d readers" % count, _through(route, index)))
+    if not is_layer(reader) or reader.input[0] != route.value:
         return Refused("its output goes to %s, which cannot absorb a per-channel map on its input"
                        % describe(index, reader))
     layer = read_layer(ctx, index, reader)
@@ -248,26 +298,30 @@ def forward_condition(ctx, index, node):
     if refusal:
         return Refused(refusal)
     if site.affine is None:
-        site = elementwise_site(ctx, index, node, layer.rank, layer.in_channels)
+        rank, channels = _site_shape(ctx, index, route, site.output, layer, layer.in_channels)
+        if rank is None or channels is None:
+            return Refused("the shape of its output %r is unknown" % site.output)
+        site = elementwise_site(ctx, index, node, rank, channels)
         if isinstance(site, Refused):
             return site
-        if not _keeps_input_shape(ctx, index, node, layer):
+        if not _keeps_input_shape(ctx, index, node, rank, channels):
             return Refused("its input %r may have fewer channels than %s reads (the constant would broadcast "
                            "it)" % (site.input, describe(index, reader)))
-    if site.affine.channels != layer.in_channels:
-        return Refused("it has %d channels, %s reads %d" % (site.affine.channels, describe(index, reader),
-                                                           layer.in_channels))
-    absorption = absorb_into(layer, site.affine, forward=True)
+    affine = _layer_affine(ctx, index, site, route, layer, forward=True)
+    if isinstance(affine, Refused):
+        return affine
+    absorption = absorb_into(layer, affine, forward=True)
     if isinstance(absorption, Refused):
         return absorption
-    return Match(site, "folded forward into the weights of %s, its only reader" % describe(index, reader),
-                 absorptions=[absorption], into=layer.op_type, direction="forward")
+    return Match(site, "folded forward into the weights of %s, its only reader%s" % (
+        describe(index, reader), _through(route, index)),
+        absorptions=[absorption], into=layer.op_type, direction="forward", route=route)
 
 
 def forward_apply(ctx, index, node, match):
     site = match.site
-    layer = match.absorptions[0].layer
-    index.set_input(layer.node, 0, site.input)
+    first_reader = match.route.nodes[0] if match.route.nodes else match.absorptions[0].layer.node
+    index.set_input(first_reader, 0, site.input)
     remove_site(index, site)
     write_absorption(ctx, index, match.absorptions[0])
     record(ctx, index, match, "folded")
