@@ -24,11 +24,10 @@ MAX_CONSTANT_BYTES = 256 * 2**20
 # Ops whose output is constant when their inputs are, evaluated by hand (shape/type plumbing) or by onnx's
 # reference evaluator (arithmetic).
 BY_HAND = ("Identity", "Cast", "ConstantOfShape", "Reshape", "Unsqueeze", "Squeeze", "Concat",
-           "Transpose", "Flatten", "Shape", "Size", "DequantizeLinear")
+           "Transpose", "Flatten", "Shape", "Size", "DequantizeLinear", "CastLike")
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Pow", "Mod", "Min", "Max", "Sum", "Mean", "Where", "Equal", "Less",
                "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor")
-UNARY = ("Neg", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Sign", "Floor", "Ceil", "Not", "Clip", "Relu",
-         "CastLike")
+UNARY = ("Neg", "Sqrt", "Reciprocal", "Abs", "Exp", "Log", "Sign", "Floor", "Ceil", "Not", "Clip", "Relu")
 BY_REFERENCE = ELEMENTWISE + UNARY + ("Expand", "Tile", "Slice", "Gather", "Split", "Range")
 
 
@@ -98,8 +97,8 @@ def _evaluate_by_hand(node, inputs, opset):
     first = inputs[0] if inputs else None
     if op == "Identity":
         return first
-    if op == "Cast":
-        to = int(attributes["to"])
+    if op in ("Cast", "CastLike"):
+        to = int(attributes["to"]) if op == "Cast" else inputs[1].elem_type
         return Constant(_round_to(first.array, to), to)
     if op == "ConstantOfShape":
         shape = [int(d) for d in first.array.reshape(-1)]
@@ -235,6 +234,8 @@ def _itemsize(node, inputs):
     attributes = node_attributes(node)
     if node.op_type == "Cast":
         return helper.tensor_dtype_to_np_dtype(int(attributes["to"])).itemsize
+    if node.op_type == "CastLike" and inputs[1] is not None:
+        return inputs[1].array.itemsize
     if node.op_type == "ConstantOfShape":
         fill = attributes.get("value")
         return 4 if fill is None else helper.tensor_dtype_to_np_dtype(fill.data_type).itemsize

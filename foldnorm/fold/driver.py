@@ -50,7 +50,7 @@ def fold_graph(ctx, index):
         for label, subgraph in attribute_graphs(node):
             child = GraphIndex(subgraph, path="%s/%s.%s" % (index.path, index.label(node).lstrip("/"), label),
                                names=ctx.names, opset=ctx.opset, parent=index,
-                               inputs_are_constant=True, constants_as_nodes=ctx.ir_version < 4)
+                               inputs_are_constant=True, constants_as_nodes=ctx.ir_version < 4, types=ctx.types)
             fold_graph(ctx, child)
 
 
@@ -81,7 +81,8 @@ def fold_in_place(model, *, keep_bn=False, fold_through_qdq=False):
         return []
     ctx = FoldContext(model, opset, keep_bn, fold_through_qdq)
     main = GraphIndex(model.graph, path="main", names=ctx.names, opset=opset,
-                      inputs_are_constant=model.ir_version < 4, constants_as_nodes=model.ir_version < 4)
+                      inputs_are_constant=model.ir_version < 4, constants_as_nodes=model.ir_version < 4,
+                      types=ctx.types)
     fold_graph(ctx, main)
     remove_unused(ctx.indexes)
     for index in reversed(ctx.indexes):

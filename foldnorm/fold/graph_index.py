@@ -9,6 +9,7 @@ over the graph costs time linear in its size.
 """
 from collections import defaultdict
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -67,10 +68,13 @@ class GraphIndex:
     opset; inputs_are_constant: whether an initializer that is also a graph input is a constant (IR
     version < 4, where every initializer must be an input) or a default the caller may override;
     constants_as_nodes: new constants become Constant nodes instead of initializers (IR < 4 requires
-    every initializer to be a graph input, and the graph inputs must stay as they are).
+    every initializer to be a graph input, and the graph inputs must stay as they are); types: {value:
+    (elem_type, shape)} as shape inference found them, for the ops that read only their input's type
+    (CastLike).
     """
 
-    def __init__(self, graph, *, path, names, opset, inputs_are_constant, constants_as_nodes, parent=None):
+    def __init__(self, graph, *, path, names, opset, inputs_are_constant, constants_as_nodes, parent=None,
+                 types=None):
         self.graph = graph
         self.path = path
         self.parent = parent
@@ -78,6 +82,7 @@ class GraphIndex:
         self.opset = opset
         self.inputs_are_constant = inputs_are_constant
         self.constants_as_nodes = constants_as_nodes
+        self.types = types or {}
 
         self.nodes = list(graph.node)
         self.labels = {}
@@ -174,9 +179,12 @@ class GraphIndex:
         if node is None or not is_default_domain(node):
             return None
         inputs = []
-        for input_name in node.input:
+        for position, input_name in enumerate(node.input):
             if not input_name:
                 inputs.append(None)
+                continue
+            if node.op_type == "CastLike" and position == 1:  # only its element type is read
+                inputs.append(self._type_only(input_name))
                 continue
             value = self.constant(input_name)
             if value is None:
@@ -185,7 +193,19 @@ class GraphIndex:
                     self._too_large[name] = reason
                 return None
             inputs.append(value)
+        if any(value is None for value, input_name in zip(inputs, node.input) if input_name):
+            return None
         return evaluate_node(node, inputs, self.opset, list(node.output).index(name))
+
+    def _type_only(self, name):
+        """An empty Constant of the value's element type (constant or not), or None when it is unknown."""
+        value = self.constant(name)
+        if value is not None:
+            return value
+        elem_type = (self.types.get(name) or (0, None))[0]
+        if not elem_type:
+            return None
+        return Constant(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(elem_type)), elem_type)
 
     # ------------------------------------------------------------------ editing
 

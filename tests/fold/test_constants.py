@@ -249,3 +249,44 @@ def test_a_layer_weight_computed_from_a_huge_constant_is_refused_with_a_reason()
     bn = outcome(report, "bn")
     assert bn.action == "rewritten"
     assert "weight is not evaluated" in bn.reason and "larger than the 256 MiB" in bn.reason
+
+
+def test_dynamo_style_conv_bias_of_cast_like_and_expand_folds():
+    # torch's dynamo exporter (optimize=False) writes a bias-less Conv's bias as
+    # Expand(CastLike(0, input), Expand(Shape(weight, end=1), [1])): CastLike reads only the input's type
+    b = ModelBuilder(3)
+    x = b.input("x", ["batch", 3, "height", "width"])
+    weight = b.weight("w", [C, 3, 3, 3])
+    b.node("Shape", [weight], ["out_channels"], end=1)
+    b.node("Expand", ["out_channels", _constant_node(b, "one", np.array([1], np.int64))], ["bias_shape"])
+    b.node("CastLike", [_constant_node(b, "zero", np.array(0.0, np.float32)), x], ["zero_like"])
+    b.node("Expand", ["zero_like", "bias_shape"], ["bias"])
+    b.node("Conv", [x, weight, "bias"], ["conv"], name="conv", pads=[1, 1, 1, 1])
+    b.batch_norm("conv", "y", C, name="bn")
+    b.output("y", ["batch", C, "height", "width"])
+    model = b.model(opset=18)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32)}
+    folded, report, error = fold_and_compare(model, feeds)
+    assert outcome(report, "bn").action == "folded" and outcome(report, "bn").into == "Conv"
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    assert error < TOLERANCE
+
+
+def test_cast_like_of_a_value_of_unknown_type_is_not_evaluated():
+    b = ModelBuilder(3)
+    x = b.input("x", [2, 3, 4, 4])
+    b.node("Relu", [x], ["r"])
+    b.node("CastLike", [_constant_node(b, "zero", np.zeros(C, np.float32)), "mystery"], ["bias"])
+    b.node("Conv", ["r", b.weight("w", [C, 3, 1, 1]), "bias"], ["conv"], name="conv")
+    b.batch_norm("conv", "y", C, name="bn")
+    b.output("y", [2, C, 4, 4])
+    graph_model = b.model(opset=18)
+    from foldnorm.fold.graph_index import GraphIndex, NameScope
+
+    index = GraphIndex(graph_model.graph, path="main", names=NameScope(graph_model), opset=18,
+                       inputs_are_constant=False, constants_as_nodes=False, types={})
+    assert index.constant("bias") is None
+    index = GraphIndex(graph_model.graph, path="main", names=NameScope(graph_model), opset=18,
+                       inputs_are_constant=False, constants_as_nodes=False, types={"mystery": (TensorProto.DOUBLE, None)})
+    assert index.constant("bias").elem_type == TensorProto.DOUBLE
+    assert index.constant("bias").array.dtype == np.float64
