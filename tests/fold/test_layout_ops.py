@@ -202,3 +202,21 @@ def test_gemm_with_trans_a_refuses_a_map_on_its_m_axis():
     bn = outcome(report, "bn")
     assert bn.action == "rewritten" and "transA=1" in bn.reason
     assert error < TOLERANCE
+
+
+def test_batch_norm_over_flattened_conv_features_folds_forward_into_the_gemm():
+    # Conv -> Flatten -> BatchNorm1d(C*H*W) -> Gemm: one value per flattened feature, which the Conv's
+    # per-channel weight cannot take (spatial 2x2), so it goes forward into the Gemm's columns
+    b = ModelBuilder(12)
+    x = b.input("x", ["batch", 3, 2, 2])
+    b.node("Conv", [x, b.weight("w", [4, 3, 1, 1])], ["conv"], name="conv")
+    b.node("Flatten", ["conv"], ["flat"], name="flatten")
+    b.batch_norm("flat", "bn_out", 16, name="bn")
+    b.node("Gemm", ["bn_out", b.weight("fc", [N, 16])], ["y"], name="gemm", transB=1)
+    b.output("y", ["batch", N])
+    model = b.model()
+    folded, report, error = fold_and_compare(model, _feeds(model, {"x": [B, 3, 2, 2]}))
+    bn = outcome(report, "bn")
+    assert (bn.action, bn.into, bn.direction) == ("folded", "Gemm", "forward")
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Flatten", "Gemm"]
+    assert error < TOLERANCE
