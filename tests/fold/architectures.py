@@ -473,7 +473,7 @@ def export(name, exporter, folder, seed=0):
                               dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}})
             return path, module, INPUT_SHAPES
         program = torch.onnx.export(module, (example,), dynamo=True, optimize=False, input_names=["input"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+                                    verbose=False, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
         program.save(path)
     return path, module, (INPUT_SHAPES[0], (INPUT_SHAPES[1][0],) + INPUT_SHAPES[0][1:])
 

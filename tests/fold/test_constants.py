@@ -199,8 +199,8 @@ def _huge_scale_model(op_type):
         b.node("ConstantOfShape", [_const(b, "huge_shape", np.array([1 << 40], np.int64))], ["huge"],
                value=numpy_helper.from_array(np.array([1.0], np.float32), "fill"))
     elif op_type == "Expand":
-        b.node("Expand", [_const(b, "one", np.ones(1, np.float32)), _const(b, "huge_shape", np.array([1 << 40], np.int64))],
-               ["huge"])
+        shape = _const(b, "huge_shape", np.array([1 << 40], np.int64))
+        b.node("Expand", [_const(b, "one", np.ones(1, np.float32)), shape], ["huge"])
     elif op_type == "Tile":
         b.node("Tile", [_const(b, "one", np.ones(1, np.float32)), _const(b, "reps", np.array([1 << 40], np.int64))],
                ["huge"])
@@ -287,6 +287,7 @@ def test_cast_like_of_a_value_of_unknown_type_is_not_evaluated():
                        inputs_are_constant=False, constants_as_nodes=False, types={})
     assert index.constant("bias") is None
     index = GraphIndex(graph_model.graph, path="main", names=NameScope(graph_model), opset=18,
-                       inputs_are_constant=False, constants_as_nodes=False, types={"mystery": (TensorProto.DOUBLE, None)})
+                       inputs_are_constant=False, constants_as_nodes=False,
+                       types={"mystery": (TensorProto.DOUBLE, None)})
     assert index.constant("bias").elem_type == TensorProto.DOUBLE
     assert index.constant("bias").array.dtype == np.float64
