@@ -220,3 +220,44 @@ def test_batch_norm_over_flattened_conv_features_folds_forward_into_the_gemm():
     assert (bn.action, bn.into, bn.direction) == ("folded", "Gemm", "forward")
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Flatten", "Gemm"]
     assert error < TOLERANCE
+
+
+# ---------------------------------------------------------------------- the channel map of a reshape
+
+
+def _channel_ids(shape, axis, inner, channels):
+    """Each element's channel: (index along `axis` // inner) % channels, broadcast over the others."""
+    ids = (np.arange(shape[axis]) // inner) % channels
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return np.broadcast_to(ids.reshape(view), shape)
+
+
+def _places_by_search(ids, channels):
+    """Every (axis, inner) whose pattern the reshaped channel ids follow exactly."""
+    found = []
+    for axis, size in enumerate(ids.shape):
+        for inner in range(1, size + 1):
+            if size % (inner * channels) == 0 and np.array_equal(ids, _channel_ids(ids.shape, axis, inner, channels)):
+                found.append((axis, inner))
+    return found
+
+
+RESHAPES = [((2, 3, 4, 5), 1, (2, 60)), ((2, 3, 4, 5), 1, (6, 20)), ((2, 3, 4, 5), 1, (2, 3, 20)),
+            ((2, 3, 4, 5), 2, (2, 12, 5)), ((2, 3, 4, 5), 2, (2, 3, 2, 10)), ((2, 6, 1, 1), 1, (2, 6)),
+            ((2, 6, 1, 1), 1, (2, 2, 3)), ((4, 6), 1, (4, 3, 2)), ((4, 6), 1, (24,)), ((4, 6), 0, (2, 12)),
+            ((2, 5, 6), 2, (2, 30)), ((2, 5, 6), 1, (10, 6)), ((3, 4, 4), 1, (3, 2, 8))]
+
+
+@pytest.mark.parametrize("source, axis, target", RESHAPES)
+def test_where_a_reshape_puts_the_channels_matches_a_search_over_every_axis(source, axis, target):
+    from foldnorm.fold.layout import Place, _through_flat
+
+    channels = source[axis]
+    ids = _channel_ids(source, axis, 1, channels).reshape(target)
+    found = _through_flat(source, Place(axis, 1), channels, target)
+    expected = _places_by_search(ids, channels)
+    if found is None:
+        assert not [place for place in expected if target[place[0]] > 1], expected
+    else:
+        assert (found.axis, found.inner) in expected
