@@ -542,16 +542,25 @@ def corpus_row(name, exporter, folder, **fold_options):
     }
 
 
+def _dims(shape):
+    return "x".join(str(d) for d in shape)
+
+
 def markdown_table(rows):
     lines = ["| architecture | exporter | BN before -> folded / rewritten / left | peer (onnxruntime basic) leaves "
-             "| shapes compared | max rel. error vs torch (original export's) | fold time |",
-             "|---|---|---|---|---|---|---|"]
+             "| shapes verification chose | verification: max abs error (noise) | max rel. error vs torch at "
+             "two sizes (original export's) | fold time |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        shapes = ", ".join("x".join(str(d) for d in shape) for shape in row["shapes"])
-        lines.append("| %s | %s | %d -> %d / %d / %d | %d BN | %s | %.1e (%.1e) | %.0f ms |" % (
+        verification = row["report"].verification
+        chosen = ", ".join(_dims(shapes["input"]) for shapes in verification.shape_sets) if verification else "-"
+        worst = max(verification.outputs, key=lambda o: o.max_abs_error) if verification else None
+        checked = "%.1e (%s)" % (worst.max_abs_error, "-" if worst.noise is None else "%.1e" % worst.noise) \
+            if worst else "-"
+        lines.append("| %s | %s | %d -> %d / %d / %d | %d BN | %s | %s | %.1e (%.1e) at %s | %.0f ms |" % (
             row["architecture"], row["exporter"], row["batch_norms"], row["folded_count"], row["rewritten"],
-            row["left"], row["peer_left"], shapes, max(row["errors"]), max(row["export_errors"]),
-            row["fold_seconds"] * 1e3))
+            row["left"], row["peer_left"], chosen, checked, max(row["errors"]), max(row["export_errors"]),
+            ", ".join(_dims(shape) for shape in row["shapes"]), row["fold_seconds"] * 1e3))
     return "\n".join(lines)
 
 
@@ -559,5 +568,5 @@ if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        table = [corpus_row(name, exporter, folder, verify=False) for name in ARCHITECTURES for exporter in EXPORTERS]
+        table = [corpus_row(name, exporter, folder) for name in ARCHITECTURES for exporter in EXPORTERS]
     print(markdown_table(table))

@@ -18,8 +18,6 @@ TOLERANCE = 1e-4  # max|folded - torch| / max|torch|; the exports themselves are
 # BatchNormalization nodes that stay as Mul/Add: DenseNet's pre-activation BNs read a Concat whose inputs
 # every later layer reads too, and write a ReLU; no layer can take them (onnxruntime leaves them as well).
 REWRITTEN = {"densenet": 6}
-# Verification's input shapes, given until verification picks sizes for dynamic dims itself.
-VERIFY_SHAPES = {"input": [2, 3, 32, 32]}
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +29,7 @@ def corpus(tmp_path_factory):
         if exporter == "dynamo":
             pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
         if (name, exporter) not in rows:
-            rows[name, exporter] = corpus_row(name, exporter, str(folder), shapes=VERIFY_SHAPES)
+            rows[name, exporter] = corpus_row(name, exporter, str(folder))  # no shapes: verification picks them
         return rows[name, exporter]
 
     return row
@@ -43,6 +41,7 @@ def test_architecture_folds_and_matches_torch(corpus, name, exporter):
     row = corpus(name, exporter)
     report = row["report"]
     assert report.verification is not None and report.verification.passed
+    assert report.verification.shapes_chosen and len(report.verification.shape_sets) == 2
     assert row["batch_norms"] == count_ops(row["original"], "BatchNormalization") > 0
     assert row["left"] == 0
     assert row["rewritten"] == REWRITTEN.get(name, 0)
