@@ -147,22 +147,27 @@ def _evaluate_by_hand(node, inputs, opset):
 
 
 def _dequantize(quantized, scale, zero_point, attributes):
-    """(x - zero_point) * scale, per tensor or per axis; blocked quantization is not evaluated."""
+    """(x - zero_point) * scale in the scale's type, as onnxruntime computes it, per tensor or per axis;
+    blocked quantization is not evaluated."""
     if int(attributes.get("block_size", 0)):
         raise NotImplementedError("blocked DequantizeLinear")
-    values = quantized.array.astype(np.float64)
-    scales = scale.array.astype(np.float64)
-    zeros = np.zeros(1) if zero_point is None else zero_point.array.astype(np.float64)
-    if scales.ndim == 1 and scales.size > 1 or zeros.size > 1:
-        axis = int(attributes.get("axis", 1)) % values.ndim
-        shape = [1] * values.ndim
+    dtype = scale.array.dtype
+    if quantized.array.dtype.kind not in "iu":
+        raise NotImplementedError("DequantizeLinear of %s" % quantized.array.dtype)
+    differences = quantized.array.astype(np.int64)
+    scales = scale.array
+    zeros = np.zeros((), np.int64) if zero_point is None else zero_point.array.astype(np.int64)
+    if scales.size > 1 or zeros.size > 1:
+        axis = int(attributes.get("axis", 1)) % differences.ndim
+        shape = [1] * differences.ndim
         shape[axis] = -1
-        scales, zeros = scales.reshape(shape), zeros.reshape(shape) if zeros.size > 1 else zeros.reshape(())
-    elif scales.size != 1 or zeros.size != 1:
-        raise ValueError("DequantizeLinear with a scale of shape %s" % (scales.shape,))
+        scales = scales.reshape(shape) if scales.size > 1 else scales.reshape(())
+        zeros = zeros.reshape(shape) if zeros.size > 1 else zeros.reshape(())
     else:
         scales, zeros = scales.reshape(()), zeros.reshape(())
-    return Constant(_round_to((values - zeros) * scales, scale.elem_type), scale.elem_type)
+    elem_type = int(attributes.get("output_dtype", 0)) or scale.elem_type
+    values = (differences - zeros).astype(dtype) * scales
+    return Constant(_round_to(values, elem_type), elem_type)
 
 
 def _evaluate_by_reference(node, inputs, opset, output_position):

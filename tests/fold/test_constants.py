@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldnorm.fold.constants import MAX_CONSTANT_BYTES, ConstantTooLarge, Constant, evaluate_node
-from tests.fold.fold_models import ModelBuilder, count_ops, fold_and_compare, outcome
+from tests.fold.fold_models import ModelBuilder, count_ops, fold_and_compare, outcome, run_ort
 
 TOLERANCE = 1e-5
 C = 6
@@ -291,3 +291,26 @@ def test_cast_like_of_a_value_of_unknown_type_is_not_evaluated():
                        types={"mystery": (TensorProto.DOUBLE, None)})
     assert index.constant("bias").elem_type == TensorProto.DOUBLE
     assert index.constant("bias").array.dtype == np.float64
+
+
+@pytest.mark.parametrize("integer, axis, per_axis", [(np.int8, 0, True), (np.uint8, 1, True), (np.int32, 0, False),
+                                                     (np.int8, 1, False)])
+def test_dequantize_linear_evaluates_as_onnxruntime(integer, axis, per_axis):
+    rng = np.random.default_rng(7)
+    info = np.iinfo(integer)
+    low, high = max(info.min, -(1 << 30)), min(info.max, 1 << 30)
+    quantized = rng.integers(low, high, (4, 3, 2), endpoint=True).astype(integer)
+    channels = quantized.shape[axis] if per_axis else 1
+    scale = rng.uniform(1e-4, 0.1, channels).astype(np.float32).reshape(-1 if per_axis else ())
+    zero = rng.integers(max(low, -100), min(high, 100), channels).astype(integer).reshape(scale.shape)
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=axis)
+    inputs = [Constant(quantized, 0), Constant(scale, TensorProto.FLOAT), Constant(zero, 0)]
+    value = evaluate_node(node, inputs, 13, 0)
+    b = ModelBuilder(0)
+    for name, array in (("q", quantized), ("s", scale), ("z", zero)):
+        _const(b, name, array)
+    b.nodes.append(node)
+    b.output("y", list(quantized.shape), TensorProto.FLOAT)
+    (expected,) = run_ort(b.model(opset=13), {}).values()
+    assert value.elem_type == TensorProto.FLOAT and value.array.dtype == np.float32
+    np.testing.assert_array_equal(value.array, expected)
