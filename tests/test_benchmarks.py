@@ -131,12 +131,12 @@ def test_a_case_leaves_the_default_thread_counts_as_it_found_them():
 
 
 def test_a_kernel_that_is_not_there_yet_is_skipped_with_a_note(monkeypatch):
-    def missing(module, name):
-        raise Unavailable("foldnorm.%s.%s is not available yet" % (module, name))
+    def missing(name):
+        raise Unavailable("foldnorm.%s is not available in this build" % name)
 
-    monkeypatch.setattr(kernels, "_foldnorm_kernel", missing)
+    monkeypatch.setattr(kernels, "foldnorm_function", missing)
     result = kernels.run_case(kernels.KernelCase("layer_norm", (4, 8)), [1], repeats=1)
-    assert result["skipped"] == "foldnorm.layer_normalization.layer_norm is not available yet"
+    assert result["skipped"] == "foldnorm.layer_norm is not available in this build"
     assert "rows" not in result
 
 
