@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(wildcard src_c/*.c src_c/*.h foldnorm/*.pyx foldnorm/*.pxd)
 
-.PHONY: all install demo test asan lint-c bench bench-quick clean
+.PHONY: all install demo test asan lint-c bench bench-quick bench-compare bench-counts clean
 
 all: test
 
@@ -57,3 +57,14 @@ bench: install
 
 clean:
 	rm -rf build dist *.egg-info foldnorm/*.so foldnorm/_*.c $(VENV)
+
+# The working tree against BASE (a git ref), interleaved on this machine: timings with confidence intervals
+# and deterministic valgrind counts. Exit 1 on a flagged slowdown, 2 when the comparison cannot be made.
+BASE ?= HEAD
+AB_OUT ?= benchmarks/results/ab
+bench-compare: install
+	$(PY) -m benchmarks ab --base $(BASE) --out $(AB_OUT)
+
+# Instructions and last-level-cache bytes per element of each kernel, under valgrind (deterministic).
+bench-counts: install
+	$(PY) -m benchmarks counts

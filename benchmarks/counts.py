@@ -22,6 +22,7 @@ import tempfile
 
 from .kernels import KernelCase
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE_BYTES = 64
 CACHES = ["--I1=32768,8,64", "--D1=32768,8,64", "--LL=4194304,16,64"]
 DEFAULT_THRESHOLD = 0.03
@@ -41,7 +42,7 @@ COUNT_CASES = [
     KernelCase("instance_norm", (8, 64, 64, 64)),
     KernelCase("instance_norm_backward", (8, 64, 64, 64)),
 ]
-SMOKE_COUNT_CASES = [KernelCase("batch_norm", (2, 64, 32, 32)), KernelCase("layer_norm", (64, 256))]
+SMOKE_COUNT_CASES = [COUNT_CASES[0], COUNT_CASES[4]]
 
 
 class CountsUnavailable(Exception):
@@ -95,8 +96,7 @@ def measure(foldnorm_root, cases, scratch, environ=None, python=sys.executable, 
         python, "-m", "benchmarks.worker", "--counts", "--foldnorm-root", foldnorm_root,
         "--cases", case_spec(cases),
     ]
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    process = subprocess.Popen(command, cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     return _Pending(process, scratch, cases, timeout)
 
@@ -145,3 +145,15 @@ def run_counts(foldnorm_root, cases):
     """Count the cases for one build here and now (for `python -m benchmarks counts`)."""
     with tempfile.TemporaryDirectory() as scratch:
         return measure(foldnorm_root, cases, scratch).collect()
+
+
+def markdown(figures, skipped, cases):
+    """The counts of one build as a table."""
+    lines = ["| kernel | shape | instructions per element | LL bytes per element |", "|---|---|--:|--:|"]
+    for case in cases:
+        if case.key in figures:
+            lines.append("| %s | %s | %.3f | %.2f |" % (case.label, case.shape_label, figures[case.key]["instructions"],
+                                                     figures[case.key]["ll_bytes"]))
+        elif case.key in skipped:
+            lines.append("| %s | %s | skipped: %s | |" % (case.label, case.shape_label, skipped[case.key]))
+    return "\n".join(lines)

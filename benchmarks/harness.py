@@ -182,6 +182,22 @@ def paired_ratio(numerator, denominator):
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
 
 
+def paired_efficiency(kernel_few, kernel_many, copy_few, copy_many):
+    """The kernel's speed-up from more threads over the copy's, per round: 1.0 scales as the memory allows.
+
+    Each round's (kernel_few / kernel_many) / (copy_few / copy_many); median (min, max) over the rounds
+    all four ran. A bandwidth-bound kernel cannot beat the copy's own scaling, so this is its parallel
+    efficiency against a roof that the machine's memory, not the ideal line, sets.
+    """
+    rounds = sorted(set(kernel_few.by_round) & set(kernel_many.by_round) & set(copy_few.by_round)
+                    & set(copy_many.by_round))
+    if not rounds:
+        return None
+    values = [(kernel_few.by_round[r] / kernel_many.by_round[r]) / (copy_few.by_round[r] / copy_many.by_round[r])
+              for r in rounds]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
 def thread_sweep(cores):
     """Thread counts from 1 to `cores`: every count up to 8, then powers of two, and `cores` itself."""
     counts = {t for t in range(1, min(cores, 8) + 1)}
@@ -275,6 +291,8 @@ def settle_seconds(threads):
 def machine_info(threads, settle):
     import foldnorm
 
+    from .machine import binding, topology
+
     try:
         load = os.getloadavg()
     except OSError:
@@ -286,6 +304,8 @@ def machine_info(threads, settle):
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "usable_cores": usable_cores(),
+        "topology": topology(),
+        "binding": binding(),
         "threads": list(threads),
         "load_average": list(load) if load else None,
         "settle_seconds": settle,

@@ -541,7 +541,7 @@ def run_case(case, threads, repeats, warmup=1, reference_repeats=1, settle=0.0, 
 
 
 def _run_case(case, threads, repeats, warmup, reference_repeats, settle, seed):
-    from .harness import measure, paired_ratio, parallel_copy
+    from .harness import measure, paired_efficiency, paired_ratio, parallel_copy
 
     result = {
         "key": case.key,
@@ -598,10 +598,13 @@ def _run_case(case, threads, repeats, warmup, reference_repeats, settle, seed):
             "vs_numpy": paired_ratio(samples["numpy@1"], mine),
             "scaling": paired_ratio(samples["foldnorm@%d" % threads[0]], mine) if t != threads[0] else None,
             "copy_scaling": paired_ratio(samples["copy@%d" % threads[0]], copy) if t != threads[0] else None,
+            "efficiency": paired_efficiency(samples["foldnorm@%d" % threads[0]], mine, samples["copy@%d" % threads[0]],
+                                            copy) if t != threads[0] else None,
         }
         for name in ("onnxruntime", "torch"):
             other = samples.get("%s@%d" % (name, t))
             row["vs_" + name] = paired_ratio(other, mine) if other is not None else None
+            row[name + "_gbps"] = case.traffic_bytes / other.summary()["median"] / 1e9 if other is not None else None
         rows.append(row)
     result["rows"] = rows
     return result

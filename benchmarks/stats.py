@@ -12,6 +12,7 @@ A figure is flagged only when both hold: its estimated slowdown exceeds the thre
 lower end is above 1 (the slowdown is significant). The interval's level is set so that the chance that
 a same-code comparison flags *any* of its figures is at most `false_alarm` (Bonferroni over the figures).
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ def signed_rank_counts(n):
     return counts
 
 
+@functools.lru_cache(maxsize=None)
 def lower_rank(n, alpha):
     """The largest k with P(T <= k - 1) <= alpha under the null, T the signed-rank sum of n rounds.
 
@@ -66,7 +68,11 @@ class Comparison:
     flagged: bool
 
     def as_dict(self):
-        return dict(self.__dict__)
+        """As JSON can hold it: an unbounded upper end is None."""
+        values = dict(self.__dict__)
+        if math.isinf(values["high"]):
+            values["high"] = None
+        return values
 
 
 def compare_rounds(name, base, head, threshold=DEFAULT_THRESHOLD, alpha=DEFAULT_FALSE_ALARM):
