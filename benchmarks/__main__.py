@@ -125,8 +125,12 @@ def main(argv=None):
 
 
 def _ab(args):
+    import signal
+
     from . import ab
 
+    # A cancelled CI job sends SIGTERM: leave through SystemExit, so the scratch folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(2))
     try:
         results = ab.ab(base_ref=args.base, base_root=args.base_root, mode=args.mode or "quick",
                         rounds=args.rounds, threads=args.threads, kernels=args.kernels, threshold=args.threshold,

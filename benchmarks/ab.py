@@ -128,7 +128,8 @@ def ab(base_ref=None, base_root=None, mode="quick", rounds=None, threads=None, k
             results["base"] = {"ref": base_ref, "commit": commit, "description": description,
                                "build_seconds": time.perf_counter() - build_started}
         else:
-            results["base"] = {"ref": None, "root": os.path.abspath(base_root), "description": base_root}
+            results["base"] = {"ref": None, "root": os.path.abspath(base_root),
+                               "description": "the build in %s" % os.path.abspath(base_root)}
         results["head"] = {"root": REPO, "description": _head_description(),
                            "slowdown_injected": os.environ.get(TWICE_ENV) or None}
         base_env, head_env = side_environments()

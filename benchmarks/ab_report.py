@@ -2,6 +2,7 @@
 import os
 
 from . import machine
+from .report import topology_text
 
 
 def _ms(seconds):
@@ -11,13 +12,6 @@ def _ms(seconds):
 def _interval(row):
     high = "inf" if row["high"] is None else "%.3f" % row["high"]
     return "%.3f-%s" % (row["low"], high)
-
-
-def _topology_text(topology):
-    if not topology.get("known"):
-        return "%d logical CPUs (topology unknown)" % topology["logical_cpus"]
-    return "%d socket(s), %d NUMA node(s), %d physical cores, %d thread(s) per core" % (
-        topology["sockets"], topology["numa_nodes"], topology["physical_cores"], topology["smt_per_core"])
 
 
 def headline(results):
@@ -50,7 +44,7 @@ def markdown(results):
         "Machine: %s, %d usable cores (%s). Threads: %s. %d rounds; in each, one worker process per side, "
         "the order alternating, %d timed calls per figure after a warm-up. Exit code 1 on a flagged "
         "slowdown, 0 otherwise." % (
-            info["cpu_model"], info["usable_cores"], _topology_text(info["topology"]),
+            info["cpu_model"], info["usable_cores"], topology_text(info["topology"]),
             ", ".join(map(str, results["threads"])), results["rounds"], results["inner_calls"]),
         "",
     ]

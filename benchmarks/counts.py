@@ -8,10 +8,12 @@ Reported per element of the tensor:
 - instructions: moves when the work moves: a second pass, a vector loop that became scalar, a slower
   statistics formula, extra checks per element;
 - LL bytes: last-level misses (reads and writes) times the 64-byte line: moves when the memory traffic
-  moves: an extra pass over x or y, a temporary the size of the tensor, a lost streaming store.
+  moves: an extra pass over x or y, a temporary the size of the tensor, a row or group pass that no
+  longer stays in cache.
 
 Neither sees what only the clock sees: threads (the counts are single-threaded), bandwidth, frequency,
-or an instruction that became slower without becoming more numerous.
+streaming stores (the simulator treats them as ordinary writes), or an instruction that became slower
+without becoming more numerous.
 """
 import json
 import os
