@@ -50,8 +50,10 @@ def test_counts_repeat_exactly_and_catch_a_kernel_that_does_its_work_twice(tmp_p
     rows = {row["key"]: row for row in results["counts"]["rows"]}
     assert set(rows) == {c.key for c in counts.SMOKE_COUNT_CASES}
     batch_norm, layer_norm = rows["batch_norm/8x64x64x64"], rows["layer_norm/2048x1024"]
-    # Two processes, the same kernel: the same counts to the last instruction and cache line.
-    assert batch_norm["instructions"]["ratio"] == 1.0 and batch_norm["ll_bytes"]["ratio"] == 1.0
+    # Two processes, the same kernel: the same counts, but for a few instructions of the loops' peeling
+    # around small parameter arrays, which the heap places a little differently in each process.
+    assert batch_norm["instructions"]["ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert batch_norm["ll_bytes"]["ratio"] == pytest.approx(1.0, abs=1e-3)
     assert not batch_norm["flagged"]
     # One more pass over x and y: twice the instructions and twice the last-level traffic.
     assert layer_norm["instructions"]["ratio"] == pytest.approx(2.0, rel=0.02)
