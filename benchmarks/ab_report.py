@@ -10,8 +10,27 @@ def _ms(seconds):
 
 
 def _interval(row):
-    high = "inf" if row["high"] is None else "%.3f" % row["high"]
-    return "%.3f-%s" % (row["low"], high)
+    if row["high"] is None:
+        return "n/a (too few rounds)"
+    return "%.3f-%.3f" % (row["low"], row["high"])
+
+
+def figure_label(name):
+    """A figure's name in words: `kernel/batch_norm_NHWC/32x256x28x28/t2` -> `batch_norm NHWC 32x256x28x28, 2 threads`."""
+    parts = name.split("/")
+    if parts[0] in ("kernel", "copy") and len(parts) == 4:
+        threads = int(parts[3][1:])
+        text = "%s %s, %d thread%s" % (parts[1].replace("_NHWC", " NHWC"), parts[2].replace("_g", " g"), threads,
+                                       "" if threads == 1 else "s")
+        return text if parts[0] == "kernel" else "copy beside " + text
+    if parts[0] == "fold" and len(parts) == 2 and parts[1].startswith("conv_bn_chain_"):
+        return "fold of a %s-pair Conv+BN chain" % parts[1].rsplit("_", 1)[1]
+    return case_label(name)
+
+
+def case_label(key):
+    """A kernel case's key in words: `group_norm/16x256x32x32_g32` -> `group_norm 16x256x32x32 g32`."""
+    return key.replace("_NHWC/", " NHWC ").replace("/", " ").replace("_g", " g")
 
 
 def headline(results):
@@ -20,14 +39,14 @@ def headline(results):
     if verdict["flagged"]:
         parts = []
         if verdict["counts_flagged"]:
-            parts.append("deterministic counts: %s" % ", ".join(verdict["counts_flagged"]))
+            parts.append("deterministic counts: %s" % ", ".join(map(case_label, verdict["counts_flagged"])))
         if verdict["clock_flagged"] and verdict["clock_reliable"]:
-            parts.append("timings: %s" % ", ".join(verdict["clock_flagged"]))
+            parts.append("timings: %s" % ", ".join(map(figure_label, verdict["clock_flagged"])))
         return "**SLOWDOWN FLAGGED** (%s)." % "; ".join(parts)
     text = "No slowdown flagged."
     if verdict["clock_flagged"] and not verdict["clock_reliable"]:
         text += (" Timings would flag %s, but the machine was busy: the verdict follows the deterministic "
-                 "counts alone." % ", ".join(verdict["clock_flagged"]))
+                 "counts alone." % ", ".join(map(figure_label, verdict["clock_flagged"])))
     if not verdict["counts_available"] and not verdict["clock_reliable"]:
         text += " **Neither signal could be trusted here** (busy machine, no counts): nothing was checked."
     return text
@@ -77,7 +96,7 @@ def _counts_section(section):
     for row in section["rows"]:
         ins, ll = row["instructions"], row["ll_bytes"]
         lines.append("| %s | %.3f | %.3f | %.3f | %.2f | %.2f | %.3f | %s |" % (
-            row["key"].replace("/", " "), ins["base"], ins["head"], ins["ratio"], ll["base"], ll["head"], ll["ratio"],
+            case_label(row["key"]), ins["base"], ins["head"], ins["ratio"], ll["base"], ll["head"], ll["ratio"],
             "**MORE WORK**" if row["flagged"] else ""))
     for side, skipped in section.get("skipped_cases", {}).items():
         for key, why in skipped.items():
@@ -109,7 +128,8 @@ def _timings_section(results):
         elif row["high"] is not None and row["high"] < 1:
             mark = "faster"
         lines.append("| %s | %s | %s | %.3f | %s | %s |" % (
-            row["name"], _ms(row["base_median"]), _ms(row["head_median"]), row["ratio"], _interval(row), mark))
+            figure_label(row["name"]), _ms(row["base_median"]), _ms(row["head_median"]), row["ratio"], _interval(row),
+            mark))
     controls = results["controls"]
     if controls:
         spread = [c["ratio"] for c in controls]
@@ -147,7 +167,7 @@ def plot(results, directory):
     ax.axvline(1.0, color="black", linewidth=1)
     ax.axvline(1 + results["threshold"], color="C3", linestyle="--", linewidth=1,
                label="slowdown threshold (%.0f%%)" % (100 * results["threshold"]))
-    ax.set_yticks(y, [r["name"] for r in rows], fontsize=6)
+    ax.set_yticks(y, [figure_label(r["name"]) for r in rows], fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel("time with the change / time before it (interval: %.1f%%)" % (100 * rows[0]["confidence"])
                   if rows else "time with the change / time before it")
@@ -161,7 +181,7 @@ def plot(results, directory):
             ax.barh([v + offset for v in y], [r[figure]["ratio"] for r in count_rows], 0.4, label=label)
         ax.axvline(1 + results["count_threshold"], color="C3", linestyle="--", linewidth=1,
                    label="threshold (%.0f%%)" % (100 * results["count_threshold"]))
-        ax.set_yticks(y, [r["key"] for r in count_rows], fontsize=6)
+        ax.set_yticks(y, [case_label(r["key"]) for r in count_rows], fontsize=6)
         ax.invert_yaxis()
         ax.set_xlabel("count with the change / count before it (exact)")
         ax.set_title("Deterministic counts per element (valgrind)", fontsize=9)

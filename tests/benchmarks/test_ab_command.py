@@ -67,3 +67,15 @@ def test_the_slowdown_hook_calls_the_kernel_twice_and_leaves_the_others_alone(mo
     assert calls[-2:] == ["rms_norm"] * 2
     with pytest.raises(harness.Unavailable, match="foldnorm.no_such_kernel is not available"):
         harness.foldnorm_function("no_such_kernel")
+
+
+@pytest.mark.parametrize("name, words", [
+    ("kernel/batch_norm_NHWC/32x256x28x28/t2", "batch_norm NHWC 32x256x28x28, 2 threads"),
+    ("kernel/group_norm/16x256x32x32_g32/t1", "group_norm 16x256x32x32 g32, 1 thread"),
+    ("copy/layer_norm/8192x768/t1", "copy beside layer_norm 8192x768, 1 thread"),
+    ("fold/conv_bn_chain_250", "fold of a 250-pair Conv+BN chain"),
+])
+def test_figures_are_named_in_words_in_the_summary(name, words):
+    from benchmarks.ab_report import figure_label
+
+    assert figure_label(name) == words

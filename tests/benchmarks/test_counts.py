@@ -61,5 +61,5 @@ def test_counts_repeat_exactly_and_catch_a_kernel_that_does_its_work_twice(tmp_p
     assert layer_norm["ll_bytes"]["base"] == pytest.approx(8.0, rel=0.05)  # read x, write y: 2 x 4 bytes
     assert layer_norm["flagged"] and code == 1
     assert results["verdict"]["counts_flagged"] == ["layer_norm/2048x1024"]
-    assert "**SLOWDOWN FLAGGED** (deterministic counts: layer_norm/2048x1024" in out
+    assert "**SLOWDOWN FLAGGED** (deterministic counts: layer_norm 2048x1024)." in out
     assert "FOLDNORM_BENCH_TWICE=layer_norm" in out
