@@ -62,8 +62,9 @@ clean:
 # and deterministic valgrind counts. Exit 1 on a flagged slowdown, 2 when the comparison cannot be made.
 BASE ?= HEAD
 AB_OUT ?= benchmarks/results/ab
+AB_ARGS ?=
 bench-compare: install
-	$(PY) -m benchmarks ab --base $(BASE) --out $(AB_OUT)
+	$(PY) -m benchmarks ab --base $(BASE) --out $(AB_OUT) $(AB_ARGS)
 
 # Instructions and last-level-cache bytes per element of each kernel, under valgrind (deterministic).
 bench-counts: install
