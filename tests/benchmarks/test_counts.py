@@ -1,5 +1,5 @@
-"""The deterministic signal: callgrind's output read right, and, under valgrind, counts that repeat exactly
-from one process to the next and move when a kernel makes an extra pass over memory."""
+"""The deterministic signal: callgrind's output read right, and, under valgrind, counts that two processes
+agree on and that move when a kernel makes an extra pass over memory."""
 import json
 
 import pytest
@@ -40,7 +40,7 @@ def test_every_count_case_moves_more_than_the_simulated_last_level_cache():
 
 
 @pytest.mark.skipif(counts.valgrind() is None, reason="valgrind is not installed (Debian: apt-get install valgrind)")
-def test_counts_repeat_exactly_and_catch_a_kernel_that_does_its_work_twice(tmp_path, monkeypatch, capsys):
+def test_counts_agree_between_processes_and_catch_a_kernel_that_does_its_work_twice(tmp_path, monkeypatch, capsys):
     # The working tree against itself, its layer_norm made to run twice per call on the head's side only.
     monkeypatch.setenv("FOLDNORM_BENCH_TWICE", "layer_norm")
     code = main(["ab", "--base-root", counts.REPO, "--smoke", "--rounds", "2", "--kernels", "batch_norm,layer_norm",
