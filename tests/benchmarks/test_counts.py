@@ -52,8 +52,9 @@ def test_counts_agree_between_processes_and_catch_a_kernel_that_does_its_work_tw
     batch_norm, layer_norm = rows["batch_norm/8x64x64x64"], rows["layer_norm/2048x1024"]
     # Two processes, the same kernel: the same counts, but for a few instructions of the loops' peeling
     # around small parameter arrays, which the heap places a little differently in each process.
-    assert batch_norm["instructions"]["ratio"] == pytest.approx(1.0, abs=1e-3)
-    assert batch_norm["ll_bytes"]["ratio"] == pytest.approx(1.0, abs=1e-3)
+    # (Measured: within 0.05% in a same-code comparison, 0.15% with another kernel made to run twice.)
+    assert batch_norm["instructions"]["ratio"] == pytest.approx(1.0, abs=5e-3)
+    assert batch_norm["ll_bytes"]["ratio"] == pytest.approx(1.0, abs=5e-3)
     assert not batch_norm["flagged"]
     # One more pass over x and y: twice the instructions and twice the last-level traffic.
     assert layer_norm["instructions"]["ratio"] == pytest.approx(2.0, rel=0.02)
