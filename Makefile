@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(wildcard src_c/*.c src_c/*.h foldnorm/*.pyx foldnorm/*.pxd)
 
-.PHONY: all install demo test asan lint-c bench bench-quick bench-compare bench-counts clean
+.PHONY: all install demo test asan lint-c bench bench-quick clean
 
 all: test
 
@@ -60,6 +60,7 @@ clean:
 
 # The working tree against BASE (a git ref), interleaved on this machine: timings with confidence intervals
 # and deterministic valgrind counts. Exit 1 on a flagged slowdown, 2 when the comparison cannot be made.
+.PHONY: bench-compare bench-counts
 BASE ?= HEAD
 AB_OUT ?= benchmarks/results/ab
 AB_ARGS ?=
