@@ -64,3 +64,11 @@ def test_counts_agree_between_processes_and_catch_a_kernel_that_does_its_work_tw
     assert results["verdict"]["counts_flagged"] == ["layer_norm/2048x1024"]
     assert "**SLOWDOWN FLAGGED** (deterministic counts: layer_norm 2048x1024)." in out
     assert "FOLDNORM_BENCH_TWICE=layer_norm" in out
+
+
+def test_the_counts_of_one_build_are_tabled_per_kernel_case():
+    first, second = counts.SMOKE_COUNT_CASES
+    text = counts.markdown({first.key: {"instructions": 0.8603, "ll_bytes": 8.1331}}, {second.key: "not in this build"},
+                           counts.SMOKE_COUNT_CASES)
+    assert text.splitlines()[2:] == ["| batch_norm | 8x64x64x64 | 0.860 | 8.13 |",
+                                     "| layer_norm | 2048x1024 | skipped: not in this build | |"]
