@@ -4,7 +4,8 @@
    environment's Python and build tools; the working tree is the head, as `make install` built it.
 2. The deterministic counts of both sides are taken at once under callgrind (counts.py).
 3. The machine is checked (machine.py); then the rounds: each round runs one worker process per side
-   (worker.py), base first in even rounds and head first in odd ones, each timing every kernel case.
+   (worker.py), base first in even rounds and head first in odd ones, each timing every kernel case from
+   a fresh copy of its side's package (see `fresh_copy`).
 4. Every figure's head/base ratio and interval come from the paired rounds (stats.py).
 
 Exit code: 1 when a slowdown is flagged (a count above its threshold; or, on a quiet machine, a timing
@@ -13,6 +14,7 @@ is not a commit, a build that fails, a worker that crashes).
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,19 @@ def build_base(commit, folder):
         tail = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-5:]
         raise Unusable("the base %s does not build:\n  %s" % (commit[:12], "\n  ".join(tail)))
     return root
+
+
+def fresh_copy(root, folder):
+    """A copy of root's foldnorm package in `folder` (returned), for one worker.
+
+    Two byte-identical builds in two folders were measured up to 24% apart, round after round, on this
+    project's VM: where a build's files lie in memory stays put for every process that loads them, so it
+    biases one side for the whole comparison. A fresh copy per round and side makes that placement a
+    random draw per round, which the rounds' statistics then average like any other noise.
+    """
+    shutil.copytree(os.path.join(root, "foldnorm"), os.path.join(folder, "foldnorm"),
+                    ignore=shutil.ignore_patterns("*.c", "*.pyx", "*.pxd", "__pycache__"))
+    return folder
 
 
 def run_worker(root, cases, threads, inner, settle, fold_pairs, environ):
@@ -146,14 +161,17 @@ def ab(base_ref=None, base_root=None, mode="quick", rounds=None, threads=None, k
         for r in range(rounds):
             order = ("base", "head") if r % 2 == 0 else ("head", "base")
             _log("round %d/%d (%s first)" % (r + 1, rounds, order[0]))
+            round_folder = os.path.join(scratch, "round-%d" % r)
             for side in order:
                 root, env = sides[side]
-                report = run_worker(root, cases, threads, inner, settle, fold_pairs, env)
+                copy = fresh_copy(root, os.path.join(round_folder, side))
+                report = run_worker(copy, cases, threads, inner, settle, fold_pairs, env)
                 builds[side] = report["build"]
                 for name, seconds in report["figures"].items():
                     per_side[side].setdefault(name, []).append(seconds)
                 for key, why in report["skipped"].items():
                     _note_once(results["notes"], "%s: %s skipped: %s" % (side, key, why))
+            shutil.rmtree(round_folder, ignore_errors=True)
         run_check = monitor.finish()
     check = machine.merge(("start", start_check), ("run", run_check))
     results["machine_check"] = check.as_dict()
