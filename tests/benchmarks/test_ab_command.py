@@ -79,3 +79,15 @@ def test_figures_are_named_in_words_in_the_summary(name, words):
     from benchmarks.ab_report import figure_label
 
     assert figure_label(name) == words
+
+
+def test_each_worker_gets_a_fresh_copy_of_its_sides_package(tmp_path):
+    package = tmp_path / "tree" / "foldnorm"
+    (package / "kernels" / "__pycache__").mkdir(parents=True)
+    for name in ("__init__.py", "kernels/__init__.py", "kernels/_runtime.cpython-311-x86_64-linux-gnu.so",
+                 "kernels/_runtime.c", "kernels/_runtime.pyx", "kernels/__pycache__/x.pyc"):
+        (package / name).write_text(name)
+    copy = ab.fresh_copy(str(tmp_path / "tree"), str(tmp_path / "round-0" / "base"))
+    copied = sorted(str(p.relative_to(copy)) for p in (tmp_path / "round-0" / "base").rglob("*") if p.is_file())
+    assert copied == ["foldnorm/__init__.py", "foldnorm/kernels/__init__.py",
+                      "foldnorm/kernels/_runtime.cpython-311-x86_64-linux-gnu.so"]
