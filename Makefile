@@ -74,3 +74,17 @@ wheel: $(PY)
 
 clean:
 	rm -rf build dist *.egg-info foldnorm/kernels/*.so foldnorm/kernels/_*.c $(VENV)
+
+# The working tree against BASE (a git ref), interleaved on this machine: timings with confidence intervals
+# and deterministic valgrind counts. The comparison exits 1 on a flagged slowdown, 2 when it cannot be made
+# (make reports either as its own failure: benchmarks/ci.sh keeps the two apart).
+.PHONY: bench-compare bench-counts
+BASE ?= HEAD
+AB_OUT ?= benchmarks/results/ab
+AB_ARGS ?=
+bench-compare: install
+	$(PY) -m benchmarks ab --base $(BASE) --out $(AB_OUT) $(AB_ARGS)
+
+# Instructions and last-level-cache bytes per element of each kernel, under valgrind (deterministic).
+bench-counts: install
+	$(PY) -m benchmarks counts

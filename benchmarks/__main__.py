@@ -1,5 +1,6 @@
-"""python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | compare OLD.json NEW.json [--threshold 0.10]
-| under-load [--spinners 2] [--seconds 1.5] [--rounds 3] | big [--megabytes 300] [--rounds 5] [--huge]"""
+"""python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
+| compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners 2] [--seconds 1.5] [--rounds 3]
+| big [--megabytes 300] [--rounds 5] [--huge]"""
 import argparse
 import os
 import sys
@@ -51,7 +52,53 @@ def parser():
         "under-load", help="batch_norm_train latency beside torch while other processes spin"))
     big_model.add_arguments(commands.add_parser(
         "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
+    ab = commands.add_parser("ab", help="the working tree against a git ref, interleaved on this machine; "
+                             "exit 1 on a flagged slowdown, 2 when the comparison cannot be made")
+    where = ab.add_mutually_exclusive_group(required=True)
+    where.add_argument("--base", help="git ref to compare against (built in a scratch folder)")
+    where.add_argument("--base-root", help="an already-built foldnorm source tree to compare against")
+    ab_mode = ab.add_mutually_exclusive_group()
+    ab_mode.add_argument("--quick", action="store_const", const="quick", dest="mode",
+                         help="headline shapes, 20 rounds (the default)")
+    ab_mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
+                         help="tiny shapes, 3 rounds: checks that everything runs; no verdict means anything")
+    ab.add_argument("--rounds", type=_positive, default=None, help="rounds (default: 20 quick, 3 smoke)")
+    ab.add_argument("--threads", type=_thread_list, default=None, help="thread counts (default: 1 and all cores)")
+    ab.add_argument("--kernels", type=_names, default=None, help="only these kernels, e.g. batch_norm,layer_norm")
+    ab.add_argument("--threshold", type=_fraction, default=0.10,
+                    help="flag timings slower by more than this fraction, when significant (default 0.10)")
+    ab.add_argument("--count-threshold", type=_fraction, default=0.03,
+                    help="flag deterministic counts higher by more than this fraction (default 0.03)")
+    ab.add_argument("--false-alarm", type=_fraction, default=0.05,
+                    help="chance that a same-code comparison flags any timing (default 0.05)")
+    ab.add_argument("--no-counts", action="store_true", help="skip the valgrind counts")
+    ab.add_argument("--out", default=os.path.join(DEFAULT_OUT, "ab"),
+                    help="folder for ab.md, ab.json and ab_ratios.png (default: benchmarks/results/ab)")
+    ab.add_argument("--no-plots", action="store_true", help="skip the PNG")
+    counts = commands.add_parser("counts", help="instructions and cache traffic per element of each kernel "
+                                 "under valgrind (deterministic)")
+    counts.add_argument("--smoke", action="store_true", help="two tiny cases")
     return top
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a positive int, got %r" % text)
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError("expected a fraction between 0 and 1, got %r" % text)
+    return value
 
 
 def main(argv=None):
@@ -64,6 +111,10 @@ def main(argv=None):
         from .compare import main as compare_main
 
         return compare_main(args.old, args.new, args.threshold)
+    if args.command == "ab":
+        return _ab(args)
+    if args.command == "counts":
+        return _counts(args)
     try:
         from .harness import default_threads
         threads = args.threads or default_threads()
@@ -82,6 +133,42 @@ def main(argv=None):
         if fold_scaling.NAME not in args.models:
             config.fold_pairs = ()
     run(config, threads, args.out, make_plots=not args.no_plots)
+    return 0
+
+
+def _ab(args):
+    import signal
+
+    from . import ab
+
+    # A cancelled CI job sends SIGTERM: leave through SystemExit, so the scratch folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(2))
+    try:
+        results = ab.ab(base_ref=args.base, base_root=args.base_root, mode=args.mode or "quick",
+                        rounds=args.rounds, threads=args.threads, kernels=args.kernels, threshold=args.threshold,
+                        count_threshold=args.count_threshold, false_alarm=args.false_alarm,
+                        with_counts=not args.no_counts, out_dir=args.out, make_plots=not args.no_plots)
+    except ab.Unusable as error:
+        print("benchmarks ab: %s" % error, file=sys.stderr)
+        return 2
+    from .ab_report import markdown
+
+    print(markdown(results))
+    print("benchmarks ab: wrote ab.md, ab.json%s into %s" % (
+        "".join(", " + p for p in results["plots"]), args.out), file=sys.stderr)
+    return results["exit_code"]
+
+
+def _counts(args):
+    from . import counts
+
+    cases = counts.SMOKE_COUNT_CASES if args.smoke else counts.COUNT_CASES
+    try:
+        figures, skipped = counts.run_counts(counts.REPO, cases)
+    except counts.CountsUnavailable as error:
+        print("benchmarks counts: %s" % error, file=sys.stderr)
+        return 2
+    print(counts.markdown(figures, skipped, cases))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Fold scaling (issue 3): how the time of `foldnorm.fold_model` grows with the size of the model.
+"""Fold scaling: how the time of `foldnorm.fold_model` grows with the size of the model.
 
 The model is `models.conv_bn_chain`: N pairs of Conv+BatchNormalization (each followed by a Relu), with
 every pair the same size, so a fold that is linear in the model's size takes the same time per pair at
@@ -63,7 +63,7 @@ def run(pairs_list, repeats, settle=0.0):
 
 
 def evaluate_target(rows, pairs_list):
-    """The issue-3 target from this run's rows: met True/False, or None (with `why`) when not measured."""
+    """The fold-time target from this run's rows: met True/False, or None (with `why`) when not measured."""
     verdict = {"target": "fold of %d Conv+BN pairs < %g s" % (TARGET_PAIRS, TARGET_SECONDS),
                "pairs": TARGET_PAIRS, "limit": TARGET_SECONDS, "measured": None, "met": None}
     row = next((r for r in rows if r["pairs"] == TARGET_PAIRS and "fold" in r), None)

@@ -12,12 +12,11 @@ y (3S); batch_norm_backward reads dy and x twice and writes dx (5S). Layer, RMS,
 normalize groups small enough to stay in cache between their two passes: forward 2S, backward 3S
 (dy and x read, dx written). The copy moves 2S.
 """
-import importlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from .harness import Contender, Unavailable, first_line
+from .harness import Contender, Unavailable, first_line, foldnorm_function
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -102,13 +101,6 @@ SMOKE_CASES = [
     KernelCase("layer_norm", (16, 64)),
     KernelCase("group_norm_backward", (2, 64, 4, 4), groups=32),
 ]
-
-
-def _foldnorm_kernel(module, name):
-    try:
-        return getattr(importlib.import_module("foldnorm.kernels." + module), name)
-    except (ImportError, AttributeError) as error:
-        raise Unavailable("foldnorm.kernels.%s.%s is not available yet (%s)" % (module, name, error)) from None
 
 
 def _torch():
@@ -252,7 +244,7 @@ class BatchNormInference(BatchNormBench):
         return (xd - self._b(self.running_mean)) * self._b(scale) + self._b(self.bias)
 
     def foldnorm(self, threads):
-        fn = _foldnorm_kernel("batch_normalization", "batch_norm")
+        fn = foldnorm_function("batch_norm")
         args = (self.x, self.running_mean, self.running_var, self.weight, self.bias)
         return lambda: fn(*args, eps=EPS, channel_axis=self.channel_axis, out=self.y, num_threads=threads)
 
@@ -276,7 +268,7 @@ class BatchNormTrain(BatchNormBench):
         return (xd - mean) * invstd * self._b(self.weight) + self._b(self.bias)
 
     def foldnorm(self, threads):
-        fn = _foldnorm_kernel("batch_normalization", "batch_norm_train")
+        fn = foldnorm_function("batch_norm_train")
         running_mean, running_var = self.running_mean.copy(), self.running_var.copy()
         return lambda: fn(
             self.x, self.weight, self.bias, running_mean=running_mean, running_var=running_var,
@@ -303,8 +295,8 @@ class BatchNormBackward(BatchNormBench):
         return _normalize_backward(self.dy, xd, mean, invstd, self._b(self.weight), self.reduce_axes)
 
     def foldnorm(self, threads):
-        forward = _foldnorm_kernel("batch_normalization", "batch_norm_train")
-        fn = _foldnorm_kernel("batch_normalization", "batch_norm_backward")
+        forward = foldnorm_function("batch_norm_train")
+        fn = foldnorm_function("batch_norm_backward")
         _, mean, invstd = forward(self.x, self.weight, self.bias, eps=EPS, channel_axis=self.channel_axis)
         return lambda: fn(self.dy, self.x, mean, invstd, self.weight, channel_axis=self.channel_axis,
                           num_threads=threads)
@@ -336,7 +328,7 @@ class LayerNorm(RowNormBench):
         return (xd - mean) * invstd * self.weight + self.bias
 
     def foldnorm(self, threads):
-        fn = _foldnorm_kernel("layer_normalization", "layer_norm")
+        fn = foldnorm_function("layer_norm")
         return lambda: fn(self.x, self.weight, self.bias, axis=-1, eps=EPS, num_threads=threads)
 
     def onnxruntime(self, threads):
@@ -358,8 +350,8 @@ class LayerNormBackward(RowNormBench):
         return _normalize_backward(self.dy, xd, mean, invstd, self.weight, (1,))
 
     def foldnorm(self, threads):
-        forward = _foldnorm_kernel("layer_normalization", "layer_norm")
-        fn = _foldnorm_kernel("layer_normalization", "layer_norm_backward")
+        forward = foldnorm_function("layer_norm")
+        fn = foldnorm_function("layer_norm_backward")
         _, mean, invstd = forward(self.x, self.weight, self.bias, axis=-1, eps=EPS)
         return lambda: fn(self.dy, self.x, mean, invstd, self.weight, axis=-1, num_threads=threads)
 
@@ -383,7 +375,7 @@ class RmsNorm(RowNormBench):
         return xd * invrms * self.weight
 
     def foldnorm(self, threads):
-        fn = _foldnorm_kernel("layer_normalization", "rms_norm")
+        fn = foldnorm_function("rms_norm")
         return lambda: fn(self.x, self.weight, axis=-1, eps=EPS, num_threads=threads)
 
     def onnxruntime(self, threads):
@@ -404,8 +396,8 @@ class RmsNormBackward(RowNormBench):
         return invrms * (g - xd * invrms**2 * (g * xd).mean(axis=1, keepdims=True))
 
     def foldnorm(self, threads):
-        forward = _foldnorm_kernel("layer_normalization", "rms_norm")
-        fn = _foldnorm_kernel("layer_normalization", "rms_norm_backward")
+        forward = foldnorm_function("rms_norm")
+        fn = foldnorm_function("rms_norm_backward")
         _, invrms = forward(self.x, self.weight, axis=-1, eps=EPS)
         return lambda: fn(self.dy, self.x, invrms, self.weight, axis=-1, num_threads=threads)
 
@@ -464,7 +456,7 @@ class GroupNorm(GroupNormBench):
     reference = GroupNormBench._reference_forward
 
     def foldnorm(self, threads):
-        fn = _foldnorm_kernel("group_normalization", "group_norm")
+        fn = foldnorm_function("group_norm")
         return lambda: fn(self.x, self.groups, self.weight, self.bias, eps=EPS, num_threads=threads)
 
     def onnxruntime(self, threads):
@@ -486,8 +478,8 @@ class GroupNormBackward(GroupNormBench):
         return self._torch_backward()
 
     def foldnorm(self, threads):
-        forward = _foldnorm_kernel("group_normalization", "group_norm")
-        fn = _foldnorm_kernel("group_normalization", "group_norm_backward")
+        forward = foldnorm_function("group_norm")
+        fn = foldnorm_function("group_norm_backward")
         _, mean, invstd = forward(self.x, self.groups, self.weight, self.bias, eps=EPS)
         return lambda: fn(self.dy, self.x, mean, invstd, self.groups, self.weight, num_threads=threads)
 
@@ -496,7 +488,7 @@ class InstanceNorm(GroupNormBench):
     reference = GroupNormBench._reference_forward
 
     def foldnorm(self, threads):
-        fn = _foldnorm_kernel("group_normalization", "instance_norm")
+        fn = foldnorm_function("instance_norm")
         return lambda: fn(self.x, self.weight, self.bias, eps=EPS, num_threads=threads)
 
     def onnxruntime(self, threads):
@@ -516,8 +508,8 @@ class InstanceNormBackward(GroupNormBench):
     reference = GroupNormBench._reference_backward
 
     def foldnorm(self, threads):
-        forward = _foldnorm_kernel("group_normalization", "instance_norm")
-        fn = _foldnorm_kernel("group_normalization", "instance_norm_backward")
+        forward = foldnorm_function("instance_norm")
+        fn = foldnorm_function("instance_norm_backward")
         _, mean, invstd = forward(self.x, self.weight, self.bias, eps=EPS)
         return lambda: fn(self.dy, self.x, mean, invstd, self.weight, num_threads=threads)
 
@@ -549,9 +541,7 @@ def run_case(case, threads, repeats, warmup=1, reference_repeats=1, settle=0.0, 
 
 
 def _run_case(case, threads, repeats, warmup, reference_repeats, settle, seed):
-    from foldnorm.kernels._runtime import parallel_copy
-
-    from .harness import measure, paired_ratio
+    from .harness import measure, paired_efficiency, paired_ratio, parallel_copy
 
     result = {
         "key": case.key,
@@ -608,10 +598,13 @@ def _run_case(case, threads, repeats, warmup, reference_repeats, settle, seed):
             "vs_numpy": paired_ratio(samples["numpy@1"], mine),
             "scaling": paired_ratio(samples["foldnorm@%d" % threads[0]], mine) if t != threads[0] else None,
             "copy_scaling": paired_ratio(samples["copy@%d" % threads[0]], copy) if t != threads[0] else None,
+            "efficiency": paired_efficiency(samples["foldnorm@%d" % threads[0]], mine, samples["copy@%d" % threads[0]],
+                                            copy) if t != threads[0] else None,
         }
         for name in ("onnxruntime", "torch"):
             other = samples.get("%s@%d" % (name, t))
             row["vs_" + name] = paired_ratio(other, mine) if other is not None else None
+            row[name + "_gbps"] = case.traffic_bytes / other.summary()["median"] / 1e9 if other is not None else None
         rows.append(row)
     result["rows"] = rows
     return result

@@ -2,6 +2,7 @@
 import json
 import os
 
+from .machine import banner
 from .kernels import BATCH_NORM_HEADLINE, GROUP_NORM_HEADLINE, LAYER_NORM_HEADLINE, KernelCase
 
 SCHEMA = 1
@@ -11,7 +12,7 @@ def _headline_key(kernel, shape, groups=0):
     return KernelCase(kernel, shape, groups=groups).key
 
 
-# The issue-2 targets. "x_copy": foldnorm's time over the copy's, at all cores (at most `limit`);
+# The kernels' performance targets. "x_copy": foldnorm's time over the copy's, at all cores (at most `limit`);
 # "vs": the other's time over foldnorm's (at least `limit`); "scaling": 1-thread time over 2-thread time.
 TARGETS = [
     ("x_copy", _headline_key("batch_norm", BATCH_NORM_HEADLINE), None, 1.1),
@@ -119,6 +120,19 @@ def _headline(kernels, models):
     return lines
 
 
+def topology_text(topology):
+    """`1 socket, 1 NUMA node, 2 cores, 1 thread per core` from machine.topology()."""
+    if not topology.get("known"):
+        return "%s logical CPUs, topology unknown" % topology.get("logical_cpus", "?")
+
+    def plural(n, word):
+        return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+    return "%s, %s, %s, %s per core" % (
+        plural(topology["sockets"], "socket"), plural(topology["numa_nodes"], "NUMA node"),
+        plural(topology["physical_cores"], "core"), plural(topology["smt_per_core"], "thread"))
+
+
 def write_json(results, path):
     with open(path, "w") as f:
         json.dump(results, f, indent=1, sort_keys=False)
@@ -142,14 +156,17 @@ def markdown(results):
     machine = results["machine"]
     config = results["config"]
     lines = ["### foldnorm benchmarks: %s run, %s" % (results["mode"], machine["date"]), ""]
+    lines += banner(results.get("machine_check") or {"busy": False})
     versions = ", ".join("%s %s" % (k, v) for k, v in machine["versions"].items() if v)
     build = machine["foldnorm_build"]
     copy = ", ".join("%s thr %.1f GB/s" % (t, g) for t, g in machine["copy_gbps"].items())
     load = machine.get("load_average")
+    bound = ", ".join("%s=%s" % item for item in machine.get("binding", {}).items() if item[1]) or "none set"
     lines += [
-        "Machine: %s, %d usable cores; threads measured: %s; load average at start: %s." % (
-            machine["cpu_model"], machine["usable_cores"], ", ".join(map(str, machine["threads"])),
-            " ".join("%.2f" % v for v in load) if load else "n/a"),
+        "Machine: %s, %d usable cores (%s); threads measured: %s; load average at start: %s; OpenMP "
+        "binding: %s." % (
+            machine["cpu_model"], machine["usable_cores"], topology_text(machine.get("topology", {})),
+            ", ".join(map(str, machine["threads"])), " ".join("%.2f" % v for v in load) if load else "n/a", bound),
         "Copy roof (64 MiB multi-threaded memcpy, bytes read + written): %s. Pause after each timed call "
         "(OpenMP workers' spin, doubled): %.1f ms." % (copy, 1e3 * machine.get("settle_seconds", 0.0)),
         "Versions: %s. foldnorm build: OpenMP %s, %s %s." % (
@@ -164,28 +181,30 @@ def markdown(results):
             "",
             "GB/s counts the bytes the kernel must move (see the byte model); of roof = copy time / kernel "
             "time; x copy = kernel time / copy time; vs X = X's time / foldnorm's time (above 1: foldnorm "
-            "is faster); x %(t)d thr = %(t)d-thread time / this time. Every ratio is a median of per-round "
-            "pairs." % {"t": min(machine["threads"])},
+            "is faster); x %(t)d thr = %(t)d-thread time / this time; eff vs copy = that speed-up / the "
+            "same-size copy's (1.00: the kernel scales as well as the memory lets it). Every ratio is a median "
+            "of per-round pairs." % {"t": min(machine["threads"])},
             "",
             "| kernel | shape | thr | foldnorm ms (min-max) | GB/s | copy GB/s | of roof | x copy | vs ORT | "
-            "vs torch | vs NumPy f64 | x %d thr |" % min(machine["threads"]),
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "vs torch | vs NumPy f64 | x %d thr | eff vs copy |" % min(machine["threads"]),
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         for result in kernels:
             if "rows" not in result:
-                lines.append("| %s | %s | | skipped: %s | | | | | | | | |" % (
+                lines.append("| %s | %s | | skipped: %s | | | | | | | | | |" % (
                     result["label"], result["shape_label"], result["skipped"]))
                 continue
             for row in result["rows"]:
                 timing = row["foldnorm"]
-                lines.append("| %s | %s | %d | %s (%s-%s) | %.1f | %.1f | %s | %s | %s | %s | %s | %s |" % (
+                lines.append("| %s | %s | %d | %s (%s-%s) | %.1f | %.1f | %s | %s | %s | %s | %s | %s | %s |" % (
                     result["label"], result["shape_label"], row["threads"], _ms(timing["median"]),
                     _ms(timing["min"]), _ms(timing["max"]), row["gbps"], row["copy_gbps"],
                     "%.0f%%" % (100 * row["roof"]["median"]), _ratio(row["x_copy"]), _ratio(row["vs_onnxruntime"]),
-                    _ratio(row["vs_torch"]), _ratio(row["vs_numpy"]), _ratio(row["scaling"])))
+                    _ratio(row["vs_torch"]), _ratio(row["vs_numpy"]), _ratio(row["scaling"]),
+                    _ratio(row.get("efficiency")).rstrip("x")))
         lines.append("")
     if results["targets"]:
-        lines += ["#### Targets (issue 2), from this run's own numbers", "",
+        lines += ["#### Targets, from this run's own numbers", "",
                   "| target | measured (min-max) | verdict |",
                   "|---|---|---|"]
         for verdict in results["targets"]:
@@ -252,8 +271,8 @@ def markdown(results):
 
 
 def _fold_scaling(scaling, repeats):
-    """The fold-scaling section: one row per chain size, then the issue-3 verdict."""
-    lines = ["#### Fold scaling (issue 3): %s, %s" % (scaling["name"], scaling["source"]), ""]
+    """The fold-scaling section: one row per chain size, then the verdict on its target."""
+    lines = ["#### Fold scaling: %s, %s" % (scaling["name"], scaling["source"]), ""]
     if "skipped" in scaling:
         return lines + ["Skipped: %s" % scaling["skipped"], ""]
     if scaling["rows"]:
@@ -319,28 +338,62 @@ def plot(results, directory):
 
 
 def _plot_bandwidth(plt, kernels, threads, path):
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(kernels) * len(threads) ** 0.5))
+    """GB/s of foldnorm per case and thread count (bars, min-max whiskers), its peers and the copy roof."""
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.32 * len(kernels) * len(threads) ** 0.5))
+    shown = set()
     for i, t, rows, offset, height in _bars_by_thread_count(kernels, threads):
-        ax.barh(offset, [r["gbps"] for r in rows], height, color="C%d" % i, label="foldnorm, %d thr" % t)
-        ax.scatter([r["copy_gbps"] for r in rows], offset, marker="|", s=120, color="black",
-                   label="copy roof" if i == 0 else None, zorder=3)
-    ax.set_xlabel("GB/s (bytes the kernel must move / median time)")
-    ax.set_title("foldnorm kernels against the copy roof")
+        traffic = [k["traffic_bytes"] for k in kernels]
+        gbps = [r["gbps"] for r in rows]
+        # Whiskers from the slowest to the fastest sample.
+        low = [g - b / r["foldnorm"]["max"] / 1e9 for g, b, r in zip(gbps, traffic, rows)]
+        high = [b / r["foldnorm"]["min"] / 1e9 - g for g, b, r in zip(gbps, traffic, rows)]
+        ax.barh(offset, gbps, height, color="C%d" % (i % 10), alpha=0.8, label="foldnorm, %d thread%s" % (
+            t, "" if t == 1 else "s"), xerr=[low, high], error_kw={"elinewidth": 0.6, "ecolor": "gray"})
+        for key, marker, color, label in (("copy_gbps", "|", "black", "copy of the same size (the roof)"),
+                                          ("onnxruntime_gbps", "o", "C8", "onnxruntime"),
+                                          ("torch_gbps", "D", "C9", "PyTorch")):
+            points = [(r.get(key), y) for r, y in zip(rows, offset) if r.get(key)]
+            if points:
+                ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, s=60 if marker == "|" else 14,
+                           color=color, label=None if label in shown else label, zorder=3)
+                shown.add(label)
+    ax.set_xlabel("GB/s: bytes the kernel must read and write / median time (whiskers: slowest to fastest run)")
+    ax.set_title("foldnorm's kernels against the memory roof and their peers, at each thread count")
     return _save_case_plot(plt, fig, ax, kernels, path)
 
 
 def _plot_scaling(plt, kernels, threads, path):
-    base, counts = threads[0], threads[1:]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(kernels) * len(counts) ** 0.5))
-    for i, t, rows, offset, height in _bars_by_thread_count(kernels, counts):
-        ax.barh(offset, [r["scaling"]["median"] for r in rows], height, color="C%d" % (i + 1),
-                label="foldnorm, %d thr" % t)
-        ax.scatter([r["copy_scaling"]["median"] for r in rows], offset, marker="|", s=120, color="black",
-                   label="copy" if i == 0 else None, zorder=3)
-        ax.axvline(t / base, color="C%d" % (i + 1), linestyle="--", linewidth=1, label="ideal at %d thr" % t)
-    ax.set_xlabel("speed-up over %d thread%s (paired per round)" % (base, "" if base == 1 else "s"))
-    ax.set_title("Thread scaling")
-    return _save_case_plot(plt, fig, ax, kernels, path)
+    """Speed-up over the fewest threads per kernel, the copy's own speed-up as the roof, the ideal line."""
+    base = threads[0]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    copy_by_count = {}
+    for index, kernel in enumerate(kernels):
+        rows = [r for r in kernel["rows"] if r["threads"] != base and r["scaling"]]
+        if not rows:
+            continue
+        counts = [base] + [r["threads"] for r in rows]
+        medians = [1.0] + [r["scaling"]["median"] for r in rows]
+        low = [0.0] + [r["scaling"]["median"] - r["scaling"]["min"] for r in rows]
+        high = [0.0] + [r["scaling"]["max"] - r["scaling"]["median"] for r in rows]
+        ax.errorbar([c + 0.03 * (index - len(kernels) / 2) for c in counts], medians, yerr=[low, high],
+                    marker="o", markersize=3, linewidth=1, capsize=2, color="C%d" % (index % 10),
+                    label="%s %s" % (kernel["label"], kernel["shape_label"]))
+        for r in rows:
+            copy_by_count.setdefault(r["threads"], []).append(r["copy_scaling"]["median"])
+    if copy_by_count:
+        counts = [base] + sorted(copy_by_count)
+        roof = [1.0] + [sum(v) / len(v) for _, v in sorted(copy_by_count.items())]
+        ax.plot(counts, roof, color="black", linewidth=2.5, label="copy of the same size: what the memory allows")
+        ax.plot(counts, [c / base for c in counts], color="gray", linestyle=":", label="ideal (threads / %d)" % base)
+    ax.set_xlabel("threads")
+    ax.set_ylabel("speed-up over %d thread%s (paired per round; bars: min-max)" % (base, "" if base == 1 else "s"))
+    ax.set_title("Thread scaling of foldnorm's kernels against the copy's")
+    ax.set_xticks(threads)
+    ax.legend(fontsize=6, loc="upper left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _bars_by_thread_count(kernels, counts):
@@ -369,23 +422,32 @@ def _save_case_plot(plt, fig, ax, kernels, path):
     return path
 
 
+MODEL_RATIOS = (("folded_vs_original", "folded by foldnorm"), ("ort_basic_vs_original", "onnxruntime's own basic fusions"))
+
+
 def _plot_models(plt, models, path):
+    """Latency after / before, paired per round, for foldnorm's fold and onnxruntime's own fusions."""
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 1.5 + 0.5 * len(models)), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 1.6 + 0.5 * len(models)), sharey=True)
     y = np.arange(len(models))
+    height = 0.8 / len(MODEL_RATIOS)
     for ax, level in zip(axes, ("disabled", "enabled")):
-        variants = [v for v in ("original", "folded", "ort_basic") if any(v in m["variants"] for m in models)]
-        height = 0.8 / len(variants)
-        for i, variant in enumerate(variants):
-            values = [m["latency"].get("%s/%s" % (variant, level), {}).get("median", 0) * 1e3 for m in models]
-            ax.barh(y + (i - (len(variants) - 1) / 2) * height, values, height, label=variant)
-        ax.set_title("graph optimizations %s" % level, fontsize=9)
-        ax.set_xlabel("onnxruntime latency, ms")
+        for i, (name, label) in enumerate(MODEL_RATIOS):
+            ratios = [m.get("ratios", {}).get("%s/%s" % (name, level)) for m in models]
+            offset = y + (i - (len(MODEL_RATIOS) - 1) / 2) * height
+            medians = [r["median"] if r else np.nan for r in ratios]
+            low = [r["median"] - r["min"] if r else 0 for r in ratios]
+            high = [r["max"] - r["median"] if r else 0 for r in ratios]
+            ax.barh(offset, [m - 1 for m in medians], height, left=1, color="C%d" % i, label=label,
+                    xerr=[low, high], error_kw={"elinewidth": 0.6, "ecolor": "gray"})
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_title("onnxruntime graph optimizations %s" % ("off" if level == "disabled" else "on"), fontsize=9)
+        ax.set_xlabel("latency after / before, paired per round (below 1: faster)", fontsize=8)
     axes[0].set_yticks(y, [m["name"] for m in models], fontsize=8)
     axes[0].invert_yaxis()
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Model latency before and after folding", fontsize=10)
+    fig.suptitle("Model latency after folding, relative to the original model (whiskers: min-max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)

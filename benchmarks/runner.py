@@ -58,11 +58,17 @@ def run(config, threads, out_dir, make_plots=True):
 
     Returns the results dict.
     """
+    from . import machine
     from .harness import machine_info, settle_seconds
 
     started = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     results = {"schema": report.SCHEMA, "mode": config.mode, "config": config.describe(), "notes": []}
+    _log("benchmarks: checking that the machine is quiet")
+    start_check = machine.check_start(machine.topology().get("physical_cores") or max(threads))
+    if start_check.busy:
+        _log("benchmarks: BUSY MACHINE, the timings will be unreliable: %s" % "; ".join(start_check.reasons))
+    monitor = machine.RunMonitor()
     _log("benchmarks: machine facts and copy roof at threads %s" % ",".join(map(str, threads)))
     settle = settle_seconds(threads)
     results["machine"] = machine_info(threads, settle)
@@ -88,6 +94,7 @@ def run(config, threads, out_dir, make_plots=True):
         _log("benchmarks: fold scaling, %s pairs" % ", ".join(map(str, config.fold_pairs)))
         results["fold_scaling"] = fold_scaling.run(config.fold_pairs, config.fold_repeats, settle)
 
+    results["machine_check"] = machine.merge(("start", start_check), ("run", monitor.finish())).as_dict()
     results["targets"] = report.evaluate_targets(results["kernels"])
     results["figures"] = report.figures(results["kernels"], results["models"], results["fold_scaling"])
     results["plots"] = []
