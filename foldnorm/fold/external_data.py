@@ -352,17 +352,24 @@ def refer_in_place(references, path):
     the file is known to hold it. read_referenced_array reads such a tensor when the fold needs it;
     load_referenced loads the rest before the model leaves foldnorm."""
     for tensor, file, offset, length in references:
-        try:
-            size = os.path.getsize(file)
-        except OSError as error:
-            raise FoldError("%s: cannot read the external data of tensor %r: %s"
-                            % (path, tensor.name, error.strerror or error)) from None
-        end = size if length is None else offset + length
-        if offset > size or end > size:
-            raise FoldError("%s: the external data file %s is %d bytes, too short for tensor %r (bytes %d to %d)"
-                            % (path, os.path.basename(file), size, tensor.name, offset, end))
+        length = checked_length(file, offset, length, tensor.name, path)
         del tensor.external_data[:]
-        point_to_external_data(tensor, file, offset, end - offset)
+        point_to_external_data(tensor, file, offset, length)
+
+
+def checked_length(file, offset, length, tensor_name, path):
+    """The byte length of a reference (to the end of the file when `length` is None), once the data file
+    is known to hold it; FoldError naming the model file `path` otherwise."""
+    try:
+        size = os.path.getsize(file)
+    except OSError as error:
+        raise FoldError("%s: cannot read the external data of tensor %r: %s"
+                        % (path, tensor_name, error.strerror or error)) from None
+    end = size if length is None else offset + length
+    if offset > size or end > size:
+        raise FoldError("%s: the external data file %s is %d bytes, too short for tensor %r (bytes %d to %d)"
+                        % (path, os.path.basename(file), size, tensor_name, offset, end))
+    return end - offset
 
 
 # Large weights the fold made, held as NumPy arrays outside the protobuf until the model is saved or handed

@@ -33,10 +33,10 @@ import onnx
 
 from .errors import FoldError
 from .messages import one_line
-from .external_data import (PLACEHOLDER_LOCATION, DataFileWriter, all_tensors, copy_without_data, data_bytes,
-                            external_references, held_array, is_external, is_unloaded, load_into, refer_in_place,
-                            without_data)
-from .proto import default_opset
+from .external_data import (EXTERNAL_DATA_THRESHOLD, PLACEHOLDER_LOCATION, DataFileWriter, all_tensors,
+                            checked_length, copy_without_data, data_bytes, external_references, held_array,
+                            is_external, is_unloaded, load_into, refer_in_place, without_data)
+from .proto import default_opset, tensor_nbytes
 from .scratch import scratch_folder
 from .wire import unreadable_model_message
 
@@ -86,6 +86,31 @@ def _read(path, *, in_place=False):
     """The OpenedModel of the file at `path`; in_place: its external data stays in its files until read
     (external_data.refer_in_place), for a caller that loads what is left (load_referenced) before the
     model leaves foldnorm."""
+    path, model, references, check = _read_unloaded(path)
+    (refer_in_place if in_place else load_into)(references, path)
+    return OpenedModel(model, str(path), check, owned=True)
+
+
+def read_structure(path: "str | os.PathLike", *, load_below: int = EXTERNAL_DATA_THRESHOLD):
+    """The model at `path` read and checked as load_model reads it, but of its external data only the
+    tensors of fewer than `load_below` bytes read: for a caller that hands the file itself to onnxruntime,
+    which reads the rest. Every location has been validated and every data file is known to hold its
+    tensor's bytes. Returns (OpenedModel, the references not read: [(tensor, file, offset, length)], which
+    external_data.load_into reads into their tensors)."""
+    path, model, references, check = _read_unloaded(path)
+    unread = []
+    for tensor, file, offset, length in references:
+        length = checked_length(file, offset, length, tensor.name, path)
+        if tensor_nbytes(tensor) >= load_below:
+            unread.append((tensor, file, offset, length))
+        else:
+            load_into([(tensor, file, offset, length)], path)
+    return OpenedModel(model, str(path), check, owned=True), unread
+
+
+def _read_unloaded(path):
+    """(path, model, its external references, its ModelCheck): the file parsed and checked, every
+    external data location validated, no external data read."""
     path = Path(os.fspath(path))
     model = onnx.ModelProto()
     _parse(model, _read_model_file(path), path)
@@ -95,9 +120,7 @@ def _read(path, *, in_place=False):
     references = external_references(model, path.absolute().parent, path)
     _external_data_of_loaded[os.path.realpath(path)] = frozenset(str(file) for _, file, _, _ in references)
     # Checked before its data is read: the checks need the structure only, and the file as it is.
-    check = check_model(model, str(path), file=path)
-    (refer_in_place if in_place else load_into)(references, path)
-    return OpenedModel(model, str(path), check, owned=True)
+    return path, model, references, check_model(model, str(path), file=path)
 
 
 def open_model(model_or_path, name, *, in_place=False):
@@ -493,6 +516,7 @@ def temporary_folder():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-__all__ = ["load_model", "save_model", "onnxruntime_source", "check_model", "check_opset", "open_model", "as_model",
+__all__ = ["load_model", "read_structure", "save_model", "onnxruntime_source", "check_model", "check_opset",
+           "open_model", "as_model",
            "ModelCheck", "OpenedModel", "LEVELS", "uses_external_data", "external_data_files",
            "write_file_atomically", "all_tensors", "temporary_folder", "PROTOBUF_LIMIT"]

@@ -14,36 +14,37 @@ candidate sizes until onnxruntime runs the original. With chosen sizes, the mode
 shapes whose batch and other sizes differ, so a fold that is right at one shape only fails; the report
 lists the shapes and says they were chosen.
 
+Memory: the sessions run one after another, each closed before the next opens, and each model reaches
+onnxruntime without a copy in foldnorm where it can (foldnorm.fold.sessions): a model given as a path is
+handed over as that file, which onnxruntime reads itself, and a folded model's large weights, held as
+NumPy arrays by the fold, are shared with onnxruntime as they are.
+
 Inputs, one array per graph input that is not an initializer, drawn from `numpy.random.default_rng`
 (seed, then seed + 1 for the second shape) in graph-input order:
 - float16 / bfloat16 / float / double: standard normal values, rounded to the input's dtype;
 - integer types: uniform integers in [0, 4) (small, so that they stay valid as indices);
 - bool: True or False with equal probability (a rank-0 input is a 0-d array).
 """
+import contextlib
+import gc
 import math
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .errors import FoldError
 from .messages import one_line
-from .modelio import as_model, onnxruntime_source
 from .proto import graph_statistics
 from .quantized_verify import QuantizedOutputs
-from .scratch import scratch_folder
+from .sessions import ORT_LOG_SEVERITY, ModelSource, bfloat16_dtype
 from .shapes import (LADDER_SECONDS, ShapeError, check_input_bytes, chosen_axes, concrete_shapes, first_candidates,
                      format_dims, input_specs, second_candidates, symbols)
 from .tolerance import (NOISE_FACTOR, OutputComparison, compare_output, diverged, dtype_name, format_error,
                         json_float, merge_comparisons, rounding_noise)
 
 INTEGER_INPUT_HIGH = 4
-# onnxruntime's severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Its errors reach the caller as
-# exceptions, which foldnorm turns into one line; its log lines would only repeat them, with source paths.
-ORT_LOG_SEVERITY = 4
 # Parameter bytes above which the noise run (a third onnxruntime session) happens only when an output
 # exceeds the default tolerance without it.
 NOISE_ALWAYS_BYTES = 256 * 2**20
@@ -145,7 +146,8 @@ def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progr
     Parameters
     ----------
     original, folded : onnx.ModelProto or path
-        The model before and after folding.
+        The model before and after folding. A path is read as foldnorm.load_model reads it (checked, its
+        external data locations validated), but its large tensors are left for onnxruntime to read.
     shapes : dict, optional
         {input name: [dims]} for inputs whose dynamic dims should not be chosen by verification.
     rtol, atol : float, optional
@@ -174,20 +176,31 @@ def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progr
     rtol = _check_tolerance(rtol, "rtol")
     atol = _check_tolerance(atol, "atol")
     say = progress or (lambda message: None)
-    original, _ = as_model(original, "original", check=False)
-    folded, _ = as_model(folded, "folded", check=False)
-    specs = input_specs(original, _check_shapes(shapes))
+    shapes = _check_shapes(shapes)
+    with contextlib.ExitStack() as stack:
+        original = stack.enter_context(ModelSource.open(original, "original"))
+        folded = stack.enter_context(ModelSource.open(folded, "folded"))
+        report = _verify(original, folded, shapes, rtol, atol, seed, say, steps)
+    report.seconds = time.perf_counter() - start
+    return report
 
+
+def _verify(original, folded, shapes, rtol, atol, seed, say, steps):
+    """verify() on two ModelSources; the report's seconds are left to the caller."""
+    specs = input_specs(original.model, shapes)
     say("verification: loading the original model in onnxruntime")
     session = _session(original, "original", optimized=False)
-    shape_sets, feeds, expected, notes = _run_original(session, specs, original, seed, say)
-    del session
+    try:
+        shape_sets, feeds, expected, notes = _run_original(session, specs, original.model, seed, say)
+    finally:
+        del session
+        gc.collect()  # the original's weights leave onnxruntime before the folded model's arrive
 
     say("verification: running the folded model")
     actual, folded_error = _run_all(folded, "folded", feeds, optimized=False)
-    quantized = QuantizedOutputs(original, folded, feeds, expected, actual, steps)
+    quantized = QuantizedOutputs(original.model, folded.model, feeds, expected, actual, steps)
     comparisons = quantized.compare(_compare_all(expected, actual, folded_error, None, rtol, atol))
-    large = graph_statistics(original.graph)[1] > NOISE_ALWAYS_BYTES
+    large = graph_statistics(original.model.graph)[1] > NOISE_ALWAYS_BYTES
     if folded_error is None and large and all(c.passed for c in comparisons):
         # A large model's third session costs seconds: its noise is measured only when an output needs it.
         notes.append("the model's rounding noise was not measured: every output is within the default "
@@ -205,7 +218,7 @@ def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progr
         atol=atol if atol is not None else max((c.atol for c in comparisons), default=0.0),
         input_shapes=shape_sets[0],
         outputs=comparisons,
-        seconds=time.perf_counter() - start,
+        seconds=0.0,
         shape_sets=shape_sets,
         dynamic_dims=chosen_axes(specs),
         notes=notes,
@@ -251,7 +264,8 @@ def run_model(model, feeds, label="model", *, optimized=False):
     float32 through Cast nodes added to a copy of the model (onnxruntime's Python binding has no bfloat16
     arrays); both casts are exact for bfloat16 values. Raises FoldError when onnxruntime cannot run it.
     """
-    outputs, error = _run_all(model, label, [feeds], optimized=optimized)
+    with ModelSource(model) as source:
+        outputs, error = _run_all(source, label, [feeds], optimized=optimized)
     if error is not None:
         raise FoldError(error)
     return outputs[0]
@@ -265,60 +279,25 @@ def quiet_onnxruntime():
     ort.set_default_logger_severity(ORT_LOG_SEVERITY)
 
 
-class _Session:
-    """An onnxruntime session of one model, with the bfloat16 casts the feeds and outputs need."""
-
-    def __init__(self, inference_session, bfloat16_outputs):
-        self.session = inference_session
-        self.bfloat16_outputs = bfloat16_outputs
-        self.names = [o.name for o in inference_session.get_outputs()]
-
-    def run(self, feeds):
-        run_feeds = {}
-        for name, array in feeds.items():
-            if _is_bfloat16(array):
-                run_feeds[_bfloat16_feed_name(name)] = array.astype(np.float32)
-            else:
-                run_feeds[name] = array
-        values = self.session.run(self.names, run_feeds)
-        outputs = {}
-        for name, value in zip(self.names, values):
-            if name in self.bfloat16_outputs:
-                name, value = self.bfloat16_outputs[name], np.asarray(value).astype(_bfloat16_dtype())
-            outputs[name] = value
-        return outputs
+def _session(source, label, *, optimized):
+    """A sessions.Session of a ModelSource; FoldError (one line) when onnxruntime refuses the model."""
+    return source.session(label, optimized=optimized)
 
 
-def _session(model, label, *, optimized):
-    """A _Session of `model`; FoldError (one line) when onnxruntime refuses the model."""
-    import onnxruntime as ort
-
-    runnable, bfloat16_outputs = _with_bfloat16_casts(_without_zero_dims(model))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.log_severity_level = ORT_LOG_SEVERITY
-    try:
-        with tempfile.TemporaryDirectory(prefix="verify-", dir=scratch_folder()) as folder:
-            session = ort.InferenceSession(_session_source(runnable, folder), options,
-                                           providers=["CPUExecutionProvider"])
-    except FoldError:
-        raise
-    except Exception as error:
-        raise FoldError("onnxruntime cannot load the %s model: %s" % (label, one_line(error))) from None
-    return _Session(session, bfloat16_outputs)
-
-
-def _run_all(model, label, feeds_list, *, optimized):
+def _run_all(source, label, feeds_list, *, optimized):
     """([outputs per feeds], None), or (None, a sentence saying why) when onnxruntime cannot load or run the
     model."""
+    session = None
     try:
-        session = _session(model, label, optimized=optimized)
+        session = _session(source, label, optimized=optimized)
         return [session.run(feeds) for feeds in feeds_list], None
     except FoldError as error:
         return None, str(error)
     except Exception as error:
         return None, "onnxruntime cannot run the %s model: %s" % (label, one_line(error))
+    finally:
+        del session
+        gc.collect()  # no two sessions hold their weights at once
 
 
 def _run_original(session, specs, model, seed, say):
@@ -392,7 +371,7 @@ def _random_tensor(rng, elem_type, shape, name):
     if elem_type in _FLOAT_INPUT_TYPES:
         return np.asarray(rng.standard_normal(shape), dtype=_FLOAT_INPUT_TYPES[elem_type])
     if elem_type == onnx.TensorProto.BFLOAT16:
-        return np.asarray(rng.standard_normal(shape), dtype=np.float32).astype(_bfloat16_dtype())
+        return np.asarray(rng.standard_normal(shape), dtype=np.float32).astype(bfloat16_dtype())
     if elem_type in _INTEGER_INPUT_TYPES:
         return np.asarray(rng.integers(0, INTEGER_INPUT_HIGH, size=shape), dtype=_INTEGER_INPUT_TYPES[elem_type])
     if elem_type == onnx.TensorProto.BOOL:
@@ -401,79 +380,6 @@ def _random_tensor(rng, elem_type, shape, name):
     type_name = onnx.TensorProto.DataType.Name(elem_type) if known else str(elem_type)
     raise FoldError("input %r has element type %s, for which verification cannot make inputs (use --no-verify)"
                     % (name, type_name))
-
-
-def _bfloat16_dtype():
-    try:
-        import ml_dtypes
-    except ImportError:
-        raise FoldError("this model has bfloat16 inputs or outputs; verifying them needs the ml_dtypes package"
-                        ) from None
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def _is_bfloat16(array):
-    return array.dtype.name == "bfloat16"
-
-
-def _bfloat16_feed_name(name):
-    return name + "__foldnorm_float32"
-
-
-def _with_bfloat16_casts(model):
-    """A copy of `model` whose bfloat16 graph inputs/outputs are float32, through exact Cast nodes.
-
-    Returns (model, {float32 output name: original output name}); `model` itself when it has none.
-    """
-    bf16 = onnx.TensorProto.BFLOAT16
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in initializers and i.type.tensor_type.elem_type == bf16]
-    outputs = [o.name for o in model.graph.output
-               if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type == bf16]
-    if not inputs and not outputs:
-        return model, {}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = copy.graph
-    casts = []
-    for value_info in graph.input:
-        if value_info.name in inputs:
-            casts.append(helper.make_node("Cast", [_bfloat16_feed_name(value_info.name)], [value_info.name], to=bf16))
-            value_info.name = _bfloat16_feed_name(value_info.name)
-            value_info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-    renamed = {}
-    for value_info in graph.output:
-        if value_info.name in outputs:
-            float_name = value_info.name + "__foldnorm_float32"
-            graph.node.append(helper.make_node("Cast", [value_info.name], [float_name], to=onnx.TensorProto.FLOAT))
-            renamed[float_name] = value_info.name
-            value_info.name = float_name
-            value_info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-    nodes = casts + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return copy, renamed
-
-
-def _without_zero_dims(model):
-    """`model`, or a copy whose graph inputs declare no dim_value 0: such a dim is dynamic to foldnorm (some
-    exporters write it so), but onnxruntime would insist on a size of 0."""
-    if not any(dim.HasField("dim_value") and dim.dim_value == 0
-               for value_info in model.graph.input for dim in value_info.type.tensor_type.shape.dim):
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for value_info in copy.graph.input:
-        for dim in value_info.type.tensor_type.shape.dim:
-            if dim.HasField("dim_value") and dim.dim_value == 0:
-                dim.Clear()
-    return copy
-
-
-def _session_source(model, folder):
-    """What onnxruntime loads: the serialized model, or a file with external data when it is too large
-    (modelio.onnxruntime_source: no full serialization to learn the size, no change to the model)."""
-    return onnxruntime_source(model, folder)
 
 
 def _check_tolerance(value, name):

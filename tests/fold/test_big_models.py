@@ -3,19 +3,24 @@ and shape inference on the model's structure alone, tensor data written one tens
 temporary folder. The 300 MB and over-2 GiB figures are in benchmarks/big_model.py."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import tracemalloc
+import weakref
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto
 
-from foldnorm.fold import external_data, fold_model, modelio, scratch
+from foldnorm import verify
+from foldnorm.fold import external_data, fold_model, modelio, scratch, sessions
+from foldnorm.fold.errors import FoldError
 from foldnorm.fold.external_data import LARGE_TENSOR_ALIGNMENT, read_referenced_array
 from foldnorm.fold.modelio import load_model, save_model, temporary_folder
+from foldnorm.fold.quantized_verify import StepComparison
 from tests.fold.fold_models import ModelBuilder, count_ops, run_ort
 
 
@@ -228,7 +233,6 @@ def test_save_does_not_change_the_model(tmp_path, external):
 
 
 def test_folding_for_saving_writes_the_same_files_from_the_arrays_themselves(tmp_path):
-    from foldnorm import verify
     from foldnorm.fold.api import fold_for_saving
     from foldnorm.fold.external_data import held_array
 
@@ -254,3 +258,198 @@ def test_folding_for_saving_writes_the_same_files_from_the_arrays_themselves(tmp
     assert [t.name for t in held.graph.initializer if held_array(t) is not None] == arrays
     assert verify(path, held).passed
     assert verify(path, plain).outputs[0].max_abs_error == verify(path, held).outputs[0].max_abs_error
+
+
+# ------------------------------------------------------------------------------------------ verification
+
+@pytest.fixture
+def onnxruntime_sessions(monkeypatch):
+    """Every onnxruntime session made while the test runs: what it was handed ("bytes" for a serialized
+    model, else the path), the size of the external data file beside that path, and the most sessions alive
+    at once."""
+    import onnxruntime as ort
+
+    seen = {"sources": [], "data_bytes": [], "alive": 0, "most_alive": 0}
+
+    def closed():
+        seen["alive"] -= 1
+
+    class Recorded(ort.InferenceSession):
+        def __init__(self, source, *args, **kwargs):
+            super().__init__(source, *args, **kwargs)
+            seen["sources"].append("bytes" if isinstance(source, bytes) else source)
+            data = None if isinstance(source, bytes) else str(source) + ".data"
+            seen["data_bytes"].append(os.path.getsize(data) if data and os.path.exists(data) else None)
+            seen["alive"] += 1
+            seen["most_alive"] = max(seen["most_alive"], seen["alive"])
+            weakref.finalize(self, closed)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recorded)
+    return seen
+
+
+def count_reads(monkeypatch):
+    """The names of the tensors whose external data foldnorm reads from now on."""
+    reads = []
+    real_read, real_map = external_data.read_external_bytes, external_data.map_external_array
+
+    def counting_read(file, offset, length, name, where):
+        reads.append(name)
+        return real_read(file, offset, length, name, where)
+
+    def counting_map(file, offset, count, dtype, name):
+        reads.append(name)
+        return real_map(file, offset, count, dtype, name)
+
+    monkeypatch.setattr(external_data, "read_external_bytes", counting_read)
+    monkeypatch.setattr(external_data, "map_external_array", counting_map)
+    return reads
+
+
+def test_verify_hands_onnxruntime_the_original_file_and_the_folded_weights_as_they_are(tmp_path, monkeypatch,
+                                                                                       onnxruntime_sessions):
+    from foldnorm.fold.api import fold_for_saving
+    from foldnorm.fold.external_data import held_array
+
+    model = conv_bn_model(channels=192, pairs=3)  # 1.3 MB weights: the folded ones held as arrays
+    path = save_external(model, tmp_path / "model.onnx")
+    folded, _ = fold_for_saving(path)
+    held = sum(held_array(t).nbytes for t in folded.graph.initializer if held_array(t) is not None)
+    tail = next(t for t in folded.graph.initializer if t.name == "tail.weight")
+    reads = count_reads(monkeypatch)
+    report = verify(path, folded)
+    assert reads == []  # the original's tensors: onnxruntime reads them from the file
+    # the original at its shape, the folded model, the original again for its rounding noise
+    original, copy, again = onnxruntime_sessions["sources"]
+    assert original == again == str(path) and copy != str(path)
+    # the folded model's copy holds the weights the fold did not change, not the arrays onnxruntime shares
+    assert onnxruntime_sessions["data_bytes"][1] < held / 2
+    assert onnxruntime_sessions["data_bytes"][1] >= len(tail.raw_data)
+    assert onnxruntime_sessions["most_alive"] == 1
+    assert report.passed and report.outputs[0].noise is not None
+    monkeypatch.undo()
+    plain, _ = fold_model(path, verify=False)
+    in_memory = verify(model, plain)  # every tensor read by foldnorm, both models handed over serialized
+    assert report.outputs[0].max_abs_error == in_memory.outputs[0].max_abs_error
+    assert report.outputs[0].noise == in_memory.outputs[0].noise
+
+
+def test_verify_validates_the_originals_external_data_before_onnxruntime_reads_it(tmp_path, onnxruntime_sessions):
+    model = conv_bn_model(channels=32)
+    folded, _ = fold_model(model, verify=False)
+    save_external(model, tmp_path / "model.onnx")
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    climbing = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    for tensor in climbing.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../model.onnx.data"
+    onnx.save_model(climbing, str(inner / "model.onnx"))
+    with pytest.raises(FoldError, match="climbs out with '..'.*path traversal refused"):
+        verify(inner / "model.onnx", folded)
+    short = tmp_path / "short"
+    short.mkdir()
+    shutil.copy(tmp_path / "model.onnx", short / "model.onnx")
+    (short / "model.onnx.data").write_bytes((tmp_path / "model.onnx.data").read_bytes()[:-100])
+    with pytest.raises(FoldError, match="too short for tensor"):
+        verify(short / "model.onnx", folded)
+    assert onnxruntime_sessions["sources"] == []
+
+
+def quantized_output_model(channels=32):
+    """Conv -> BN -> QuantizeLinear -> DequantizeLinear per channel, as the graph output."""
+    b = ModelBuilder(3)
+    x = b.input("x", [1, channels, 6, 6])
+    y = b.frozen_batch_norm(b.conv(x, channels, channels, 3, bias=True, name="conv"), channels, name="bn")
+    scale = b.constant("scale", np.linspace(0.02, 0.05, channels).astype(np.float32))
+    zero = b.constant("zero", np.zeros(channels, np.int8), np.int8)
+    q = b.node("QuantizeLinear", [y, scale, zero], ["q"], axis=1)
+    b.node("DequantizeLinear", [q, scale, zero], ["dq"], axis=1)
+    b.output("dq", [1, channels, 6, 6])
+    return b.model(opset=13)
+
+
+def zero_dim_model():
+    """conv_bn_model whose input declares its batch as 0 (dynamic to foldnorm, fixed to onnxruntime)."""
+    model = conv_bn_model(channels=32)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 0
+    return model
+
+
+@pytest.mark.parametrize("build", [quantized_output_model, zero_dim_model])
+def test_a_model_onnxruntime_cannot_be_handed_as_it_is_is_read_whole(tmp_path, onnxruntime_sessions, build):
+    model = build()
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model.__deepcopy__(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)  # the quantization scales in the file too
+    folded, _ = fold_model(path, verify=False)
+    report = verify(path, folded)
+    assert report.passed and str(path) not in onnxruntime_sessions["sources"]
+    if build is quantized_output_model:
+        assert isinstance(report.outputs[0], StepComparison) and report.outputs[0].max_steps <= 1.0
+    else:
+        assert report.dynamic_dims == {"x": [0]}
+    expected = verify(model, folded)
+    assert report.outputs[0].max_abs_error == expected.outputs[0].max_abs_error
+
+
+# 256 channels: the quantization scale is 1 KiB, which a copy of the structure would leave out
+@pytest.mark.parametrize("build", [conv_bn_model, lambda: quantized_output_model(channels=256)],
+                         ids=["float", "quantized"])
+def test_a_large_model_file_without_external_data_is_handed_over_as_it_is(tmp_path, monkeypatch,
+                                                                          onnxruntime_sessions, build):
+    monkeypatch.setattr(sessions, "FILE_SOURCE_BYTES", 0)  # every model counts as large
+    model = build()
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, str(path))
+    folded, _ = fold_model(path, verify=False)
+    report = verify(path, folded)
+    assert report.passed and onnxruntime_sessions["sources"][0] == str(path)
+    assert report.outputs[0].max_abs_error == verify(model, folded).outputs[0].max_abs_error
+
+
+def test_a_large_model_in_memory_is_written_once_for_all_its_sessions(monkeypatch, onnxruntime_sessions):
+    original = conv_bn_model(channels=32)
+    folded, _ = fold_model(original, verify=False)
+    expected = verify(original, folded)
+    assert onnxruntime_sessions["sources"] == ["bytes"] * 3
+    monkeypatch.setattr(sessions, "FILE_SOURCE_BYTES", 0)  # every model counts as large
+    written = []
+    real_write = sessions.ModelSource._write
+
+    def recording_write(source, model):
+        written.append(real_write(source, model))
+        return written[-1]
+
+    monkeypatch.setattr(sessions.ModelSource, "_write", recording_write)
+    report = verify(original, folded)
+    assert len(written) == 2  # the original for both its sessions, the folded model for its one
+    assert onnxruntime_sessions["sources"][3:] == [written[0], written[1], written[0]]
+    assert onnxruntime_sessions["most_alive"] == 1
+    assert report.outputs[0].max_abs_error == expected.outputs[0].max_abs_error
+    assert not any(os.path.exists(path) for path in written)
+
+
+# The command as it runs on a model past NOISE_ALWAYS_BYTES (its third session only when an output needs it).
+_FOLD_AS_FOR_A_LARGE_MODEL = ("import sys; import foldnorm.fold.verification as v; v.NOISE_ALWAYS_BYTES = 0; "
+                              "from foldnorm.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_the_verified_fold_command_holds_the_folded_model_and_one_session_at_most(tmp_path):
+    tiny = save_external(conv_bn_model(channels=8, pairs=4, tail=False), tmp_path / "tiny.onnx")
+    path = save_external(conv_bn_model(channels=384, pairs=4, tail=False), tmp_path / "model.onnx")  # 4 x 5.3 MB
+    model_bytes = path.stat().st_size + (tmp_path / "model.onnx.data").stat().st_size
+
+    def fold_command(source):
+        return [sys.executable, "-c", _FOLD_AS_FOR_A_LARGE_MODEL, "fold", str(source), "-o",
+                str(tmp_path / "out.onnx")]
+
+    start = _peak_bytes(fold_command(tiny))  # the interpreter, the imports, onnxruntime, the same steps
+    peak = _peak_bytes(fold_command(path))
+    # At most the folded weights and one model in onnxruntime (the original's session, mapped from its file;
+    # the folded model's shares the folded arrays). Before, verification read the original again and handed
+    # each model to onnxruntime serialized: the folded weights, the original's, a serialized copy and
+    # onnxruntime's own, four copies at once.
+    assert peak - start < 2.5 * model_bytes, (peak, start, model_bytes)
+    assert count_ops(onnx.load(str(tmp_path / "out.onnx")), "BatchNormalization") == 0
