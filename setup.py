@@ -7,6 +7,7 @@ Build switches (environment variables):
   FOLDNORM_CYTHON_DEBUG=1    turn Cython's bounds/wraparound checks back on
   FOLDNORM_ONLY=a,b          build only these extension modules (e.g. _batch_norm), for development
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ from setuptools import Extension, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC_C = os.path.join("src_c")
 
-# Each private extension module and the C files it is built from.
+# Each private extension module and the C files it is built from; every one includes some of the headers.
+HEADERS = sorted(glob.glob(os.path.join(SRC_C, "*.h")))
 EXTENSIONS = {
     "_runtime": ["runtime.c"],
     "_batch_norm": ["batch_norm.c"],
@@ -108,6 +110,7 @@ def _extensions():
             Extension(
                 "foldnorm.kernels." + name,
                 sources=["foldnorm/kernels/%s.pyx" % name] + [os.path.join(SRC_C, s) for s in sources],
+                depends=HEADERS,
                 include_dirs=[SRC_C, numpy.get_include()],
                 define_macros=macros,
                 extra_compile_args=cflags,

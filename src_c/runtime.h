@@ -4,11 +4,14 @@
 
 #include <stddef.h>
 
+/* 1 when the kernels were built with OpenMP, else 0 (they then run on one thread). */
 int fn_openmp_enabled(void);
+
+/* OpenMP's default thread count for parallel regions, and setting it (1, and nothing, without OpenMP). */
 int fn_get_max_threads(void);
 void fn_set_max_threads(int n);
 
-/* dst[0..nbytes) = src[0..nbytes) with num_threads threads, in fixed 1 MiB pieces. */
+/* dst[0..nbytes) = src[0..nbytes) with num_threads threads, in fixed FN_COPY_PIECE pieces. */
 void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads);
 
 #endif

@@ -1,42 +1,48 @@
-"""Build facts, the OpenMP thread setting, and the bandwidth-roof copy (private; see foldnorm.runtime)."""
+"""Build facts, the OpenMP thread setting, and the bandwidth-roof copy (private; see
+foldnorm.kernels.runtime)."""
 cimport numpy as cnp
+
+from foldnorm.kernels._kernels cimport (
+    FOLDNORM_CFLAGS,
+    FOLDNORM_COMPILER,
+    fn_get_max_threads,
+    fn_openmp_enabled,
+    fn_parallel_copy,
+    fn_set_max_threads,
+)
 
 cnp.import_array()
 
-cdef extern from "runtime.h":
-    int fn_openmp_enabled()
-    int fn_get_max_threads()
-    void fn_set_max_threads(int n)
-    void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads) nogil
-
-
-cdef extern from *:
-    const char *FOLDNORM_COMPILER
-    const char *FOLDNORM_CFLAGS
-
 
 def openmp_enabled():
+    """Whether the kernels were built with OpenMP."""
     return bool(fn_openmp_enabled())
 
 
 def compiler():
+    """The C compiler the kernels were built with."""
     return FOLDNORM_COMPILER.decode()
 
 
 def cflags():
+    """The C compiler flags the kernels were built with."""
     return FOLDNORM_CFLAGS.decode()
 
 
 def get_max_threads():
+    """OpenMP's default thread count (1 without OpenMP)."""
     return fn_get_max_threads()
 
 
 def set_max_threads(int n):
+    """Set OpenMP's default thread count (nothing without OpenMP)."""
     fn_set_max_threads(n)
 
 
-def parallel_copy(cnp.ndarray dst, cnp.ndarray src, int num_threads):
+def parallel_copy(cnp.ndarray dst not None, cnp.ndarray src not None, int num_threads):
     """Copy the bytes of C-contiguous src into C-contiguous dst of the same size."""
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(src) and cnp.PyArray_IS_C_CONTIGUOUS(dst)) or dst.nbytes < src.nbytes:
+        raise ValueError("parallel_copy needs C-contiguous arrays, dst at least as large as src")
     cdef size_t nbytes = src.nbytes
     cdef void *d = cnp.PyArray_DATA(dst)
     cdef const void *s = cnp.PyArray_DATA(src)

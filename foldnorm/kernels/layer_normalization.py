@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _layer_norm
 from ._outputs import empty_result
-from ._validation import as_input, as_like, as_param, check_eps, compute_dtype, normalize_axis
+from ._validation import as_input, as_like, as_param, check_eps, normalize_axis
 from .runtime import resolve_num_threads
 
 __all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"]
@@ -59,15 +59,15 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, num_threads=None
     xc, dtype = as_input(x, "x")
     axis = normalize_axis(axis, xc.ndim)
     rows, cols = _rows_cols(xc.shape, axis)
-    weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
-    bias = as_param(bias, "bias", xc.shape[axis:], xc.dtype)
+    weight = as_param(weight, "weight", xc.shape[axis:], np.float64)
+    bias = as_param(bias, "bias", xc.shape[axis:], np.float64)
     eps = check_eps(eps)
     threads = resolve_num_threads(num_threads, xc.size)
     y = empty_result(xc.shape, xc.dtype)
-    mean = np.empty(_stats_shape(xc.shape, axis), xc.dtype)
+    mean = np.empty(_stats_shape(xc.shape, axis), np.float64)
     invstd = np.empty_like(mean)
     _layer_norm.layer_norm(xc, weight, bias, y, mean, invstd, rows, cols, eps, threads)
-    return _as_dtype(y, dtype), mean, invstd
+    return _as_dtype(y, dtype), _as_dtype(mean, xc.dtype), _as_dtype(invstd, xc.dtype)
 
 
 def layer_norm_backward(dy, x, mean, invstd, weight=None, *, axis=-1, num_threads=None):
@@ -105,12 +105,12 @@ def layer_norm_backward(dy, x, mean, invstd, weight=None, *, axis=-1, num_thread
     axis = normalize_axis(axis, xc.ndim)
     rows, cols = _rows_cols(xc.shape, axis)
     dy = as_like(dy, "dy", xc.shape, xc.dtype)
-    mean = _row_statistic(mean, "mean", rows, xc.dtype)
-    invstd = _row_statistic(invstd, "invstd", rows, xc.dtype)
-    weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
+    mean = _row_statistic(mean, "mean", rows)
+    invstd = _row_statistic(invstd, "invstd", rows)
+    weight = as_param(weight, "weight", xc.shape[axis:], np.float64)
     threads = resolve_num_threads(num_threads, xc.size)
     dx = empty_result(xc.shape, xc.dtype)
-    dweight = np.empty(xc.shape[axis:], xc.dtype)
+    dweight = np.empty(xc.shape[axis:], np.float64)
     dbias = np.empty_like(dweight)
     _layer_norm.layer_norm_backward(dy, xc, mean, invstd, weight, dx, dweight, dbias, rows, cols, threads)
     return _as_dtype(dx, dtype), _as_dtype(dweight, dtype), _as_dtype(dbias, dtype)
@@ -141,13 +141,13 @@ def rms_norm(x, weight=None, *, axis=-1, eps=1e-5, num_threads=None):
     xc, dtype = as_input(x, "x")
     axis = normalize_axis(axis, xc.ndim)
     rows, cols = _rows_cols(xc.shape, axis)
-    weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
+    weight = as_param(weight, "weight", xc.shape[axis:], np.float64)
     eps = check_eps(eps)
     threads = resolve_num_threads(num_threads, xc.size)
     y = empty_result(xc.shape, xc.dtype)
-    invrms = np.empty(_stats_shape(xc.shape, axis), xc.dtype)
+    invrms = np.empty(_stats_shape(xc.shape, axis), np.float64)
     _layer_norm.rms_norm(xc, weight, y, invrms, rows, cols, eps, threads)
-    return _as_dtype(y, dtype), invrms
+    return _as_dtype(y, dtype), _as_dtype(invrms, xc.dtype)
 
 
 def rms_norm_backward(dy, x, invrms, weight=None, *, axis=-1, num_threads=None):
@@ -179,11 +179,11 @@ def rms_norm_backward(dy, x, invrms, weight=None, *, axis=-1, num_threads=None):
     axis = normalize_axis(axis, xc.ndim)
     rows, cols = _rows_cols(xc.shape, axis)
     dy = as_like(dy, "dy", xc.shape, xc.dtype)
-    invrms = _row_statistic(invrms, "invrms", rows, xc.dtype)
-    weight = as_param(weight, "weight", xc.shape[axis:], xc.dtype)
+    invrms = _row_statistic(invrms, "invrms", rows)
+    weight = as_param(weight, "weight", xc.shape[axis:], np.float64)
     threads = resolve_num_threads(num_threads, xc.size)
     dx = empty_result(xc.shape, xc.dtype)
-    dweight = np.empty(xc.shape[axis:], xc.dtype)
+    dweight = np.empty(xc.shape[axis:], np.float64)
     _layer_norm.rms_norm_backward(dy, xc, invrms, weight, dx, dweight, rows, cols, threads)
     return _as_dtype(dx, dtype), _as_dtype(dweight, dtype)
 
@@ -196,8 +196,8 @@ def _stats_shape(shape, axis):
     return tuple(shape[:axis]) + (1,) * (len(shape) - axis)
 
 
-def _row_statistic(a, name, rows, dtype):
-    """A per-row statistic (mean, invstd, invrms) of any shape holding `rows` values, as a flat array."""
+def _row_statistic(a, name, rows):
+    """A per-row statistic (mean, invstd, invrms) of any shape holding `rows` values, as a flat float64 array."""
     if not isinstance(a, np.ndarray):
         a = np.asarray(a)
     if a.dtype.kind != "f":
@@ -207,7 +207,7 @@ def _row_statistic(a, name, rows, dtype):
             "%s must hold one value per normalized row (%d values, e.g. shape x.shape[:axis] + (1, ...)), "
             "got shape %s" % (name, rows, a.shape)
         )
-    return np.ascontiguousarray(a.reshape(-1), dtype=compute_dtype(dtype))
+    return np.ascontiguousarray(a.reshape(-1), dtype=np.float64)
 
 
 def _as_dtype(a, dtype):

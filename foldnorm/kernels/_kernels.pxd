@@ -1,0 +1,130 @@
+"""The C declarations of foldnorm's kernels (src_c/) and the helpers every private wrapper module uses.
+
+Each _*.pyx module cimports what it needs from here and declares no C function of its own.  Every wrapper
+is written the same way: the element type from x, each array's data pointer through the helpers below
+(which check its dtype and layout), the C call with the GIL released, then check() of its status.  The
+conventions of the C entry points (argument order, float64 parameters and statistics, fn_status) are
+src_c/fn_api.h's.
+"""
+cimport numpy as cnp
+from libc.stddef cimport ptrdiff_t
+
+
+cdef extern from "fn_api.h" nogil:
+    ctypedef enum fn_status:
+        FN_OK
+        FN_NOMEM
+
+
+cdef extern from "batch_norm.h" nogil:
+    fn_status fn_batch_norm_f32(const float *x, float *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
+                                const double *mean, const double *var, const double *weight, const double *bias,
+                                double eps, int num_threads)
+    fn_status fn_batch_norm_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t channels,
+                                ptrdiff_t inner, const double *mean, const double *var, const double *weight,
+                                const double *bias, double eps, int num_threads)
+    fn_status fn_batch_norm_train_f32(const float *x, float *y, ptrdiff_t outer, ptrdiff_t channels,
+                                      ptrdiff_t inner, const double *weight, const double *bias, double eps,
+                                      double *mean, double *var, double *invstd, int num_threads)
+    fn_status fn_batch_norm_train_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t channels,
+                                      ptrdiff_t inner, const double *weight, const double *bias, double eps,
+                                      double *mean, double *var, double *invstd, int num_threads)
+    fn_status fn_batch_norm_backward_f32(const float *dy, const float *x, float *dx, ptrdiff_t outer,
+                                         ptrdiff_t channels, ptrdiff_t inner, const double *mean,
+                                         const double *invstd, const double *weight, double *dweight,
+                                         double *dbias, int num_threads)
+    fn_status fn_batch_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t outer,
+                                         ptrdiff_t channels, ptrdiff_t inner, const double *mean,
+                                         const double *invstd, const double *weight, double *dweight,
+                                         double *dbias, int num_threads)
+
+
+cdef extern from "group_norm.h" nogil:
+    fn_status fn_group_norm_f32(const float *x, float *y, ptrdiff_t batch, ptrdiff_t channels, ptrdiff_t spatial,
+                                ptrdiff_t groups, const double *weight, const double *bias, double eps,
+                                double *mean, double *invstd, int num_threads)
+    fn_status fn_group_norm_f64(const double *x, double *y, ptrdiff_t batch, ptrdiff_t channels,
+                                ptrdiff_t spatial, ptrdiff_t groups, const double *weight, const double *bias,
+                                double eps, double *mean, double *invstd, int num_threads)
+    fn_status fn_group_norm_backward_f32(const float *dy, const float *x, float *dx, ptrdiff_t batch,
+                                         ptrdiff_t channels, ptrdiff_t spatial, ptrdiff_t groups,
+                                         const double *mean, const double *invstd, const double *weight,
+                                         double *dweight, double *dbias, int num_threads)
+    fn_status fn_group_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t batch,
+                                         ptrdiff_t channels, ptrdiff_t spatial, ptrdiff_t groups,
+                                         const double *mean, const double *invstd, const double *weight,
+                                         double *dweight, double *dbias, int num_threads)
+
+
+cdef extern from "layer_norm.h" nogil:
+    fn_status fn_layer_norm_f32(const float *x, float *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
+                                const double *bias, double eps, double *mean, double *invstd, int num_threads)
+    fn_status fn_layer_norm_f64(const double *x, double *y, ptrdiff_t rows, ptrdiff_t cols,
+                                const double *weight, const double *bias, double eps, double *mean,
+                                double *invstd, int num_threads)
+    fn_status fn_layer_norm_backward_f32(const float *dy, const float *x, float *dx, ptrdiff_t rows,
+                                         ptrdiff_t cols, const double *mean, const double *invstd,
+                                         const double *weight, double *dweight, double *dbias, int num_threads)
+    fn_status fn_layer_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t rows,
+                                         ptrdiff_t cols, const double *mean, const double *invstd,
+                                         const double *weight, double *dweight, double *dbias, int num_threads)
+    fn_status fn_rms_norm_f32(const float *x, float *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
+                              double eps, double *invrms, int num_threads)
+    fn_status fn_rms_norm_f64(const double *x, double *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
+                              double eps, double *invrms, int num_threads)
+    fn_status fn_rms_norm_backward_f32(const float *dy, const float *x, float *dx, ptrdiff_t rows,
+                                       ptrdiff_t cols, const double *invrms, const double *weight,
+                                       double *dweight, int num_threads)
+    fn_status fn_rms_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t rows,
+                                       ptrdiff_t cols, const double *invrms, const double *weight,
+                                       double *dweight, int num_threads)
+
+
+cdef extern from "runtime.h" nogil:
+    int fn_openmp_enabled()
+    int fn_get_max_threads()
+    void fn_set_max_threads(int n)
+    void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads)
+
+
+# The compiler and flags the extensions were built with: macros that setup.py defines.
+cdef extern from *:
+    const char *FOLDNORM_COMPILER
+    const char *FOLDNORM_CFLAGS
+
+
+cdef inline int element_type(cnp.ndarray x) except -1:
+    """NPY_FLOAT32 or NPY_FLOAT64: the element type of a call's tensors, taken from x."""
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise TypeError("foldnorm: the kernels take float32 or float64 tensors, got %s" % x.dtype)
+    return typenum
+
+
+cdef inline void *tensor(cnp.ndarray a, int typenum) except NULL:
+    """The data of a tensor (x, y, dy, dx): a C-contiguous array of the call's element type."""
+    if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise TypeError("foldnorm: expected a C-contiguous %s tensor, got a %s array"
+                        % ("float32" if typenum == cnp.NPY_FLOAT32 else "float64", a.dtype))
+    return cnp.PyArray_DATA(a)
+
+
+cdef inline double *values(cnp.ndarray a) except NULL:
+    """The data of a parameter, statistic or gradient array: C-contiguous float64."""
+    if cnp.PyArray_TYPE(a) != cnp.NPY_FLOAT64 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise TypeError("foldnorm: expected a C-contiguous float64 array, got a %s array" % a.dtype)
+    return <double *>cnp.PyArray_DATA(a)
+
+
+cdef inline double *optional_values(cnp.ndarray a) except? NULL:
+    """values(a), or NULL for None (a weight or bias that is not given)."""
+    if a is None:
+        return NULL
+    return values(a)
+
+
+cdef inline int check(fn_status status, str kernel) except -1:
+    """Raise MemoryError when a kernel could not allocate its scratch memory."""
+    if status == FN_NOMEM:
+        raise MemoryError("foldnorm: out of memory for the scratch space of %s" % kernel)
+    return 0

@@ -1,0 +1,390 @@
+/* Batch normalization's per-element loops and entry points for one element type (see fn_instantiate.h):
+ * instantiated by batch_norm.c, whose plan (bn_plan, bn_unit_extent) and merges they use. */
+#ifndef FN_T
+#error "batch_norm_impl.h is instantiated by batch_norm.c"
+#endif
+
+/* Per-channel statistics of a block of `rows` rows: an exact two-pass along the channels, BN_ROWS_PER_SWEEP
+ * rows at a time.  The second pass also sums the deviations, which corrects the mean for the rounding of
+ * the float64 sum of the first, for double input only: a block sums at most BN_ROW_BLOCK_ELEMS / 2 values
+ * per channel (it has at least 2 channels), and for floats (24-bit significands) that sum is exact unless
+ * the values span more than 2^15 in magnitude, and within one float64 rounding otherwise. */
+FN_VECTOR_KERNEL static void FN_NAME(bn_block_column_stats)(const FN_T *restrict x, ptrdiff_t rows,
+                                                            ptrdiff_t channels, double *restrict mean,
+                                                            double *restrict m2, double *restrict residual)
+{
+    const ptrdiff_t body = rows - rows % BN_ROWS_PER_SWEEP;
+    for (ptrdiff_t c = 0; c < channels; c++)
+        mean[c] = 0.0;
+    for (ptrdiff_t r = 0; r < body; r += BN_ROWS_PER_SWEEP) {
+        const FN_T *restrict a = x + r * channels;
+        const FN_T *restrict b = a + channels;
+        const FN_T *restrict d = b + channels;
+        const FN_T *restrict e = d + channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            mean[c] += ((double)a[c] + (double)b[c]) + ((double)d[c] + (double)e[c]);
+    }
+    for (ptrdiff_t r = body; r < rows; r++) {
+        const FN_T *restrict a = x + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            mean[c] += (double)a[c];
+    }
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        mean[c] /= (double)rows;
+        residual[c] = 0.0;
+        m2[c] = 0.0;
+    }
+
+#if !FN_IS_F32
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const FN_T *restrict a = x + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            residual[c] += (double)a[c] - mean[c];
+    }
+#endif
+    for (ptrdiff_t r = 0; r < body; r += BN_ROWS_PER_SWEEP) {
+        const FN_T *restrict a = x + r * channels;
+        const FN_T *restrict b = a + channels;
+        const FN_T *restrict d = b + channels;
+        const FN_T *restrict e = d + channels;
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            double da = (double)a[c] - mean[c], db = (double)b[c] - mean[c];
+            double dd = (double)d[c] - mean[c], de = (double)e[c] - mean[c];
+            m2[c] += (da * da + db * db) + (dd * dd + de * de);
+        }
+    }
+    for (ptrdiff_t r = body; r < rows; r++) {
+        const FN_T *restrict a = x + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            double da = (double)a[c] - mean[c];
+            m2[c] += da * da;
+        }
+    }
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        double s1 = residual[c];
+        double v = m2[c] - s1 * (s1 / (double)rows);
+        mean[c] += s1 / (double)rows;
+        m2[c] = (!(v > 0.0) && v == v) ? 0.0 : v;
+    }
+}
+
+/* The statistics and the gradient sums of one plane unit, compiled for the vector target. */
+FN_VECTOR_KERNEL static fn_stats FN_NAME(bn_unit_stats)(const FN_T *x, ptrdiff_t n)
+{
+    return FN_NAME(fn_block_stats)(x, n);
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(bn_unit_grad_sums)(const FN_T *dy, const FN_T *x, ptrdiff_t n,
+                                                        double mean, double invstd, double sums[2])
+{
+    FN_NAME(fn_grad_sums)(dy, x, n, mean, invstd, sums);
+}
+
+/* Batch mean and biased variance of every channel: per-unit statistics, then the fixed-order merge. */
+static fn_status FN_NAME(bn_statistics)(const FN_T *x, const bn_plan *p, double *mean, double *var,
+                                        int num_threads)
+{
+    const ptrdiff_t units = p->units;
+    (void)num_threads;
+    if (!p->rows) {
+        fn_stats *unit_stats = malloc((size_t)units * sizeof(fn_stats));
+        if (unit_stats == NULL)
+            return FN_NOMEM;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (ptrdiff_t u = 0; u < units; u++) {
+            bn_extent e = bn_unit_extent(p, u);
+            unit_stats[u] = FN_NAME(bn_unit_stats)(x + e.offset, e.len);
+        }
+        bn_merge_plane_stats(p, unit_stats, mean, var, num_threads);
+        free(unit_stats);
+        return FN_OK;
+    }
+
+    const ptrdiff_t channels = p->channels;
+    double *unit_partials = malloc((size_t)units * (size_t)channels * 2 * sizeof(double));
+    if (unit_partials == NULL)
+        return FN_NOMEM;
+    double *unit_mean = unit_partials;
+    double *unit_m2 = unit_partials + units * channels;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        double *residual = malloc((size_t)channels * sizeof(double));
+        if (residual == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t u = 0; u < units; u++) {
+            if (residual == NULL)
+                continue;
+            bn_extent e = bn_unit_extent(p, u);
+            FN_NAME(bn_block_column_stats)(x + e.offset, e.len, channels, unit_mean + u * channels,
+                                           unit_m2 + u * channels, residual);
+        }
+        free(residual);
+    }
+    if (!failed)
+        bn_merge_row_stats(p, unit_mean, unit_m2, mean, var, num_threads);
+    free(unit_partials);
+    return failed ? FN_NOMEM : FN_OK;
+}
+
+/* y = (x - shift) * alpha + beta along one run of a channel. */
+FN_INLINE void FN_NAME(bn_shifted_run)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t n, FN_T shift,
+                                       FN_T alpha, FN_T beta)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        y[i] = (x[i] - shift) * alpha + beta;
+}
+
+FN_INLINE void FN_NAME(bn_affine_run)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t n, FN_T alpha,
+                                      FN_T beta)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        y[i] = x[i] * alpha + beta;
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(bn_shifted_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+                                                      ptrdiff_t channels, const FN_T *restrict shift,
+                                                      const FN_T *restrict alpha, const FN_T *restrict beta)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const FN_T *restrict xr = x + r * channels;
+        FN_T *restrict yr = y + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            yr[c] = (xr[c] - shift[c]) * alpha[c] + beta[c];
+    }
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(bn_affine_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+                                                     ptrdiff_t channels, const FN_T *restrict alpha,
+                                                     const FN_T *restrict beta)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const FN_T *restrict xr = x + r * channels;
+        FN_T *restrict yr = y + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            yr[c] = xr[c] * alpha[c] + beta[c];
+    }
+}
+
+/* One run of a plane: y = (x - shift) * alpha + beta, or x * alpha + beta when shift is NULL. */
+FN_VECTOR_KERNEL static void FN_NAME(bn_plane_run)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *shift,
+                                                   ptrdiff_t c, const FN_T *alpha, const FN_T *beta)
+{
+    if (shift != NULL)
+        FN_NAME(bn_shifted_run)(x, y, n, shift[c], alpha[c], beta[c]);
+    else
+        FN_NAME(bn_affine_run)(x, y, n, alpha[c], beta[c]);
+}
+
+/* The one pass over x that writes y: y = (x - shift) * alpha + beta per channel, or x * alpha + beta
+ * when shift is NULL.  A large output of planes is computed piece by piece into L1 and streamed out. */
+static void FN_NAME(bn_apply)(const FN_T *x, FN_T *y, const bn_plan *p, const FN_T *shift,
+                              const FN_T *alpha, const FN_T *beta, int num_threads)
+{
+    const ptrdiff_t units = p->units;
+    const int stream = !p->rows && fn_streams(p->outer * p->channels * p->inner, sizeof(FN_T));
+    (void)num_threads;
+#pragma omp parallel num_threads(num_threads)
+    {
+        FN_T piece[FN_STATS_BLOCK];
+#pragma omp for schedule(static)
+        for (ptrdiff_t u = 0; u < units; u++) {
+            bn_extent e = bn_unit_extent(p, u);
+            if (p->rows && shift != NULL)
+                FN_NAME(bn_shifted_rows)(x + e.offset, y + e.offset, e.len, p->channels, shift, alpha, beta);
+            else if (p->rows)
+                FN_NAME(bn_affine_rows)(x + e.offset, y + e.offset, e.len, p->channels, alpha, beta);
+            else if (stream) {
+                FN_NAME(bn_plane_run)(x + e.offset, piece, e.len, shift, e.channel, alpha, beta);
+                FN_NAME(fn_stream_store)(y + e.offset, piece, e.len);
+            } else
+                FN_NAME(bn_plane_run)(x + e.offset, y + e.offset, e.len, shift, e.channel, alpha, beta);
+        }
+        if (stream)
+            fn_stream_fence();
+    }
+}
+
+fn_status FN_NAME(fn_batch_norm)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
+                                 const double *mean, const double *var, const double *weight, const double *bias,
+                                 double eps, int num_threads)
+{
+    const bn_plan p = bn_make_plan(outer, channels, inner);
+    FN_T *coefs = malloc((size_t)channels * 2 * sizeof(FN_T));
+    if (coefs == NULL)
+        return FN_NOMEM;
+    FN_T *alpha = coefs, *beta = coefs + channels;
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        double invstd = 1.0 / sqrt(var[c] + eps);
+        alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd);
+        /* beta from the rounded alpha makes y = (x - mean) * alpha + bias hold near the mean, where the
+         * rounding of alpha would otherwise be multiplied by the whole mean. */
+        beta[c] = (FN_T)((bias ? bias[c] : 0.0) - mean[c] * (double)alpha[c]);
+    }
+    FN_NAME(bn_apply)(x, y, &p, NULL, alpha, beta, num_threads);
+    free(coefs);
+    return FN_OK;
+}
+
+fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_t channels,
+                                       ptrdiff_t inner, const double *weight, const double *bias, double eps,
+                                       double *mean, double *var, double *invstd, int num_threads)
+{
+    const bn_plan p = bn_make_plan(outer, channels, inner);
+    FN_T *coefs = malloc((size_t)channels * 3 * sizeof(FN_T));
+    if (coefs == NULL)
+        return FN_NOMEM;
+    if (FN_NAME(bn_statistics)(x, &p, mean, var, num_threads) != FN_OK) {
+        free(coefs);
+        return FN_NOMEM;
+    }
+    FN_T *shift = coefs, *alpha = coefs + channels, *beta = coefs + 2 * channels;
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        invstd[c] = 1.0 / sqrt(var[c] + eps);
+        alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
+        /* Subtracting the rounded mean first keeps x - shift exact for data far from zero (mean 1e3,
+         * std 1 in float32); beta carries the rest of the mean, (mean - shift) * alpha, in float64. */
+        shift[c] = (FN_T)mean[c];
+        beta[c] = (FN_T)((bias ? bias[c] : 0.0) - (mean[c] - (double)shift[c]) * (double)alpha[c]);
+    }
+    FN_NAME(bn_apply)(x, y, &p, shift, alpha, beta, num_threads);
+    free(coefs);
+    return FN_OK;
+}
+
+/* The per-channel gradient sums of a block of rows, BN_ROWS_PER_SWEEP rows per sweep over the accumulators. */
+FN_VECTOR_KERNEL static void FN_NAME(bn_grad_sums_rows)(const FN_T *restrict dy, const FN_T *restrict x,
+                                                        ptrdiff_t rows, ptrdiff_t channels,
+                                                        const double *restrict mean, double *restrict sum_dy,
+                                                        double *restrict sum_dy_xc)
+{
+    const ptrdiff_t body = rows - rows % BN_ROWS_PER_SWEEP;
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        sum_dy[c] = 0.0;
+        sum_dy_xc[c] = 0.0;
+    }
+    for (ptrdiff_t r = 0; r < body; r += BN_ROWS_PER_SWEEP) {
+        const ptrdiff_t o = r * channels;
+        const FN_T *restrict ga = dy + o, *restrict gb = ga + channels;
+        const FN_T *restrict gd = gb + channels, *restrict ge = gd + channels;
+        const FN_T *restrict xa = x + o, *restrict xb = xa + channels;
+        const FN_T *restrict xd = xb + channels, *restrict xe = xd + channels;
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            double a = (double)ga[c], b = (double)gb[c], d = (double)gd[c], e = (double)ge[c];
+            sum_dy[c] += (a + b) + (d + e);
+            sum_dy_xc[c] += (a * ((double)xa[c] - mean[c]) + b * ((double)xb[c] - mean[c])) +
+                            (d * ((double)xd[c] - mean[c]) + e * ((double)xe[c] - mean[c]));
+        }
+    }
+    for (ptrdiff_t r = body; r < rows; r++) {
+        const FN_T *restrict ga = dy + r * channels;
+        const FN_T *restrict xa = x + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            double a = (double)ga[c];
+            sum_dy[c] += a;
+            sum_dy_xc[c] += a * ((double)xa[c] - mean[c]);
+        }
+    }
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(bn_grad_run)(const FN_T *restrict dy, const FN_T *restrict x,
+                                                  FN_T *restrict dx, ptrdiff_t n, FN_T alpha, FN_T shift,
+                                                  FN_T slope, FN_T offset)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        dx[i] = (dy[i] + (x[i] - shift) * slope + offset) * alpha;
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(bn_grad_rows)(const FN_T *restrict dy, const FN_T *restrict x,
+                                                   FN_T *restrict dx, ptrdiff_t rows, ptrdiff_t channels,
+                                                   const FN_T *restrict alpha,
+                                                   const FN_T *restrict shift, const FN_T *restrict slope,
+                                                   const FN_T *restrict offset)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const ptrdiff_t o = r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            dx[o + c] = (dy[o + c] + (x[o + c] - shift[c]) * slope[c] + offset[c]) * alpha[c];
+    }
+}
+
+fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t outer,
+                                          ptrdiff_t channels, ptrdiff_t inner, const double *mean,
+                                          const double *invstd, const double *weight, double *dweight,
+                                          double *dbias, int num_threads)
+{
+    const bn_plan p = bn_make_plan(outer, channels, inner);
+    const ptrdiff_t units = p.units;
+    const double count = (double)p.outer * (double)p.inner;
+    const size_t sums_per_unit = p.rows ? 2 * (size_t)channels : 2;
+    double *unit_sums = malloc((size_t)units * sums_per_unit * sizeof(double));
+    FN_T *coefs = malloc((size_t)channels * 4 * sizeof(FN_T));
+    if (unit_sums == NULL || coefs == NULL) {
+        free(unit_sums);
+        free(coefs);
+        return FN_NOMEM;
+    }
+    (void)num_threads;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (ptrdiff_t u = 0; u < units; u++) {
+        bn_extent e = bn_unit_extent(&p, u);
+        double *sums = unit_sums + (size_t)u * sums_per_unit;
+        if (p.rows)
+            FN_NAME(bn_grad_sums_rows)(dy + e.offset, x + e.offset, e.len, channels, mean, sums,
+                                       sums + channels);
+        else
+            FN_NAME(bn_unit_grad_sums)(dy + e.offset, x + e.offset, e.len, mean[e.channel], invstd[e.channel],
+                                       sums);
+    }
+    if (p.rows)
+        bn_merge_row_sums(&p, unit_sums, dbias, dweight, num_threads);
+    else
+        bn_merge_plane_sums(&p, unit_sums, dbias, dweight, num_threads);
+    free(unit_sums);
+
+    FN_T *alpha = coefs, *shift = coefs + channels, *slope = coefs + 2 * channels;
+    FN_T *offset = coefs + 3 * channels;
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        dweight[c] *= invstd[c];
+        /* dx = alpha * (dy + slope * (x - mean) - dbias / n) with (x - mean) = (x - shift) - (mean - shift)
+         * as in the forward pass.  Keeping the factor alpha = weight * invstd outside leaves every
+         * coefficient on the scale of dy, so none underflows when invstd is tiny (x near 1e30). */
+        const double slope64 = -invstd[c] * (dweight[c] / count);
+        alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
+        shift[c] = (FN_T)mean[c];
+        slope[c] = (FN_T)slope64;
+        /* rest is 0 when the mean is exact in FN_T; skipping the product then keeps an infinite slope (inf
+         * in x) from making 0 * inf = NaN of the whole channel, where NumPy's formula gives +-inf. */
+        const double rest = mean[c] - (double)shift[c];
+        offset[c] = (FN_T)(-(dbias[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
+    }
+    /* As in bn_apply: a large dx of planes is computed into L1 and streamed out. */
+    const int stream = !p.rows && fn_streams(p.outer * channels * p.inner, sizeof(FN_T));
+#pragma omp parallel num_threads(num_threads)
+    {
+        FN_T piece[FN_STATS_BLOCK];
+#pragma omp for schedule(static)
+        for (ptrdiff_t u = 0; u < units; u++) {
+            bn_extent e = bn_unit_extent(&p, u);
+            const ptrdiff_t c = e.channel;
+            if (p.rows)
+                FN_NAME(bn_grad_rows)(dy + e.offset, x + e.offset, dx + e.offset, e.len, channels, alpha, shift,
+                                      slope, offset);
+            else if (stream) {
+                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, piece, e.len, alpha[c], shift[c], slope[c],
+                                     offset[c]);
+                FN_NAME(fn_stream_store)(dx + e.offset, piece, e.len);
+            } else
+                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, dx + e.offset, e.len, alpha[c], shift[c],
+                                     slope[c], offset[c]);
+        }
+        if (stream)
+            fn_stream_fence();
+    }
+    free(coefs);
+    return FN_OK;
+}
+

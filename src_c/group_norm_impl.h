@@ -1,0 +1,221 @@
+/* Group normalization's per-element loops, drivers and entry points for one element type (see
+ * fn_instantiate.h): instantiated by group_norm.c, whose layout (gn_layout, gn_unit_of) they use. */
+#ifndef FN_T
+#error "group_norm_impl.h is instantiated by group_norm.c"
+#endif
+
+/* ---- The per-element loops: the vector-target dispatch points ---- */
+
+FN_VECTOR_KERNEL static fn_stats FN_NAME(gn_run_stats)(const FN_T *x, ptrdiff_t n)
+{
+    return FN_NAME(fn_run_stats)(x, n);
+}
+
+/* y = (x - mean) * scale + shift.  The apply loops subtract the mean rounded to FN_T before scaling: for x
+ * near the mean that difference is exact, whereas x * alpha + beta with beta = -mean * alpha rounds away
+ * the digits that tell the values of a large-mean block apart.  The rounding of the mean itself is folded
+ * into the FN_T shift. */
+FN_VECTOR_KERNEL static void FN_NAME(gn_normalize)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t n,
+                                                   double mean, double scale, double shift)
+{
+    const FN_T center = (FN_T)mean;
+    const FN_T alpha = (FN_T)scale;
+    const FN_T beta = (FN_T)(shift + ((double)center - mean) * scale);
+    for (ptrdiff_t i = 0; i < n; i++)
+        y[i] = (x[i] - center) * alpha + beta;
+}
+
+/* gn_normalize written to memory with non-temporal stores, through an L1 buffer (for large outputs). */
+static void FN_NAME(gn_normalize_streamed)(const FN_T *x, FN_T *y, ptrdiff_t n, double mean, double scale,
+                                           double shift)
+{
+    FN_T piece[FN_STATS_BLOCK];
+    for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {
+        const ptrdiff_t len = fn_min(n - start, FN_STATS_BLOCK);
+        FN_NAME(gn_normalize)(x + start, piece, len, mean, scale, shift);
+        FN_NAME(fn_stream_store)(y + start, piece, len);
+    }
+}
+
+/* sums[0] = sum(dy), sums[1] = sum(dy * (x - mean)) */
+FN_VECTOR_KERNEL static void FN_NAME(gn_grad_sums)(const FN_T *dy, const FN_T *x, ptrdiff_t n, double mean,
+                                                   double invstd, double sums[2])
+{
+    FN_NAME(fn_grad_sums)(dy, x, n, mean, invstd, sums);
+}
+
+/* dx = dy * dy_scale + (x - mean) * x_scale + shift, centred as gn_normalize. */
+FN_VECTOR_KERNEL static void FN_NAME(gn_grad_apply)(const FN_T *restrict dy, const FN_T *restrict x,
+                                                    FN_T *restrict dx, ptrdiff_t n, double dy_scale,
+                                                    double mean, double x_scale, double shift)
+{
+    const FN_T center = (FN_T)mean;
+    const FN_T a = (FN_T)dy_scale;
+    const FN_T b = (FN_T)x_scale;
+    const FN_T c = (FN_T)(shift + ((double)center - mean) * x_scale);
+    for (ptrdiff_t i = 0; i < n; i++)
+        dx[i] = dy[i] * a + (x[i] - center) * b + c;
+}
+
+/* ---- Forward ---- */
+
+static fn_stats FN_NAME(gn_unit_stats)(const gn_layout *l, const FN_T *x, ptrdiff_t b, ptrdiff_t u)
+{
+    gn_unit t = gn_unit_of(l, u);
+    ptrdiff_t start = gn_plane_index(l, b, t.first_plane) * l->spatial + t.begin;
+    ptrdiff_t stop = gn_plane_index(l, b, t.end_plane - 1) * l->spatial + t.end;
+    return FN_NAME(gn_run_stats)(x + start, stop - start);
+}
+
+static void FN_NAME(gn_normalize_unit)(const gn_layout *l, const FN_T *x, FN_T *y, ptrdiff_t b, ptrdiff_t u,
+                                       const double *weight, const double *bias, double mean, double invstd,
+                                       int stream)
+{
+    gn_unit t = gn_unit_of(l, u);
+    for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
+        ptrdiff_t c = gn_channel_of(l, b, p);
+        ptrdiff_t start = gn_plane_index(l, b, p) * l->spatial + t.begin;
+        double scale = weight ? weight[c] * invstd : invstd;
+        double shift = bias ? bias[c] : 0.0;
+        if (stream)
+            FN_NAME(gn_normalize_streamed)(x + start, y + start, t.end - t.begin, mean, scale, shift);
+        else
+            FN_NAME(gn_normalize)(x + start, y + start, t.end - t.begin, mean, scale, shift);
+    }
+}
+
+fn_status FN_NAME(fn_group_norm)(const FN_T *x, FN_T *y, ptrdiff_t batch, ptrdiff_t channels, ptrdiff_t spatial,
+                                 ptrdiff_t groups, const double *weight, const double *bias, double eps,
+                                 double *mean, double *invstd, int num_threads)
+{
+    const gn_layout l = gn_plan_layout(batch, channels, spatial, groups);
+    const ptrdiff_t per_block = l.units_per_block;
+    const ptrdiff_t units = l.blocks * per_block;
+    const int parallel = batch * channels * spatial >= GN_PARALLEL_MIN;
+    /* A large y is streamed to memory: no read of each of its lines before it is written. */
+    const int stream = fn_streams(batch * channels * spatial, sizeof(FN_T));
+    fn_stats *partial = NULL;
+    if (per_block > 1) {
+        partial = malloc((size_t)units * sizeof *partial);
+        if (partial == NULL)
+            return FN_NOMEM;
+    }
+    (void)num_threads;
+    (void)parallel;
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+        if (partial == NULL) {
+#pragma omp for schedule(static)
+            for (ptrdiff_t b = 0; b < l.blocks; b++) {
+                gn_finish_stats(FN_NAME(gn_unit_stats)(&l, x, b, 0), eps, &mean[b], &invstd[b]);
+                FN_NAME(gn_normalize_unit)(&l, x, y, b, 0, weight, bias, mean[b], invstd[b], stream);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (ptrdiff_t i = 0; i < units; i++)
+                partial[i] = FN_NAME(gn_unit_stats)(&l, x, i / per_block, i % per_block);
+#pragma omp for schedule(static)
+            for (ptrdiff_t b = 0; b < l.blocks; b++) {
+                fn_stats s = fn_stats_empty();
+                for (ptrdiff_t u = 0; u < per_block; u++)
+                    fn_stats_merge(&s, partial[b * per_block + u]);
+                gn_finish_stats(s, eps, &mean[b], &invstd[b]);
+            }
+#pragma omp for schedule(static)
+            for (ptrdiff_t i = 0; i < units; i++) {
+                ptrdiff_t b = i / per_block;
+                FN_NAME(gn_normalize_unit)(&l, x, y, b, i % per_block, weight, bias, mean[b], invstd[b], stream);
+            }
+        }
+        if (stream)
+            fn_stream_fence();
+    }
+    free(partial);
+    return FN_OK;
+}
+
+/* ---- Backward ---- */
+
+static void FN_NAME(gn_unit_grad_sums)(const gn_layout *l, const FN_T *dy, const FN_T *x, ptrdiff_t b,
+                                       ptrdiff_t u, double mean, double invstd, double *sums)
+{
+    gn_unit t = gn_unit_of(l, u);
+    for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
+        ptrdiff_t start = gn_plane_index(l, b, p) * l->spatial + t.begin;
+        double *out = gn_plane_sums(l, sums, b, p, t.chunk);
+        FN_NAME(gn_grad_sums)(dy + start, x + start, t.end - t.begin, mean, invstd, out);
+    }
+}
+
+static void FN_NAME(gn_grad_apply_unit)(const gn_layout *l, const FN_T *dy, const FN_T *x, FN_T *dx,
+                                        ptrdiff_t b, ptrdiff_t u, const double *weight, double mean,
+                                        double invstd, const double coef[2])
+{
+    gn_unit t = gn_unit_of(l, u);
+    for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
+        ptrdiff_t start = gn_plane_index(l, b, p) * l->spatial + t.begin;
+        double dy_scale = weight ? weight[gn_channel_of(l, b, p)] * invstd : invstd;
+        FN_NAME(gn_grad_apply)(dy + start, x + start, dx + start, t.end - t.begin, dy_scale, mean, coef[0],
+                               coef[1]);
+    }
+}
+
+fn_status FN_NAME(fn_group_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t batch,
+                                          ptrdiff_t channels, ptrdiff_t spatial, ptrdiff_t groups,
+                                          const double *mean, const double *invstd, const double *weight,
+                                          double *dweight, double *dbias, int num_threads)
+{
+    const gn_layout l = gn_plan_layout(batch, channels, spatial, groups);
+    const ptrdiff_t per_block = l.units_per_block;
+    const ptrdiff_t units = l.blocks * per_block;
+    const int parallel = batch * channels * spatial >= GN_PARALLEL_MIN;
+    const size_t nsums = 2 * (size_t)(batch * channels * l.chunks_per_plane);
+    double *sums = malloc((nsums + 2 * (size_t)l.blocks) * sizeof *sums);
+    if (sums == NULL)
+        return FN_NOMEM;
+    double *coefs = sums + nsums;
+    (void)num_threads;
+    (void)parallel;
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+        if (per_block == 1) {
+#pragma omp for schedule(static)
+            for (ptrdiff_t b = 0; b < l.blocks; b++) {
+                FN_NAME(gn_unit_grad_sums)(&l, dy, x, b, 0, mean[b], invstd[b], sums);
+                gn_block_grad_coefficients(&l, sums, b, weight, invstd[b], &coefs[2 * b]);
+                FN_NAME(gn_grad_apply_unit)(&l, dy, x, dx, b, 0, weight, mean[b], invstd[b], &coefs[2 * b]);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (ptrdiff_t i = 0; i < units; i++) {
+                ptrdiff_t b = i / per_block;
+                FN_NAME(gn_unit_grad_sums)(&l, dy, x, b, i % per_block, mean[b], invstd[b], sums);
+            }
+#pragma omp for schedule(static)
+            for (ptrdiff_t b = 0; b < l.blocks; b++)
+                gn_block_grad_coefficients(&l, sums, b, weight, invstd[b], &coefs[2 * b]);
+#pragma omp for schedule(static)
+            for (ptrdiff_t i = 0; i < units; i++) {
+                ptrdiff_t b = i / per_block;
+                FN_NAME(gn_grad_apply_unit)(&l, dy, x, dx, b, i % per_block, weight, mean[b], invstd[b],
+                                            &coefs[2 * b]);
+            }
+        }
+        /* Per-channel sums over the batch, in batch order; chunk 0 holds each plane's total by now. */
+#pragma omp for schedule(static)
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            ptrdiff_t g = c / l.group_channels, p = c % l.group_channels;
+            double sum_dy = 0.0, sum_dy_xhat = 0.0;
+            for (ptrdiff_t n = 0; n < batch; n++) {
+                ptrdiff_t b = n * groups + g;
+                const double *total = gn_plane_sums(&l, sums, b, p, 0);
+                sum_dy += total[0];
+                sum_dy_xhat += invstd[b] * total[1];
+            }
+            dbias[c] = sum_dy;
+            dweight[c] = sum_dy_xhat;
+        }
+    }
+    free(sums);
+    return FN_OK;
+}

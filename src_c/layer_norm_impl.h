@@ -1,0 +1,518 @@
+/* Layer and RMS normalization's per-element loops and entry points for one element type (see
+ * fn_instantiate.h): instantiated by layer_norm.c, whose plan (ln_plan) and merge they use. */
+#ifndef FN_T
+#error "layer_norm_impl.h is instantiated by layer_norm.c"
+#endif
+
+/* weight and bias as FN_T arrays for the element loops (NULL stays NULL): for double the arrays given, for
+ * float their roundings in *scratch (cols values each), which the caller frees. */
+static fn_status FN_NAME(ln_params)(const double *weight, const double *bias, ptrdiff_t cols, const FN_T **w,
+                                    const FN_T **b, FN_T **scratch)
+{
+    *scratch = NULL;
+#if FN_IS_F32
+    *w = NULL;
+    *b = NULL;
+    if (weight == NULL && bias == NULL)
+        return FN_OK;
+    float *p = malloc(2 * (size_t)cols * sizeof(float));
+    if (p == NULL)
+        return FN_NOMEM;
+    *scratch = p;
+    if (weight) {
+        for (ptrdiff_t k = 0; k < cols; k++)
+            p[k] = (float)weight[k];
+        *w = p;
+    }
+    if (bias) {
+        for (ptrdiff_t k = 0; k < cols; k++)
+            p[cols + k] = (float)bias[k];
+        *b = p + cols;
+    }
+#else
+    (void)cols;
+    *w = weight;
+    *b = bias;
+#endif
+    return FN_OK;
+}
+
+/* ---- Layer norm forward ---- */
+
+/* A row's centre as hi + lo in FN_T, and its inverse standard deviation in FN_T. */
+typedef struct {
+    FN_T hi, lo, invstd;
+} FN_NAME(ln_row);
+
+static FN_NAME(ln_row) FN_NAME(ln_row_of)(double mean, double invstd)
+{
+    FN_NAME(ln_row) row;
+    row.hi = (FN_T)mean;
+    row.lo = (FN_T)(mean - (double)row.hi);
+    row.invstd = (FN_T)invstd;
+    return row;
+}
+
+FN_INLINE void FN_NAME(ln_apply_centred)(const FN_T *restrict x, const FN_T *restrict w, const FN_T *restrict b,
+                                         FN_T *restrict y, ptrdiff_t n, FN_T hi, FN_T inv)
+{
+    if (w && b)
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = (x[i] - hi) * inv * w[i] + b[i];
+    else if (w)
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = (x[i] - hi) * inv * w[i];
+    else if (b)
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = (x[i] - hi) * inv + b[i];
+    else
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = (x[i] - hi) * inv;
+}
+
+FN_INLINE void FN_NAME(ln_apply)(const FN_T *restrict x, const FN_T *restrict w, const FN_T *restrict b,
+                                 FN_T *restrict y, ptrdiff_t n, FN_NAME(ln_row) row)
+{
+    const FN_T hi = row.hi, lo = row.lo, inv = row.invstd;
+    if (fabs((double)lo * (double)inv) < LN_NEGLIGIBLE_LO) {
+        FN_NAME(ln_apply_centred)(x, w, b, y, n, hi, inv);
+        return;
+    }
+    if (w && b)
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = ((x[i] - hi) - lo) * inv * w[i] + b[i];
+    else if (w)
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = ((x[i] - hi) - lo) * inv * w[i];
+    else if (b)
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = ((x[i] - hi) - lo) * inv + b[i];
+    else
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = ((x[i] - hi) - lo) * inv;
+}
+
+/* y = the applied row, written with ordinary stores, or computed piece by piece into L1 and streamed to
+ * memory when the whole output is large (stream). */
+FN_INLINE void FN_NAME(ln_write)(const FN_T *x, const FN_T *w, const FN_T *b, FN_T *y, ptrdiff_t n,
+                                 FN_NAME(ln_row) row, int stream)
+{
+    if (!stream) {
+        FN_NAME(ln_apply)(x, w, b, y, n, row);
+        return;
+    }
+    FN_T piece[FN_STATS_BLOCK];
+    for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {
+        const ptrdiff_t len = fn_min(FN_STATS_BLOCK, n - start);
+        FN_NAME(ln_apply)(x + start, w ? w + start : NULL, b ? b + start : NULL, piece, len, row);
+        FN_NAME(fn_stream_store)(y + start, piece, len);
+    }
+}
+
+/* The dispatch points: one call per row, or per segment of a wide row, runs the vector target's code with
+ * the statistics and the apply loop inlined. */
+FN_VECTOR_KERNEL static void FN_NAME(ln_normalize_row)(const FN_T *x, FN_T *y, ptrdiff_t cols, const FN_T *w,
+                                                       const FN_T *b, double eps, double *mean, double *invstd,
+                                                       int stream)
+{
+    fn_stats s = FN_NAME(fn_run_stats)(x, cols);
+    *mean = s.mean;
+    *invstd = ln_invstd(s, eps);
+    FN_NAME(ln_write)(x, w, b, y, cols, FN_NAME(ln_row_of)(*mean, *invstd), stream);
+}
+
+FN_VECTOR_KERNEL static fn_stats FN_NAME(ln_segment_stats)(const FN_T *x, ptrdiff_t n)
+{
+    return FN_NAME(fn_run_stats)(x, n);
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(ln_segment_apply)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *w,
+                                                       const FN_T *b, FN_NAME(ln_row) row, int stream)
+{
+    FN_NAME(ln_write)(x, w, b, y, n, row, stream);
+}
+
+fn_status FN_NAME(fn_layer_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
+                                 const double *bias, double eps, double *mean, double *invstd, int num_threads)
+{
+    const ln_plan p = ln_make_plan(rows, cols, num_threads);
+    const int stream = fn_streams(rows * cols, sizeof(FN_T));
+    const FN_T *w, *b;
+    FN_T *params;
+    fn_stats *stats = NULL;
+    if (FN_NAME(ln_params)(weight, bias, cols, &w, &b, &params) != FN_OK)
+        return FN_NOMEM;
+    if (p.segments == 1) {
+#pragma omp parallel num_threads(p.threads)
+        {
+#pragma omp for schedule(static)
+            for (ptrdiff_t r = 0; r < rows; r++)
+                FN_NAME(ln_normalize_row)(x + r * cols, y + r * cols, cols, w, b, eps, &mean[r], &invstd[r],
+                                          stream);
+            if (stream)
+                fn_stream_fence();
+        }
+        free(params);
+        return FN_OK;
+    }
+    const ptrdiff_t items = rows * p.segments;
+    stats = malloc((size_t)items * sizeof(fn_stats));
+    if (stats == NULL) {
+        free(params);
+        return FN_NOMEM;
+    }
+#pragma omp parallel num_threads(p.threads)
+    {
+#pragma omp for schedule(static)
+        for (ptrdiff_t i = 0; i < items; i++) {
+            ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
+            stats[i] = FN_NAME(ln_segment_stats)(x + r * cols + c0, ln_segment_len(&p, c0));
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            fn_stats *row_stats = stats + r * p.segments;
+            for (ptrdiff_t g = 1; g < p.segments; g++)
+                fn_stats_merge(&row_stats[0], row_stats[g]);
+            mean[r] = row_stats[0].mean;
+            invstd[r] = ln_invstd(row_stats[0], eps);
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t i = 0; i < items; i++) {
+            ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
+            FN_NAME(ln_segment_apply)(x + r * cols + c0, y + r * cols + c0, ln_segment_len(&p, c0),
+                                      w ? w + c0 : NULL, b ? b + c0 : NULL, FN_NAME(ln_row_of)(mean[r], invstd[r]),
+                                      stream);
+        }
+        if (stream)
+            fn_stream_fence();
+    }
+    free(stats);
+    free(params);
+    return FN_OK;
+}
+
+/* ---- Layer norm backward ---- */
+
+/* part += rows in float64, then rows = 0: the backward passes sum dweight/dbias over LN_ROW_GROUP rows in
+ * FN_T, then into the chunk's float64 partial sums. */
+FN_VECTOR_KERNEL static void FN_NAME(ln_flush_columns)(double *restrict part, FN_T *restrict rows, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) {
+        part[i] += (double)rows[i];
+        rows[i] = 0;
+    }
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(ln_row_grad_sums)(const FN_T *dy, const FN_T *x, const FN_T *w, ptrdiff_t n,
+                                                       FN_T centre, double invstd, double sums[3])
+{
+    FN_NAME(fn_row_grad_sums)(dy, x, w, n, centre, invstd, sums);
+}
+
+/* dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) = a * g + c * xhat + b, with xhat centred on the row's
+ * exact mean: hi, the given mean in FN_T, plus lo, the residual mean sum(d) / cols. */
+typedef struct {
+    FN_T hi, lo, invstd, a, b, c;
+} FN_NAME(ln_grad_row);
+
+static FN_NAME(ln_grad_row) FN_NAME(ln_grad_constants)(double mean, double invstd, const double sums[3],
+                                                       ptrdiff_t cols)
+{
+    FN_NAME(ln_grad_row) row;
+    double residual = sums[2] / (double)cols;
+    double mean_g = sums[0] / (double)cols;
+    double mean_gxhat = (sums[1] - residual * sums[0]) * invstd / (double)cols;
+    row.hi = (FN_T)mean;
+    row.lo = (FN_T)residual;
+    row.invstd = (FN_T)invstd;
+    row.a = row.invstd;
+    row.b = (FN_T)(-invstd * mean_g);
+    row.c = (FN_T)(-invstd * mean_gxhat);
+    return row;
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy, const FN_T *restrict x,
+                                                        FN_T *restrict dx, ptrdiff_t n, const FN_T *restrict w,
+                                                        FN_NAME(ln_grad_row) row, FN_T *restrict dweight_rows,
+                                                        FN_T *restrict dbias_rows)
+{
+    const FN_T hi = row.hi, lo = row.lo, inv = row.invstd, a = row.a, b = row.b, c = row.c;
+    if (w)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            FN_T xhat = ((x[i] - hi) - lo) * inv;
+            dx[i] = a * (dy[i] * w[i]) + c * xhat + b;
+            dweight_rows[i] += dy[i] * xhat;
+            dbias_rows[i] += dy[i];
+        }
+    else
+        for (ptrdiff_t i = 0; i < n; i++) {
+            FN_T xhat = ((x[i] - hi) - lo) * inv;
+            dx[i] = a * dy[i] + c * xhat + b;
+            dweight_rows[i] += dy[i] * xhat;
+            dbias_rows[i] += dy[i];
+        }
+}
+
+fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
+                                          const double *mean, const double *invstd, const double *weight,
+                                          double *dweight, double *dbias, int num_threads)
+{
+    const ln_plan p = ln_make_plan(rows, cols, num_threads);
+    const ptrdiff_t part_values = p.chunks * cols;
+    const ptrdiff_t row_sums = p.segments > 1 ? 3 * rows * p.segments : 0;
+    const FN_T *weights, *unused_bias;
+    FN_T *params;
+    if (FN_NAME(ln_params)(weight, NULL, cols, &weights, &unused_bias, &params) != FN_OK)
+        return FN_NOMEM;
+    /* dweight and dbias partial sums (float64), the rows' reduction sums of wide rows, then the row groups'
+     * dweight and dbias terms (FN_T), all zeroed. */
+    double *part = calloc(1, (size_t)(2 * part_values + row_sums) * sizeof(double)
+                          + (size_t)(2 * part_values) * sizeof(FN_T));
+    if (part == NULL) {
+        free(params);
+        return FN_NOMEM;
+    }
+    double *sums = part + 2 * part_values;
+    FN_T *group = (FN_T *)(sums + row_sums);
+    const ptrdiff_t tiles = p.chunks * p.segments;
+#pragma omp parallel num_threads(p.threads)
+    {
+        if (p.segments > 1) {
+#pragma omp for schedule(static)
+            for (ptrdiff_t i = 0; i < rows * p.segments; i++) {
+                ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
+                FN_NAME(ln_row_grad_sums)(dy + r * cols + c0, x + r * cols + c0, weights ? weights + c0 : NULL,
+                                          ln_segment_len(&p, c0), (FN_T)mean[r], invstd[r], sums + 3 * i);
+            }
+#pragma omp for schedule(static)
+            for (ptrdiff_t r = 0; r < rows; r++)
+                for (ptrdiff_t g = 1; g < p.segments; g++)
+                    for (int j = 0; j < 3; j++)
+                        sums[3 * r * p.segments + j] += sums[3 * (r * p.segments + g) + j];
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t t = 0; t < tiles; t++) {
+            ptrdiff_t chunk = t / p.segments, c0 = ln_segment_start(&p, t % p.segments);
+            ptrdiff_t n = ln_segment_len(&p, c0);
+            ptrdiff_t r1 = fn_min((chunk + 1) * p.chunk_rows, rows);
+            const FN_T *w = weights ? weights + c0 : NULL;
+            double *dweight_part = part + chunk * cols + c0;
+            double *dbias_part = part + part_values + chunk * cols + c0;
+            FN_T *dweight_rows = group + chunk * cols + c0;
+            FN_T *dbias_rows = group + part_values + chunk * cols + c0;
+            for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {
+                double row_sums_here[3] = {0.0, 0.0, 0.0};
+                const double *s = row_sums_here;
+                if (p.segments > 1)
+                    s = sums + 3 * r * p.segments;
+                else
+                    FN_NAME(ln_row_grad_sums)(dy + r * cols, x + r * cols, w, n, (FN_T)mean[r], invstd[r],
+                                              row_sums_here);
+                FN_NAME(ln_grad_row) row = FN_NAME(ln_grad_constants)(mean[r], invstd[r], s, cols);
+                FN_NAME(ln_backward_apply)(dy + r * cols + c0, x + r * cols + c0, dx + r * cols + c0, n, w, row,
+                                           dweight_rows, dbias_rows);
+                if ((r + 1 - chunk * p.chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1) {
+                    FN_NAME(ln_flush_columns)(dweight_part, dweight_rows, n);
+                    FN_NAME(ln_flush_columns)(dbias_part, dbias_rows, n);
+                }
+            }
+        }
+    }
+    ln_merge_chunks(part, p.chunks, cols, p.threads);
+    ln_merge_chunks(part + part_values, p.chunks, cols, p.threads);
+    for (ptrdiff_t k = 0; k < cols; k++) {
+        dweight[k] = part[k];
+        dbias[k] = part[part_values + k];
+    }
+    free(part);
+    free(params);
+    return FN_OK;
+}
+
+/* ---- RMS norm forward ---- */
+
+FN_INLINE void FN_NAME(rms_apply)(const FN_T *restrict x, const FN_T *restrict w, FN_T *restrict y, ptrdiff_t n,
+                                  FN_T invrms)
+{
+    if (w)
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = x[i] * invrms * w[i];
+    else
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = x[i] * invrms;
+}
+
+/* As ln_write: ordinary stores, or L1 pieces streamed to memory. */
+FN_INLINE void FN_NAME(rms_write)(const FN_T *x, const FN_T *w, FN_T *y, ptrdiff_t n, FN_T invrms, int stream)
+{
+    if (!stream) {
+        FN_NAME(rms_apply)(x, w, y, n, invrms);
+        return;
+    }
+    FN_T piece[FN_STATS_BLOCK];
+    for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {
+        const ptrdiff_t len = fn_min(FN_STATS_BLOCK, n - start);
+        FN_NAME(rms_apply)(x + start, w ? w + start : NULL, piece, len, invrms);
+        FN_NAME(fn_stream_store)(y + start, piece, len);
+    }
+}
+
+FN_VECTOR_KERNEL static double FN_NAME(rms_normalize_row)(const FN_T *x, FN_T *y, ptrdiff_t cols, const FN_T *w,
+                                                          double eps, int stream)
+{
+    double invrms = rms_invrms(FN_NAME(fn_sum_squares)(x, cols), cols, eps);
+    FN_NAME(rms_write)(x, w, y, cols, (FN_T)invrms, stream);
+    return invrms;
+}
+
+FN_VECTOR_KERNEL static double FN_NAME(rms_segment_sum_squares)(const FN_T *x, ptrdiff_t n)
+{
+    return FN_NAME(fn_sum_squares)(x, n);
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(rms_segment_apply)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *w,
+                                                        FN_T invrms, int stream)
+{
+    FN_NAME(rms_write)(x, w, y, n, invrms, stream);
+}
+
+fn_status FN_NAME(fn_rms_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
+                               double eps, double *invrms, int num_threads)
+{
+    const ln_plan p = ln_make_plan(rows, cols, num_threads);
+    const int stream = fn_streams(rows * cols, sizeof(FN_T));
+    const FN_T *w, *unused_bias;
+    FN_T *params;
+    if (FN_NAME(ln_params)(weight, NULL, cols, &w, &unused_bias, &params) != FN_OK)
+        return FN_NOMEM;
+    if (p.segments == 1) {
+#pragma omp parallel num_threads(p.threads)
+        {
+#pragma omp for schedule(static)
+            for (ptrdiff_t r = 0; r < rows; r++)
+                invrms[r] = FN_NAME(rms_normalize_row)(x + r * cols, y + r * cols, cols, w, eps, stream);
+            if (stream)
+                fn_stream_fence();
+        }
+        free(params);
+        return FN_OK;
+    }
+    const ptrdiff_t items = rows * p.segments;
+    double *sums = malloc((size_t)items * sizeof(double));
+    if (sums == NULL) {
+        free(params);
+        return FN_NOMEM;
+    }
+#pragma omp parallel num_threads(p.threads)
+    {
+#pragma omp for schedule(static)
+        for (ptrdiff_t i = 0; i < items; i++) {
+            ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
+            sums[i] = FN_NAME(rms_segment_sum_squares)(x + r * cols + c0, ln_segment_len(&p, c0));
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            for (ptrdiff_t g = 1; g < p.segments; g++)
+                sums[r * p.segments] += sums[r * p.segments + g];
+            invrms[r] = rms_invrms(sums[r * p.segments], cols, eps);
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t i = 0; i < items; i++) {
+            ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
+            FN_NAME(rms_segment_apply)(x + r * cols + c0, y + r * cols + c0, ln_segment_len(&p, c0),
+                                       w ? w + c0 : NULL, (FN_T)invrms[r], stream);
+        }
+        if (stream)
+            fn_stream_fence();
+    }
+    free(sums);
+    free(params);
+    return FN_OK;
+}
+
+/* ---- RMS norm backward ---- */
+
+FN_VECTOR_KERNEL static double FN_NAME(rms_row_grad_dot)(const FN_T *dy, const FN_T *x, const FN_T *w, ptrdiff_t n,
+                                                         double invrms)
+{
+    return FN_NAME(fn_row_grad_dot)(dy, x, w, n, invrms);
+}
+
+/* dx = invrms * g - c * x with c = invrms^3 * mean(g * x); dweight += dy * x * invrms. */
+FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy, const FN_T *restrict x,
+                                                         FN_T *restrict dx, ptrdiff_t n, const FN_T *restrict w,
+                                                         FN_T invrms, FN_T c, FN_T *restrict dweight_rows)
+{
+    if (w)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            dx[i] = invrms * (dy[i] * w[i]) - c * x[i];
+            dweight_rows[i] += dy[i] * (x[i] * invrms);
+        }
+    else
+        for (ptrdiff_t i = 0; i < n; i++) {
+            dx[i] = invrms * dy[i] - c * x[i];
+            dweight_rows[i] += dy[i] * (x[i] * invrms);
+        }
+}
+
+fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
+                                        const double *invrms, const double *weight, double *dweight,
+                                        int num_threads)
+{
+    const ln_plan p = ln_make_plan(rows, cols, num_threads);
+    const ptrdiff_t part_values = p.chunks * cols;
+    const ptrdiff_t row_sums = p.segments > 1 ? rows * p.segments : 0;
+    const FN_T *weights, *unused_bias;
+    FN_T *params;
+    if (FN_NAME(ln_params)(weight, NULL, cols, &weights, &unused_bias, &params) != FN_OK)
+        return FN_NOMEM;
+    /* dweight partial sums (float64), the rows' reduction sums of wide rows, then the row groups' dweight
+     * terms (FN_T), all zeroed. */
+    double *part = calloc(1, (size_t)(part_values + row_sums) * sizeof(double) + (size_t)part_values * sizeof(FN_T));
+    if (part == NULL) {
+        free(params);
+        return FN_NOMEM;
+    }
+    double *sums = part + part_values;
+    FN_T *group = (FN_T *)(sums + row_sums);
+    const ptrdiff_t tiles = p.chunks * p.segments;
+#pragma omp parallel num_threads(p.threads)
+    {
+        if (p.segments > 1) {
+#pragma omp for schedule(static)
+            for (ptrdiff_t i = 0; i < rows * p.segments; i++) {
+                ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
+                sums[i] = FN_NAME(rms_row_grad_dot)(dy + r * cols + c0, x + r * cols + c0,
+                                                    weights ? weights + c0 : NULL, ln_segment_len(&p, c0),
+                                                    invrms[r]);
+            }
+#pragma omp for schedule(static)
+            for (ptrdiff_t r = 0; r < rows; r++)
+                for (ptrdiff_t g = 1; g < p.segments; g++)
+                    sums[r * p.segments] += sums[r * p.segments + g];
+        }
+#pragma omp for schedule(static)
+        for (ptrdiff_t t = 0; t < tiles; t++) {
+            ptrdiff_t chunk = t / p.segments, c0 = ln_segment_start(&p, t % p.segments);
+            ptrdiff_t n = ln_segment_len(&p, c0);
+            ptrdiff_t r1 = fn_min((chunk + 1) * p.chunk_rows, rows);
+            const FN_T *w = weights ? weights + c0 : NULL;
+            for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {
+                double sum_gx = p.segments > 1 ? sums[r * p.segments]
+                                               : FN_NAME(rms_row_grad_dot)(dy + r * cols, x + r * cols, w, n,
+                                                                           invrms[r]);
+                FN_NAME(rms_backward_apply)(dy + r * cols + c0, x + r * cols + c0, dx + r * cols + c0, n, w,
+                                            (FN_T)invrms[r], (FN_T)rms_backward_c(invrms[r], sum_gx, cols),
+                                            group + chunk * cols + c0);
+                if ((r + 1 - chunk * p.chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1)
+                    FN_NAME(ln_flush_columns)(part + chunk * cols + c0, group + chunk * cols + c0, n);
+            }
+        }
+    }
+    ln_merge_chunks(part, p.chunks, cols, p.threads);
+    for (ptrdiff_t k = 0; k < cols; k++)
+        dweight[k] = part[k];
+    free(part);
+    free(params);
+    return FN_OK;
+}
