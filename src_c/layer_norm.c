@@ -78,9 +78,9 @@ static ptrdiff_t ln_segment_start(const ln_plan *p, ptrdiff_t segment) { return 
 
 static ptrdiff_t ln_segment_len(const ln_plan *p, ptrdiff_t c0) { return fn_min(p->segment_cols, p->cols - c0); }
 
-/* part holds `chunks` rows of `cols` partial sums; afterwards part[0..cols) holds their sums, added in chunk
- * order for every column. */
-static void ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, int threads)
+/* part holds `chunks` rows of `cols` partial sums; out[0..cols) receives their sums, added in chunk order for
+ * every column (part's first row is overwritten). */
+static void ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, double *out, int threads)
 {
     const ptrdiff_t blocks = fn_ceil_div(cols, LN_MERGE_COLS);
     (void)threads;
@@ -92,6 +92,8 @@ static void ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, int 
             for (ptrdiff_t k = k0; k < k1; k++)
                 part[k] += src[k];
         }
+        for (ptrdiff_t k = k0; k < k1; k++)
+            out[k] = part[k];
     }
 }
 

@@ -318,12 +318,8 @@ fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
             }
         }
     }
-    ln_merge_chunks(part, p.chunks, cols, p.threads);
-    ln_merge_chunks(part + part_values, p.chunks, cols, p.threads);
-    for (ptrdiff_t k = 0; k < cols; k++) {
-        dweight[k] = part[k];
-        dbias[k] = part[part_values + k];
-    }
+    ln_merge_chunks(part, p.chunks, cols, dweight, p.threads);
+    ln_merge_chunks(part + part_values, p.chunks, cols, dbias, p.threads);
     free(part);
     free(params);
     return FN_OK;
@@ -509,9 +505,7 @@ fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx,
             }
         }
     }
-    ln_merge_chunks(part, p.chunks, cols, p.threads);
-    for (ptrdiff_t k = 0; k < cols; k++)
-        dweight[k] = part[k];
+    ln_merge_chunks(part, p.chunks, cols, dweight, p.threads);
     free(part);
     free(params);
     return FN_OK;

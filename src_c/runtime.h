@@ -11,7 +11,7 @@ int fn_openmp_enabled(void);
 int fn_get_max_threads(void);
 void fn_set_max_threads(int n);
 
-/* dst[0..nbytes) = src[0..nbytes) with num_threads threads, in fixed FN_COPY_PIECE pieces. */
+/* dst[0..nbytes) = src[0..nbytes) with num_threads threads, in fixed 1 MiB pieces. */
 void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads);
 
 #endif
