@@ -169,19 +169,46 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_affine_rows)(const FN_T *restrict x, FN_
     }
 }
 
-/* One run of a plane: y = (x - shift) * alpha + beta, or x * alpha + beta when shift is NULL. */
-FN_VECTOR_KERNEL static void FN_NAME(bn_plane_run)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *shift,
-                                                   ptrdiff_t c, const FN_T *alpha, const FN_T *beta)
+/* The loops of inputs with a channel that leaves float32's range: y = (x * xscale - shift) * alpha + beta, with
+ * xscale 1 for the other channels (for which x * 1 - shift is the plain loops' x - shift). */
+FN_INLINE void FN_NAME(bn_scaled_run)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t n, FN_T xscale,
+                                      FN_T shift, FN_T alpha, FN_T beta)
 {
-    if (shift != NULL)
+    for (ptrdiff_t i = 0; i < n; i++)
+        y[i] = (x[i] * xscale - shift) * alpha + beta;
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(bn_scaled_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+                                                     ptrdiff_t channels, const FN_T *restrict xscale,
+                                                     const FN_T *restrict shift, const FN_T *restrict alpha,
+                                                     const FN_T *restrict beta)
+{
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const FN_T *restrict xr = x + r * channels;
+        FN_T *restrict yr = y + r * channels;
+        for (ptrdiff_t c = 0; c < channels; c++)
+            yr[c] = (xr[c] * xscale[c] - shift[c]) * alpha[c] + beta[c];
+    }
+}
+
+/* One run of a plane: y = (x * xscale - shift) * alpha + beta when xscale is given, (x - shift) * alpha + beta
+ * when shift is, else x * alpha + beta. */
+FN_VECTOR_KERNEL static void FN_NAME(bn_plane_run)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *xscale,
+                                                   const FN_T *shift, ptrdiff_t c, const FN_T *alpha,
+                                                   const FN_T *beta)
+{
+    if (xscale != NULL)
+        FN_NAME(bn_scaled_run)(x, y, n, xscale[c], shift[c], alpha[c], beta[c]);
+    else if (shift != NULL)
         FN_NAME(bn_shifted_run)(x, y, n, shift[c], alpha[c], beta[c]);
     else
         FN_NAME(bn_affine_run)(x, y, n, alpha[c], beta[c]);
 }
 
 /* The one pass over x that writes y: y = (x - shift) * alpha + beta per channel, or x * alpha + beta
- * when shift is NULL.  A large output of planes is computed piece by piece into L1 and streamed out. */
-static void FN_NAME(bn_apply)(const FN_T *x, FN_T *y, const bn_plan *p, const FN_T *shift,
+ * when shift is NULL, or (x * xscale - shift) * alpha + beta when xscale is not.  A large output of planes
+ * is computed piece by piece into L1 and streamed out. */
+static void FN_NAME(bn_apply)(const FN_T *x, FN_T *y, const bn_plan *p, const FN_T *xscale, const FN_T *shift,
                               const FN_T *alpha, const FN_T *beta, int num_threads)
 {
     const ptrdiff_t units = p->units;
@@ -193,38 +220,66 @@ static void FN_NAME(bn_apply)(const FN_T *x, FN_T *y, const bn_plan *p, const FN
 #pragma omp for schedule(static)
         for (ptrdiff_t u = 0; u < units; u++) {
             bn_extent e = bn_unit_extent(p, u);
-            if (p->rows && shift != NULL)
+            if (p->rows && xscale != NULL)
+                FN_NAME(bn_scaled_rows)(x + e.offset, y + e.offset, e.len, p->channels, xscale, shift, alpha,
+                                        beta);
+            else if (p->rows && shift != NULL)
                 FN_NAME(bn_shifted_rows)(x + e.offset, y + e.offset, e.len, p->channels, shift, alpha, beta);
             else if (p->rows)
                 FN_NAME(bn_affine_rows)(x + e.offset, y + e.offset, e.len, p->channels, alpha, beta);
             else if (stream) {
-                FN_NAME(bn_plane_run)(x + e.offset, piece, e.len, shift, e.channel, alpha, beta);
+                FN_NAME(bn_plane_run)(x + e.offset, piece, e.len, xscale, shift, e.channel, alpha, beta);
                 FN_NAME(fn_stream_store)(y + e.offset, piece, e.len);
             } else
-                FN_NAME(bn_plane_run)(x + e.offset, y + e.offset, e.len, shift, e.channel, alpha, beta);
+                FN_NAME(bn_plane_run)(x + e.offset, y + e.offset, e.len, xscale, shift, e.channel, alpha, beta);
         }
         if (stream)
             fn_stream_fence();
     }
 }
 
+#if FN_IS_F32
+/* The coefficients of a channel that leaves float32's range (fn_f32_range_scale gave s): y = (x * s - shift)
+ * * alpha + beta, the centring and the scaling as in batch_norm_train, of x scaled by s. */
+static void FN_NAME(bn_scaled_coefficients)(double mean, double invstd, double weight, double bias, double s,
+                                            FN_T *xscale, FN_T *shift, FN_T *alpha, FN_T *beta)
+{
+    *xscale = (FN_T)s;
+    *shift = (FN_T)(mean * s);
+    *alpha = (FN_T)(weight * invstd / s);
+    *beta = (FN_T)(bias - (mean * s - (double)*shift) * (double)*alpha);
+}
+#endif
+
 fn_status FN_NAME(fn_batch_norm)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
                                  const double *mean, const double *var, const double *weight, const double *bias,
                                  double eps, int num_threads)
 {
     const bn_plan p = bn_make_plan(outer, channels, inner);
-    FN_T *coefs = malloc((size_t)channels * 2 * sizeof(FN_T));
+    FN_T *coefs = malloc((size_t)channels * 4 * sizeof(FN_T));
     if (coefs == NULL)
         return FN_NOMEM;
-    FN_T *alpha = coefs, *beta = coefs + channels;
+    FN_T *alpha = coefs, *beta = coefs + channels, *shift = coefs + 2 * channels, *xscale = coefs + 3 * channels;
+    int scaled = 0;
     for (ptrdiff_t c = 0; c < channels; c++) {
         double invstd = 1.0 / sqrt(var[c] + eps);
         alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd);
         /* beta from the rounded alpha makes y = (x - mean) * alpha + bias hold near the mean, where the
          * rounding of alpha would otherwise be multiplied by the whole mean. */
         beta[c] = (FN_T)((bias ? bias[c] : 0.0) - mean[c] * (double)alpha[c]);
+        shift[c] = 0;
+        xscale[c] = 1;
+#if FN_IS_F32
+        /* A channel that leaves float32's range is applied as batch_norm_train does, x scaled and shifted. */
+        const double s = fn_f32_range_scale(mean[c], invstd);
+        if (s != 1.0) {
+            scaled = 1;
+            FN_NAME(bn_scaled_coefficients)(mean[c], invstd, weight ? weight[c] : 1.0, bias ? bias[c] : 0.0, s,
+                                            &xscale[c], &shift[c], &alpha[c], &beta[c]);
+        }
+#endif
     }
-    FN_NAME(bn_apply)(x, y, &p, NULL, alpha, beta, num_threads);
+    FN_NAME(bn_apply)(x, y, &p, scaled ? xscale : NULL, scaled ? shift : NULL, alpha, beta, num_threads);
     free(coefs);
     return FN_OK;
 }
@@ -234,14 +289,15 @@ fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, 
                                        double *mean, double *var, double *invstd, int num_threads)
 {
     const bn_plan p = bn_make_plan(outer, channels, inner);
-    FN_T *coefs = malloc((size_t)channels * 3 * sizeof(FN_T));
+    FN_T *coefs = malloc((size_t)channels * 4 * sizeof(FN_T));
     if (coefs == NULL)
         return FN_NOMEM;
     if (FN_NAME(bn_statistics)(x, &p, mean, var, num_threads) != FN_OK) {
         free(coefs);
         return FN_NOMEM;
     }
-    FN_T *shift = coefs, *alpha = coefs + channels, *beta = coefs + 2 * channels;
+    FN_T *shift = coefs, *alpha = coefs + channels, *beta = coefs + 2 * channels, *xscale = coefs + 3 * channels;
+    int scaled = 0;
     for (ptrdiff_t c = 0; c < channels; c++) {
         invstd[c] = 1.0 / sqrt(var[c] + eps);
         alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
@@ -249,8 +305,17 @@ fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, 
          * std 1 in float32); beta carries the rest of the mean, (mean - shift) * alpha, in float64. */
         shift[c] = (FN_T)mean[c];
         beta[c] = (FN_T)((bias ? bias[c] : 0.0) - (mean[c] - (double)shift[c]) * (double)alpha[c]);
+        xscale[c] = 1;
+#if FN_IS_F32
+        const double s = fn_f32_range_scale(mean[c], invstd[c]);
+        if (s != 1.0) {
+            scaled = 1;
+            FN_NAME(bn_scaled_coefficients)(mean[c], invstd[c], weight ? weight[c] : 1.0, bias ? bias[c] : 0.0, s,
+                                            &xscale[c], &shift[c], &alpha[c], &beta[c]);
+        }
+#endif
     }
-    FN_NAME(bn_apply)(x, y, &p, shift, alpha, beta, num_threads);
+    FN_NAME(bn_apply)(x, y, &p, scaled ? xscale : NULL, shift, alpha, beta, num_threads);
     free(coefs);
     return FN_OK;
 }

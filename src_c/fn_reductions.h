@@ -6,8 +6,8 @@
  *
  * float64 input is summed exactly in FN_ACCUMULATORS float64 accumulators.  float32 input is summed in
  * float32 lanes (fn_stats.h) added up in float64, with the deviations x - centre scaled by
- * fn_pow2_near(invstd) so that their products with the gradient neither underflow nor overflow float32; a
- * run whose lane sums come out infinite or NaN is summed again exactly.
+ * fn_pow2_near(invstd) (fn_stats.h) so that their products with the gradient neither underflow nor
+ * overflow float32; a run whose lane sums come out infinite or NaN is summed again exactly.
  *
  * Everything here is an FN_INLINE building block that a kernel compiles into its own FN_VECTOR_KERNEL
  * dispatch points.  The type-generic half is fn_reductions_impl.h, instantiated at the end of this file.
@@ -20,24 +20,6 @@
 
 #include "fn_platform.h"
 #include "fn_stats.h"
-
-/* fn_pow2_near keeps its power of two within 2^-FN_POW2_LIMIT .. 2^FN_POW2_LIMIT: far inside float32's
- * range, and enough to bring any float32 deviation to unit size. */
-#define FN_POW2_LIMIT 100
-
-/* A power of two near `scale` (1 unless it is a positive finite number), as a float.  Multiplying a float32
- * deviation x - centre by it is exact and brings it near unit size when scale is the inverse standard
- * deviation, so that its product with a gradient neither underflows (values near 1e-22) nor overflows
- * (values near 1e20) in float32. */
-FN_INLINE float fn_pow2_near(double scale)
-{
-    if (!(scale > 0.0 && scale < HUGE_VAL))
-        return 1.0f;
-    int e;
-    (void)frexp(scale, &e);
-    e = e > FN_POW2_LIMIT ? FN_POW2_LIMIT : e < -FN_POW2_LIMIT ? -FN_POW2_LIMIT : e;
-    return ldexpf(1.0f, e);
-}
 
 /* ---- float32 lanes (checked by the fn_*_impl.h callers) ---- */
 

@@ -193,6 +193,49 @@ FN_INLINE double fn_lane_sum_squares(const float *restrict x, ptrdiff_t n)
     return total;
 }
 
+/* fn_pow2_near keeps its power of two within 2^-FN_POW2_LIMIT .. 2^FN_POW2_LIMIT: far inside float32's
+ * range, and enough to bring any float32 deviation to unit size. */
+#define FN_POW2_LIMIT 100
+
+/* A power of two near `scale` (1 unless it is a positive finite number), as a float.  Multiplying a float32
+ * deviation x - centre by it is exact and brings it near unit size when scale is the inverse standard
+ * deviation, so that its product with a gradient neither underflows (values near 1e-22) nor overflows
+ * (values near 1e20) in float32. */
+FN_INLINE float fn_pow2_near(double scale)
+{
+    if (!(scale > 0.0 && scale < HUGE_VAL))
+        return 1.0f;
+    int e;
+    (void)frexp(scale, &e);
+    e = e > FN_POW2_LIMIT ? FN_POW2_LIMIT : e < -FN_POW2_LIMIT ? -FN_POW2_LIMIT : e;
+    return ldexpf(1.0f, e);
+}
+
+/* ---- float32 range ----
+ *
+ * A float32 row, group or channel is normalized as (x * s - centre * s) * (invstd / s), s a power of two near
+ * invstd, where the plain (x - centre) * invstd would leave float32's range: an invstd above
+ * FN_F32_INVSTD_MAX (denormal values with eps = 0, whose invstd overflows float32), below FN_F32_INVSTD_MIN
+ * (the coefficients of the backward passes scale as invstd^2 and would underflow), or a mean beyond
+ * FN_F32_MEAN_MAX (mixed signs near float32's maximum, whose differences overflow).  Multiplying by s is
+ * exact, so x * s - centre * s is the difference the plain loop computes, brought near unit size.
+ * Everywhere else the plain loops run, unchanged: there invstd >= 2^-50 keeps every value within
+ * sqrt(n) / invstd < 2^77 of a mean below 2^120, so that no difference overflows. */
+#define FN_F32_INVSTD_MAX 0x1p100
+#define FN_F32_INVSTD_MIN 0x1p-50
+#define FN_F32_MEAN_MAX 0x1p120
+
+/* The power of two to scale a float32 run by (see above), or 1 where the plain loops keep their accuracy.
+ * Non-finite statistics keep the plain loops, which propagate them. */
+static inline double fn_f32_range_scale(double mean, double invstd)
+{
+    if (!(isfinite(mean) && invstd > 0.0 && invstd < HUGE_VAL))
+        return 1.0;
+    if (invstd <= FN_F32_INVSTD_MAX && invstd >= FN_F32_INVSTD_MIN && fabs(mean) <= FN_F32_MEAN_MAX)
+        return 1.0;
+    return (double)fn_pow2_near(invstd);
+}
+
 /* ---- Per element type: fn_exact_sum, fn_block_stats, fn_run_stats, fn_sum_squares ---- */
 
 #define FN_IMPL "fn_stats_impl.h"

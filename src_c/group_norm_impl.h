@@ -11,28 +11,37 @@ FN_VECTOR_KERNEL static fn_stats FN_NAME(gn_run_stats)(const FN_T *x, ptrdiff_t 
     return FN_NAME(fn_run_stats)(x, n);
 }
 
-/* y = (x - mean) * scale + shift.  The apply loops subtract the mean rounded to FN_T before scaling: for x
- * near the mean that difference is exact, whereas x * alpha + beta with beta = -mean * alpha rounds away
- * the digits that tell the values of a large-mean block apart.  The rounding of the mean itself is folded
- * into the FN_T shift. */
+/* y = (x - mean) * scale + shift, computed as (x * xscale - center) * alpha + beta: xscale is 1 unless the
+ * block leaves float32's range (gn_xscale).  The apply loops subtract the mean rounded to FN_T before
+ * scaling: for x near the mean that difference is exact, whereas x * alpha + beta with beta = -mean * alpha
+ * rounds away the digits that tell the values of a large-mean block apart.  The rounding of the mean itself
+ * is folded into the FN_T shift. */
 FN_VECTOR_KERNEL static void FN_NAME(gn_normalize)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t n,
-                                                   double mean, double scale, double shift)
+                                                   double mean, double scale, double shift, double xscale)
 {
-    const FN_T center = (FN_T)mean;
-    const FN_T alpha = (FN_T)scale;
-    const FN_T beta = (FN_T)(shift + ((double)center - mean) * scale);
+    const FN_T center = (FN_T)(mean * xscale);
+    const FN_T alpha = (FN_T)(scale / xscale);
+    const FN_T beta = (FN_T)(shift + ((double)center - mean * xscale) * (scale / xscale));
+#if FN_IS_F32
+    if (xscale != 1.0) {
+        const FN_T s = (FN_T)xscale;
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = (x[i] * s - center) * alpha + beta;
+        return;
+    }
+#endif
     for (ptrdiff_t i = 0; i < n; i++)
         y[i] = (x[i] - center) * alpha + beta;
 }
 
 /* gn_normalize written to memory with non-temporal stores, through an L1 buffer (for large outputs). */
 static void FN_NAME(gn_normalize_streamed)(const FN_T *x, FN_T *y, ptrdiff_t n, double mean, double scale,
-                                           double shift)
+                                           double shift, double xscale)
 {
     FN_T piece[FN_STATS_BLOCK];
     for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {
         const ptrdiff_t len = fn_min(n - start, FN_STATS_BLOCK);
-        FN_NAME(gn_normalize)(x + start, piece, len, mean, scale, shift);
+        FN_NAME(gn_normalize)(x + start, piece, len, mean, scale, shift, xscale);
         FN_NAME(fn_stream_store)(y + start, piece, len);
     }
 }
@@ -44,20 +53,42 @@ FN_VECTOR_KERNEL static void FN_NAME(gn_grad_sums)(const FN_T *dy, const FN_T *x
     FN_NAME(fn_grad_sums)(dy, x, n, mean, invstd, sums);
 }
 
-/* dx = dy * dy_scale + (x - mean) * x_scale + shift, centred as gn_normalize. */
+/* dx = dy * dy_scale + (x - mean) * x_scale + shift, centred and scaled as gn_normalize (x_scale scales as
+ * invstd^3 and would underflow float32 for large x without xscale). */
 FN_VECTOR_KERNEL static void FN_NAME(gn_grad_apply)(const FN_T *restrict dy, const FN_T *restrict x,
                                                     FN_T *restrict dx, ptrdiff_t n, double dy_scale,
-                                                    double mean, double x_scale, double shift)
+                                                    double mean, double x_scale, double shift, double xscale)
 {
-    const FN_T center = (FN_T)mean;
+    const FN_T center = (FN_T)(mean * xscale);
     const FN_T a = (FN_T)dy_scale;
-    const FN_T b = (FN_T)x_scale;
-    const FN_T c = (FN_T)(shift + ((double)center - mean) * x_scale);
+    const FN_T b = (FN_T)(x_scale / xscale);
+    const FN_T c = (FN_T)(shift + ((double)center - mean * xscale) * (x_scale / xscale));
+#if FN_IS_F32
+    if (xscale != 1.0) {
+        const FN_T s = (FN_T)xscale;
+        for (ptrdiff_t i = 0; i < n; i++)
+            dx[i] = dy[i] * a + (x[i] * s - center) * b + c;
+        return;
+    }
+#endif
     for (ptrdiff_t i = 0; i < n; i++)
         dx[i] = dy[i] * a + (x[i] - center) * b + c;
 }
 
 /* ---- Forward ---- */
+/* The power of two gn_normalize and gn_grad_apply scale a block's values by: 1 unless a float32 block
+ * leaves float32's range. */
+static double FN_NAME(gn_xscale)(double mean, double invstd)
+{
+#if FN_IS_F32
+    return fn_f32_range_scale(mean, invstd);
+#else
+    (void)mean;
+    (void)invstd;
+    return 1.0;
+#endif
+}
+
 
 static fn_stats FN_NAME(gn_unit_stats)(const gn_layout *l, const FN_T *x, ptrdiff_t b, ptrdiff_t u)
 {
@@ -72,15 +103,16 @@ static void FN_NAME(gn_normalize_unit)(const gn_layout *l, const FN_T *x, FN_T *
                                        int stream)
 {
     gn_unit t = gn_unit_of(l, u);
+    const double xscale = FN_NAME(gn_xscale)(mean, invstd);
     for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
         ptrdiff_t c = gn_channel_of(l, b, p);
         ptrdiff_t start = gn_plane_index(l, b, p) * l->spatial + t.begin;
         double scale = weight ? weight[c] * invstd : invstd;
         double shift = bias ? bias[c] : 0.0;
         if (stream)
-            FN_NAME(gn_normalize_streamed)(x + start, y + start, t.end - t.begin, mean, scale, shift);
+            FN_NAME(gn_normalize_streamed)(x + start, y + start, t.end - t.begin, mean, scale, shift, xscale);
         else
-            FN_NAME(gn_normalize)(x + start, y + start, t.end - t.begin, mean, scale, shift);
+            FN_NAME(gn_normalize)(x + start, y + start, t.end - t.begin, mean, scale, shift, xscale);
     }
 }
 
@@ -152,11 +184,12 @@ static void FN_NAME(gn_grad_apply_unit)(const gn_layout *l, const FN_T *dy, cons
                                         double invstd, const double coef[2])
 {
     gn_unit t = gn_unit_of(l, u);
+    const double xscale = FN_NAME(gn_xscale)(mean, invstd);
     for (ptrdiff_t p = t.first_plane; p < t.end_plane; p++) {
         ptrdiff_t start = gn_plane_index(l, b, p) * l->spatial + t.begin;
         double dy_scale = weight ? weight[gn_channel_of(l, b, p)] * invstd : invstd;
         FN_NAME(gn_grad_apply)(dy + start, x + start, dx + start, t.end - t.begin, dy_scale, mean, coef[0],
-                               coef[1]);
+                               coef[1], xscale);
     }
 }
 

@@ -11,7 +11,9 @@
  *
  * float32 rows are centred with the mean split into a float32 high part and the float32 rounding of the
  * remainder: x - hi is exact for values near the mean, so a row with mean 1e4 and std 1e-2 is normalized to
- * float32 precision rather than to the 1e-3 spacing of float32 numbers near 1e4.
+ * float32 precision rather than to the 1e-3 spacing of float32 numbers near 1e4.  Rows that leave float32's
+ * range (denormal values with eps = 0, mixed signs near float32's maximum) are scaled by a power of two
+ * first (fn_stats.h's fn_f32_range_scale).
  *
  * Statistics: fn_stats.h's fn_run_stats (per L1 block: float32 lanes for float32 rows when accurate, else an
  * exact float64 two-pass; Chan merges) and fn_sum_squares.  Backward reductions: fn_reductions.h's
@@ -45,8 +47,8 @@
 #define LN_SERIAL_VALUES ((ptrdiff_t)1 << 15)
 /* Columns per parallel task of the merge of the chunks' partial sums. */
 #define LN_MERGE_COLS 2048
-/* The low part of a row's centre is skipped when it moves the normalized values by less than this: below
- * the resolution of float32 values near 1. */
+/* The low part of a row's centre is skipped when it is below this fraction of the row's standard deviation:
+ * it then moves the normalized values by less than float32's resolution of their spread. */
 #define LN_NEGLIGIBLE_LO 0x1p-30
 
 /* How a rows x cols problem is cut up; a function of the shape only (plus the thread count, which decides
@@ -106,10 +108,10 @@ static double rms_invrms(double sum_squares, ptrdiff_t cols, double eps)
     return 1.0 / sqrt(sum_squares / (double)cols + eps);
 }
 
-/* The factor of x in RMS norm's dx = invrms * g - c * x: c = invrms^3 * mean(g * x). */
-static double rms_backward_c(double invrms, double sum_gx, ptrdiff_t cols)
+/* The factor of xhat = x * invrms in RMS norm's dx = invrms * g - k * xhat: k = invrms^2 * mean(g * x). */
+static double rms_backward_k(double invrms, double sum_gx, ptrdiff_t cols)
 {
-    return invrms * invrms * invrms * sum_gx / (double)cols;
+    return invrms * invrms * sum_gx / (double)cols;
 }
 
 /* The per-element loops and the entry points, for float and double. */

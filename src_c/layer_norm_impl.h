@@ -39,17 +39,27 @@ static fn_status FN_NAME(ln_params)(const double *weight, const double *bias, pt
 
 /* ---- Layer norm forward ---- */
 
-/* A row's centre as hi + lo in FN_T, and its inverse standard deviation in FN_T. */
+/* A row's centre as hi + lo in FN_T and its inverse standard deviation in FN_T, for y = ((x * scale - hi) - lo)
+ * * invstd: scale is 1 unless the row leaves float32's range (fn_f32_range_scale), and then hi, lo and invstd
+ * are of the scaled row.  lo is 0 where it is negligible against the row's spread. */
 typedef struct {
-    FN_T hi, lo, invstd;
+    FN_T scale, hi, lo, invstd;
 } FN_NAME(ln_row);
 
-static FN_NAME(ln_row) FN_NAME(ln_row_of)(double mean, double invstd)
+FN_INLINE FN_NAME(ln_row) FN_NAME(ln_row_of)(fn_stats st, double invstd)
 {
     FN_NAME(ln_row) row;
-    row.hi = (FN_T)mean;
-    row.lo = (FN_T)(mean - (double)row.hi);
-    row.invstd = (FN_T)invstd;
+#if FN_IS_F32
+    const double scale = fn_f32_range_scale(st.mean, invstd);
+#else
+    const double scale = 1.0;
+#endif
+    const double centre = st.mean * scale;
+    row.scale = (FN_T)scale;
+    row.hi = (FN_T)centre;
+    const double lo = centre - (double)row.hi;
+    row.lo = lo * lo < LN_NEGLIGIBLE_LO * LN_NEGLIGIBLE_LO * fn_stats_var(st) * (scale * scale) ? 0 : (FN_T)lo;
+    row.invstd = (FN_T)(invstd / scale);
     return row;
 }
 
@@ -70,11 +80,28 @@ FN_INLINE void FN_NAME(ln_apply_centred)(const FN_T *restrict x, const FN_T *res
             y[i] = (x[i] - hi) * inv;
 }
 
+/* The rows that leave float32's range: rare, so one loop serves every combination of weight and bias. */
+FN_INLINE void FN_NAME(ln_apply_scaled)(const FN_T *restrict x, const FN_T *restrict w, const FN_T *restrict b,
+                                        FN_T *restrict y, ptrdiff_t n, FN_NAME(ln_row) row)
+{
+    const FN_T scale = row.scale, hi = row.hi, lo = row.lo, inv = row.invstd;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        FN_T v = ((x[i] * scale - hi) - lo) * inv;
+        y[i] = (w ? v * w[i] : v) + (b ? b[i] : 0);
+    }
+}
+
 FN_INLINE void FN_NAME(ln_apply)(const FN_T *restrict x, const FN_T *restrict w, const FN_T *restrict b,
                                  FN_T *restrict y, ptrdiff_t n, FN_NAME(ln_row) row)
 {
     const FN_T hi = row.hi, lo = row.lo, inv = row.invstd;
-    if (fabs((double)lo * (double)inv) < LN_NEGLIGIBLE_LO) {
+#if FN_IS_F32
+    if (row.scale != 1) {
+        FN_NAME(ln_apply_scaled)(x, w, b, y, n, row);
+        return;
+    }
+#endif
+    if (lo == 0) {
         FN_NAME(ln_apply_centred)(x, w, b, y, n, hi, inv);
         return;
     }
@@ -118,7 +145,7 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_normalize_row)(const FN_T *x, FN_T *y, p
     fn_stats s = FN_NAME(fn_run_stats)(x, cols);
     *mean = s.mean;
     *invstd = ln_invstd(s, eps);
-    FN_NAME(ln_write)(x, w, b, y, cols, FN_NAME(ln_row_of)(*mean, *invstd), stream);
+    FN_NAME(ln_write)(x, w, b, y, cols, FN_NAME(ln_row_of)(s, *invstd), stream);
 }
 
 FN_VECTOR_KERNEL static fn_stats FN_NAME(ln_segment_stats)(const FN_T *x, ptrdiff_t n)
@@ -180,8 +207,8 @@ fn_status FN_NAME(fn_layer_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff
         for (ptrdiff_t i = 0; i < items; i++) {
             ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
             FN_NAME(ln_segment_apply)(x + r * cols + c0, y + r * cols + c0, ln_segment_len(&p, c0),
-                                      w ? w + c0 : NULL, b ? b + c0 : NULL, FN_NAME(ln_row_of)(mean[r], invstd[r]),
-                                      stream);
+                                      w ? w + c0 : NULL, b ? b + c0 : NULL,
+                                      FN_NAME(ln_row_of)(stats[r * p.segments], invstd[r]), stream);
         }
         if (stream)
             fn_stream_fence();
@@ -327,9 +354,37 @@ fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
 
 /* ---- RMS norm forward ---- */
 
-FN_INLINE void FN_NAME(rms_apply)(const FN_T *restrict x, const FN_T *restrict w, FN_T *restrict y, ptrdiff_t n,
-                                  FN_T invrms)
+/* A row's inverse root mean square in FN_T, for y = (x * scale) * invrms: scale is 1 unless the row leaves
+ * float32's range (fn_f32_range_scale), and then invrms is of the scaled row. */
+typedef struct {
+    FN_T scale, invrms;
+} FN_NAME(rms_row);
+
+FN_INLINE FN_NAME(rms_row) FN_NAME(rms_row_of)(double invrms)
 {
+    FN_NAME(rms_row) row;
+#if FN_IS_F32
+    const double scale = fn_f32_range_scale(0.0, invrms);
+#else
+    const double scale = 1.0;
+#endif
+    row.scale = (FN_T)scale;
+    row.invrms = (FN_T)(invrms / scale);
+    return row;
+}
+
+FN_INLINE void FN_NAME(rms_apply)(const FN_T *restrict x, const FN_T *restrict w, FN_T *restrict y, ptrdiff_t n,
+                                  FN_NAME(rms_row) row)
+{
+    const FN_T invrms = row.invrms;
+#if FN_IS_F32
+    if (row.scale != 1) {
+        const FN_T scale = row.scale;
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i] = w ? (x[i] * scale) * invrms * w[i] : (x[i] * scale) * invrms;
+        return;
+    }
+#endif
     if (w)
         for (ptrdiff_t i = 0; i < n; i++)
             y[i] = x[i] * invrms * w[i];
@@ -339,16 +394,17 @@ FN_INLINE void FN_NAME(rms_apply)(const FN_T *restrict x, const FN_T *restrict w
 }
 
 /* As ln_write: ordinary stores, or L1 pieces streamed to memory. */
-FN_INLINE void FN_NAME(rms_write)(const FN_T *x, const FN_T *w, FN_T *y, ptrdiff_t n, FN_T invrms, int stream)
+FN_INLINE void FN_NAME(rms_write)(const FN_T *x, const FN_T *w, FN_T *y, ptrdiff_t n, FN_NAME(rms_row) row,
+                                  int stream)
 {
     if (!stream) {
-        FN_NAME(rms_apply)(x, w, y, n, invrms);
+        FN_NAME(rms_apply)(x, w, y, n, row);
         return;
     }
     FN_T piece[FN_STATS_BLOCK];
     for (ptrdiff_t start = 0; start < n; start += FN_STATS_BLOCK) {
         const ptrdiff_t len = fn_min(FN_STATS_BLOCK, n - start);
-        FN_NAME(rms_apply)(x + start, w ? w + start : NULL, piece, len, invrms);
+        FN_NAME(rms_apply)(x + start, w ? w + start : NULL, piece, len, row);
         FN_NAME(fn_stream_store)(y + start, piece, len);
     }
 }
@@ -357,7 +413,7 @@ FN_VECTOR_KERNEL static double FN_NAME(rms_normalize_row)(const FN_T *x, FN_T *y
                                                           double eps, int stream)
 {
     double invrms = rms_invrms(FN_NAME(fn_sum_squares)(x, cols), cols, eps);
-    FN_NAME(rms_write)(x, w, y, cols, (FN_T)invrms, stream);
+    FN_NAME(rms_write)(x, w, y, cols, FN_NAME(rms_row_of)(invrms), stream);
     return invrms;
 }
 
@@ -367,9 +423,9 @@ FN_VECTOR_KERNEL static double FN_NAME(rms_segment_sum_squares)(const FN_T *x, p
 }
 
 FN_VECTOR_KERNEL static void FN_NAME(rms_segment_apply)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *w,
-                                                        FN_T invrms, int stream)
+                                                        FN_NAME(rms_row) row, int stream)
 {
-    FN_NAME(rms_write)(x, w, y, n, invrms, stream);
+    FN_NAME(rms_write)(x, w, y, n, row, stream);
 }
 
 fn_status FN_NAME(fn_rms_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
@@ -416,7 +472,7 @@ fn_status FN_NAME(fn_rms_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t
         for (ptrdiff_t i = 0; i < items; i++) {
             ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
             FN_NAME(rms_segment_apply)(x + r * cols + c0, y + r * cols + c0, ln_segment_len(&p, c0),
-                                       w ? w + c0 : NULL, (FN_T)invrms[r], stream);
+                                       w ? w + c0 : NULL, FN_NAME(rms_row_of)(invrms[r]), stream);
         }
         if (stream)
             fn_stream_fence();
@@ -434,20 +490,24 @@ FN_VECTOR_KERNEL static double FN_NAME(rms_row_grad_dot)(const FN_T *dy, const F
     return FN_NAME(fn_row_grad_dot)(dy, x, w, n, invrms);
 }
 
-/* dx = invrms * g - c * x with c = invrms^3 * mean(g * x); dweight += dy * x * invrms. */
+/* dx = invrms * g - k * xhat with xhat = x * invrms and k = invrms^2 * mean(g * x); dweight += dy * xhat.
+ * Written with xhat, which is near unit size, so that no coefficient underflows for large x (invrms^3 * x
+ * would at |x| beyond about 1e19). */
 FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy, const FN_T *restrict x,
                                                          FN_T *restrict dx, ptrdiff_t n, const FN_T *restrict w,
-                                                         FN_T invrms, FN_T c, FN_T *restrict dweight_rows)
+                                                         FN_T invrms, FN_T k, FN_T *restrict dweight_rows)
 {
     if (w)
         for (ptrdiff_t i = 0; i < n; i++) {
-            dx[i] = invrms * (dy[i] * w[i]) - c * x[i];
-            dweight_rows[i] += dy[i] * (x[i] * invrms);
+            const FN_T xhat = x[i] * invrms;
+            dx[i] = invrms * (dy[i] * w[i]) - k * xhat;
+            dweight_rows[i] += dy[i] * xhat;
         }
     else
         for (ptrdiff_t i = 0; i < n; i++) {
-            dx[i] = invrms * dy[i] - c * x[i];
-            dweight_rows[i] += dy[i] * (x[i] * invrms);
+            const FN_T xhat = x[i] * invrms;
+            dx[i] = invrms * dy[i] - k * xhat;
+            dweight_rows[i] += dy[i] * xhat;
         }
 }
 
@@ -498,7 +558,7 @@ fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx,
                                                : FN_NAME(rms_row_grad_dot)(dy + r * cols, x + r * cols, w, n,
                                                                            invrms[r]);
                 FN_NAME(rms_backward_apply)(dy + r * cols + c0, x + r * cols + c0, dx + r * cols + c0, n, w,
-                                            (FN_T)invrms[r], (FN_T)rms_backward_c(invrms[r], sum_gx, cols),
+                                            (FN_T)invrms[r], (FN_T)rms_backward_k(invrms[r], sum_gx, cols),
                                             group + chunk * cols + c0);
                 if ((r + 1 - chunk * p.chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1)
                     FN_NAME(ln_flush_columns)(part + chunk * cols + c0, group + chunk * cols + c0, n);
