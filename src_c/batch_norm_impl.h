@@ -355,20 +355,44 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_grad_sums_rows)(const FN_T *restrict dy,
     }
 }
 
+/* dx = (dy + (x * xscale - shift) * slope + offset) * alpha along one run of a channel; xscale is 1 unless the
+ * channel leaves float32's range. */
 FN_VECTOR_KERNEL static void FN_NAME(bn_grad_run)(const FN_T *restrict dy, const FN_T *restrict x,
-                                                  FN_T *restrict dx, ptrdiff_t n, FN_T alpha, FN_T shift,
-                                                  FN_T slope, FN_T offset)
+                                                  FN_T *restrict dx, ptrdiff_t n, FN_T alpha, FN_T xscale,
+                                                  FN_T shift, FN_T slope, FN_T offset)
 {
+#if FN_IS_F32
+    if (xscale != 1) {
+        for (ptrdiff_t i = 0; i < n; i++)
+            dx[i] = (dy[i] + (x[i] * xscale - shift) * slope + offset) * alpha;
+        return;
+    }
+#else
+    (void)xscale;
+#endif
     for (ptrdiff_t i = 0; i < n; i++)
         dx[i] = (dy[i] + (x[i] - shift) * slope + offset) * alpha;
 }
 
+/* The same for a block of rows; xscale is NULL unless a channel leaves float32's range. */
 FN_VECTOR_KERNEL static void FN_NAME(bn_grad_rows)(const FN_T *restrict dy, const FN_T *restrict x,
                                                    FN_T *restrict dx, ptrdiff_t rows, ptrdiff_t channels,
-                                                   const FN_T *restrict alpha,
+                                                   const FN_T *restrict alpha, const FN_T *restrict xscale,
                                                    const FN_T *restrict shift, const FN_T *restrict slope,
                                                    const FN_T *restrict offset)
 {
+#if FN_IS_F32
+    if (xscale != NULL) {
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const ptrdiff_t o = r * channels;
+            for (ptrdiff_t c = 0; c < channels; c++)
+                dx[o + c] = (dy[o + c] + (x[o + c] * xscale[c] - shift[c]) * slope[c] + offset[c]) * alpha[c];
+        }
+        return;
+    }
+#else
+    (void)xscale;
+#endif
     for (ptrdiff_t r = 0; r < rows; r++) {
         const ptrdiff_t o = r * channels;
         for (ptrdiff_t c = 0; c < channels; c++)
@@ -386,7 +410,7 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
     const double count = (double)p.outer * (double)p.inner;
     const size_t sums_per_unit = p.rows ? 2 * (size_t)channels : 2;
     double *unit_sums = malloc((size_t)units * sums_per_unit * sizeof(double));
-    FN_T *coefs = malloc((size_t)channels * 4 * sizeof(FN_T));
+    FN_T *coefs = malloc((size_t)channels * 5 * sizeof(FN_T));
     if (unit_sums == NULL || coefs == NULL) {
         free(unit_sums);
         free(coefs);
@@ -411,19 +435,28 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
     free(unit_sums);
 
     FN_T *alpha = coefs, *shift = coefs + channels, *slope = coefs + 2 * channels;
-    FN_T *offset = coefs + 3 * channels;
+    FN_T *offset = coefs + 3 * channels, *xscale = coefs + 4 * channels;
+    int scaled = 0;
     for (ptrdiff_t c = 0; c < channels; c++) {
         dweight[c] *= invstd[c];
         /* dx = alpha * (dy + slope * (x - mean) - dbias / n) with (x - mean) = (x - shift) - (mean - shift)
          * as in the forward pass.  Keeping the factor alpha = weight * invstd outside leaves every
          * coefficient on the scale of dy, so none underflows when invstd is tiny (x near 1e30). */
-        const double slope64 = -invstd[c] * (dweight[c] / count);
+        /* A channel that leaves float32's range has x scaled by s first, as in the forward pass. */
+#if FN_IS_F32
+        const double s = fn_f32_range_scale(mean[c], invstd[c]);
+        scaled |= s != 1.0;
+#else
+        const double s = 1.0;
+#endif
+        const double slope64 = -invstd[c] * (dweight[c] / count) / s;
         alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
-        shift[c] = (FN_T)mean[c];
+        xscale[c] = (FN_T)s;
+        shift[c] = (FN_T)(mean[c] * s);
         slope[c] = (FN_T)slope64;
         /* rest is 0 when the mean is exact in FN_T; skipping the product then keeps an infinite slope (inf
          * in x) from making 0 * inf = NaN of the whole channel, where NumPy's formula gives +-inf. */
-        const double rest = mean[c] - (double)shift[c];
+        const double rest = mean[c] * s - (double)shift[c];
         offset[c] = (FN_T)(-(dbias[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
     }
     /* As in bn_apply: a large dx of planes is computed into L1 and streamed out. */
@@ -436,15 +469,15 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
             bn_extent e = bn_unit_extent(&p, u);
             const ptrdiff_t c = e.channel;
             if (p.rows)
-                FN_NAME(bn_grad_rows)(dy + e.offset, x + e.offset, dx + e.offset, e.len, channels, alpha, shift,
-                                      slope, offset);
+                FN_NAME(bn_grad_rows)(dy + e.offset, x + e.offset, dx + e.offset, e.len, channels, alpha,
+                                      scaled ? xscale : NULL, shift, slope, offset);
             else if (stream) {
-                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, piece, e.len, alpha[c], shift[c], slope[c],
-                                     offset[c]);
+                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, piece, e.len, alpha[c], xscale[c], shift[c],
+                                     slope[c], offset[c]);
                 FN_NAME(fn_stream_store)(dx + e.offset, piece, e.len);
             } else
-                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, dx + e.offset, e.len, alpha[c], shift[c],
-                                     slope[c], offset[c]);
+                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, dx + e.offset, e.len, alpha[c], xscale[c],
+                                     shift[c], slope[c], offset[c]);
         }
         if (stream)
             fn_stream_fence();

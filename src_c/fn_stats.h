@@ -193,23 +193,26 @@ FN_INLINE double fn_lane_sum_squares(const float *restrict x, ptrdiff_t n)
     return total;
 }
 
-/* fn_pow2_near keeps its power of two within 2^-FN_POW2_LIMIT .. 2^FN_POW2_LIMIT: far inside float32's
- * range, and enough to bring any float32 deviation to unit size. */
-#define FN_POW2_LIMIT 100
-
-/* A power of two near `scale` (1 unless it is a positive finite number), as a float.  Multiplying a float32
- * deviation x - centre by it is exact and brings it near unit size when scale is the inverse standard
- * deviation, so that its product with a gradient neither underflows (values near 1e-22) nor overflows
- * (values near 1e20) in float32. */
-FN_INLINE float fn_pow2_near(double scale)
+/* A power of two near `scale`, within 2^-limit .. 2^limit (1 unless scale is a positive finite number), as a
+ * float. */
+FN_INLINE float fn_pow2_within(double scale, int limit)
 {
     if (!(scale > 0.0 && scale < HUGE_VAL))
         return 1.0f;
     int e;
     (void)frexp(scale, &e);
-    e = e > FN_POW2_LIMIT ? FN_POW2_LIMIT : e < -FN_POW2_LIMIT ? -FN_POW2_LIMIT : e;
+    e = e > limit ? limit : e < -limit ? -limit : e;
     return ldexpf(1.0f, e);
 }
+
+/* fn_pow2_near keeps its power of two within 2^-FN_POW2_LIMIT .. 2^FN_POW2_LIMIT: far inside float32's
+ * range, and enough to bring any float32 deviation to unit size. */
+#define FN_POW2_LIMIT 100
+
+/* A power of two near `scale`, as a float.  Multiplying a float32 deviation x - centre by it is exact and
+ * brings it near unit size when scale is the inverse standard deviation, so that its product with a
+ * gradient neither underflows (values near 1e-22) nor overflows (values near 1e20) in float32. */
+FN_INLINE float fn_pow2_near(double scale) { return fn_pow2_within(scale, FN_POW2_LIMIT); }
 
 /* ---- float32 range ----
  *
@@ -224,6 +227,8 @@ FN_INLINE float fn_pow2_near(double scale)
 #define FN_F32_INVSTD_MAX 0x1p100
 #define FN_F32_INVSTD_MIN 0x1p-50
 #define FN_F32_MEAN_MAX 0x1p120
+/* The scale stays a normal float32: within 2^-126 .. 2^126, which brings any float32 row near unit size. */
+#define FN_F32_SCALE_LIMIT 126
 
 /* The power of two to scale a float32 run by (see above), or 1 where the plain loops keep their accuracy.
  * Non-finite statistics keep the plain loops, which propagate them. */
@@ -233,7 +238,7 @@ static inline double fn_f32_range_scale(double mean, double invstd)
         return 1.0;
     if (invstd <= FN_F32_INVSTD_MAX && invstd >= FN_F32_INVSTD_MIN && fabs(mean) <= FN_F32_MEAN_MAX)
         return 1.0;
-    return (double)fn_pow2_near(invstd);
+    return (double)fn_pow2_within(invstd, FN_F32_SCALE_LIMIT);
 }
 
 /* ---- Per element type: fn_exact_sum, fn_block_stats, fn_run_stats, fn_sum_squares ---- */

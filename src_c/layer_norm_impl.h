@@ -237,9 +237,10 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_row_grad_sums)(const FN_T *dy, const FN_
 }
 
 /* dx = invstd * (g - mean(g) - xhat * mean(g * xhat)) = a * g + c * xhat + b, with xhat centred on the row's
- * exact mean: hi, the given mean in FN_T, plus lo, the residual mean sum(d) / cols. */
+ * exact mean: hi, the given mean in FN_T, plus lo, the residual mean sum(d) / cols.  A row that leaves
+ * float32's range computes xhat as ((x * scale - hi) - lo) * invstd, of the scaled row (as ln_row). */
 typedef struct {
-    FN_T hi, lo, invstd, a, b, c;
+    FN_T scale, hi, lo, invstd, a, b, c;
 } FN_NAME(ln_grad_row);
 
 static FN_NAME(ln_grad_row) FN_NAME(ln_grad_constants)(double mean, double invstd, const double sums[3],
@@ -249,10 +250,16 @@ static FN_NAME(ln_grad_row) FN_NAME(ln_grad_constants)(double mean, double invst
     double residual = sums[2] / (double)cols;
     double mean_g = sums[0] / (double)cols;
     double mean_gxhat = (sums[1] - residual * sums[0]) * invstd / (double)cols;
-    row.hi = (FN_T)mean;
-    row.lo = (FN_T)residual;
-    row.invstd = (FN_T)invstd;
-    row.a = row.invstd;
+#if FN_IS_F32
+    const double scale = fn_f32_range_scale(mean, invstd);
+#else
+    const double scale = 1.0;
+#endif
+    row.scale = (FN_T)scale;
+    row.hi = (FN_T)((double)(FN_T)mean * scale);
+    row.lo = (FN_T)(residual * scale);
+    row.invstd = (FN_T)(invstd / scale);
+    row.a = (FN_T)invstd;
     row.b = (FN_T)(-invstd * mean_g);
     row.c = (FN_T)(-invstd * mean_gxhat);
     return row;
@@ -264,6 +271,18 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy,
                                                         FN_T *restrict dbias_rows)
 {
     const FN_T hi = row.hi, lo = row.lo, inv = row.invstd, a = row.a, b = row.b, c = row.c;
+#if FN_IS_F32
+    if (row.scale != 1) {
+        const FN_T scale = row.scale;
+        for (ptrdiff_t i = 0; i < n; i++) {
+            FN_T xhat = ((x[i] * scale - hi) - lo) * inv;
+            dx[i] = a * (w ? dy[i] * w[i] : dy[i]) + c * xhat + b;
+            dweight_rows[i] += dy[i] * xhat;
+            dbias_rows[i] += dy[i];
+        }
+        return;
+    }
+#endif
     if (w)
         for (ptrdiff_t i = 0; i < n; i++) {
             FN_T xhat = ((x[i] - hi) - lo) * inv;

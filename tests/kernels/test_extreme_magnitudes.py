@@ -204,6 +204,15 @@ def test_forward_of_mixed_signs_near_the_float32_maximum(kernel):
         assert_within_largest(ours, ref, "%s %s" % (kernel, name))
 
 
+@pytest.mark.parametrize("kernel", BACKWARDS)
+def test_backward_of_mixed_signs_near_the_float32_maximum(kernel):
+    rng = np.random.default_rng(5)
+    x = (rng.choice([-1.0, 1.0], SHAPE) * rng.uniform(2.0e38, 3.4e38, SHAPE)).astype(np.float32)
+    dy = rng.standard_normal(SHAPE).astype(np.float32)
+    for name, ours, ref in run_backward(kernel, dy, x, 1e-5, rng):
+        assert_within_largest(ours, ref, "%s %s" % (kernel, name))
+
+
 def test_layer_norm_of_three_values_near_the_float32_maximum():
     x = np.array([[3e38, 3e38, -3e38]], np.float32)
     y, mean, _ = layer_norm(x)
