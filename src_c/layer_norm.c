@@ -108,10 +108,10 @@ static double rms_invrms(double sum_squares, ptrdiff_t cols, double eps)
     return 1.0 / sqrt(sum_squares / (double)cols + eps);
 }
 
-/* The factor of xhat = x * invrms in RMS norm's dx = invrms * g - k * xhat: k = invrms^2 * mean(g * x). */
-static double rms_backward_k(double invrms, double sum_gx, ptrdiff_t cols)
+/* The factor of x in RMS norm's dx = invrms * g - c * x: c = invrms^3 * mean(g * x). */
+static double rms_backward_c(double invrms, double sum_gx, ptrdiff_t cols)
 {
-    return invrms * invrms * sum_gx / (double)cols;
+    return invrms * invrms * invrms * sum_gx / (double)cols;
 }
 
 /* The per-element loops and the entry points, for float and double. */

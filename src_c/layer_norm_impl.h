@@ -509,24 +509,36 @@ FN_VECTOR_KERNEL static double FN_NAME(rms_row_grad_dot)(const FN_T *dy, const F
     return FN_NAME(fn_row_grad_dot)(dy, x, w, n, invrms);
 }
 
-/* dx = invrms * g - k * xhat with xhat = x * invrms and k = invrms^2 * mean(g * x); dweight += dy * xhat.
- * Written with xhat, which is near unit size, so that no coefficient underflows for large x (invrms^3 * x
- * would at |x| beyond about 1e19). */
+/* dx = invrms * g - c * x with c = invrms^3 * mean(g * x); dweight += dy * x * invrms.  A row whose invrms
+ * leaves float32's range (fn_f32_range_scale), where c would underflow (|x| beyond about 1e19), is written
+ * with xhat = x * invrms, which is near unit size: dx = invrms * g - k * xhat with k = invrms^2 * mean(g * x)
+ * passed as c. */
 FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy, const FN_T *restrict x,
                                                          FN_T *restrict dx, ptrdiff_t n, const FN_T *restrict w,
-                                                         FN_T invrms, FN_T k, FN_T *restrict dweight_rows)
+                                                         FN_T invrms, FN_T c, int by_xhat,
+                                                         FN_T *restrict dweight_rows)
 {
-    if (w)
+#if FN_IS_F32
+    if (by_xhat) {
         for (ptrdiff_t i = 0; i < n; i++) {
             const FN_T xhat = x[i] * invrms;
-            dx[i] = invrms * (dy[i] * w[i]) - k * xhat;
+            dx[i] = invrms * (w ? dy[i] * w[i] : dy[i]) - c * xhat;
             dweight_rows[i] += dy[i] * xhat;
+        }
+        return;
+    }
+#else
+    (void)by_xhat;
+#endif
+    if (w)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            dx[i] = invrms * (dy[i] * w[i]) - c * x[i];
+            dweight_rows[i] += dy[i] * (x[i] * invrms);
         }
     else
         for (ptrdiff_t i = 0; i < n; i++) {
-            const FN_T xhat = x[i] * invrms;
-            dx[i] = invrms * dy[i] - k * xhat;
-            dweight_rows[i] += dy[i] * xhat;
+            dx[i] = invrms * dy[i] - c * x[i];
+            dweight_rows[i] += dy[i] * (x[i] * invrms);
         }
 }
 
@@ -576,9 +588,14 @@ fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx,
                 double sum_gx = p.segments > 1 ? sums[r * p.segments]
                                                : FN_NAME(rms_row_grad_dot)(dy + r * cols, x + r * cols, w, n,
                                                                            invrms[r]);
+#if FN_IS_F32
+                const int by_xhat = fn_f32_range_scale(0.0, invrms[r]) != 1.0;
+#else
+                const int by_xhat = 0;
+#endif
+                const double c = rms_backward_c(invrms[r], sum_gx, cols) / (by_xhat ? invrms[r] : 1.0);
                 FN_NAME(rms_backward_apply)(dy + r * cols + c0, x + r * cols + c0, dx + r * cols + c0, n, w,
-                                            (FN_T)invrms[r], (FN_T)rms_backward_k(invrms[r], sum_gx, cols),
-                                            group + chunk * cols + c0);
+                                            (FN_T)invrms[r], (FN_T)c, by_xhat, group + chunk * cols + c0);
                 if ((r + 1 - chunk * p.chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1)
                     FN_NAME(ln_flush_columns)(part + chunk * cols + c0, group + chunk * cols + c0, n);
             }
