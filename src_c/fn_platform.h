@@ -37,6 +37,14 @@ static inline void fn_omp_set_num_threads(int n) { (void)n; }
 #define FN_INLINE static inline
 #endif
 
+/* A rarely taken path, kept out of line: its code then does not change how the hot loops around it are
+ * compiled and laid out. */
+#if defined(__GNUC__)
+#define FN_COLD static __attribute__((cold, noinline))
+#else
+#define FN_COLD static
+#endif
+
 /* The compute-bound loops are compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2 and FMA), and
  * the loader picks one by the CPU it runs on (GNU ifunc), so a built package still runs on any x86-64.
  * Which version runs depends on the CPU alone, never on the thread count, so results stay bit-identical
@@ -125,6 +133,15 @@ static inline ptrdiff_t fn_max(ptrdiff_t a, ptrdiff_t b) { return a > b ? a : b;
 
 /* a / b rounded up, for a >= 0 and b > 0. */
 static inline ptrdiff_t fn_ceil_div(ptrdiff_t a, ptrdiff_t b) { return (a + b - 1) / b; }
+
+/* Bytes per cache line on the machines the kernels target. */
+#define FN_CACHE_LINE 64
+
+/* The first cache-line boundary at or after p, for scratch allocated FN_CACHE_LINE bytes larger. */
+static inline void *fn_cache_line_align(void *p)
+{
+    return (void *)(((uintptr_t)p + FN_CACHE_LINE - 1) & ~(uintptr_t)(FN_CACHE_LINE - 1));
+}
 
 /* ---- Element types ---- */
 

@@ -5,9 +5,10 @@
 #endif
 
 /* weight and bias as FN_T arrays for the element loops (NULL stays NULL): for double the arrays given, for
- * float their roundings in *scratch (cols values each), which the caller frees. */
+ * float their roundings in *scratch, which the caller frees.  Each starts on a cache line, as NumPy's arrays
+ * do: the element loops read them beside x, and a vector load that splits a cache line is slower. */
 static fn_status FN_NAME(ln_params)(const double *weight, const double *bias, ptrdiff_t cols, const FN_T **w,
-                                    const FN_T **b, FN_T **scratch)
+                                    const FN_T **b, void **scratch)
 {
     *scratch = NULL;
 #if FN_IS_F32
@@ -15,10 +16,13 @@ static fn_status FN_NAME(ln_params)(const double *weight, const double *bias, pt
     *b = NULL;
     if (weight == NULL && bias == NULL)
         return FN_OK;
-    float *p = malloc(2 * (size_t)cols * sizeof(float));
-    if (p == NULL)
+    const ptrdiff_t per_line = FN_CACHE_LINE / (ptrdiff_t)sizeof(float);
+    const ptrdiff_t stride = fn_ceil_div(cols, per_line) * per_line;
+    void *raw = malloc(2 * (size_t)stride * sizeof(float) + FN_CACHE_LINE);
+    if (raw == NULL)
         return FN_NOMEM;
-    *scratch = p;
+    *scratch = raw;
+    float *p = fn_cache_line_align(raw);
     if (weight) {
         for (ptrdiff_t k = 0; k < cols; k++)
             p[k] = (float)weight[k];
@@ -26,8 +30,8 @@ static fn_status FN_NAME(ln_params)(const double *weight, const double *bias, pt
     }
     if (bias) {
         for (ptrdiff_t k = 0; k < cols; k++)
-            p[cols + k] = (float)bias[k];
-        *b = p + cols;
+            p[stride + k] = (float)bias[k];
+        *b = p + stride;
     }
 #else
     (void)cols;
@@ -80,9 +84,11 @@ FN_INLINE void FN_NAME(ln_apply_centred)(const FN_T *restrict x, const FN_T *res
             y[i] = (x[i] - hi) * inv;
 }
 
-/* The rows that leave float32's range: rare, so one loop serves every combination of weight and bias. */
-FN_INLINE void FN_NAME(ln_apply_scaled)(const FN_T *restrict x, const FN_T *restrict w, const FN_T *restrict b,
-                                        FN_T *restrict y, ptrdiff_t n, FN_NAME(ln_row) row)
+#if FN_IS_F32
+/* The rows that leave float32's range: rare, so one loop serves every combination of weight and bias, and
+ * writes y with ordinary stores. */
+FN_COLD void FN_NAME(ln_apply_scaled)(const FN_T *restrict x, const FN_T *restrict w, const FN_T *restrict b,
+                                      FN_T *restrict y, ptrdiff_t n, FN_NAME(ln_row) row)
 {
     const FN_T scale = row.scale, hi = row.hi, lo = row.lo, inv = row.invstd;
     for (ptrdiff_t i = 0; i < n; i++) {
@@ -90,17 +96,12 @@ FN_INLINE void FN_NAME(ln_apply_scaled)(const FN_T *restrict x, const FN_T *rest
         y[i] = (w ? v * w[i] : v) + (b ? b[i] : 0);
     }
 }
+#endif
 
 FN_INLINE void FN_NAME(ln_apply)(const FN_T *restrict x, const FN_T *restrict w, const FN_T *restrict b,
                                  FN_T *restrict y, ptrdiff_t n, FN_NAME(ln_row) row)
 {
     const FN_T hi = row.hi, lo = row.lo, inv = row.invstd;
-#if FN_IS_F32
-    if (row.scale != 1) {
-        FN_NAME(ln_apply_scaled)(x, w, b, y, n, row);
-        return;
-    }
-#endif
     if (lo == 0) {
         FN_NAME(ln_apply_centred)(x, w, b, y, n, hi, inv);
         return;
@@ -124,6 +125,12 @@ FN_INLINE void FN_NAME(ln_apply)(const FN_T *restrict x, const FN_T *restrict w,
 FN_INLINE void FN_NAME(ln_write)(const FN_T *x, const FN_T *w, const FN_T *b, FN_T *y, ptrdiff_t n,
                                  FN_NAME(ln_row) row, int stream)
 {
+#if FN_IS_F32
+    if (row.scale != 1) {
+        FN_NAME(ln_apply_scaled)(x, w, b, y, n, row);
+        return;
+    }
+#endif
     if (!stream) {
         FN_NAME(ln_apply)(x, w, b, y, n, row);
         return;
@@ -165,7 +172,7 @@ fn_status FN_NAME(fn_layer_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
     const int stream = fn_streams(rows * cols, sizeof(FN_T));
     const FN_T *w, *b;
-    FN_T *params;
+    void *params;
     fn_stats *stats = NULL;
     if (FN_NAME(ln_params)(weight, bias, cols, &w, &b, &params) != FN_OK)
         return FN_NOMEM;
@@ -307,7 +314,7 @@ fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
     const ptrdiff_t part_values = p.chunks * cols;
     const ptrdiff_t row_sums = p.segments > 1 ? 3 * rows * p.segments : 0;
     const FN_T *weights, *unused_bias;
-    FN_T *params;
+    void *params;
     if (FN_NAME(ln_params)(weight, NULL, cols, &weights, &unused_bias, &params) != FN_OK)
         return FN_NOMEM;
     /* dweight and dbias partial sums (float64), the rows' reduction sums of wide rows, then the row groups'
@@ -392,18 +399,21 @@ FN_INLINE FN_NAME(rms_row) FN_NAME(rms_row_of)(double invrms)
     return row;
 }
 
+#if FN_IS_F32
+/* The rows that leave float32's range, as ln_apply_scaled. */
+FN_COLD void FN_NAME(rms_apply_scaled)(const FN_T *restrict x, const FN_T *restrict w, FN_T *restrict y,
+                                       ptrdiff_t n, FN_NAME(rms_row) row)
+{
+    const FN_T scale = row.scale, invrms = row.invrms;
+    for (ptrdiff_t i = 0; i < n; i++)
+        y[i] = w ? (x[i] * scale) * invrms * w[i] : (x[i] * scale) * invrms;
+}
+#endif
+
 FN_INLINE void FN_NAME(rms_apply)(const FN_T *restrict x, const FN_T *restrict w, FN_T *restrict y, ptrdiff_t n,
                                   FN_NAME(rms_row) row)
 {
     const FN_T invrms = row.invrms;
-#if FN_IS_F32
-    if (row.scale != 1) {
-        const FN_T scale = row.scale;
-        for (ptrdiff_t i = 0; i < n; i++)
-            y[i] = w ? (x[i] * scale) * invrms * w[i] : (x[i] * scale) * invrms;
-        return;
-    }
-#endif
     if (w)
         for (ptrdiff_t i = 0; i < n; i++)
             y[i] = x[i] * invrms * w[i];
@@ -416,6 +426,12 @@ FN_INLINE void FN_NAME(rms_apply)(const FN_T *restrict x, const FN_T *restrict w
 FN_INLINE void FN_NAME(rms_write)(const FN_T *x, const FN_T *w, FN_T *y, ptrdiff_t n, FN_NAME(rms_row) row,
                                   int stream)
 {
+#if FN_IS_F32
+    if (row.scale != 1) {
+        FN_NAME(rms_apply_scaled)(x, w, y, n, row);
+        return;
+    }
+#endif
     if (!stream) {
         FN_NAME(rms_apply)(x, w, y, n, row);
         return;
@@ -453,7 +469,7 @@ fn_status FN_NAME(fn_rms_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
     const int stream = fn_streams(rows * cols, sizeof(FN_T));
     const FN_T *w, *unused_bias;
-    FN_T *params;
+    void *params;
     if (FN_NAME(ln_params)(weight, NULL, cols, &w, &unused_bias, &params) != FN_OK)
         return FN_NOMEM;
     if (p.segments == 1) {
@@ -550,7 +566,7 @@ fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx,
     const ptrdiff_t part_values = p.chunks * cols;
     const ptrdiff_t row_sums = p.segments > 1 ? rows * p.segments : 0;
     const FN_T *weights, *unused_bias;
-    FN_T *params;
+    void *params;
     if (FN_NAME(ln_params)(weight, NULL, cols, &weights, &unused_bias, &params) != FN_OK)
         return FN_NOMEM;
     /* dweight partial sums (float64), the rows' reduction sums of wide rows, then the row groups' dweight
