@@ -63,7 +63,7 @@ FN_INLINE FN_NAME(ln_row) FN_NAME(ln_row_of)(fn_stats st, double invstd)
     row.hi = (FN_T)centre;
     const double lo = centre - (double)row.hi;
     row.lo = lo * lo < LN_NEGLIGIBLE_LO * LN_NEGLIGIBLE_LO * fn_stats_var(st) * (scale * scale) ? 0 : (FN_T)lo;
-    row.invstd = (FN_T)(invstd / scale);
+    row.invstd = (FN_T)(scale == 1.0 ? invstd : invstd / scale);
     return row;
 }
 
@@ -395,7 +395,7 @@ FN_INLINE FN_NAME(rms_row) FN_NAME(rms_row_of)(double invrms)
     const double scale = 1.0;
 #endif
     row.scale = (FN_T)scale;
-    row.invrms = (FN_T)(invrms / scale);
+    row.invrms = (FN_T)(scale == 1.0 ? invrms : invrms / scale);
     return row;
 }
 
