@@ -1,4 +1,7 @@
 """The fold pass's public functions: fold_model and inspect_model."""
+from __future__ import annotations
+
+import os
 import time
 
 import onnx
@@ -14,8 +17,10 @@ from .report import FoldReport, count_layers
 INITIALIZERS_ARE_INPUTS_BELOW_IR = 4
 
 
-def fold_model(model_or_path, *, keep_bn=False, verify=True, shapes=None, rtol=None, atol=None, seed=0,
-               fold_through_qdq=False, steps=None):
+def fold_model(model_or_path: onnx.ModelProto | str | os.PathLike, *, keep_bn: bool = False, verify: bool = True,
+               shapes: dict[str, list[int]] | None = None, rtol: float | None = None, atol: float | None = None,
+               seed: int = 0, fold_through_qdq: bool = False,
+               steps: float | None = None) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every foldable normalization of a model.
 
     Parameters
@@ -113,7 +118,8 @@ def _fold(model_or_path, *, keep_bn, fold_through_qdq, hold_weights):
     return folded, report
 
 
-def inspect_model(model_or_path, *, fold_through_qdq=False):
+def inspect_model(model_or_path: onnx.ModelProto | str | os.PathLike, *,
+                  fold_through_qdq: bool = False) -> FoldReport:
     """What fold_model would do to each normalization node: the FoldReport, without verification."""
     _, report = fold_model(model_or_path, verify=False, fold_through_qdq=fold_through_qdq)
     return report

@@ -25,10 +25,14 @@ Inputs, one array per graph input that is not an initializer, drawn from `numpy.
 - integer types: uniform integers in [0, 4) (small, so that they stay valid as indices);
 - bool: True or False with equal probability (a rank-0 input is a 0-d array).
 """
+from __future__ import annotations
+
 import contextlib
 import gc
 import math
+import os
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,7 +144,10 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify(original, folded, *, shapes=None, rtol=None, atol=None, seed=0, progress=None, steps=None):
+def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProto | str | os.PathLike, *,
+           shapes: dict[str, list[int]] | None = None, rtol: float | None = None, atol: float | None = None,
+           seed: int = 0, progress: Callable[[str], None] | None = None,
+           steps: float | None = None) -> VerifyReport:
     """Run `original` and `folded` in onnxruntime on the same seeded inputs and compare every output.
 
     Parameters

@@ -11,9 +11,12 @@ Results of 4 MiB or more (y when out is None, dx) are views of memory that is re
 result is gone (their .base is set), which spares a page fault per page on each call; they behave as
 ordinary arrays.
 """
+from __future__ import annotations
+
 import operator
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _batch_norm
 from ._outputs import empty_result
@@ -34,8 +37,9 @@ from .runtime import resolve_num_threads
 __all__ = ["batch_norm", "batch_norm_train", "batch_norm_backward"]
 
 
-def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, channel_axis=1, out=None,
-               num_threads=None):
+def batch_norm(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike, weight: ArrayLike | None = None,
+               bias: ArrayLike | None = None, *, eps: float = 1e-5, channel_axis: int = 1,
+               out: np.ndarray | None = None, num_threads: int | None = None) -> np.ndarray:
     """Batch normalization with frozen statistics (inference).
 
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel. It is computed as
@@ -80,8 +84,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5
     return finish_output(written, out, dtype)
 
 
-def batch_norm_train(x, weight=None, bias=None, *, running_mean=None, running_var=None, momentum=0.1,
-                     running_var_unbiased=True, eps=1e-5, channel_axis=1, out=None, num_threads=None):
+def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                     running_mean: np.ndarray | None = None, running_var: np.ndarray | None = None,
+                     momentum: float = 0.1, running_var_unbiased: bool = True, eps: float = 1e-5,
+                     channel_axis: int = 1, out: np.ndarray | None = None,
+                     num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalization with the statistics of the batch (training forward).
 
     Per channel, over the n = N * prod(spatial) values of the batch:
@@ -157,7 +164,9 @@ def batch_norm_train(x, weight=None, bias=None, *, running_mean=None, running_va
     return finish_output(written, out, dtype), mean.astype(stats_dtype), invstd.astype(stats_dtype)
 
 
-def batch_norm_backward(dy, x, mean, invstd, weight=None, *, channel_axis=1, num_threads=None):
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                        weight: ArrayLike | None = None, *, channel_axis: int = 1,
+                        num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of batch_norm_train's y with respect to x, weight and bias.
 
     With n = N * prod(spatial) values per channel and xhat = (x - mean) * invstd:

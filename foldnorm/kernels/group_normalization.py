@@ -15,9 +15,12 @@ Results are bit-identical for any number of threads.
 Results of 4 MiB or more (y, dx) are views of memory that is recycled once every view of a result is gone
 (their .base is set), which spares a page fault per page on each call; they behave as ordinary arrays.
 """
+from __future__ import annotations
+
 import operator
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _group_norm
 from ._outputs import empty_result
@@ -27,7 +30,8 @@ from .runtime import resolve_num_threads
 _F64 = np.dtype(np.float64)
 
 
-def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, num_threads=None):
+def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+               eps: float = 1e-5, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Group normalization: y = (x - mean[n, g]) * invstd[n, g] * weight[c] + bias[c].
 
     For sample n and group g (channels g*C/G to (g+1)*C/G - 1), mean[n, g] and var[n, g] are the mean and
@@ -61,7 +65,8 @@ def group_norm(x, num_groups, weight=None, bias=None, *, eps=1e-5, num_threads=N
     return _forward(x3, dtype, shape, groups, weight, bias, eps, num_threads)
 
 
-def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, *, num_threads=None):
+def group_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike, num_groups: int,
+                        weight: ArrayLike | None = None, *, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of group_norm with respect to x, weight and bias.
 
     With xhat = (x - mean[n, g]) * invstd[n, g] and m = C/G * prod(spatial) values per (n, g) block:
@@ -94,7 +99,8 @@ def group_norm_backward(dy, x, mean, invstd, num_groups, weight=None, *, num_thr
     return _backward(dy, x3, dtype, shape, mean, invstd, groups, weight, num_threads)
 
 
-def instance_norm(x, weight=None, bias=None, *, eps=1e-5, num_threads=None):
+def instance_norm(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
+                  eps: float = 1e-5, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Instance normalization: y = (x - mean[n, c]) * invstd[n, c] * weight[c] + bias[c].
 
     mean[n, c] and var[n, c] are the mean and population variance of plane x[n, c] over the spatial
@@ -122,7 +128,8 @@ def instance_norm(x, weight=None, bias=None, *, eps=1e-5, num_threads=None):
     return _forward(x3, dtype, shape, shape[1], weight, bias, eps, num_threads)
 
 
-def instance_norm_backward(dy, x, mean, invstd, weight=None, *, num_threads=None):
+def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                           weight: ArrayLike | None = None, *, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of instance_norm with respect to x, weight and bias.
 
     With xhat = (x - mean[n, c]) * invstd[n, c] and m = prod(spatial): dbias[c] = sum over n and spatial

@@ -14,9 +14,12 @@ two-pass.  Results are bit-identical for any num_threads.
 Results of 4 MiB or more are views of memory that is recycled once every view of a result is gone (their
 .base is set), which spares a page fault per page on each call; they behave as ordinary arrays.
 """
+from __future__ import annotations
+
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _layer_norm
 from ._outputs import empty_result
@@ -26,7 +29,8 @@ from .runtime import resolve_num_threads
 __all__ = ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"]
 
 
-def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, num_threads=None):
+def layer_norm(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *, axis: int = -1,
+               eps: float = 1e-5, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Layer normalization (ONNX LayerNormalization; torch.nn.functional.layer_norm for axis=-1).
 
     For every row r of x viewed as M x K (K = prod(x.shape[axis:])):
@@ -70,7 +74,9 @@ def layer_norm(x, weight=None, bias=None, *, axis=-1, eps=1e-5, num_threads=None
     return _as_dtype(y, dtype), _as_dtype(mean, xc.dtype), _as_dtype(invstd, xc.dtype)
 
 
-def layer_norm_backward(dy, x, mean, invstd, weight=None, *, axis=-1, num_threads=None):
+def layer_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                        weight: ArrayLike | None = None, *, axis: int = -1,
+                        num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of layer_norm with respect to x, weight and bias.
 
     With xhat = (x - mean) * invstd and g = dy * weight, for every row r of x viewed as M x K:
@@ -116,7 +122,8 @@ def layer_norm_backward(dy, x, mean, invstd, weight=None, *, axis=-1, num_thread
     return _as_dtype(dx, dtype), _as_dtype(dweight, dtype), _as_dtype(dbias, dtype)
 
 
-def rms_norm(x, weight=None, *, axis=-1, eps=1e-5, num_threads=None):
+def rms_norm(x: ArrayLike, weight: ArrayLike | None = None, *, axis: int = -1, eps: float = 1e-5,
+             num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """RMS normalization (ONNX RMSNormalization-23; torch.nn.functional.rms_norm for axis=-1).
 
     For every row r of x viewed as M x K (K = prod(x.shape[axis:])):
@@ -150,7 +157,8 @@ def rms_norm(x, weight=None, *, axis=-1, eps=1e-5, num_threads=None):
     return _as_dtype(y, dtype), _as_dtype(invrms, xc.dtype)
 
 
-def rms_norm_backward(dy, x, invrms, weight=None, *, axis=-1, num_threads=None):
+def rms_norm_backward(dy: ArrayLike, x: ArrayLike, invrms: ArrayLike, weight: ArrayLike | None = None, *,
+                      axis: int = -1, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Gradients of rms_norm with respect to x and weight.
 
     With g = dy * weight, for every row r of x viewed as M x K:
