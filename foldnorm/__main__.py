@@ -1,3 +1,4 @@
+"""`python -m foldnorm`: the same as the `foldnorm` command."""
 import sys
 
 from .cli import main
