@@ -218,13 +218,14 @@ FN_INLINE float fn_pow2_near(double scale) { return fn_pow2_within(scale, FN_POW
  *
  * A float32 row, group or channel is normalized as (x * s - centre * s) * (invstd / s), s a power of two near
  * invstd, where the plain (x - centre) * invstd would leave float32's range: an invstd above
- * FN_F32_INVSTD_MAX (denormal values with eps = 0, whose invstd overflows float32), below FN_F32_INVSTD_MIN
- * (the coefficients of the backward passes scale as invstd^2 and would underflow), or a mean beyond
+ * FN_F32_INVSTD_MAX (tiny values with eps = 0: the backward passes' coefficients scale as invstd^2 and
+ * would overflow, and a denormal row's invstd overflows float32 itself), below FN_F32_INVSTD_MIN
+ * (the same coefficients would underflow), or a mean beyond
  * FN_F32_MEAN_MAX (mixed signs near float32's maximum, whose differences overflow).  Multiplying by s is
  * exact, so x * s - centre * s is the difference the plain loop computes, brought near unit size.
  * Everywhere else the plain loops run, unchanged: there invstd >= 2^-50 keeps every value within
  * sqrt(n) / invstd < 2^77 of a mean below 2^120, so that no difference overflows. */
-#define FN_F32_INVSTD_MAX 0x1p100
+#define FN_F32_INVSTD_MAX 0x1p50
 #define FN_F32_INVSTD_MIN 0x1p-50
 #define FN_F32_MEAN_MAX 0x1p120
 /* The scale stays a normal float32: within 2^-126 .. 2^126, which brings any float32 row near unit size. */

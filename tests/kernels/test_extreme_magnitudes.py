@@ -175,6 +175,18 @@ def test_backward_of_values_whose_products_leave_float32(kernel, scale):
         assert_within_largest(ours, ref, "%s %s" % (kernel, name))
 
 
+@pytest.mark.parametrize("scale", [1e-16, 1e-20, 1e-30])
+@pytest.mark.parametrize("kernel", BACKWARDS)
+def test_backward_of_tiny_values_with_eps_zero(kernel, scale):
+    """Values near 1e-20 with eps=0: invstd near 1e20, so the coefficient of (x - mean) in dx, which scales as
+    invstd^3 * sum(dy * (x - mean)), would overflow float32 though dx itself (near dy * invstd) does not."""
+    rng = np.random.default_rng(6)
+    x = spread(rng, scale)
+    dy = rng.standard_normal(SHAPE).astype(np.float32)
+    for name, ours, ref in run_backward(kernel, dy, x, 0.0, rng):
+        assert_within_largest(ours, ref, "%s %s" % (kernel, name))
+
+
 @pytest.mark.parametrize("scale", [1e20, 1e30, 1e36])
 @pytest.mark.parametrize("kernel", FORWARDS)
 def test_forward_of_values_whose_squares_leave_float32(kernel, scale):

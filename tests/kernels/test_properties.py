@@ -40,11 +40,6 @@ BANDS = {
 }
 FLOAT16_EXPONENTS = st.floats(-4.0, 3.0)
 
-NOT_YET_ACCURATE = pytest.mark.xfail(
-    strict=False, reason="float32 backward of RMS, group and instance normalization: inaccurate once |x| "
-                         "exceeds about 1e19, inf below about 1e-19 with eps=0 (the C kernels are being fixed)")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def caps_lifted():
     with pytest.MonkeyPatch.context() as patch:
@@ -340,10 +335,8 @@ def check_groups(d, kernel, groups):
 # The tests: one per kernel and magnitude band
 
 
-def bands(xfail_extreme_float32=False):
-    marks = [NOT_YET_ACCURATE] if xfail_extreme_float32 else []
-    return pytest.mark.parametrize("band", ["ordinary", "extreme_float64",
-                                            pytest.param("extreme_float32", marks=marks)])
+def bands():
+    return pytest.mark.parametrize("band", ["ordinary", "extreme_float64", "extreme_float32"])
 
 
 @bands()
@@ -369,7 +362,7 @@ def test_row_kernels(kernel, band):
     check()
 
 
-@bands(xfail_extreme_float32=True)
+@bands()
 def test_rms_norm_backward(band):
     @SETTINGS
     @given(draws(band, row_shapes), st.integers(-4, 3))
@@ -394,7 +387,7 @@ def test_group_and_instance_forward(kernel, band):
     check()
 
 
-@bands(xfail_extreme_float32=True)
+@bands()
 @pytest.mark.parametrize("kernel", ["group_norm_backward", "instance_norm_backward"])
 def test_group_and_instance_backward(kernel, band):
     shapes = in_shapes.map(lambda s: (s, s[1])) if kernel == "instance_norm_backward" else gn_shapes
