@@ -18,8 +18,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from foldnorm.fold.builder import ModelBuilder
-
 from .harness import Contender, Unavailable, first_line, measure, paired_ratio
 from .kernels import ort_session_options
 
@@ -101,6 +99,14 @@ def _weight_for_role(role, shape, rng):
     return rng.normal(0, 0.1, shape).astype(np.float32)
 
 
+def _builder(seed):
+    """foldnorm's model builder, imported when a model is built: the A/B comparison runs this module against
+    older builds of foldnorm too, for its kernel figures."""
+    from foldnorm.fold.builder import ModelBuilder
+
+    return ModelBuilder(seed)
+
+
 def conv_bn(b, x, cin, cout, kernel, stride=1, groups=1, activation="Relu", gain=1.0):
     """Conv (He-scaled, no bias) -> BatchNormalization -> activation ("Relu", "Relu6" or None)."""
     y = b.frozen_batch_norm(b.conv(x, cin, cout, kernel, stride=stride, groups=groups, gain=gain), cout)
@@ -118,7 +124,7 @@ def _image_model(b, name, output, output_shape):
 
 def resnet_like(input_size=224, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000, seed=0):
     """A ResNet-18-shaped network: basic blocks of two 3x3 conv+BN, 1x1 conv+BN shortcuts on a change."""
-    b = ModelBuilder(seed)
+    b = _builder(seed)
     x = conv_bn(b, b.input("input", [1, 3, input_size, input_size]), 3, widths[0], 7, stride=2)
     x = b.node("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     cin = widths[0]
@@ -139,7 +145,7 @@ MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2
 
 def mobilenet_like(input_size=224, blocks=MOBILENET_V2_BLOCKS, stem=32, head=1280, classes=1000, seed=0):
     """A MobileNetV2-shaped network: inverted residuals (1x1 expand, 3x3 depthwise, 1x1 project), BN after each."""
-    b = ModelBuilder(seed)
+    b = _builder(seed)
     x = conv_bn(b, b.input("input", [1, 3, input_size, input_size]), 3, stem, 3, stride=2, activation="Relu6")
     cin = stem
     for expansion, width, count, first_stride in blocks:
@@ -168,7 +174,7 @@ def conv_bn_chain(pairs, channels=8, size=8, seed=0):
     Every layer keeps the input's shape, so the model grows by the same few KB of weights per pair and a
     fold of it should take time in proportion to `pairs`.
     """
-    b = ModelBuilder(seed)
+    b = _builder(seed)
     shape = [1, channels, size, size]
     x = b.input("input", shape)
     for _ in range(pairs):
