@@ -100,10 +100,19 @@ def _weight_for_role(role, shape, rng):
 
 
 def _builder(seed):
-    """foldnorm's model builder, imported when a model is built: the A/B comparison runs this module against
-    older builds of foldnorm too, for its kernel figures."""
-    from foldnorm.fold.builder import ModelBuilder
+    """foldnorm's model builder. The A/B comparison also runs this module against older builds of foldnorm,
+    which may not have it: then the builder file of this checkout is loaded (it needs only numpy and onnx)."""
+    try:
+        from foldnorm.fold.builder import ModelBuilder
+    except ImportError:
+        import importlib.util
 
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "foldnorm", "fold",
+                            "builder.py")
+        spec = importlib.util.spec_from_file_location("foldnorm_model_builder", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        ModelBuilder = module.ModelBuilder
     return ModelBuilder(seed)
 
 
