@@ -15,10 +15,10 @@ import reprlib
 
 from . import _runtime
 
-# Elements of work per thread below which another thread costs more than it saves.  A team's threads
-# sleep while idle (see _openmp), so each parallel region pays a wake-up: microseconds on a quiet machine,
-# up to a scheduler time slice on a busy one.  A thread normalizes this many float32 values in about
-# 0.1 ms, enough to pay for it; the benchmarks README gives the measurements.
+# Elements of work per thread below which another thread costs more than it saves: each parallel region
+# pays for waking or joining its team (microseconds on a quiet machine, up to a scheduler time slice on a
+# busy one).  A thread normalizes this many float32 values in about 0.1 ms, enough to pay for it; the
+# benchmarks README gives the measurements.
 PARALLEL_GRAIN = 1 << 17
 
 

@@ -2,8 +2,8 @@
 
 Results are bit-identical for any thread count, including counts the caps would never pick on this
 machine (the caps are lifted here through runtime's module attributes); a call too small to pay for a
-team opens no parallel region; the OpenMP runtime is loaded with the passive wait policy unless the user
-chose one, and the environment is left as it was.
+team opens no parallel region; idle threads follow the OpenMP runtime's wait policy (spinning briefly by
+default, never for good), and foldnorm leaves the environment as it was.
 """
 import json
 import os
@@ -126,14 +126,14 @@ needs_two_cores = pytest.mark.skipif(runtime.usable_cores() < 2 or not foldnorm.
 
 @needs_proc_tasks
 @needs_two_cores
-def test_small_work_opens_no_parallel_region_and_idle_threads_sleep():
+def test_small_work_opens_no_parallel_region_and_idle_threads_do_not_spin_on():
     facts = _probe()
     assert facts["after_small"] == facts["before"]  # libgomp starts its workers at the first team
     assert facts["after_large"] > facts["before"]
     assert facts["env"] == {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": None}
-    # The CPU the process burns while it sleeps for 0.2 s after a parallel call: a worker that spins
-    # (OMP_WAIT_POLICY=active) burns most of it, a sleeping one nothing but the odd scheduler tick (CPU
-    # time is accounted in ticks, so a few milliseconds may show up either way).
+    # The CPU the process burns while it sleeps for 0.2 s after a parallel call: a worker that spins for good
+    # (OMP_WAIT_POLICY=active) burns most of it; by default it spins a few milliseconds, then sleeps (CPU
+    # time is accounted in scheduler ticks, so a few milliseconds may show up either way).
     spinning = _probe(OMP_WAIT_POLICY="active")["idle_cpu"]
     assert facts["idle_cpu"] < 0.04 and facts["idle_cpu"] < spinning / 2, (facts["idle_cpu"], spinning)
 
