@@ -3,6 +3,9 @@
 bfloat16 tensors are handed out as float32 arrays (exact) and written back rounded to bfloat16, so the
 numeric code never sees an ml_dtypes array.
 """
+import functools
+import math
+
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
@@ -91,16 +94,20 @@ def numpy_dtype(elem_type):
 
 def tensor_nbytes(tensor):
     """Bytes of a tensor's data, from its dims and type (no decoding, external data included)."""
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    count = math.prod(tensor.dims)
     if tensor.data_type == TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
-    try:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        itemsize = 1
     if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
         return (count + 1) // 2
-    return count * itemsize
+    return count * _itemsize(tensor.data_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _itemsize(elem_type):
+    try:
+        return helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 1
 
 
 def graph_statistics(graph):
