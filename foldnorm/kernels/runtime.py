@@ -90,13 +90,11 @@ def resolve_num_threads(num_threads, work=None) -> int:
     int
         At least 1, at most the request, the usable cores and work // PARALLEL_GRAIN.
     """
-    if num_threads is None:
-        threads = get_num_threads()
-    else:
-        threads = min(_positive_int(num_threads, "num_threads"), usable_cores())
+    threads = _runtime.get_max_threads() if num_threads is None else _positive_int(num_threads, "num_threads")
     if work is not None:
         threads = min(threads, max(1, work // PARALLEL_GRAIN))
-    return threads
+    # The affinity mask is asked for only when the call could use a team: small calls skip the system call.
+    return threads if threads == 1 else min(threads, usable_cores())
 
 
 def _positive_int(value, name):

@@ -351,7 +351,7 @@ def test_batch_norm_family(kernel, band):
 
 
 @bands()
-@pytest.mark.parametrize("kernel", ["layer_norm", "layer_norm_backward", "rms_norm"])
+@pytest.mark.parametrize("kernel", ["layer_norm", "layer_norm_backward", "rms_norm", "rms_norm_backward"])
 def test_row_kernels(kernel, band):
     @SETTINGS
     @given(draws(band, row_shapes), st.integers(-4, 3))
@@ -363,34 +363,9 @@ def test_row_kernels(kernel, band):
 
 
 @bands()
-def test_rms_norm_backward(band):
-    @SETTINGS
-    @given(draws(band, row_shapes), st.integers(-4, 3))
-    def check(d, axis):
-        assume(-len(d["shape"]) <= axis < len(d["shape"]))
-        check_rows(d, "rms_norm_backward", axis)
-
-    check()
-
-
-@bands()
-@pytest.mark.parametrize("kernel", ["group_norm", "instance_norm"])
-def test_group_and_instance_forward(kernel, band):
-    shapes = in_shapes.map(lambda s: (s, s[1])) if kernel == "instance_norm" else gn_shapes
-
-    @SETTINGS
-    @given(draws(band, shapes))
-    def check(d):
-        shape, groups = d["shape"]
-        check_groups(dict(d, shape=shape), kernel, groups)
-
-    check()
-
-
-@bands()
-@pytest.mark.parametrize("kernel", ["group_norm_backward", "instance_norm_backward"])
-def test_group_and_instance_backward(kernel, band):
-    shapes = in_shapes.map(lambda s: (s, s[1])) if kernel == "instance_norm_backward" else gn_shapes
+@pytest.mark.parametrize("kernel", ["group_norm", "instance_norm", "group_norm_backward", "instance_norm_backward"])
+def test_group_and_instance_kernels(kernel, band):
+    shapes = in_shapes.map(lambda s: (s, s[1])) if kernel.startswith("instance_norm") else gn_shapes
 
     @SETTINGS
     @given(draws(band, shapes))

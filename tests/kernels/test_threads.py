@@ -139,12 +139,6 @@ def test_small_work_opens_no_parallel_region_and_idle_threads_do_not_spin_on():
 
 
 @needs_proc_tasks
-def test_a_wait_policy_the_user_chose_is_left_alone():
-    assert _probe(OMP_WAIT_POLICY="active")["env"] == {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "active"}
-    assert _probe(GOMP_SPINCOUNT="1000")["env"] == {"GOMP_SPINCOUNT": "1000", "OMP_WAIT_POLICY": None}
-
-
-@needs_proc_tasks
 def test_omp_num_threads_above_the_cores_is_capped():
     facts = _probe(OMP_NUM_THREADS="100000")
     assert facts["max_threads"] == facts["cores"]
