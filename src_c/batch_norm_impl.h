@@ -80,23 +80,56 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_unit_grad_sums)(const FN_T *dy, const FN
     FN_NAME(fn_grad_sums)(dy, x, n, mean, invstd, sums);
 }
 
+/* The statistics of every unit: fn_stats of a plane unit, or per-channel means and M2s of a row block (each
+ * thread with its own residual scratch). */
+typedef struct {
+    const FN_T *x;
+    const bn_plan *p;
+    fn_stats *unit_stats;
+    double *unit_mean, *unit_m2;
+    atomic_int failed;
+} FN_NAME(bn_stats_job);
+
+static void FN_NAME(bn_stats_region)(fn_worker *w, void *arg)
+{
+    FN_NAME(bn_stats_job) *j = arg;
+    const bn_plan *p = j->p;
+    if (!p->rows) {
+        FN_FOR(w, u, p->units, p->unit_len)
+        {
+            bn_extent e = bn_unit_extent(p, u);
+            j->unit_stats[u] = FN_NAME(bn_unit_stats)(j->x + e.offset, e.len);
+        }
+        return;
+    }
+    const ptrdiff_t channels = p->channels;
+    double *residual = malloc((size_t)channels * sizeof(double));
+    if (residual == NULL)
+        atomic_store(&j->failed, 1);
+    FN_FOR(w, u, p->units, p->unit_len * channels)
+    {
+        if (residual == NULL)
+            continue;
+        bn_extent e = bn_unit_extent(p, u);
+        FN_NAME(bn_block_column_stats)(j->x + e.offset, e.len, channels, j->unit_mean + u * channels,
+                                       j->unit_m2 + u * channels, residual);
+    }
+    free(residual);
+}
+
 /* Batch mean and biased variance of every channel: per-unit statistics, then the fixed-order merge. */
 static fn_status FN_NAME(bn_statistics)(const FN_T *x, const bn_plan *p, double *mean, double *var,
                                         int num_threads)
 {
     const ptrdiff_t units = p->units;
-    (void)num_threads;
+    FN_NAME(bn_stats_job) j = {x, p, NULL, NULL, NULL, 0};
     if (!p->rows) {
-        fn_stats *unit_stats = malloc((size_t)units * sizeof(fn_stats));
-        if (unit_stats == NULL)
+        j.unit_stats = malloc((size_t)units * sizeof(fn_stats));
+        if (j.unit_stats == NULL)
             return FN_NOMEM;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-        for (ptrdiff_t u = 0; u < units; u++) {
-            bn_extent e = bn_unit_extent(p, u);
-            unit_stats[u] = FN_NAME(bn_unit_stats)(x + e.offset, e.len);
-        }
-        bn_merge_plane_stats(p, unit_stats, mean, var, num_threads);
-        free(unit_stats);
+        fn_team_run(num_threads, FN_NAME(bn_stats_region), &j);
+        bn_merge_plane_stats(p, j.unit_stats, mean, var, num_threads);
+        free(j.unit_stats);
         return FN_OK;
     }
 
@@ -104,28 +137,12 @@ static fn_status FN_NAME(bn_statistics)(const FN_T *x, const bn_plan *p, double 
     double *unit_partials = malloc((size_t)units * (size_t)channels * 2 * sizeof(double));
     if (unit_partials == NULL)
         return FN_NOMEM;
-    double *unit_mean = unit_partials;
-    double *unit_m2 = unit_partials + units * channels;
-    int failed = 0;
-#pragma omp parallel num_threads(num_threads)
-    {
-        double *residual = malloc((size_t)channels * sizeof(double));
-        if (residual == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (ptrdiff_t u = 0; u < units; u++) {
-            if (residual == NULL)
-                continue;
-            bn_extent e = bn_unit_extent(p, u);
-            FN_NAME(bn_block_column_stats)(x + e.offset, e.len, channels, unit_mean + u * channels,
-                                           unit_m2 + u * channels, residual);
-        }
-        free(residual);
-    }
+    j.unit_mean = unit_partials;
+    j.unit_m2 = unit_partials + units * channels;
+    fn_team_run(num_threads, FN_NAME(bn_stats_region), &j);
+    const int failed = atomic_load(&j.failed);
     if (!failed)
-        bn_merge_row_stats(p, unit_mean, unit_m2, mean, var, num_threads);
+        bn_merge_row_stats(p, j.unit_mean, j.unit_m2, mean, var, num_threads);
     free(unit_partials);
     return failed ? FN_NOMEM : FN_OK;
 }
@@ -205,37 +222,47 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_plane_run)(const FN_T *x, FN_T *y, ptrdi
         FN_NAME(bn_affine_run)(x, y, n, alpha[c], beta[c]);
 }
 
+typedef struct {
+    const FN_T *x;
+    FN_T *y;
+    const bn_plan *p;
+    const FN_T *xscale, *shift, *alpha, *beta;
+    int stream;
+} FN_NAME(bn_apply_job);
+
+static void FN_NAME(bn_apply_region)(fn_worker *w, void *arg)
+{
+    const FN_NAME(bn_apply_job) *j = arg;
+    const bn_plan *p = j->p;
+    const FN_T *x = j->x, *xscale = j->xscale, *shift = j->shift, *alpha = j->alpha, *beta = j->beta;
+    FN_T *y = j->y;
+    FN_T piece[FN_STATS_BLOCK];
+    FN_FOR(w, u, p->units, p->rows ? p->unit_len * p->channels : p->unit_len)
+    {
+        bn_extent e = bn_unit_extent(p, u);
+        if (p->rows && xscale != NULL)
+            FN_NAME(bn_scaled_rows)(x + e.offset, y + e.offset, e.len, p->channels, xscale, shift, alpha, beta);
+        else if (p->rows && shift != NULL)
+            FN_NAME(bn_shifted_rows)(x + e.offset, y + e.offset, e.len, p->channels, shift, alpha, beta);
+        else if (p->rows)
+            FN_NAME(bn_affine_rows)(x + e.offset, y + e.offset, e.len, p->channels, alpha, beta);
+        else if (j->stream) {
+            FN_NAME(bn_plane_run)(x + e.offset, piece, e.len, xscale, shift, e.channel, alpha, beta);
+            FN_NAME(fn_stream_store)(y + e.offset, piece, e.len);
+        } else
+            FN_NAME(bn_plane_run)(x + e.offset, y + e.offset, e.len, xscale, shift, e.channel, alpha, beta);
+    }
+}
+
 /* The one pass over x that writes y: y = (x - shift) * alpha + beta per channel, or x * alpha + beta
  * when shift is NULL, or (x * xscale - shift) * alpha + beta when xscale is not.  A large output of planes
  * is computed piece by piece into L1 and streamed out. */
 static void FN_NAME(bn_apply)(const FN_T *x, FN_T *y, const bn_plan *p, const FN_T *xscale, const FN_T *shift,
                               const FN_T *alpha, const FN_T *beta, int num_threads)
 {
-    const ptrdiff_t units = p->units;
     const int stream = !p->rows && fn_streams(p->outer * p->channels * p->inner, sizeof(FN_T));
-    (void)num_threads;
-#pragma omp parallel num_threads(num_threads)
-    {
-        FN_T piece[FN_STATS_BLOCK];
-#pragma omp for schedule(static)
-        for (ptrdiff_t u = 0; u < units; u++) {
-            bn_extent e = bn_unit_extent(p, u);
-            if (p->rows && xscale != NULL)
-                FN_NAME(bn_scaled_rows)(x + e.offset, y + e.offset, e.len, p->channels, xscale, shift, alpha,
-                                        beta);
-            else if (p->rows && shift != NULL)
-                FN_NAME(bn_shifted_rows)(x + e.offset, y + e.offset, e.len, p->channels, shift, alpha, beta);
-            else if (p->rows)
-                FN_NAME(bn_affine_rows)(x + e.offset, y + e.offset, e.len, p->channels, alpha, beta);
-            else if (stream) {
-                FN_NAME(bn_plane_run)(x + e.offset, piece, e.len, xscale, shift, e.channel, alpha, beta);
-                FN_NAME(fn_stream_store)(y + e.offset, piece, e.len);
-            } else
-                FN_NAME(bn_plane_run)(x + e.offset, y + e.offset, e.len, xscale, shift, e.channel, alpha, beta);
-        }
-        if (stream)
-            fn_stream_fence();
-    }
+    FN_NAME(bn_apply_job) j = {x, y, p, xscale, shift, alpha, beta, stream};
+    fn_team_run(num_threads, FN_NAME(bn_apply_region), &j);
 }
 
 #if FN_IS_F32
@@ -400,6 +427,61 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_grad_rows)(const FN_T *restrict dy, cons
     }
 }
 
+/* The backward pass's two parallel steps: the per-unit gradient sums, then dx. */
+typedef struct {
+    const FN_T *dy, *x;
+    FN_T *dx;
+    const bn_plan *p;
+    const double *mean, *invstd;
+    double *unit_sums;
+    size_t sums_per_unit;
+    const FN_T *alpha, *xscale, *shift, *slope, *offset; /* xscale NULL unless a channel leaves float32's range */
+    int stream;
+    int unused;
+} FN_NAME(bn_grad_job);
+
+static void FN_NAME(bn_grad_sums_region)(fn_worker *w, void *arg)
+{
+    const FN_NAME(bn_grad_job) *j = arg;
+    const bn_plan *p = j->p;
+    FN_FOR(w, u, p->units, 2 * (p->rows ? p->unit_len * p->channels : p->unit_len))
+    {
+        bn_extent e = bn_unit_extent(p, u);
+        double *sums = j->unit_sums + (size_t)u * j->sums_per_unit;
+        if (p->rows)
+            FN_NAME(bn_grad_sums_rows)(j->dy + e.offset, j->x + e.offset, e.len, p->channels, j->mean, sums,
+                                       sums + p->channels);
+        else
+            FN_NAME(bn_unit_grad_sums)(j->dy + e.offset, j->x + e.offset, e.len, j->mean[e.channel],
+                                       j->invstd[e.channel], sums);
+    }
+}
+
+static void FN_NAME(bn_grad_apply_region)(fn_worker *w, void *arg)
+{
+    const FN_NAME(bn_grad_job) *j = arg;
+    const bn_plan *p = j->p;
+    const FN_T *dy = j->dy, *x = j->x;
+    FN_T *dx = j->dx;
+    FN_T piece[FN_STATS_BLOCK];
+    FN_FOR(w, u, p->units, 3 * (p->rows ? p->unit_len * p->channels : p->unit_len))
+    {
+        bn_extent e = bn_unit_extent(p, u);
+        const ptrdiff_t c = e.channel;
+        const FN_T xs = j->xscale != NULL ? j->xscale[c] : 1;
+        if (p->rows)
+            FN_NAME(bn_grad_rows)(dy + e.offset, x + e.offset, dx + e.offset, e.len, p->channels, j->alpha,
+                                  j->xscale, j->shift, j->slope, j->offset);
+        else if (j->stream) {
+            FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, piece, e.len, j->alpha[c], xs, j->shift[c],
+                                 j->slope[c], j->offset[c]);
+            FN_NAME(fn_stream_store)(dx + e.offset, piece, e.len);
+        } else
+            FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, dx + e.offset, e.len, j->alpha[c], xs, j->shift[c],
+                                 j->slope[c], j->offset[c]);
+    }
+}
+
 fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t outer,
                                           ptrdiff_t channels, ptrdiff_t inner, const double *mean,
                                           const double *invstd, const double *weight, double *dweight,
@@ -416,18 +498,9 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
         free(coefs);
         return FN_NOMEM;
     }
-    (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t u = 0; u < units; u++) {
-        bn_extent e = bn_unit_extent(&p, u);
-        double *sums = unit_sums + (size_t)u * sums_per_unit;
-        if (p.rows)
-            FN_NAME(bn_grad_sums_rows)(dy + e.offset, x + e.offset, e.len, channels, mean, sums,
-                                       sums + channels);
-        else
-            FN_NAME(bn_unit_grad_sums)(dy + e.offset, x + e.offset, e.len, mean[e.channel], invstd[e.channel],
-                                       sums);
-    }
+    FN_NAME(bn_grad_job) j = {dy, x, dx, &p, mean, invstd, unit_sums, sums_per_unit, NULL, NULL, NULL, NULL,
+                              NULL, 0, 0};
+    fn_team_run(num_threads, FN_NAME(bn_grad_sums_region), &j);
     if (p.rows)
         bn_merge_row_sums(&p, unit_sums, dbias, dweight, num_threads);
     else
@@ -460,28 +533,13 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
         offset[c] = (FN_T)(-(dbias[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
     }
     /* As in bn_apply: a large dx of planes is computed into L1 and streamed out. */
-    const int stream = !p.rows && fn_streams(p.outer * channels * p.inner, sizeof(FN_T));
-#pragma omp parallel num_threads(num_threads)
-    {
-        FN_T piece[FN_STATS_BLOCK];
-#pragma omp for schedule(static)
-        for (ptrdiff_t u = 0; u < units; u++) {
-            bn_extent e = bn_unit_extent(&p, u);
-            const ptrdiff_t c = e.channel;
-            if (p.rows)
-                FN_NAME(bn_grad_rows)(dy + e.offset, x + e.offset, dx + e.offset, e.len, channels, alpha,
-                                      scaled ? xscale : NULL, shift, slope, offset);
-            else if (stream) {
-                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, piece, e.len, alpha[c], xscale[c], shift[c],
-                                     slope[c], offset[c]);
-                FN_NAME(fn_stream_store)(dx + e.offset, piece, e.len);
-            } else
-                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, dx + e.offset, e.len, alpha[c], xscale[c],
-                                     shift[c], slope[c], offset[c]);
-        }
-        if (stream)
-            fn_stream_fence();
-    }
+    j.stream = !p.rows && fn_streams(p.outer * channels * p.inner, sizeof(FN_T));
+    j.alpha = alpha;
+    j.xscale = scaled ? xscale : NULL;
+    j.shift = shift;
+    j.slope = slope;
+    j.offset = offset;
+    fn_team_run(num_threads, FN_NAME(bn_grad_apply_region), &j);
     free(coefs);
     return FN_OK;
 }

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 
 #include "fn_platform.h"
+#include "fn_pool.h"
 #include "fn_reductions.h"
 #include "fn_stats.h"
 

@@ -116,6 +116,54 @@ static void FN_NAME(gn_normalize_unit)(const gn_layout *l, const FN_T *x, FN_T *
     }
 }
 
+typedef struct {
+    const gn_layout *l;
+    const FN_T *x, *dy;
+    FN_T *y; /* y, or dx */
+    const double *weight, *bias;
+    double eps;
+    double *mean_out, *invstd_out; /* forward: the statistics written, which mean and invstd then read */
+    const double *mean, *invstd;
+    fn_stats *partial;
+    double *sums, *coefs, *dweight, *dbias;
+    ptrdiff_t channels;
+    int stream;
+} FN_NAME(gn_job);
+
+static void FN_NAME(gn_forward_region)(fn_worker *w, void *arg)
+{
+    const FN_NAME(gn_job) *j = arg;
+    const gn_layout *l = j->l;
+    const ptrdiff_t per_block = l->units_per_block;
+    const ptrdiff_t block_len = l->group_channels * l->spatial;
+    if (j->partial == NULL) {
+        FN_FOR(w, b, l->blocks, 2 * block_len)
+        {
+            gn_finish_stats(FN_NAME(gn_unit_stats)(l, j->x, b, 0), j->eps, &j->mean_out[b], &j->invstd_out[b]);
+            FN_NAME(gn_normalize_unit)(l, j->x, j->y, b, 0, j->weight, j->bias, j->mean[b], j->invstd[b],
+                                       j->stream);
+        }
+        return;
+    }
+    const ptrdiff_t units = l->blocks * per_block;
+    const ptrdiff_t unit_len = block_len / per_block;
+    FN_FOR(w, i, units, unit_len)
+    j->partial[i] = FN_NAME(gn_unit_stats)(l, j->x, i / per_block, i % per_block);
+    FN_FOR(w, b, l->blocks, per_block)
+    {
+        fn_stats s = fn_stats_empty();
+        for (ptrdiff_t u = 0; u < per_block; u++)
+            fn_stats_merge(&s, j->partial[b * per_block + u]);
+        gn_finish_stats(s, j->eps, &j->mean_out[b], &j->invstd_out[b]);
+    }
+    FN_FOR(w, i, units, unit_len)
+    {
+        ptrdiff_t b = i / per_block;
+        FN_NAME(gn_normalize_unit)(l, j->x, j->y, b, i % per_block, j->weight, j->bias, j->mean[b], j->invstd[b],
+                                   j->stream);
+    }
+}
+
 fn_status FN_NAME(fn_group_norm)(const FN_T *x, FN_T *y, ptrdiff_t batch, ptrdiff_t channels, ptrdiff_t spatial,
                                  ptrdiff_t groups, const double *weight, const double *bias, double eps,
                                  double *mean, double *invstd, int num_threads)
@@ -124,45 +172,17 @@ fn_status FN_NAME(fn_group_norm)(const FN_T *x, FN_T *y, ptrdiff_t batch, ptrdif
     const ptrdiff_t per_block = l.units_per_block;
     const ptrdiff_t units = l.blocks * per_block;
     const int parallel = batch * channels * spatial >= GN_PARALLEL_MIN;
+    FN_NAME(gn_job) j = {&l, x, NULL, y, weight, bias, eps, mean, invstd, mean, invstd, NULL, NULL, NULL, NULL, NULL,
+                         channels, 0};
     /* A large y is streamed to memory: no read of each of its lines before it is written. */
-    const int stream = fn_streams(batch * channels * spatial, sizeof(FN_T));
-    fn_stats *partial = NULL;
+    j.stream = fn_streams(batch * channels * spatial, sizeof(FN_T));
     if (per_block > 1) {
-        partial = malloc((size_t)units * sizeof *partial);
-        if (partial == NULL)
+        j.partial = malloc((size_t)units * sizeof *j.partial);
+        if (j.partial == NULL)
             return FN_NOMEM;
     }
-    (void)num_threads;
-    (void)parallel;
-#pragma omp parallel num_threads(num_threads) if (parallel)
-    {
-        if (partial == NULL) {
-#pragma omp for schedule(static)
-            for (ptrdiff_t b = 0; b < l.blocks; b++) {
-                gn_finish_stats(FN_NAME(gn_unit_stats)(&l, x, b, 0), eps, &mean[b], &invstd[b]);
-                FN_NAME(gn_normalize_unit)(&l, x, y, b, 0, weight, bias, mean[b], invstd[b], stream);
-            }
-        } else {
-#pragma omp for schedule(static)
-            for (ptrdiff_t i = 0; i < units; i++)
-                partial[i] = FN_NAME(gn_unit_stats)(&l, x, i / per_block, i % per_block);
-#pragma omp for schedule(static)
-            for (ptrdiff_t b = 0; b < l.blocks; b++) {
-                fn_stats s = fn_stats_empty();
-                for (ptrdiff_t u = 0; u < per_block; u++)
-                    fn_stats_merge(&s, partial[b * per_block + u]);
-                gn_finish_stats(s, eps, &mean[b], &invstd[b]);
-            }
-#pragma omp for schedule(static)
-            for (ptrdiff_t i = 0; i < units; i++) {
-                ptrdiff_t b = i / per_block;
-                FN_NAME(gn_normalize_unit)(&l, x, y, b, i % per_block, weight, bias, mean[b], invstd[b], stream);
-            }
-        }
-        if (stream)
-            fn_stream_fence();
-    }
-    free(partial);
+    fn_team_run(parallel ? num_threads : 1, FN_NAME(gn_forward_region), &j);
+    free(j.partial);
     return FN_OK;
 }
 
@@ -193,62 +213,68 @@ static void FN_NAME(gn_grad_apply_unit)(const gn_layout *l, const FN_T *dy, cons
     }
 }
 
+static void FN_NAME(gn_backward_region)(fn_worker *w, void *arg)
+{
+    const FN_NAME(gn_job) *j = arg;
+    const gn_layout *l = j->l;
+    const ptrdiff_t per_block = l->units_per_block;
+    const ptrdiff_t units = l->blocks * per_block;
+    const ptrdiff_t block_len = l->group_channels * l->spatial;
+    const FN_T *dy = j->dy, *x = j->x;
+    if (per_block == 1) {
+        FN_FOR(w, b, l->blocks, 3 * block_len)
+        {
+            FN_NAME(gn_unit_grad_sums)(l, dy, x, b, 0, j->mean[b], j->invstd[b], j->sums);
+            gn_block_grad_coefficients(l, j->sums, b, j->weight, j->invstd[b], &j->coefs[2 * b]);
+            FN_NAME(gn_grad_apply_unit)(l, dy, x, j->y, b, 0, j->weight, j->mean[b], j->invstd[b], &j->coefs[2 * b]);
+        }
+    } else {
+        const ptrdiff_t unit_len = block_len / per_block;
+        FN_FOR(w, i, units, 2 * unit_len)
+        {
+            ptrdiff_t b = i / per_block;
+            FN_NAME(gn_unit_grad_sums)(l, dy, x, b, i % per_block, j->mean[b], j->invstd[b], j->sums);
+        }
+        FN_FOR(w, b, l->blocks, l->group_channels * l->chunks_per_plane)
+        gn_block_grad_coefficients(l, j->sums, b, j->weight, j->invstd[b], &j->coefs[2 * b]);
+        FN_FOR(w, i, units, 3 * unit_len)
+        {
+            ptrdiff_t b = i / per_block;
+            FN_NAME(gn_grad_apply_unit)(l, dy, x, j->y, b, i % per_block, j->weight, j->mean[b], j->invstd[b],
+                                        &j->coefs[2 * b]);
+        }
+    }
+    /* Per-channel sums over the batch, in batch order; chunk 0 holds each plane's total by now. */
+    const ptrdiff_t batch = l->blocks / l->groups;
+    FN_FOR(w, c, j->channels, 2 * batch)
+    {
+        ptrdiff_t g = c / l->group_channels, p = c % l->group_channels;
+        double sum_dy = 0.0, sum_dy_xhat = 0.0;
+        for (ptrdiff_t n = 0; n < batch; n++) {
+            ptrdiff_t b = n * l->groups + g;
+            const double *total = gn_plane_sums(l, j->sums, b, p, 0);
+            sum_dy += total[0];
+            sum_dy_xhat += j->invstd[b] * total[1];
+        }
+        j->dbias[c] = sum_dy;
+        j->dweight[c] = sum_dy_xhat;
+    }
+}
+
 fn_status FN_NAME(fn_group_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t batch,
                                           ptrdiff_t channels, ptrdiff_t spatial, ptrdiff_t groups,
                                           const double *mean, const double *invstd, const double *weight,
                                           double *dweight, double *dbias, int num_threads)
 {
     const gn_layout l = gn_plan_layout(batch, channels, spatial, groups);
-    const ptrdiff_t per_block = l.units_per_block;
-    const ptrdiff_t units = l.blocks * per_block;
     const int parallel = batch * channels * spatial >= GN_PARALLEL_MIN;
     const size_t nsums = 2 * (size_t)(batch * channels * l.chunks_per_plane);
     double *sums = malloc((nsums + 2 * (size_t)l.blocks) * sizeof *sums);
     if (sums == NULL)
         return FN_NOMEM;
-    double *coefs = sums + nsums;
-    (void)num_threads;
-    (void)parallel;
-#pragma omp parallel num_threads(num_threads) if (parallel)
-    {
-        if (per_block == 1) {
-#pragma omp for schedule(static)
-            for (ptrdiff_t b = 0; b < l.blocks; b++) {
-                FN_NAME(gn_unit_grad_sums)(&l, dy, x, b, 0, mean[b], invstd[b], sums);
-                gn_block_grad_coefficients(&l, sums, b, weight, invstd[b], &coefs[2 * b]);
-                FN_NAME(gn_grad_apply_unit)(&l, dy, x, dx, b, 0, weight, mean[b], invstd[b], &coefs[2 * b]);
-            }
-        } else {
-#pragma omp for schedule(static)
-            for (ptrdiff_t i = 0; i < units; i++) {
-                ptrdiff_t b = i / per_block;
-                FN_NAME(gn_unit_grad_sums)(&l, dy, x, b, i % per_block, mean[b], invstd[b], sums);
-            }
-#pragma omp for schedule(static)
-            for (ptrdiff_t b = 0; b < l.blocks; b++)
-                gn_block_grad_coefficients(&l, sums, b, weight, invstd[b], &coefs[2 * b]);
-#pragma omp for schedule(static)
-            for (ptrdiff_t i = 0; i < units; i++) {
-                ptrdiff_t b = i / per_block;
-                FN_NAME(gn_grad_apply_unit)(&l, dy, x, dx, b, i % per_block, weight, mean[b], invstd[b],
-                                            &coefs[2 * b]);
-            }
-        }
-        /* Per-channel sums over the batch, in batch order; chunk 0 holds each plane's total by now. */
-#pragma omp for schedule(static)
-        for (ptrdiff_t c = 0; c < channels; c++) {
-            ptrdiff_t g = c / l.group_channels, p = c % l.group_channels;
-            double sum_dy = 0.0, sum_dy_xhat = 0.0;
-            for (ptrdiff_t n = 0; n < batch; n++) {
-                ptrdiff_t b = n * groups + g;
-                const double *total = gn_plane_sums(&l, sums, b, p, 0);
-                sum_dy += total[0];
-                sum_dy_xhat += invstd[b] * total[1];
-            }
-            dbias[c] = sum_dy;
-            dweight[c] = sum_dy_xhat;
-        }
-    }
+    FN_NAME(gn_job) j = {&l, x, dy, dx, weight, NULL, 0.0, NULL, NULL, mean, invstd, NULL, sums, sums + nsums,
+                         dweight, dbias, channels, 0};
+    fn_team_run(parallel ? num_threads : 1, FN_NAME(gn_backward_region), &j);
     free(sums);
     return FN_OK;
 }

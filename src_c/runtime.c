@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "fn_platform.h"
+#include "fn_pool.h"
 
 /* Bytes per parallel task of fn_parallel_copy. */
 #define FN_COPY_PIECE ((size_t)1 << 20)
@@ -14,16 +15,26 @@ int fn_get_max_threads(void) { return fn_omp_get_max_threads(); }
 
 void fn_set_max_threads(int n) { fn_omp_set_num_threads(n); }
 
+typedef struct {
+    char *dst;
+    const char *src;
+    size_t nbytes;
+} fn_copy_job;
+
+static void fn_copy_region(fn_worker *w, void *arg)
+{
+    const fn_copy_job *j = arg;
+    const ptrdiff_t pieces = (ptrdiff_t)((j->nbytes + FN_COPY_PIECE - 1) / FN_COPY_PIECE);
+    FN_FOR(w, p, pieces, (ptrdiff_t)(FN_COPY_PIECE / 4))
+    {
+        size_t start = (size_t)p * FN_COPY_PIECE;
+        size_t len = j->nbytes - start < FN_COPY_PIECE ? j->nbytes - start : FN_COPY_PIECE;
+        memcpy(j->dst + start, j->src + start, len);
+    }
+}
+
 void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads)
 {
-    const ptrdiff_t pieces = (ptrdiff_t)((nbytes + FN_COPY_PIECE - 1) / FN_COPY_PIECE);
-    char *d = (char *)dst;
-    const char *s = (const char *)src;
-    (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t p = 0; p < pieces; p++) {
-        size_t start = (size_t)p * FN_COPY_PIECE;
-        size_t len = nbytes - start < FN_COPY_PIECE ? nbytes - start : FN_COPY_PIECE;
-        memcpy(d + start, s + start, len);
-    }
+    fn_copy_job j = {(char *)dst, (const char *)src, nbytes};
+    fn_team_run(num_threads, fn_copy_region, &j);
 }

@@ -6,6 +6,7 @@ statistics and gradients are C-contiguous float64 arrays; weight and bias may be
 cimport numpy as cnp
 
 from foldnorm.kernels._kernels cimport (
+    attach_pool,
     check,
     element_type,
     fn_batch_norm_backward_f32,
@@ -21,6 +22,7 @@ from foldnorm.kernels._kernels cimport (
 )
 
 cnp.import_array()
+attach_pool()
 
 
 def batch_norm(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, Py_ssize_t channels,

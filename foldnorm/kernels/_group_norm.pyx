@@ -8,6 +8,7 @@ weight and bias may be None.
 cimport numpy as cnp
 
 from foldnorm.kernels._kernels cimport (
+    attach_pool,
     check,
     element_type,
     fn_group_norm_backward_f32,
@@ -21,6 +22,7 @@ from foldnorm.kernels._kernels cimport (
 )
 
 cnp.import_array()
+attach_pool()
 
 
 def forward(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t groups, cnp.ndarray weight,

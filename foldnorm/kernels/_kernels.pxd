@@ -7,6 +7,7 @@ conventions of the C entry points (argument order, float64 parameters and statis
 src_c/fn_api.h's.
 """
 cimport numpy as cnp
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stddef cimport ptrdiff_t
 
 
@@ -85,6 +86,25 @@ cdef extern from "runtime.h" nogil:
     int fn_get_max_threads()
     void fn_set_max_threads(int n)
     void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads)
+
+
+cdef extern from "fn_pool.h" nogil:
+    ctypedef void (*fn_team_runner)(int num_threads, void *region, void *arg)
+    void fn_pool_attach(fn_team_runner runner)
+
+
+cdef extern from "pool.h" nogil:
+    enum: FN_POOL_STAT_COUNT
+    void fn_pool_run(int num_threads, void *region, void *arg)
+    void fn_pool_stats(long long *out)
+    void fn_pool_hold_workers(int held)
+
+
+cdef inline int attach_pool() except -1:
+    """Run this module's parallel regions on the process's one pool, foldnorm.kernels._runtime's."""
+    from foldnorm.kernels import _runtime
+    fn_pool_attach(<fn_team_runner>PyCapsule_GetPointer(_runtime.pool_capsule(), b"foldnorm.pool"))
+    return 0
 
 
 # The compiler and flags the extensions were built with: macros that setup.py defines.

@@ -7,6 +7,7 @@ bias may be None.
 cimport numpy as cnp
 
 from foldnorm.kernels._kernels cimport (
+    attach_pool,
     check,
     element_type,
     fn_layer_norm_backward_f32,
@@ -24,6 +25,7 @@ from foldnorm.kernels._kernels cimport (
 )
 
 cnp.import_array()
+attach_pool()
 
 
 def layer_norm(cnp.ndarray x not None, cnp.ndarray weight, cnp.ndarray bias, cnp.ndarray y not None,

@@ -8,10 +8,36 @@ from foldnorm.kernels._kernels cimport (
     fn_get_max_threads,
     fn_openmp_enabled,
     fn_parallel_copy,
+    fn_pool_attach,
+    fn_pool_hold_workers,
+    fn_pool_run,
+    fn_pool_stats,
     fn_set_max_threads,
+    fn_team_runner,
+    FN_POOL_STAT_COUNT,
 )
+from cpython.pycapsule cimport PyCapsule_New
 
 cnp.import_array()
+fn_pool_attach(<fn_team_runner>fn_pool_run)
+
+
+def pool_capsule():
+    """The pool's entry point, for the other kernel modules to run their regions on (see _kernels.pxd)."""
+    return PyCapsule_New(<void *>fn_pool_run, b"foldnorm.pool", NULL)
+
+
+def pool_stats():
+    """The pool's counters since the process started (see src_c/pool.h)."""
+    cdef long long out[FN_POOL_STAT_COUNT]
+    fn_pool_stats(out)
+    names = ("team_regions", "busy_regions", "caller_units", "worker_units", "workers_started")
+    return {name: out[k] for k, name in enumerate(names)}
+
+
+def hold_workers(bint held):
+    """For tests: while held, no worker joins a region, as if none were ever scheduled."""
+    fn_pool_hold_workers(held)
 
 
 def openmp_enabled():
