@@ -7,8 +7,8 @@
  * workers still inside to leave, which only takes them the time to see that their loops are done.  A worker
  * that is not scheduled until after the close never joins, so nothing waits for it.
  *
- * Between regions a worker spins for FN_POOL_SPIN_NS, giving its core away between looks after the first
- * FN_POOL_PURE_SPIN_NS, then sleeps on a condition variable, which a caller signals only when a worker sleeps.
+ * Between regions a worker spins for FN_POOL_SPIN_NS, or until it finds it was descheduled, then sleeps on a
+ * condition variable, which a caller signals only when a worker sleeps.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "pool.h"
@@ -21,10 +21,12 @@
 
 #define FN_POOL_MAX_WORKERS 255
 /* A worker looks for the next region this long after one before it sleeps: long enough that calls made
- * back to back from Python (microseconds apart) find it awake, short enough that it takes little from
- * other processes on a busy machine (and it yields its core between looks after the first part). */
-#define FN_POOL_SPIN_NS 100000
-#define FN_POOL_PURE_SPIN_NS 10000
+ * back to back from Python (microseconds apart) find it awake.  It sleeps at once when it finds that it was
+ * descheduled while it looked (two looks further apart than FN_POOL_PREEMPTED_NS): the machine is busy, a
+ * spinning thread only takes time from other processes there, and a thread that sleeps between calls is
+ * the one the scheduler runs promptly when it is woken. */
+#define FN_POOL_SPIN_NS 50000
+#define FN_POOL_PREEMPTED_NS 20000
 
 #define FN_STATE_OPEN ((uint64_t)1 << 31)
 #define FN_STATE_ACTIVE ((uint64_t)FN_STATE_OPEN - 1)
@@ -34,6 +36,7 @@ static struct {
     atomic_int limit;   /* workers the open region takes at most */
     atomic_int hold;    /* tests: workers join nothing */
     atomic_int sleepers;
+    atomic_llong spin_ns; /* FN_POOL_SPIN_NS unless a benchmark changes it */
     atomic_flag busy;   /* a region is being run */
     /* The open region, written before its generation is published and read only by joined workers. */
     fn_region region;
@@ -44,6 +47,7 @@ static struct {
     pthread_cond_t wake;
     atomic_llong stats[FN_POOL_STAT_COUNT];
 } fn_pool = {
+    .spin_ns = FN_POOL_SPIN_NS,
     .busy = ATOMIC_FLAG_INIT,
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .wake = PTHREAD_COND_INITIALIZER,
@@ -63,19 +67,20 @@ static uint64_t fn_pool_next_region(uint64_t seen)
 {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    long long last = 0;
+    const long long spin_ns = atomic_load_explicit(&fn_pool.spin_ns, memory_order_relaxed);
     for (unsigned i = 1;; i++) {
         uint64_t s = atomic_load_explicit(&fn_pool.state, memory_order_acquire);
         if (s >> 32 != seen)
             return s;
-        if (i % 64 != 0) {
+        if (i % 16 != 0) {
             fn_cpu_relax();
             continue;
         }
-        long long ns = fn_elapsed_ns(&t0);
-        if (ns > FN_POOL_SPIN_NS)
+        const long long ns = fn_elapsed_ns(&t0);
+        if (ns > spin_ns || ns - last > FN_POOL_PREEMPTED_NS)
             break;
-        if (ns > FN_POOL_PURE_SPIN_NS)
-            sched_yield();
+        last = ns;
     }
     /* The sleeper count and the state are sequentially consistent on both sides: either this worker sees
      * the new generation, or the caller that published it sees the sleeper and signals under the lock. */
@@ -210,3 +215,5 @@ void fn_pool_stats(long long out[FN_POOL_STAT_COUNT])
 }
 
 void fn_pool_hold_workers(int held) { atomic_store(&fn_pool.hold, held != 0); }
+
+void fn_pool_set_spin(long long ns) { atomic_store(&fn_pool.spin_ns, ns < 0 ? 0 : ns); }

@@ -19,4 +19,8 @@ void fn_pool_stats(long long out[FN_POOL_STAT_COUNT]);
  * one; the caller must then do all the work. */
 void fn_pool_hold_workers(int held);
 
+/* For benchmarks: how long idle workers spin before they sleep (FN_POOL_SPIN_NS by default; 0 sleeps at once,
+ * as OpenMP's passive wait policy does). */
+void fn_pool_set_spin(long long ns);
+
 #endif

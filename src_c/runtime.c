@@ -11,6 +11,34 @@
 
 int fn_openmp_enabled(void) { return FN_OPENMP_ENABLED; }
 
+const char *fn_vector_paths(void)
+{
+#if FN_VECTOR_DISPATCH
+    return "x86-64-v4,x86-64-v3,baseline";
+#elif defined(__AVX512F__)
+    return "compile-time AVX-512";
+#elif defined(__AVX2__)
+    return "compile-time AVX2";
+#else
+    return "baseline";
+#endif
+}
+
+const char *fn_vector_path(void)
+{
+#if FN_VECTOR_DISPATCH
+    /* The choice the loader's dispatch makes: the highest level this CPU supports. */
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4"))
+        return "x86-64-v4";
+    if (__builtin_cpu_supports("x86-64-v3"))
+        return "x86-64-v3";
+    return "baseline";
+#else
+    return fn_vector_paths();
+#endif
+}
+
 int fn_get_max_threads(void) { return fn_omp_get_max_threads(); }
 
 void fn_set_max_threads(int n) { fn_omp_set_num_threads(n); }

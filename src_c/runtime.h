@@ -7,6 +7,11 @@
 /* 1 when the kernels were built with OpenMP, else 0 (they then run on one thread). */
 int fn_openmp_enabled(void);
 
+/* The vector versions of the compute-bound loops this build has ("x86-64-v4,x86-64-v3,baseline" with the
+ * loader's dispatch, else the one the compiler's target gave), and the one that runs on this CPU. */
+const char *fn_vector_paths(void);
+const char *fn_vector_path(void);
+
 /* The default thread count of a kernel call, and setting it: OpenMP's setting (its nthreads-var, which
  * OMP_NUM_THREADS and threadpoolctl also set), though the kernels run on foldnorm's own team (fn_pool.h);
  * 1, and nothing, without OpenMP. */

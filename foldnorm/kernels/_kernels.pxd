@@ -83,6 +83,8 @@ cdef extern from "layer_norm.h" nogil:
 
 cdef extern from "runtime.h" nogil:
     int fn_openmp_enabled()
+    const char *fn_vector_paths()
+    const char *fn_vector_path()
     int fn_get_max_threads()
     void fn_set_max_threads(int n)
     void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads)
@@ -98,6 +100,7 @@ cdef extern from "pool.h" nogil:
     void fn_pool_run(int num_threads, void *region, void *arg)
     void fn_pool_stats(long long *out)
     void fn_pool_hold_workers(int held)
+    void fn_pool_set_spin(long long ns)
 
 
 cdef inline int attach_pool() except -1:

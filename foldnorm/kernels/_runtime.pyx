@@ -7,10 +7,13 @@ from foldnorm.kernels._kernels cimport (
     FOLDNORM_COMPILER,
     fn_get_max_threads,
     fn_openmp_enabled,
+    fn_vector_path,
+    fn_vector_paths,
     fn_parallel_copy,
     fn_pool_attach,
     fn_pool_hold_workers,
     fn_pool_run,
+    fn_pool_set_spin,
     fn_pool_stats,
     fn_set_max_threads,
     fn_team_runner,
@@ -45,6 +48,16 @@ def openmp_enabled():
     return bool(fn_openmp_enabled())
 
 
+def vector_paths():
+    """The vector versions of the kernels' loops this build has, comma-separated."""
+    return fn_vector_paths().decode()
+
+
+def vector_path():
+    """The vector version that runs on this CPU."""
+    return fn_vector_path().decode()
+
+
 def compiler():
     """The C compiler the kernels were built with."""
     return FOLDNORM_COMPILER.decode()
@@ -74,3 +87,8 @@ def parallel_copy(cnp.ndarray dst not None, cnp.ndarray src not None, int num_th
     cdef const void *s = cnp.PyArray_DATA(src)
     with nogil:
         fn_parallel_copy(d, s, nbytes, num_threads)
+
+
+def set_spin(long long nanoseconds):
+    """For benchmarks: how long idle workers spin before they sleep (0: at once)."""
+    fn_pool_set_spin(nanoseconds)
