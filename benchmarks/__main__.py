@@ -1,5 +1,5 @@
 """python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
-| compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners 2] [--seconds 1.5] [--rounds 3]
+| compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners N] [--base-root DIR] [--smoke]
 | big [--megabytes 300] [--rounds 5] [--huge]"""
 import argparse
 import os
@@ -49,7 +49,8 @@ def parser():
     compare.add_argument("--threshold", type=float, default=0.10,
                          help="flag figures slower by more than this fraction (default 0.10)")
     under_load.add_arguments(commands.add_parser(
-        "under-load", help="batch_norm_train latency beside torch while other processes spin"))
+        "under-load", help="the kernels' latency while other processes spin, against one thread, torch and a base; "
+        "two processes sharing the cores"))
     big_model.add_arguments(commands.add_parser(
         "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
     ab = commands.add_parser("ab", help="the working tree against a git ref, interleaved on this machine; "

@@ -101,10 +101,9 @@ def main(argv=None):
     parser.add_argument("--counts", action="store_true")
     args = parser.parse_args(argv)
     foldnorm = _load_foldnorm(args.foldnorm_root)
-    from .kernels import KernelCase
+    from .kernels import cases_from_spec
 
-    cases = [KernelCase(kernel, tuple(shape), groups, channels_last)
-             for kernel, shape, groups, channels_last in json.loads(args.cases)]
+    cases = cases_from_spec(args.cases)
     if args.counts:
         measured, skipped = counts(cases)
         print(json.dumps({"regions": measured, "skipped": skipped}))

@@ -340,3 +340,14 @@ def test_the_plots_and_the_table_name_no_internal_tracking_numbers():
 
     for module in (report, fold_scaling, kernels, models, runner):
         assert "issue" not in inspect.getsource(module).lower(), module.__name__
+
+
+@pytest.mark.parametrize("kernel", ["batch_norm", "batch_norm_train", "batch_norm_backward"])
+@pytest.mark.parametrize("shape, channels_last", [((64, 8), False), ((4, 8, 5), False), ((2, 8, 3, 5), True)])
+def test_batch_norm_benches_of_any_rank_match_their_float64_reference(kernel, shape, channels_last):
+    bench = kernels.BENCHES[kernel](kernels.KernelCase(kernel, shape, channels_last=channels_last),
+                                    np.random.default_rng(1))
+    output = bench.foldnorm(1)()
+    primary = output[0] if isinstance(output, tuple) else output
+    assert primary.shape == bench.x.shape
+    np.testing.assert_allclose(primary, bench.reference(), rtol=1e-4, atol=1e-4)
