@@ -129,6 +129,7 @@ def main(argv=None):
     config = config_for(args.mode or "full")
     if args.kernels is not None:
         config.kernel_cases = [c for c in config.kernel_cases if c.kernel in args.kernels]
+        config.cache_kernels = tuple(k for k in config.cache_kernels if k in args.kernels)
     if args.models is not None:
         config.model_cases = [c for c in config.model_cases if c.name in args.models]
         if fold_scaling.NAME not in args.models:

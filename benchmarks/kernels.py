@@ -541,6 +541,19 @@ BENCHES = {
 }
 
 
+def time_against_copy(bench, threads, repeats, warmup=1, settle=0.0):
+    """Samples of the bench's foldnorm call and of the same-size multi-threaded copy at every thread count,
+    interleaved: keys foldnorm@t and copy@t. Unavailable when foldnorm cannot run the case."""
+    from .harness import measure, parallel_copy
+
+    destination = np.empty_like(bench.x)
+    contenders = []
+    for t in threads:
+        contenders.append(Contender("foldnorm", t, bench.foldnorm(t)))
+        contenders.append(Contender("copy", t, lambda t=t: parallel_copy(destination, bench.x, t)))
+    return measure(contenders, repeats, warmup=warmup, settle=settle)
+
+
 def run_case(case, threads, repeats, warmup=1, reference_repeats=1, settle=0.0, seed=0):
     """Time one case at every thread count; returns its JSON-ready result (with `skipped` if it cannot run)."""
     from .harness import thread_settings_kept

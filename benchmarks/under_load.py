@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from .counts import case_spec
 from .harness import Unavailable, usable_cores
 from .kernels import BENCHES, KernelCase, cases_from_spec
+from .machine import caches
 
 CALLS = (
     KernelCase("batch_norm", (32, 64, 28, 28)),
@@ -368,7 +369,7 @@ def run(calls, settings, spinners, seconds, min_calls, rounds, throughput_call=N
     facts = {"spinners": spinners, "cores": usable_cores(), "load_average_before": _load_average(),
              "seconds": seconds, "min_calls": min_calls, "rounds": rounds,
              "settings": [{"name": s.name, "label": s.label} for s in settings], "base_root": base_root,
-             "build": _build_info()}
+             "build": _build_info(), "caches": caches()}
     results = []
     spinning = start_spinners(spinners)
     try:

@@ -7,6 +7,7 @@ import pytest
 import foldnorm
 from benchmarks import under_load
 from benchmarks.__main__ import main
+from benchmarks.machine import caches
 
 TINY = ["under-load", "--smoke", "--spinners", "0", "--seconds", "0.02", "--min-calls", "3", "--rounds", "1"]
 
@@ -97,6 +98,7 @@ def test_a_tiny_quiet_run_times_every_call_and_both_checks(tmp_path, capsys):
     figures = json.loads(out.read_text())
     assert figures["spinners"] == 0 and figures["rounds"] == 1
     assert figures["build"]["vector_path"] == foldnorm.build_info()["vector_path"]
+    assert figures["caches"] == caches()
     assert [r["call"]["label"] for r in figures["results"]] == [under_load.call_label(c) for c in under_load.SMOKE_CALLS]
     for result in figures["results"]:
         summary = result["summary"]
