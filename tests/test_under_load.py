@@ -38,7 +38,8 @@ def _figures(mean, p99):
 def test_the_default_may_be_25_percent_or_50_us_slower_than_one_thread_in_mean_and_p99():
     single = _figures(1.0, 10.0)
     met = under_load.verdict({"default": _figures(1.25, 12.5), "one_thread": single})
-    assert met["met"] and met["mean"] == {"ratio": 1.25, "excess_ms": pytest.approx(0.25), "met": True}
+    assert met["met"] and met["mean"] == {"ratio": 1.25, "excess_ms": pytest.approx(0.25), "met": True,
+                                          "round_ratios": []}
     assert not under_load.verdict({"default": _figures(1.3, 5.0), "one_thread": single})["met"]
     late = under_load.verdict({"default": _figures(0.5, 12.6), "one_thread": single})
     assert late["mean"]["met"] and not late["p99"]["met"] and not late["met"]
@@ -47,6 +48,14 @@ def test_the_default_may_be_25_percent_or_50_us_slower_than_one_thread_in_mean_a
     assert under_load.verdict({"default": _figures(0.04, 0.1), "one_thread": fast})["met"]
     assert not under_load.verdict({"default": _figures(0.08, 0.1), "one_thread": fast})["met"]
     assert under_load.verdict({"default": _figures(1.0, 1.0), "one_thread": {"error": "crashed"}}) is None
+
+
+def test_each_rounds_ratio_is_kept_beside_the_pooled_one():
+    ours = dict(_figures(3.0, 30.0), rounds=[_figures(1.0, 10.0), _figures(5.0, 50.0)])
+    single = dict(_figures(2.0, 20.0), rounds=[_figures(2.0, 20.0), _figures(2.0, 20.0)])
+    result = under_load.verdict({"default": ours, "one_thread": single})
+    assert result["mean"]["ratio"] == 1.5 and result["mean"]["round_ratios"] == [0.5, 2.5]
+    assert result["p99"]["round_ratios"] == [0.5, 2.5] and not result["met"]
 
 
 def test_the_throughput_verdict_needs_90_percent_of_one_thread_per_process():
@@ -107,8 +116,9 @@ def test_a_tiny_quiet_run_times_every_call_and_both_checks(tmp_path, capsys):
         assert summary["one_thread"]["threads"] == 1
         for figures_of_one in summary.values():
             assert figures_of_one["calls"] >= 3 and 0 < figures_of_one["p50_ms"] <= figures_of_one["p99_ms"]
+            assert [r["calls"] for r in figures_of_one["rounds"]] == [figures_of_one["calls"]]
             assert set(figures_of_one["pool"]) >= {"team_regions", "caller_units", "worker_units"}
-        assert set(result["verdict"]) == {"mean", "p99", "met"}
+        assert set(result["verdict"]) == {"mean", "p99", "met"} and len(result["verdict"]["p99"]["round_ratios"]) == 1
         assert "| %s | " % result["call"]["label"] in table
     throughput = figures["throughput"]
     assert throughput["call"]["label"] == under_load.call_label(under_load.SMOKE_THROUGHPUT_CALL)
