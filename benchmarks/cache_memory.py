@@ -8,6 +8,8 @@ whole working set fits in the last-level cache (tensors of FIT_SHARE of it) and 
 MEMORY_SHARE of the available memory. When that cap keeps the tensors within the cache, the result says so.
 """
 import gc
+import statistics
+import time
 
 import numpy as np
 
@@ -65,11 +67,13 @@ def run(threads, repeats, settle, kernels=KERNELS, sizes=None):
         fit, beyond, note = tensor_sizes(llc["bytes_total"] if llc else None, machine.available_memory())
     else:
         (fit, beyond), note = sizes, "sizes fixed for a smoke run, not set from the caches"
+    started = time.perf_counter()
     result = {"caches": found, "last_level_bytes": llc["bytes_total"] if llc else None, "fit_bytes": fit,
               "beyond_bytes": beyond, "note": note, "cases": []}
     for set_name, case in cases(fit, beyond, kernels):
         result["cases"].append(_run_case(set_name, case, threads, repeats, settle))
         gc.collect()  # the larger set's tensors are freed before the next case allocates its own
+    result["seconds"] = time.perf_counter() - started
     return result
 
 
@@ -119,4 +123,11 @@ def markdown(result):
             lines.append(head + " %d | %.3g | %.1f | %.1f | %.2fx |" % (
                 row["threads"], row["foldnorm"]["median"] * 1e3, row["gbps"], row["copy_gbps"],
                 row["x_copy"]["median"]))
+    at_most = [(e["set"], e["rows"][-1]) for e in result["cases"] if "rows" in e]  # at the most threads
+    if at_most:
+        speeds = ["%.1f GB/s %s" % (statistics.median(r["copy_gbps"] for n, r in at_most if n == name), words)
+                  for name, words in (("cache", "in cache"), ("memory", "beyond it"))
+                  if any(n == name for n, _ in at_most)]
+        lines += ["", "The copy at %d threads: %s (median over the cases)." % (at_most[0][1]["threads"],
+                                                                            ", ".join(speeds))]
     return lines + [""]

@@ -181,6 +181,7 @@ def test_smoke_run_writes_table_json_and_plots(tmp_path, capsys):
     sets = results["cache_memory"]
     assert (sets["fit_bytes"], sets["beyond_bytes"]) == cache_memory.SMOKE_SIZES
     assert "sizes fixed for a smoke run" in sets["note"] and "#### Cache and memory" in table
+    assert "The copy at 2 threads: " in table and sets["seconds"] > 0
     assert [(c["set"], c["kernel"]) for c in sets["cases"]] == [
         ("cache", "batch_norm"), ("cache", "layer_norm"), ("memory", "batch_norm"), ("memory", "layer_norm")]
     for case in sets["cases"]:
