@@ -170,12 +170,14 @@ def markdown(results):
             ", ".join(map(str, machine["threads"])), " ".join("%.2f" % v for v in load) if load else "n/a", bound),
         "Copy roof (64 MiB multi-threaded memcpy, bytes read + written): %s. Pause after each timed call "
         "(OpenMP workers' spin, doubled): %.1f ms." % (copy, 1e3 * machine.get("settle_seconds", 0.0)),
-        "Versions: %s. foldnorm build: OpenMP %s, %s %s; vector path %s (built: %s)." % (
+        "Versions: %s. foldnorm build: OpenMP %s, %s %s%s." % (
             versions, "on" if build["openmp"] else "off", build["compiler"], build["cflags"],
-            build.get("vector_path", "n/a"), build.get("vector_paths", "n/a")),
-        "Caches: %s." % caches_text(machine.get("caches", [])),
-        "",
+            "; vector path %s (built: %s)" % (build["vector_path"], build.get("vector_paths"))
+            if "vector_path" in build else ""),
     ]
+    if "caches" in machine:  # runs before the caches were recorded have no line for them
+        lines.append("Caches: %s." % caches_text(machine["caches"]))
+    lines.append("")
     kernels = results["kernels"]
     lines += _headline(kernels, results["models"])
     if kernels:
