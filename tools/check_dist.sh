@@ -37,7 +37,7 @@ esac
 listing=$(unzip -Z1 "$wheel")
 if grep -E '\.(c|pyx|pxd|h)$' <<<"$listing"; then fail "the wheel ships sources"; fi
 grep -qE '^foldnorm\.libs/libgomp-[^/]*\.so' <<<"$listing" || fail "the wheel has no libgomp of its own (foldnorm.libs/)"
-say "wheel $(basename "$wheel"): no sources, bundles $(grep -E '^foldnorm\.libs/' <<<"$listing" | tr '\n' ' ')"
+say "wheel $(basename "$wheel"): no sources, bundles $(grep -E '^foldnorm\.libs/.' <<<"$listing" | tr '\n' ' ')"
 
 # The sdist: the build's sources, the tests, the benchmarks, the examples and the files the README names.
 contents=$(tar -tzf "$sdist" | sed 's|^[^/]*/||')
@@ -81,9 +81,10 @@ else
 fi
 
 cd "$scratch"
-loaded=$(LD_DEBUG=libs hidden python -c "import foldnorm.kernels" 2>&1 | awk '/calling init: .*libgomp/ {print $NF}' | sort -u)
+loaded=$(LD_DEBUG=libs hidden python -c "import foldnorm.kernels" 2>&1 | awk '/calling init: .*libgomp/ {print $NF}' |
+	xargs -r -n1 realpath | sort -u)
 [ -n "$loaded" ] || fail "no libgomp was loaded with the kernels (a build without OpenMP?)"
-site=$(in_venv python -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")
+site=$(realpath "$(in_venv python -c "import sysconfig; print(sysconfig.get_paths()['platlib'])")")
 for lib in $loaded; do
 	case "$lib" in "$site"/foldnorm.libs/*) ;; *) fail "the kernels loaded $lib, not the wheel's own libgomp" ;; esac
 done
