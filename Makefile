@@ -32,6 +32,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/foldnorm demo
+	@echo "make demo: the foldnorm command is $(VENV)/bin/foldnorm; to have it on PATH: source $(VENV)/bin/activate"
 
 # The C sources without a warning at -Wall -Wextra, with OpenMP and without; optimized too, since some
 # warnings (values maybe used uninitialized) only appear then; and every header compiles on its own, but for
