@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 SOURCES := pyproject.toml setup.py $(wildcard src_c/*.c src_c/*.h foldnorm/kernels/*.pyx foldnorm/kernels/*.pxd)
 
-.PHONY: all install demo test asan lint-c bench bench-quick wheel clean
+.PHONY: all install demo test asan lint-c bench bench-quick bench-startup figures wheel clean
 
 all: test
 
@@ -65,6 +65,16 @@ bench-quick: install
 
 bench: install
 	$(PY) -m benchmarks run
+
+# The run of record: a full run, adopted as benchmarks/record/results.json, and every figure of README.md and
+# benchmarks/README.md made from it (the PNGs and the READMEs' run-of-record parts); about 5 minutes.
+figures: install
+	$(PY) -m benchmarks run --out benchmarks/results
+	$(PY) -m benchmarks figures benchmarks/results/results.json
+
+# The median start-up of `foldnorm --version`, `--help` and a usage error, beside the interpreter alone.
+bench-startup: install
+	$(PY) -m benchmarks startup
 
 # dist/: the sdist, and a manylinux wheel built from it with its libgomp inside (auditwheel repair), the only
 # two files left there; then tools/check_dist.sh proves them: the sdist's contents, and the wheel in a fresh

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from . import big_model, startup, under_load
+from . import big_model, figures, startup, under_load
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -52,6 +52,9 @@ def parser():
         "under-load", help="batch_norm_train latency beside torch while other processes spin"))
     big_model.add_arguments(commands.add_parser(
         "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
+    figures.add_arguments(commands.add_parser(
+        "figures", help="the PNGs and the READMEs' run-of-record parts, from the run of record (or adopt RESULTS.json "
+        "as it)"))
     startup.add_arguments(commands.add_parser(
         "startup", help="median start-up time of `foldnorm --version`, `--help` and a usage error"))
     ab = commands.add_parser("ab", help="the working tree against a git ref, interleaved on this machine; "
@@ -111,6 +114,8 @@ def main(argv=None):
         return big_model.main(args)
     if args.command == "startup":
         return startup.main(args)
+    if args.command == "figures":
+        return figures.main(args)
     if args.command == "compare":
         from .compare import main as compare_main
 
