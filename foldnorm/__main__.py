@@ -11,10 +11,11 @@ def run():
     """Load the command line and run it with sys.argv; returns the exit code."""
     try:
         from .cli import main
+
+        return main()  # which turns Ctrl-C into the same line itself once it runs
     except KeyboardInterrupt:
         print("foldnorm: interrupted", file=sys.stderr)
         return 130
-    return main()
 
 
 if __name__ == "__main__":
