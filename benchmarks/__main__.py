@@ -1,11 +1,11 @@
 """python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
 | compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners N] [--base-root DIR] [--smoke]
-| big [--megabytes 300] [--rounds 5] [--huge]"""
+| big [--megabytes 300] [--rounds 5] [--huge] | startup [--runs 20] | figures [RESULTS.json]"""
 import argparse
 import os
 import sys
 
-from . import big_model, under_load
+from . import big_model, figures, startup, under_load
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -53,6 +53,11 @@ def parser():
         "two processes sharing the cores"))
     big_model.add_arguments(commands.add_parser(
         "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
+    figures.add_arguments(commands.add_parser(
+        "figures", help="the PNGs and the READMEs' run-of-record parts, from the run of record (or adopt RESULTS.json "
+        "as it)"))
+    startup.add_arguments(commands.add_parser(
+        "startup", help="median start-up time of `foldnorm --version`, `--help` and a usage error"))
     ab = commands.add_parser("ab", help="the working tree against a git ref, interleaved on this machine; "
                              "exit 1 on a flagged slowdown, 2 when the comparison cannot be made")
     where = ab.add_mutually_exclusive_group(required=True)
@@ -108,6 +113,10 @@ def main(argv=None):
         return under_load.main(args)
     if args.command == "big":
         return big_model.main(args)
+    if args.command == "startup":
+        return startup.main(args)
+    if args.command == "figures":
+        return figures.main(args)
     if args.command == "compare":
         from .compare import main as compare_main
 

@@ -3,7 +3,7 @@
     foldnorm fold MODEL.onnx [-o OUT.onnx] [--report REPORT.json] [--keep-bn] [--no-verify]
                   [--shape NAME=1,3,224,224 ...] [--rtol R] [--atol A] [--force] [-q | -v]
                   [--fold-through-qdq] [--steps N]
-    foldnorm inspect MODEL.onnx [--fold-through-qdq]
+    foldnorm inspect MODEL.onnx [--fold-through-qdq] [-v]
     foldnorm demo [--quick]
 
 Exit codes: 0 done; 1 the folded model failed verification (nothing written, unless --force); 2 a
@@ -23,11 +23,13 @@ import time
 import warnings
 from pathlib import Path
 
-from .fold.errors import FoldError
+# Only the standard library is loaded here: --help, --version and usage errors never pay for onnx,
+# onnxruntime or NumPy, which each command imports when it runs.
 
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):
@@ -45,9 +47,10 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     """Run the command line with `argv` (sys.argv[1:] when None); returns the exit code."""
-    parser = _build_parser()
-    previous_handler = _raise_on_sigterm()
+    previous_handler = None
     try:
+        previous_handler = _raise_on_sigterm()
+        parser = _build_parser()
         with warnings.catch_warnings():
             # Third-party warnings (NumPy on extreme tolerances, onnx deprecations) are not the user's
             # business; what matters reaches them as foldnorm's own lines.
@@ -61,14 +64,14 @@ def main(argv=None):
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
     except UsageError as error:
         return _fail(str(error), EXIT_USAGE)
-    except FoldError as error:
+    except _fold_error() as error:
         # A shape problem names the command line's --shape rather than the Python API's shapes=.
         return _fail("foldnorm: error: %s" % getattr(error, "cli_message", error), EXIT_USAGE)
     except MemoryError:
         return _fail("foldnorm: error: out of memory; the model, or the inputs it asks verification to make, "
                      "are too large for this machine (--no-verify skips verification)", EXIT_USAGE)
     except KeyboardInterrupt:
-        return _fail("foldnorm: interrupted", 130)
+        return _fail("foldnorm: interrupted", EXIT_INTERRUPTED)
     except Terminated:
         return _fail("foldnorm: terminated; nothing written", 128 + signal.SIGTERM)
     finally:
@@ -77,6 +80,13 @@ def main(argv=None):
         scratch = sys.modules.get("foldnorm.fold.scratch")
         if scratch is not None:
             scratch.remove_scratch_folder()
+
+
+def _fold_error():
+    """FoldError once a command has loaded the fold pass; before that none can have been raised, and the
+    empty tuple matches no exception (importing it here would load onnx for --help)."""
+    errors = sys.modules.get("foldnorm.fold.errors")
+    return errors.FoldError if errors is not None else ()
 
 
 def _raise_on_sigterm():
@@ -94,7 +104,13 @@ def _raise_on_sigterm():
 def _build_parser():
     from ._version import __version__
 
-    parser = _Parser(prog="foldnorm", description="Fold BatchNormalization into neighbouring layers of ONNX models.")
+    parser = _Parser(
+        prog="foldnorm",
+        description="Fold BatchNormalization into neighbouring layers of ONNX models, proven against the original "
+        "in onnxruntime; `foldnorm demo` also runs the normalization kernels. `foldnorm COMMAND --help` tells more.",
+        epilog="Exit codes: 0 done; 1 the folded model failed verification (nothing written without --force); 2 a "
+        "mistake in the command or a model foldnorm refuses (one line on stderr); 130 interrupted.",
+    )
     parser.add_argument("--version", action="version", version="foldnorm %s" % __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -130,12 +146,20 @@ def _build_parser():
     _add_verbosity(fold)
     fold.set_defaults(run=run_fold)
 
-    inspect = commands.add_parser("inspect", help="show what fold would do to each normalization, writing nothing")
-    inspect.add_argument("model", metavar="MODEL.onnx")
+    inspect = commands.add_parser(
+        "inspect", help="show what fold would do to each normalization, writing nothing",
+        description="Fold the model in memory and print, node by node, what fold would do to each "
+        "normalization and per-channel constant (folded into which layer, rewritten to Mul/Add, or left, with "
+        "the reason), and the node and parameter counts before and after. Nothing is written and nothing is "
+        "verified (fold does both); the report is the only output, so inspect takes no -q.",
+    )
+    inspect.add_argument("model", metavar="MODEL.onnx", help="the model to inspect (read only)")
     inspect.add_argument("--fold-through-qdq", action="store_true",
                          help="show the plan with the fold through QuantizeLinear/DequantizeLinear pairs")
-    _add_verbosity(inspect)
-    inspect.set_defaults(run=run_inspect)
+    inspect.add_argument("-v", "--verbose", action="store_true", help="also show every step with its time on stderr")
+    inspect.add_argument("-q", "--quiet", action=_Refused, nargs=0, help=argparse.SUPPRESS,
+                         reason="inspect prints nothing but its report, so -q would leave nothing to see")
+    inspect.set_defaults(run=run_inspect, quiet=False)
 
     demo = commands.add_parser("demo", help="fold a built-in CNN, time it in onnxruntime, and run the kernels")
     demo.add_argument("--quick", action="store_true", help="smaller sizes and fewer timing repeats")
@@ -328,6 +352,17 @@ def _divergence_summary(verification):
         first.max_abs_error, first.max_rel_error, first.rtol, first.atol, noise)
     more = " and %d more output%s" % (len(failed) - 1, "s" if len(failed) > 2 else "") if len(failed) > 1 else ""
     return "output %r diverged: %s%s" % (first.name, detail, more)
+
+
+class _Refused(argparse.Action):
+    """An option a command does not take, refused with the reason rather than argparse's "unrecognized"."""
+
+    def __init__(self, *args, reason, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("%s: %s" % (option_string, self.reason))
 
 
 def _add_verbosity(command):

@@ -37,10 +37,13 @@
 /* Chunks per thread a loop is cut into at least, when its units allow: the load balances over them. */
 #define FN_CHUNKS_PER_THREAD 8
 
-/* One loop's counters, each on its own cache line: the next unit to claim, and the units done. */
+/* One loop's counters, each on its own cache line: the next unit to claim; the units done, with a flag
+ * set when they all are and the count of threads asleep until then. */
 typedef struct {
     _Alignas(FN_CACHE_LINE) atomic_ptrdiff_t next;
     _Alignas(FN_CACHE_LINE) atomic_ptrdiff_t done;
+    atomic_int finished;
+    atomic_int sleepers;
 } fn_loop_state;
 
 typedef struct {
@@ -86,9 +89,12 @@ static inline void fn_cpu_relax(void)
 #endif
 }
 
-/* Gives the core to another runnable thread once a wait has spun this many times. */
-#define FN_WAIT_SPINS 256
-void fn_wait_yield(void);
+/* A thread that waits for the other threads' chunks of a loop spins this many times, then sleeps until the
+ * thread that finishes the loop wakes it: a sleeping thread is the one the scheduler runs promptly when it is
+ * woken, where one that yielded its core to another process may wait for that process's whole time slice. */
+#define FN_WAIT_SPINS 512
+void fn_loop_sleep(fn_loop_state *s);
+void fn_loop_wake(fn_loop_state *s);
 
 static inline fn_for fn_for_begin(fn_worker *w, ptrdiff_t n, ptrdiff_t unit_elements)
 {
@@ -134,8 +140,13 @@ static inline int fn_for_next(fn_for *f)
     }
     if (did > 0) {
         fn_stream_fence();
-        atomic_fetch_add_explicit(&s->done, did, memory_order_release);
         f->w->units += did;
+        if (atomic_fetch_add_explicit(&s->done, did, memory_order_acq_rel) + did == f->n) {
+            /* The last chunk: the loop is done, and threads asleep waiting for it are woken. */
+            atomic_store(&s->finished, 1);
+            if (atomic_load(&s->sleepers) > 0)
+                fn_loop_wake(s);
+        }
     }
     const ptrdiff_t b = atomic_fetch_add_explicit(&s->next, f->chunk, memory_order_relaxed);
     if (b < f->n) {
@@ -146,10 +157,12 @@ static inline int fn_for_next(fn_for *f)
     f->begin = f->end = 0;
     /* The loop is done when every unit is: only chunks that another running thread claimed are waited for. */
     for (unsigned spins = 0; atomic_load_explicit(&s->done, memory_order_acquire) < f->n; spins++) {
-        if (spins < FN_WAIT_SPINS)
+        if (spins < FN_WAIT_SPINS) {
             fn_cpu_relax();
-        else
-            fn_wait_yield();
+            continue;
+        }
+        fn_loop_sleep(s);
+        break;
     }
     return 0;
 }

@@ -10,7 +10,7 @@
  * Between regions a worker spins for FN_POOL_SPIN_NS, or until it finds it was descheduled, then sleeps on a
  * condition variable, which a caller signals only when a worker sleeps.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE
 #include "pool.h"
 
 #include <pthread.h>
@@ -18,6 +18,11 @@
 #include <signal.h>
 #include <stdint.h>
 #include <time.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define FN_POOL_MAX_WORKERS 255
 /* A worker looks for the next region this long after one before it sleeps: long enough that calls made
@@ -36,6 +41,8 @@ static struct {
     atomic_int limit;   /* workers the open region takes at most */
     atomic_int hold;    /* tests: workers join nothing */
     atomic_int sleepers;
+    atomic_int departures;     /* workers that left a region: the futex a closing caller sleeps on */
+    atomic_int caller_waiting; /* a closing caller sleeps until the workers inside have left */
     atomic_llong spin_ns; /* FN_POOL_SPIN_NS unless a benchmark changes it */
     atomic_flag busy;   /* a region is being run */
     /* The open region, written before its generation is published and read only by joined workers. */
@@ -54,6 +61,27 @@ static struct {
 };
 
 static fn_team fn_pool_team;
+
+/* Sleeps while *word == value (at most briefly where there is no futex); wakes such sleepers. */
+static void fn_pool_futex_wait(atomic_int *word, int value)
+{
+#if defined(__linux__)
+    syscall(SYS_futex, (int *)word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+#else
+    (void)word;
+    (void)value;
+    sched_yield();
+#endif
+}
+
+static void fn_pool_futex_wake(atomic_int *word)
+{
+#if defined(__linux__)
+    syscall(SYS_futex, (int *)word, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
 
 static long long fn_elapsed_ns(const struct timespec *t0)
 {
@@ -118,7 +146,10 @@ static void *fn_pool_worker(void *start_generation)
         fn_worker w = {&fn_pool_team, 0, 0, 0};
         fn_pool.region(&w, fn_pool.arg);
         atomic_fetch_add_explicit(&fn_pool.stats[3], w.units, memory_order_relaxed);
-        atomic_fetch_sub_explicit(&fn_pool.state, 1, memory_order_release);
+        atomic_fetch_sub(&fn_pool.state, 1);
+        atomic_fetch_add(&fn_pool.departures, 1);
+        if (atomic_load(&fn_pool.caller_waiting))
+            fn_pool_futex_wake(&fn_pool.departures);
     }
     return NULL;
 }
@@ -128,6 +159,7 @@ static void fn_pool_after_fork(void)
 {
     atomic_store(&fn_pool.state, 0);
     atomic_store(&fn_pool.sleepers, 0);
+    atomic_store(&fn_pool.caller_waiting, 0);
     atomic_flag_clear(&fn_pool.busy);
     fn_pool.workers = 0;
     pthread_mutex_init(&fn_pool.lock, NULL);
@@ -176,6 +208,8 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
     for (int k = 0; k < FN_TEAM_MAX_LOOPS; k++) {
         atomic_store_explicit(&team->loops[k].next, 0, memory_order_relaxed);
         atomic_store_explicit(&team->loops[k].done, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->loops[k].finished, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->loops[k].sleepers, 0, memory_order_relaxed);
     }
     team->threads = num_threads;
     fn_pool.region = region;
@@ -197,12 +231,20 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
     while (!atomic_compare_exchange_weak_explicit(&fn_pool.state, &s, s & ~FN_STATE_OPEN, memory_order_acq_rel,
                                                   memory_order_relaxed))
         ;
-    for (unsigned spins = 0; atomic_load_explicit(&fn_pool.state, memory_order_acquire) & FN_STATE_ACTIVE; spins++) {
-        if (spins < FN_WAIT_SPINS)
-            fn_cpu_relax();
-        else
-            sched_yield();
+    for (unsigned spins = 0; spins < FN_WAIT_SPINS; spins++) {
+        if (!(atomic_load_explicit(&fn_pool.state, memory_order_acquire) & FN_STATE_ACTIVE))
+            break;
+        fn_cpu_relax();
     }
+    /* Asleep, as fn_loop_sleep: either a leaving worker sees caller_waiting, or this sees it gone. */
+    for (;;) {
+        const int departures = atomic_load(&fn_pool.departures);
+        atomic_store(&fn_pool.caller_waiting, 1);
+        if (!(atomic_load(&fn_pool.state) & FN_STATE_ACTIVE))
+            break;
+        fn_pool_futex_wait(&fn_pool.departures, departures);
+    }
+    atomic_store(&fn_pool.caller_waiting, 0);
     atomic_fetch_add_explicit(&fn_pool.stats[0], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&fn_pool.stats[2], w.units, memory_order_relaxed);
     atomic_flag_clear_explicit(&fn_pool.busy, memory_order_release);

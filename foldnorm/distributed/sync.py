@@ -7,7 +7,8 @@ from typing import Any, List, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
-from .statistics import (ChannelStats, GradSums, _as_batch, _as_like, _eps, _finite_number, _grad_sums_of,
+from ..kernels._validation import check_momentum
+from .statistics import (ChannelStats, GradSums, _as_batch, _as_like, _eps, _grad_sums_of,
                          _normalize, _normalize_backward, _param, _running_statistic, _stats_of, merge_grad_sums,
                          merge_stats)
 
@@ -91,7 +92,8 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
         ``allgather``.
     running_mean, running_var : writable float ndarray (C,), optional
     momentum : float
-        The weight of the batch statistics in the running update. Must be the same on every rank.
+        The weight of the batch statistics in the running update, in [0, 1]. Must be the same on every
+        rank.
     eps : float
         Added to the variance. Must be the same on every rank.
     channel_axis : {1, -1}
@@ -112,14 +114,23 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
 
     Examples
     --------
-    With mpi4py, run under ``mpiexec -n 2 python train.py``:
+    With mpi4py, run under ``mpiexec -n 2 python train.py``, ``comm`` is ``MPI.COMM_WORLD`` and each rank
+    passes its own shard. Any object with ``rank``, ``size`` and ``allgather`` serves; with one process
+    the statistics are the shard's own:
 
-    >>> from mpi4py import MPI                                    # doctest: +SKIP
-    >>> comm = MPI.COMM_WORLD                                     # doctest: +SKIP
-    >>> x = np.random.default_rng(comm.rank).standard_normal((8, 3, 4, 4))  # doctest: +SKIP
-    >>> rm, rv = np.zeros(3), np.ones(3)                          # doctest: +SKIP
-    >>> y, mean, invstd = sync_batch_norm_train(x, None, None, comm, running_mean=rm,
-    ...                                         running_var=rv)  # doctest: +SKIP
+    >>> import numpy as np
+    >>> class OneProcess:
+    ...     rank, size = 0, 1
+    ...     def allgather(self, value):
+    ...         return [value]
+    >>> x = np.arange(24.0).reshape(2, 3, 4)
+    >>> rm, rv = np.zeros(3), np.ones(3)
+    >>> y, mean, invstd = sync_batch_norm_train(x, None, None, OneProcess(), running_mean=rm,
+    ...                                         running_var=rv, momentum=0.5)
+    >>> mean
+    array([ 7.5, 11.5, 15.5])
+    >>> rm
+    array([3.75, 5.75, 7.75])
     """
     _check_comm(comm)
 
@@ -131,7 +142,7 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
         rvar = _running_statistic(running_var, "running_var", channels)
         if rmean is not None and rvar is not None and np.shares_memory(rmean, rvar):
             raise ValueError("running_mean and running_var must not overlap")
-        momentum64 = _finite_number(momentum, "momentum")
+        momentum64 = check_momentum(momentum)
         eps64 = _eps(eps)
         stats = _stats_of(x3)
         agreed = {"the number of channels": channels, "eps": eps64, "momentum": momentum64}

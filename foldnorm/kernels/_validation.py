@@ -111,6 +111,16 @@ def check_eps(eps):
     return value
 
 
+def check_momentum(momentum):
+    """momentum as a float: the batch's weight in a running-statistic update, a real number in [0, 1]
+    (outside it the update extrapolates away from both the running and the batch statistics)."""
+    expected = "a real number in [0, 1]"
+    value = as_real(momentum, "momentum", expected)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("momentum must be %s, got %s" % (expected, reprlib.repr(momentum)))
+    return value
+
+
 def check_out(out, shape, dtype, inputs, name="out"):
     """Validate a caller-supplied output array; None passes through.
 

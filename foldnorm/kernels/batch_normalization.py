@@ -25,8 +25,8 @@ from ._validation import (
     as_input,
     as_like,
     as_param,
-    as_real,
     check_eps,
+    check_momentum,
     check_out,
     compute_dtype,
     finish_output,
@@ -110,7 +110,7 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayL
         Needs more than one value per channel.
     weight, bias : array-like (C,) or None (1 and 0).
     running_mean, running_var : writable float ndarrays (C,), or None.
-    momentum : float weight of the batch statistics in the running update.
+    momentum : float in [0, 1], the weight of the batch statistics in the running update.
     running_var_unbiased : bool, store the unbiased (True) or the population (False) batch variance.
     eps : finite non-negative real number added to the variance.
     channel_axis : 1 (channels first) or -1 (channels last).
@@ -143,7 +143,7 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayL
     running_var = _running_statistic(running_var, "running_var", channels)
     if running_mean is not None and running_var is not None and np.shares_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not overlap")
-    momentum = _momentum(momentum)
+    momentum = check_momentum(momentum)
     running_var_unbiased = as_bool(running_var_unbiased, "running_var_unbiased")
     eps = check_eps(eps)
     threads = resolve_num_threads(num_threads, xc.size)
@@ -238,10 +238,6 @@ def _running_statistic(a, name, channels):
     if not a.flags.writeable:
         raise ValueError("%s must be writable (it is updated in place)" % name)
     return a
-
-
-def _momentum(momentum):
-    return as_real(momentum, "momentum", "finite (a real number)")
 
 
 def _named_arrays(**arrays):

@@ -52,7 +52,7 @@ def group_norm(x: ArrayLike, num_groups: int, weight: ArrayLike | None = None, b
 
     Example:
         >>> import numpy as np
-        >>> from foldnorm.group_normalization import group_norm
+        >>> from foldnorm import group_norm
         >>> x = np.array([[[0.0], [2.0], [10.0], [14.0]]], dtype=np.float32)  # (N=1, C=4, 1)
         >>> y, mean, invstd = group_norm(x, 2, eps=0.0)
         >>> y[:, :, 0]
@@ -87,7 +87,7 @@ def group_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
 
     Example:
         >>> import numpy as np
-        >>> from foldnorm.group_normalization import group_norm, group_norm_backward
+        >>> from foldnorm import group_norm, group_norm_backward
         >>> x = np.array([[[0.0], [2.0], [10.0], [14.0]]])
         >>> y, mean, invstd = group_norm(x, 2, eps=0.0)
         >>> dx, dweight, dbias = group_norm_backward(np.ones_like(x), x, mean, invstd, 2)
@@ -115,7 +115,7 @@ def instance_norm(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayLike
 
     Example:
         >>> import numpy as np
-        >>> from foldnorm.group_normalization import instance_norm
+        >>> from foldnorm import instance_norm
         >>> x = np.array([[[1.0, 3.0], [0.0, 8.0]]], dtype=np.float32)  # (N=1, C=2, 2)
         >>> y, mean, invstd = instance_norm(x, bias=np.array([0.0, 10.0]), eps=0.0)
         >>> y
@@ -145,7 +145,7 @@ def instance_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd:
 
     Example:
         >>> import numpy as np
-        >>> from foldnorm.group_normalization import instance_norm, instance_norm_backward
+        >>> from foldnorm import instance_norm, instance_norm_backward
         >>> x = np.array([[[1.0, 3.0], [0.0, 8.0]]])
         >>> y, mean, invstd = instance_norm(x, eps=0.0)
         >>> dx, dweight, dbias = instance_norm_backward(y, x, mean, invstd)

@@ -338,7 +338,20 @@ def test_threads_several_bad_ranks_are_all_named():
 
     errors = [error for _, error in world.run(job)]
     assert all(isinstance(error, TypeError) for error in errors), errors
-    assert str(errors[0]) == "on rank 1 of 3 (and on rank 2): momentum must be a number, got 'fast'"
+    assert str(errors[0]) == "on rank 1 of 3 (and on rank 2): momentum must be a real number in [0, 1], got 'fast'"
+
+
+def test_threads_momentum_outside_zero_to_one_raises_on_every_rank_naming_it():
+    world = ThreadWorld(2)
+    running = [np.zeros(2) for _ in range(2)]
+
+    def job(rank, comm):
+        return sync_batch_norm_train(np.ones((3, 2)), None, None, comm, running_mean=running[rank], momentum=2.0)
+
+    errors = [error for _, error in world.run(job)]
+    assert all(isinstance(error, ValueError) for error in errors), errors
+    assert [str(error) for error in errors] == ["momentum must be a real number in [0, 1], got 2.0"] * 2
+    assert not any(r.any() for r in running)
 
 
 def test_threads_backward_with_different_statistics_on_one_rank_raises_everywhere():
