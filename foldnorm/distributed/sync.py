@@ -7,9 +7,10 @@ from typing import Any, List, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
-from .statistics import (ChannelStats, GradSums, _as_batch, _as_like, _eps, _finite_number, _grad_sums_of,
-                         _normalize, _normalize_backward, _param, _running_statistic, _stats_of, merge_grad_sums,
-                         merge_stats)
+from foldnorm.kernels._validation import as_like, as_param, check_eps, check_momentum, running_statistic
+
+from .statistics import (ChannelStats, GradSums, _grad_sums_of, _normalize, _normalize_backward, _shard, _stats_of,
+                         _update_running, merge_grad_sums, merge_stats, shard_threads)
 
 
 @runtime_checkable
@@ -63,7 +64,8 @@ class TorchDistributedComm:
 def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
                           comm: Communicator, *, running_mean: Optional[np.ndarray] = None,
                           running_var: Optional[np.ndarray] = None, momentum: float = 0.1, eps: float = 1e-5,
-                          channel_axis: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          channel_axis: int = 1,
+                          num_threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalization of one rank's shard with the statistics of the whole batch (training forward).
 
     A collective: every rank of ``comm`` calls it with its own shard. Over the n values per channel of
@@ -93,8 +95,11 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
     momentum : float
         The weight of the batch statistics in the running update. Must be the same on every rank.
     eps : float
-        Added to the variance. Must be the same on every rank.
+        Added to the variance: a finite non-negative real number, the same on every rank.
     channel_axis : {1, -1}
+    num_threads : int, optional
+        Threads for this rank's shard; None shares the usable cores among the ranks on this machine
+        (`shard_threads`).
 
     Returns
     -------
@@ -124,37 +129,36 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
     _check_comm(comm)
 
     def prepare():
-        x3, dtype, channels = _as_batch(x, "x", channel_axis)
-        weight64 = _param(weight, "weight", channels)
-        bias64 = _param(bias, "bias", channels)
-        rmean = _running_statistic(running_mean, "running_mean", channels)
-        rvar = _running_statistic(running_var, "running_var", channels)
+        xc, dtype, layout = _shard(x, "x", channel_axis)
+        channels = layout[1]
+        weight64 = as_param(weight, "weight", (channels,), np.float64)
+        bias64 = as_param(bias, "bias", (channels,), np.float64)
+        rmean = running_statistic(running_mean, "running_mean", channels)
+        rvar = running_statistic(running_var, "running_var", channels)
         if rmean is not None and rvar is not None and np.shares_memory(rmean, rvar):
             raise ValueError("running_mean and running_var must not overlap")
-        momentum64 = _finite_number(momentum, "momentum")
-        eps64 = _eps(eps)
-        stats = _stats_of(x3)
+        momentum64 = check_momentum(momentum)
+        eps64 = check_eps(eps)
+        threads = shard_threads(num_threads, xc.size)
+        stats = _stats_of(xc, *layout, threads)
         agreed = {"the number of channels": channels, "eps": eps64, "momentum": momentum64}
-        return (x3, dtype, weight64, bias64, rmean, rvar), agreed, (stats.count, stats.mean, stats.m2)
+        return (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, tuple(stats)
 
-    (x3, dtype, weight64, bias64, rmean, rvar), agreed, gathered = _exchange(comm, prepare)
-    stats = merge_stats([ChannelStats(int(count), mean, m2) for count, mean, m2 in gathered])
+    (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, gathered = _exchange(comm, prepare)
+    stats = merge_stats([ChannelStats(*part) for part in gathered])
     if stats.count < 2:
         raise ValueError("expected more than 1 value per channel when training, got %d over the %d ranks"
                          % (stats.count, len(gathered)))
-    momentum64, eps64 = agreed["momentum"], agreed["eps"]
-    invstd = stats.invstd(eps64)
-    y = _normalize(x3, dtype, np.shape(x), stats.mean, invstd, weight64, bias64)
-    if rmean is not None:
-        rmean[...] = (1.0 - momentum64) * rmean.astype(np.float64) + momentum64 * stats.mean
-    if rvar is not None:
-        rvar[...] = (1.0 - momentum64) * rvar.astype(np.float64) + momentum64 * stats.unbiased_var()
+    invstd = stats.invstd(agreed["eps"])
+    y = _normalize(xc, dtype, layout, stats.mean, invstd, weight64, bias64, threads)
+    _update_running(stats, agreed["momentum"], rmean, rvar)
     return y, stats.mean, invstd
 
 
 def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
                              weight: Optional[np.ndarray], comm: Communicator, *, channel_axis: int = 1,
-                             reduce_weight_grads: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                             reduce_weight_grads: bool = False,
+                             num_threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of `sync_batch_norm_train`'s y for one rank's shard (training backward).
 
     A collective: every rank calls it with its shard's dy and x and the mean and invstd the forward
@@ -182,6 +186,8 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
     channel_axis : {1, -1}
     reduce_weight_grads : bool
         Return the whole batch's dweight and dbias instead of this shard's.
+    num_threads : int, optional
+        As for `sync_batch_norm_train`.
 
     Returns
     -------
@@ -199,22 +205,24 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
     _check_comm(comm)
 
     def prepare():
-        x3, dtype, channels = _as_batch(x, "x", channel_axis)
-        dy3 = _as_like(dy, "dy", np.shape(x)).reshape(x3.shape)
-        mean64 = _param(mean, "mean", channels, required=True)
-        invstd64 = _param(invstd, "invstd", channels, required=True)
-        weight64 = _param(weight, "weight", channels)
-        sums = _grad_sums_of(dy3, x3, mean64)
+        xc, dtype, layout = _shard(x, "x", channel_axis)
+        channels = layout[1]
+        dyc = as_like(dy, "dy", xc.shape, xc.dtype)
+        mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
+        invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
+        weight64 = as_param(weight, "weight", (channels,), np.float64)
+        threads = shard_threads(num_threads, 2 * xc.size)
+        sums = _grad_sums_of(dyc, xc, layout, mean64, invstd64, threads)
         # Every rank must pass the statistics the forward gave all of them; a checksum tells.
         checksum = zlib.crc32(invstd64.tobytes(), zlib.crc32(mean64.tobytes()))
         agreed = {"the number of channels": channels, "the checksum of mean and invstd": checksum}
-        return (x3, dy3, dtype, mean64, invstd64, weight64, sums), agreed, tuple(sums)
+        return (xc, dyc, dtype, layout, mean64, invstd64, weight64, sums, threads), agreed, tuple(sums)
 
-    (x3, dy3, dtype, mean64, invstd64, weight64, local), _, gathered = _exchange(comm, prepare)
-    total = merge_grad_sums([GradSums(int(count), sum_dy, sum_dy_xmu) for count, sum_dy, sum_dy_xmu in gathered])
+    (xc, dyc, dtype, layout, mean64, invstd64, weight64, local, threads), _, gathered = _exchange(comm, prepare)
+    total = merge_grad_sums([GradSums(*part) for part in gathered])
     if total.count < 1:
         raise ValueError("the whole batch is empty: every rank's x has no values")
-    dx = _normalize_backward(dy3, x3, dtype, np.shape(x), mean64, invstd64, weight64, total)
+    dx = _normalize_backward(dyc, xc, dtype, layout, mean64, invstd64, weight64, total, threads)
     sums = total if reduce_weight_grads else local
     return dx, (sums.sum_dy_xmu * invstd64).astype(dtype), sums.sum_dy.astype(dtype)
 
