@@ -1,12 +1,15 @@
 """Synchronized batch norm across processes: time per training step at a fixed batch per rank, bytes
 exchanged, and what the exchange costs on many ranks.
 
-    python benchmarks/distributed.py [--shape 16,64,28,28] [--dtype float32] [--ranks 1,2] [--repeat 30]
+    python -m benchmarks distributed [--shape 16,64,28,28] [--dtype float32] [--ranks 1,2] [--repeat 30]
+    python benchmarks/distributed.py ...   (the same)
 
 launches `mpiexec -n P` of itself for each P in --ranks (the mpich wheel's mpiexec beside this Python, else
-one on PATH), and prints a Markdown report: per rank count, the median step time (forward
-sync_batch_norm_train + backward sync_batch_norm_backward, each step timed from a barrier to the slowest
-rank's end), its parts, the same step of foldnorm's single-process kernels on one rank's batch, the bytes
+one on PATH), with the caller's environment (default settings: every rank takes its share of the cores), and
+prints a Markdown report: per rank count, the median step time (forward sync_batch_norm_train + backward
+sync_batch_norm_backward, each step timed from a barrier to the slowest rank's end) with default threads and
+with one thread, its parts, the same step of foldnorm's single-process kernels on one rank's batch (one
+thread, and the rank's share of the cores), the ratios of the step's CPU time to the kernels', the bytes
 each rank sends and receives per step, a fit of the allgather's latency and bandwidth on this machine, and
 the cost model of the exchange for many ranks. Needs the `mpi` extra (mpi4py, mpich).
 """
@@ -48,11 +51,12 @@ def worker(args):
     dy = rng.standard_normal(shape).astype(args.dtype)
     weight, bias = rng.standard_normal(channels) + 1.0, rng.standard_normal(channels)
     running_mean, running_var = np.zeros(channels), np.ones(channels)
+    share = distributed.shard_threads(None, x.size)
 
-    def step():
+    def step(threads=None):
         y, mean, invstd = distributed.sync_batch_norm_train(x, weight, bias, comm, running_mean=running_mean,
-                                                            running_var=running_var)
-        distributed.sync_batch_norm_backward(dy, x, mean, invstd, weight, comm)
+                                                            running_var=running_var, num_threads=threads)
+        distributed.sync_batch_norm_backward(dy, x, mean, invstd, weight, comm, num_threads=threads)
         return mean, invstd
 
     def timed(run, repeat):
@@ -75,6 +79,7 @@ def worker(args):
     total = distributed.merge_grad_sums([sums] * comm.size)
     parts = {
         "step": timed(step, args.repeat),
+        "step, 1 thread": timed(lambda: step(1), args.repeat),
         "local statistics": timed(lambda: distributed.local_stats(x), args.repeat),
         "normalize": timed(lambda: distributed.normalize(x, mean, invstd, weight, bias), args.repeat),
         "local gradient sums": timed(lambda: distributed.local_grad_sums(dy, x, mean), args.repeat),
@@ -83,6 +88,8 @@ def worker(args):
         "exchanges (2 allgathers)": timed(lambda: (comm.allgather(forward_payload), comm.allgather(backward_payload)),
                                           args.repeat),
         "kernels, 1 thread": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1), args.repeat),
+        "kernels, the rank's share of the cores": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, share),
+                                                        args.repeat),
     }
     allgather = {k: [wall for wall, _ in timed(lambda: comm.allgather(np.zeros(k)), args.allgather_repeat)]
                  for k in ALLGATHER_SIZES}
@@ -108,6 +115,8 @@ def worker(args):
             "allgather_min_us": {str(k): 1e6 * min(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
             "sent_bytes": sent, "received_bytes": sent * (comm.size - 1),
             "float64_values_sent": 2 * (2 * channels + 1),
+            "threads_per_rank": share, "usable_cores": len(os.sched_getaffinity(0)),
+            "ranks_on_this_node": distributed.ranks_on_this_node(),
         }
         with open(args.json, "w") as f:
             json.dump(result, f)
@@ -154,6 +163,13 @@ def report(results):
         lines.append("| %s | %s |" % (label, " | ".join(
             "%.2f (%.2f) / %.2f" % (r["parts_ms"][key], r["parts_min_ms"][key], r["parts_cpu_ms"][key])
             for r in results)))
+    lines.append("| default threads per rank (usable cores / ranks on this machine) | %s |" % " | ".join(
+        "%d (%d / %d)" % (r["threads_per_rank"], r["usable_cores"], r["ranks_on_this_node"]) for r in results))
+    lines.append("| **CPU: step at 1 thread / kernels at 1 thread** | %s |" % " | ".join(
+        "%.2fx" % (r["parts_cpu_ms"]["step, 1 thread"] / r["parts_cpu_ms"]["kernels, 1 thread"]) for r in results))
+    lines.append("| **wall: step / the 1-rank step** | %s |" % " | ".join(
+        "%.2fx (min %.2fx)" % (r["parts_ms"]["step"] / first["parts_ms"]["step"],
+                               r["parts_min_ms"]["step"] / first["parts_min_ms"]["step"]) for r in results))
     lines.append("| bytes sent per rank per step | %s |" % " | ".join(str(r["sent_bytes"]) for r in results))
     lines.append("| bytes received per rank per step | %s |" % " | ".join(str(r["received_bytes"]) for r in results))
     lines.append("| of which float64 values sent | %s |" % " | ".join(
@@ -197,7 +213,6 @@ def launch(args):
         sys.exit("benchmarks/distributed.py: no mpiexec beside this Python or on PATH (pip install mpich)")
     results = []
     load_before = os.getloadavg()[0]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in args.ranks:
             out = os.path.join(tmp, "ranks%d.json" % ranks)
@@ -206,7 +221,7 @@ def launch(args):
                        "--repeat", str(args.repeat), "--allgather-repeat", str(args.allgather_repeat)]
             print("running: %s" % " ".join(command[:3] + ["python", "benchmarks/distributed.py", "..."]),
                   file=sys.stderr)
-            subprocess.run(command, check=True, env=env)
+            subprocess.run(command, check=True)
             with open(out) as f:
                 results.append(json.load(f))
     print(report(results))
@@ -217,8 +232,7 @@ def launch(args):
             json.dump(results, f, indent=1)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser):
     parser.add_argument("--shape", type=lambda s: [int(v) for v in s.split(",")], default=[16, 64, 28, 28],
                         help="one rank's batch, N,C,H,W (default 16,64,28,28)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -229,7 +243,9 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true",
                         help="be one rank (under your own mpiexec, e.g. with a hostfile); rank 0 writes --json")
     parser.add_argument("--report", nargs="+", metavar="JSON", help="print the report of saved --json files")
-    args = parser.parse_args(argv)
+
+
+def run(args):
     if args.report:
         results = []
         for path in args.report:
@@ -239,11 +255,18 @@ def main(argv=None):
         print(report(sorted(results, key=lambda r: r["ranks"])))
     elif args.worker:
         if not args.json:
-            parser.error("--worker needs --json FILE")
+            sys.exit("benchmarks/distributed.py: --worker needs --json FILE")
         worker(args)
     else:
         launch(args)
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

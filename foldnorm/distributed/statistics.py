@@ -348,16 +348,12 @@ def _stacked(parts: Sequence[Any], name: str, kind: str, fields: Tuple[str, str]
     """(counts, first field, second field) of every part, float64 (parts,) and two (parts, C) arrays."""
     if len(parts) == 0:
         raise ValueError("%s must hold at least one %s" % (name, kind))
-    channels = np.shape(getattr(parts[0], fields[0]))
-    counts = np.empty(len(parts))
-    stacked = [np.empty((len(parts),) + channels) for _ in fields]
-    for k, part in enumerate(parts):
-        values = [np.asarray(getattr(part, field), dtype=np.float64) for field in fields]
+    columns = [[np.asarray(getattr(part, field), dtype=np.float64) for part in parts] for field in fields]
+    channels = columns[0][0].shape
+    for k, values in enumerate(zip(*columns)):
         if len(channels) != 1 or any(v.shape != channels for v in values):
             raise ValueError("%s[%d] has %s of shape %s, expected %s"
                              % (name, k, " and ".join(fields), " and ".join(str(v.shape) for v in values),
                                 channels))
-        counts[k] = int(part.count)
-        for target, value in zip(stacked, values):
-            target[k] = value
-    return (counts, *stacked)
+    counts = np.array([int(part.count) for part in parts], dtype=np.float64)
+    return (counts, *(np.array(column) for column in columns))

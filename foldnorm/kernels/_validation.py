@@ -77,8 +77,8 @@ def channel_layout(shape, channel_axis, name="x"):
     if shape[axis] == 0:
         raise ValueError("%s must have at least one channel, got shape %s" % (name, tuple(shape)))
     if axis == 1:
-        return shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))
-    return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1], 1
+        return shape[0], shape[1], math.prod(shape[2:])
+    return math.prod(shape[:-1]), shape[-1], 1
 
 
 def running_statistic(a, name, channels):

@@ -453,3 +453,76 @@ def test_importing_the_module_imports_no_communication_library():
             "assert 'torch' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_importing_without_the_compiled_kernels_is_a_clear_import_error():
+    code = ("import sys; sys.modules['foldnorm.kernels._batch_norm'] = None\n"
+            "try:\n    import foldnorm.distributed\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("foldnorm.distributed runs on foldnorm's compiled kernels, which are not built"), \
+        out.stdout
+
+
+@pytest.mark.parametrize("variable", ["MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE"])
+def test_ranks_on_a_machine_share_its_cores(monkeypatch, variable):
+    from foldnorm.kernels import runtime
+
+    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    monkeypatch.setattr(distributed.statistics, "usable_cores", lambda: 8)
+    monkeypatch.setattr(distributed.statistics, "get_num_threads", lambda: 8)
+    big = 1 << 30
+    assert distributed.ranks_on_this_node() == 1
+    assert distributed.shard_threads(None, big) == runtime.resolve_num_threads(None, big)
+    monkeypatch.setenv(variable, "3")
+    assert distributed.ranks_on_this_node() == 3
+    assert distributed.shard_threads(None, big) == 2  # 8 cores // 3 ranks
+    monkeypatch.setenv(variable, "16")
+    assert distributed.shard_threads(None, big) == 1
+    assert distributed.shard_threads(5, big) == 5  # asked for: used as given
+    assert distributed.shard_threads(None, 100) == 1  # a small shard runs on the calling thread
+    monkeypatch.setenv(variable, "not a number")
+    assert distributed.ranks_on_this_node() == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, axis", [((8, 16, 40, 40), 1), ((6000, 24), -1)], ids=["planes", "rows"])
+def test_building_blocks_give_the_same_bits_for_any_thread_count(shape, axis, dtype, monkeypatch):
+    from foldnorm.kernels import runtime
+
+    monkeypatch.setattr(runtime, "PARALLEL_GRAIN", 1)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    x, dy = data(shape, dtype, offset=2.0)
+    weight, bias = channel_params(shape[axis])
+
+    def run(threads):
+        stats = local_stats(x, channel_axis=axis, num_threads=threads)
+        invstd = stats.invstd(1e-5)
+        y = normalize(x, stats.mean, invstd, weight, bias, channel_axis=axis, num_threads=threads)
+        sums = local_grad_sums(dy, x, stats.mean, invstd=invstd, channel_axis=axis, num_threads=threads)
+        dx = normalize_backward(dy, x, stats.mean, invstd, weight, sums, channel_axis=axis, num_threads=threads)
+        return [stats.mean, stats.m2, y, sums.sum_dy, sums.sum_dy_xmu, dx]
+
+    one = run(1)
+    for threads in (2, 3, 8):
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(run(threads), one)), threads
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, axis", [((8, 16, 40, 40), 1), ((600, 24), -1)], ids=["planes", "rows"])
+def test_building_blocks_are_the_single_process_kernels_pieces(shape, axis, dtype):
+    """On the whole batch, the blocks' dx is batch_norm_backward's bit for bit, given the same statistics."""
+    x, dy = data(shape, dtype, offset=2.0)
+    weight, _ = channel_params(shape[axis])
+    stats = local_stats(x, channel_axis=axis)
+    invstd = stats.invstd(1e-5)
+    sums = local_grad_sums(dy, x, stats.mean, invstd=invstd, channel_axis=axis)
+    dx = normalize_backward(dy, x, stats.mean, invstd, weight, sums, channel_axis=axis)
+    kernel_dx, kernel_dweight, kernel_dbias = foldnorm.batch_norm_backward(dy, x, stats.mean, invstd, weight,
+                                                                           channel_axis=axis)
+    assert dx.tobytes() == kernel_dx.tobytes()
+    if dtype == np.float64:
+        assert kernel_dbias.tobytes() == sums.sum_dy.tobytes()
+        assert kernel_dweight.tobytes() == (sums.sum_dy_xmu * invstd).tobytes()
