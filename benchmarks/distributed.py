@@ -16,7 +16,6 @@ the cost model of the exchange for many ranks. Needs the `mpi` extra (mpi4py, mp
 import argparse
 import json
 import os
-import pickle
 import shutil
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ import numpy as np
 # Assumed interconnects for the many-rank model (typical one-way small-message latency, bandwidth).
 LINKS = [("InfiniBand HDR", 2e-6, 20e9), ("100 GbE", 10e-6, 10e9), ("10 GbE TCP", 30e-6, 1.1e9)]
 MODEL_RANKS = [2, 8, 64, 512, 4096]
-ALLGATHER_SIZES = [1, 129, 1025, 16385, 131073]  # float64 values per rank (129 = 2C + 1 at C = 64)
+ALLGATHER_SIZES = [1, 133, 1025, 16385, 131073]  # float64 values per rank (133 = 2C + 5 at C = 64)
 
 
 def _median_ms(samples):
@@ -42,6 +41,7 @@ def worker(args):
 
     import foldnorm
     from foldnorm import distributed
+    from foldnorm.distributed import sync
 
     comm = MPI.COMM_WORLD
     shape = tuple(args.shape)
@@ -74,8 +74,14 @@ def worker(args):
     mean, invstd = step()
     stats = distributed.local_stats(x)
     sums = distributed.local_grad_sums(dy, x, mean)
-    forward_payload = (None, {"the number of channels": channels, "eps": 1e-5, "momentum": 0.1}, tuple(stats))
-    backward_payload = (None, {"the number of channels": channels}, tuple(sums))
+    forward = (None, {"the number of channels": channels, "eps": 1e-5, "momentum": 0.1}, tuple(stats))
+    backward = (None, {"the number of channels": channels, "the checksum of mean and invstd": 0}, tuple(sums))
+
+    def exchanges():
+        # What sync_batch_norm_train and sync_batch_norm_backward exchange, the same way.
+        sync._exchange(comm, lambda: forward, sync._FORWARD_AGREED)
+        sync._exchange(comm, lambda: backward, sync._BACKWARD_AGREED)
+
     total = distributed.merge_grad_sums([sums] * comm.size)
     parts = {
         "step": timed(step, args.repeat),
@@ -85,16 +91,15 @@ def worker(args):
         "local gradient sums": timed(lambda: distributed.local_grad_sums(dy, x, mean), args.repeat),
         "normalize backward": timed(lambda: distributed.normalize_backward(dy, x, mean, invstd, weight, total),
                                     args.repeat),
-        "exchanges (2 allgathers)": timed(lambda: (comm.allgather(forward_payload), comm.allgather(backward_payload)),
-                                          args.repeat),
+        "exchanges (forward and backward)": timed(exchanges, args.repeat),
         "kernels, 1 thread": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1), args.repeat),
         "kernels, the rank's share of the cores": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, share),
                                                         args.repeat),
     }
-    allgather = {k: [wall for wall, _ in timed(lambda: comm.allgather(np.zeros(k)), args.allgather_repeat)]
+    allgather = {k: [wall for wall, _ in timed(lambda: comm.Allgather(np.zeros(k), np.empty((comm.size, k))),
+                                               args.allgather_repeat)]
                  for k in ALLGATHER_SIZES}
-    sent = len(pickle.dumps(forward_payload, pickle.HIGHEST_PROTOCOL)) + \
-        len(pickle.dumps(backward_payload, pickle.HIGHEST_PROTOCOL))
+    sent = 8 * values_per_step(channels)
     gathered = comm.gather({"parts": parts, "allgather": allgather, "sent": sent}, root=0)
     if comm.rank == 0:
         # A step lasts until its slowest rank is done: per repetition, the maximum over the ranks.
@@ -114,7 +119,7 @@ def worker(args):
             "allgather_us": {str(k): 1e6 * statistics.median(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
             "allgather_min_us": {str(k): 1e6 * min(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
             "sent_bytes": sent, "received_bytes": sent * (comm.size - 1),
-            "float64_values_sent": 2 * (2 * channels + 1),
+            "float64_values_sent": values_per_step(channels),
             "threads_per_rank": share, "usable_cores": len(os.sched_getaffinity(0)),
             "ranks_on_this_node": distributed.ranks_on_this_node(),
         }
@@ -127,23 +132,29 @@ def _kernel_step(foldnorm, x, dy, weight, bias, threads):
     foldnorm.batch_norm_backward(dy, x, mean, invstd, weight, num_threads=threads)
 
 
+def values_per_step(channels):
+    """float64 values each rank sends per step: per pass a header (failed or not, the count, the values ranks
+    must agree on: C, eps and momentum forward, C and a checksum of the statistics backward), then the 2C
+    per-channel summaries."""
+    return (2 + 3 + 2 * channels) + (2 + 2 + 2 * channels)
+
+
 def fit_latency_bandwidth(allgather_us, ranks):
     """(latency of one message round in s, bandwidth in bytes/s) that make the model below reproduce the
-    measured allgathers: the smallest k's time is 2 ceil(log2 P) rounds, and the largest k adds the
-    (P - 1) payloads each rank receives."""
+    measured Allgathers: the smallest k's time is ceil(log2 P) rounds, and the largest k adds the (P - 1)
+    payloads each rank receives."""
     sizes = sorted(allgather_us, key=int)
     small, large = allgather_us[sizes[0]] * 1e-6, allgather_us[sizes[-1]] * 1e-6
     extra_bytes = (ranks - 1) * 8.0 * (int(sizes[-1]) - int(sizes[0]))
-    return small / (2 * np.ceil(np.log2(ranks))), (extra_bytes / (large - small) if large > small else float("inf"))
+    return small / np.ceil(np.log2(ranks)), (extra_bytes / (large - small) if large > small else float("inf"))
 
 
 def exchange_model(ranks, channels, latency, bandwidth):
-    """Seconds per step of the exchange: two allgathers of (2C + 1) float64 values per rank. mpi4py's
-    allgather of objects is two MPI collectives (the sizes, then the bytes), each about log2(P) rounds of
-    latency for small messages; every rank then receives (P - 1) payloads."""
-    payload = 8.0 * (2 * channels + 1)
-    rounds = 2 * np.ceil(np.log2(ranks))
-    return 2 * (rounds * latency + (ranks - 1) * payload / bandwidth)
+    """Seconds per step of the exchange: per pass two Allgathers of float64 buffers (a header, then the
+    summaries), each about ceil(log2 P) rounds of latency for small messages; every rank then receives the
+    other (P - 1) ranks' values_per_step values."""
+    rounds = 2 * 2 * np.ceil(np.log2(ranks))
+    return rounds * latency + (ranks - 1) * 8.0 * values_per_step(channels) / bandwidth
 
 
 def report(results):
@@ -172,7 +183,7 @@ def report(results):
                                r["parts_min_ms"]["step"] / first["parts_min_ms"]["step"]) for r in results))
     lines.append("| bytes sent per rank per step | %s |" % " | ".join(str(r["sent_bytes"]) for r in results))
     lines.append("| bytes received per rank per step | %s |" % " | ".join(str(r["received_bytes"]) for r in results))
-    lines.append("| of which float64 values sent | %s |" % " | ".join(
+    lines.append("| float64 values sent per rank per step | %s |" % " | ".join(
         "%d (%d B)" % (r["float64_values_sent"], 8 * r["float64_values_sent"]) for r in results))
     lines.append("")
     multi = [r for r in results if r["ranks"] > 1]
@@ -182,13 +193,13 @@ def report(results):
         latency, bandwidth = fit_latency_bandwidth(r["allgather_min_us"], r["ranks"])
         measured = ", ".join("k=%s: %.1f (%.1f)" % (k, v, r["allgather_min_us"][k])
                              for k, v in r["allgather_us"].items())
-        lines.append("mpi4py allgather of k float64 per rank, %d ranks on this machine, us median (min): %s. From "
+        lines.append("mpi4py Allgather of k float64 per rank, %d ranks on this machine, us median (min): %s. From "
                      "the minima: latency %.1f us per message round, bandwidth %.2f GB/s (what the largest k "
                      "adds)." % (r["ranks"], measured, latency * 1e6, bandwidth / 1e9))
         lines.append("")
         links = [("this machine (fit)", latency, bandwidth)] + LINKS
-        lines.append("Exchange per step (model, ms) = 2 x [2 ceil(log2 P) x latency + (P - 1) x 8(2C + 1) B / "
-                     "bandwidth], C = %d:" % channels)
+        lines.append("Exchange per step (model, ms) = 4 ceil(log2 P) x latency + (P - 1) x 8(4C + 9) B / "
+                     "bandwidth, C = %d:" % channels)
         lines.append("")
         lines.append("| link (latency, bandwidth) | " + " | ".join("P = %d" % p for p in MODEL_RANKS) + " |")
         lines.append("|---|" + "--:|" * len(MODEL_RANKS))

@@ -35,6 +35,8 @@ Communicators
 ``allgather(obj) -> list`` returning every rank's object in rank order. An mpi4py communicator
 (``mpi4py.MPI.COMM_WORLD``) is one as it is; `TorchDistributedComm` adapts a ``torch.distributed``
 process group (gloo). This module imports neither: mpi4py is needed only to make an MPI communicator.
+Over mpi4py the summaries travel through its buffer collective ``Allgather`` as float64 arrays (a header
+of the count and the values ranks must agree on, then the 2C statistics), which spares pickling them.
 
 Every argument is checked on its own rank first, and the outcome travels with the summaries in the
 same collective: when any rank's arguments are wrong, every rank raises (the same exception type, the

@@ -20,7 +20,9 @@ class Communicator(Protocol):
     ``rank`` is this process's index in ``range(size)``; ``allgather(obj)`` is a collective that every
     rank calls with one picklable object and that returns the list of all ranks' objects, in rank
     order. An mpi4py communicator has exactly these; `TorchDistributedComm` gives them to a
-    ``torch.distributed`` process group.
+    ``torch.distributed`` process group. A communicator that also has mpi4py's buffer collective
+    ``Allgather(sendbuf, recvbuf)`` exchanges the summaries through it, as float64 arrays, rather than as
+    pickled objects.
     """
 
     rank: int
@@ -144,7 +146,8 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
         agreed = {"the number of channels": channels, "eps": eps64, "momentum": momentum64}
         return (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, tuple(stats)
 
-    (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, gathered = _exchange(comm, prepare)
+    (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, gathered = _exchange(
+        comm, prepare, _FORWARD_AGREED)
     stats = merge_stats([ChannelStats(*part) for part in gathered])
     if stats.count < 2:
         raise ValueError("expected more than 1 value per channel when training, got %d over the %d ranks"
@@ -218,7 +221,8 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
         agreed = {"the number of channels": channels, "the checksum of mean and invstd": checksum}
         return (xc, dyc, dtype, layout, mean64, invstd64, weight64, sums, threads), agreed, tuple(sums)
 
-    (xc, dyc, dtype, layout, mean64, invstd64, weight64, local, threads), _, gathered = _exchange(comm, prepare)
+    (xc, dyc, dtype, layout, mean64, invstd64, weight64, local, threads), _, gathered = _exchange(
+        comm, prepare, _BACKWARD_AGREED)
     total = merge_grad_sums([GradSums(*part) for part in gathered])
     if total.count < 1:
         raise ValueError("the whole batch is empty: every rank's x has no values")
@@ -228,8 +232,8 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
 
 
 # ---------------------------------------------------------------------------------------------------
-# The collective: every rank's local outcome (its summaries, or why its arguments were refused) in one
-# allgather.
+# The collective: every rank's local outcome (its summaries, or why its arguments were refused), gathered by
+# every rank.
 
 
 def _check_comm(comm: Any) -> None:
@@ -242,22 +246,22 @@ def _check_comm(comm: Any) -> None:
                         % (rank, size))
 
 
-def _exchange(comm: Communicator, prepare):
+def _exchange(comm: Communicator, prepare, names: Tuple[str, ...]):
     """Run prepare() -> (local, agreed, summaries) here, gather every rank's outcome, and either return
     (local, agreed, [every rank's summaries in rank order]) or raise on every rank.
 
-    `agreed` holds values every rank must share (name -> value); `summaries` is what is gathered.
+    `agreed` holds the values every rank must share, one per name of `names` (numbers); `summaries` is
+    (count, a, b), a and b float64 arrays (C,), what is gathered.
     """
     try:
         local, agreed, summaries = prepare()
-        outcome = (None, agreed, summaries)
         error = None
     except Exception as caught:  # every failure must reach the other ranks, or they would wait forever
-        error = caught
-        outcome = ((type(caught).__name__, str(caught)), None, None)
-    gathered = comm.allgather(outcome)
-    if len(gathered) != comm.size:
-        raise RuntimeError("comm.allgather returned %d objects for %d ranks" % (len(gathered), comm.size))
+        local, agreed, summaries, error = None, None, None, caught
+    if callable(getattr(comm, "Allgather", None)):
+        gathered = _gather_buffers(comm, error, agreed, summaries, names)
+    else:
+        gathered = _gather_objects(comm, error, agreed, summaries)
     if error is not None:
         raise error
     failures = [(rank, failure) for rank, (failure, _, _) in enumerate(gathered) if failure is not None]
@@ -265,12 +269,55 @@ def _exchange(comm: Communicator, prepare):
         rank, (kind, message) = failures[0]
         others = "" if len(failures) == 1 else " (and on rank %s)" % ", ".join(str(r) for r, _ in failures[1:])
         raise _EXCEPTION_TYPES.get(kind, RuntimeError)("on rank %d of %d%s: %s" % (rank, comm.size, others, message))
-    for name, value in agreed.items():
+    for name in names:
         values = [other[name] for _, other, _ in gathered]
-        if any(v != value for v in values):
+        if any(v != agreed[name] for v in values):
             raise ValueError("ranks disagree on %s: %s" % (
                 name, ", ".join("%r on rank %d" % (v, r) for r, v in enumerate(values))))
     return local, agreed, [summaries for _, _, summaries in gathered]
 
+
+def _failure(error: Optional[Exception]):
+    return None if error is None else (type(error).__name__, str(error))
+
+
+def _gather_objects(comm: Communicator, error, agreed, summaries) -> List[Any]:
+    """Every rank's (failure, agreed, summaries) through one allgather of Python objects."""
+    gathered = comm.allgather((_failure(error), agreed, summaries))
+    if len(gathered) != comm.size:
+        raise RuntimeError("comm.allgather returned %d objects for %d ranks" % (len(gathered), comm.size))
+    return gathered
+
+
+def _gather_buffers(comm: Any, error, agreed, summaries, names) -> List[Any]:
+    """The same through an mpi4py communicator's buffer collectives, which spare the pickling of the
+    objects (most of the exchange's cost with the caches cold from the data): an Allgather of every rank's
+    header (failed or not, the count, the agreed values), then, when every rank succeeded with the same
+    number of channels, one of the per-channel summaries; the messages of failures go as objects."""
+    header = np.full(2 + len(names), np.nan)
+    header[0] = error is not None
+    if error is None:
+        header[1] = summaries[0]
+        header[2:] = [agreed[name] for name in names]
+    headers = np.empty((comm.size, header.size))
+    comm.Allgather(header, headers)
+    if headers[:, 0].any():
+        failures = comm.allgather(_failure(error))
+        return [(failure, None, None) for failure in failures]
+    kinds = {name: type(agreed[name]) for name in names}
+    others = [{name: kinds[name](value) for name, value in zip(names, row[2:])} for row in headers]
+    if any(other != agreed for other in others):
+        return [(None, other, None) for other in others]  # the caller names the values that differ
+    channels = summaries[1].size
+    payload = np.concatenate([summaries[1], summaries[2]])
+    payloads = np.empty((comm.size, 2 * channels))
+    comm.Allgather(payload, payloads)
+    return [(None, other, (int(row[1]), part[:channels], part[channels:]))
+            for row, other, part in zip(headers, others, payloads)]
+
+
+# The values every rank must share, in the order the buffer exchange sends them.
+_FORWARD_AGREED = ("the number of channels", "eps", "momentum")
+_BACKWARD_AGREED = ("the number of channels", "the checksum of mean and invstd")
 
 _EXCEPTION_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "MemoryError": MemoryError}
