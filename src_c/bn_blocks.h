@@ -40,8 +40,9 @@ fn_status fn_bn_elemt_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t
                           const double *mean, const double *invstd, const double *weight, const double *bias,
                           int num_threads);
 
-/* sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (x - mean)) of every channel of a shard, mean the whole
- * batch's. */
+/* sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (x - mean)) of every channel of a shard, mean and invstd the
+ * whole batch's (invstd only scales float32 deviations to unit size, so that values far from it keep their
+ * digits). */
 fn_status fn_bn_backward_reduce_f32(const float *dy, const float *x, ptrdiff_t outer, ptrdiff_t channels,
                                     ptrdiff_t inner, const double *mean, const double *invstd, double *sum_dy,
                                     double *sum_dy_xmu, int num_threads);
