@@ -59,16 +59,19 @@ def worker(args):
         distributed.sync_batch_norm_backward(dy, x, mean, invstd, weight, comm, num_threads=threads)
         return mean, invstd
 
-    def timed(run, repeat):
-        """(wall seconds, CPU seconds of this process) of each repetition."""
-        samples = []
+    def timed_alternately(runs, repeat):
+        """name -> (wall seconds, CPU seconds of this process) of each repetition of each run, the runs taking
+        turns repetition by repetition, so that a change in the machine's load weighs on all of them alike."""
+        samples = {name: [] for name in runs}
         for _ in range(3):
-            run()
+            for run in runs.values():
+                run()
         for _ in range(repeat):
-            comm.Barrier()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            samples.append((time.perf_counter() - start, time.process_time() - start_cpu))
+            for name, run in runs.items():
+                comm.Barrier()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                run()
+                samples[name].append((time.perf_counter() - start, time.process_time() - start_cpu))
         return samples
 
     mean, invstd = step()
@@ -83,22 +86,22 @@ def worker(args):
         sync._exchange(comm, lambda: backward, sync._BACKWARD_AGREED)
 
     total = distributed.merge_grad_sums([sums] * comm.size)
-    parts = {
-        "step": timed(step, args.repeat),
-        "step, 1 thread": timed(lambda: step(1), args.repeat),
-        "local statistics": timed(lambda: distributed.local_stats(x), args.repeat),
-        "normalize": timed(lambda: distributed.normalize(x, mean, invstd, weight, bias), args.repeat),
-        "local gradient sums": timed(lambda: distributed.local_grad_sums(dy, x, mean), args.repeat),
-        "normalize backward": timed(lambda: distributed.normalize_backward(dy, x, mean, invstd, weight, total),
-                                    args.repeat),
-        "exchanges (forward and backward)": timed(exchanges, args.repeat),
-        "kernels, 1 thread": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1), args.repeat),
-        "kernels, the rank's share of the cores": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, share),
-                                                        args.repeat),
-    }
-    allgather = {k: [wall for wall, _ in timed(lambda: comm.Allgather(np.zeros(k), np.empty((comm.size, k))),
-                                               args.allgather_repeat)]
-                 for k in ALLGATHER_SIZES}
+    # The one-thread runs come after one that uses no thread team: the process's CPU time would count the
+    # team's workers still spinning after a call (foldnorm's pool spins 0.05 ms before it sleeps).
+    parts = timed_alternately({
+        "step": step,
+        "kernels, the rank's share of the cores": lambda: _kernel_step(foldnorm, x, dy, weight, bias, share),
+        "local statistics": lambda: distributed.local_stats(x),
+        "normalize": lambda: distributed.normalize(x, mean, invstd, weight, bias),
+        "local gradient sums": lambda: distributed.local_grad_sums(dy, x, mean),
+        "normalize backward": lambda: distributed.normalize_backward(dy, x, mean, invstd, weight, total),
+        "exchanges (forward and backward)": exchanges,
+        "step, 1 thread": lambda: step(1),
+        "kernels, 1 thread": lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1),
+    }, args.repeat)
+    allgather = {k: [wall for wall, _ in samples] for k, samples in timed_alternately(
+        {k: (lambda k=k: comm.Allgather(np.zeros(k), np.empty((comm.size, k)))) for k in ALLGATHER_SIZES},
+        args.allgather_repeat).items()}
     sent = 8 * values_per_step(channels)
     gathered = comm.gather({"parts": parts, "allgather": allgather, "sent": sent}, root=0)
     if comm.rank == 0:
@@ -128,7 +131,10 @@ def worker(args):
 
 
 def _kernel_step(foldnorm, x, dy, weight, bias, threads):
-    y, mean, invstd = foldnorm.batch_norm_train(x, weight, bias, num_threads=threads)
+    # With running statistics to update, as the synchronized step has.
+    channels = x.shape[1]
+    y, mean, invstd = foldnorm.batch_norm_train(x, weight, bias, running_mean=np.zeros(channels),
+                                                running_var=np.ones(channels), num_threads=threads)
     foldnorm.batch_norm_backward(dy, x, mean, invstd, weight, num_threads=threads)
 
 

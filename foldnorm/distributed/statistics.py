@@ -333,15 +333,23 @@ def _normalize_backward(dyc: np.ndarray, xc: np.ndarray, dtype: np.dtype, layout
     return finish_output(written, out, dtype)
 
 
-def _update_running(stats: ChannelStats, momentum: float, running_mean: Optional[np.ndarray],
-                    running_var: Optional[np.ndarray]) -> None:
-    """running = (1 - momentum) * running + momentum * batch, computed in float64, stored in place in the
-    arrays' own dtype; the batch variance is the unbiased m2 / (count - 1)."""
-    as64 = [None if a is None else np.array(a, dtype=np.float64) for a in (running_mean, running_var)]
-    _batch_norm.bn_update_running(float(stats.count), stats.mean, stats.m2, momentum, *as64)
-    for target, updated in zip((running_mean, running_var), as64):
-        if target is not None:
-            target[...] = updated
+def _gather_stats(gathered: Sequence[Tuple[int, np.ndarray, np.ndarray]], eps: float, momentum: float,
+                  running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray]):
+    """The ranks' (count, mean, m2) merged in rank order: (mean, m2, invstd), float64 (C,), and the running
+    statistics updated in place (in float64, stored in the arrays' own dtype; the batch variance is the
+    unbiased m2 / (count - 1))."""
+    counts, means, m2s = (np.array(column, dtype=np.float64) for column in zip(*gathered))
+    channels = means.shape[1]
+    mean, m2, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
+    # The kernels update float64 arrays in place; others through a float64 copy.
+    running = [None if a is None or (a.dtype == np.float64 and a.flags.c_contiguous) else np.array(a, np.float64)
+               for a in (running_mean, running_var)]
+    targets = [a if copy is None else copy for a, copy in zip((running_mean, running_var), running)]
+    _batch_norm.bn_gather_stats(counts, means, m2s, eps, momentum, *targets, mean, m2, invstd)
+    for target, copy in zip((running_mean, running_var), running):
+        if copy is not None:
+            target[...] = copy
+    return mean, m2, invstd
 
 
 def _stacked(parts: Sequence[Any], name: str, kind: str, fields: Tuple[str, str]):

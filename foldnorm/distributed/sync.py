@@ -9,8 +9,8 @@ import numpy as np
 
 from foldnorm.kernels._validation import as_like, as_param, check_eps, check_momentum, running_statistic
 
-from .statistics import (ChannelStats, GradSums, _grad_sums_of, _normalize, _normalize_backward, _shard, _stats_of,
-                         _update_running, merge_grad_sums, merge_stats, shard_threads)
+from .statistics import (GradSums, _gather_stats, _grad_sums_of, _normalize, _normalize_backward, _shard, _stats_of,
+                         merge_grad_sums, shard_threads)
 
 
 @runtime_checkable
@@ -148,14 +148,13 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
 
     (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, gathered = _exchange(
         comm, prepare, _FORWARD_AGREED)
-    stats = merge_stats([ChannelStats(*part) for part in gathered])
-    if stats.count < 2:
+    count = sum(part[0] for part in gathered)
+    if count < 2:
         raise ValueError("expected more than 1 value per channel when training, got %d over the %d ranks"
-                         % (stats.count, len(gathered)))
-    invstd = stats.invstd(agreed["eps"])
-    y = _normalize(xc, dtype, layout, stats.mean, invstd, weight64, bias64, threads)
-    _update_running(stats, agreed["momentum"], rmean, rvar)
-    return y, stats.mean, invstd
+                         % (count, len(gathered)))
+    mean, _, invstd = _gather_stats(gathered, agreed["eps"], agreed["momentum"], rmean, rvar)
+    y = _normalize(xc, dtype, layout, mean, invstd, weight64, bias64, threads)
+    return y, mean, invstd
 
 
 def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
@@ -304,16 +303,14 @@ def _gather_buffers(comm: Any, error, agreed, summaries, names) -> List[Any]:
     if headers[:, 0].any():
         failures = comm.allgather(_failure(error))
         return [(failure, None, None) for failure in failures]
-    kinds = {name: type(agreed[name]) for name in names}
-    others = [{name: kinds[name](value) for name, value in zip(names, row[2:])} for row in headers]
-    if any(other != agreed for other in others):
-        return [(None, other, None) for other in others]  # the caller names the values that differ
+    if (headers[:, 2:] != header[2:]).any():  # the caller names the values that differ
+        kinds = [type(agreed[name]) for name in names]
+        return [(None, {name: kind(v) for name, kind, v in zip(names, kinds, row[2:])}, None) for row in headers]
     channels = summaries[1].size
     payload = np.concatenate([summaries[1], summaries[2]])
     payloads = np.empty((comm.size, 2 * channels))
     comm.Allgather(payload, payloads)
-    return [(None, other, (int(row[1]), part[:channels], part[channels:]))
-            for row, other, part in zip(headers, others, payloads)]
+    return [(None, agreed, (int(row[1]), part[:channels], part[channels:])) for row, part in zip(headers, payloads)]
 
 
 # The values every rank must share, in the order the buffer exchange sends them.

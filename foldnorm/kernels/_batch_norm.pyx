@@ -4,6 +4,7 @@ x, y, dy and dx arrive flattened, C-contiguous, all float32 or all float64; per-
 statistics and gradients are C-contiguous float64 arrays; weight and bias may be None.
 """
 cimport numpy as cnp
+from libc.math cimport sqrt
 
 from foldnorm.kernels._kernels cimport (
     attach_pool,
@@ -143,15 +144,29 @@ def bn_merge_stats(cnp.ndarray counts not None, cnp.ndarray means not None, cnp.
     return count
 
 
-def bn_update_running(double count, cnp.ndarray mean not None, cnp.ndarray m2 not None, double momentum,
-                      cnp.ndarray running_mean, cnp.ndarray running_var):
-    """Update running_mean and running_var (float64, or None) in place."""
-    cdef const double *m = values(mean)
-    cdef const double *s = values(m2)
+def bn_gather_stats(cnp.ndarray counts not None, cnp.ndarray means not None, cnp.ndarray m2s not None,
+                    double eps, double momentum, cnp.ndarray running_mean, cnp.ndarray running_var,
+                    cnp.ndarray mean not None, cnp.ndarray m2 not None, cnp.ndarray invstd not None):
+    """bn_merge_stats, then invstd = 1 / sqrt(m2 / count + eps) and the update of running_mean and running_var
+    (float64, or None) in place; return the total count."""
+    cdef Py_ssize_t parts = cnp.PyArray_DIM(means, 0)
+    cdef Py_ssize_t channels = cnp.PyArray_DIM(means, 1)
+    cdef const double *n = values(counts)
+    cdef const double *ms = values(means)
+    cdef const double *ss = values(m2s)
+    cdef double *m = values(mean)
+    cdef double *s = values(m2)
+    cdef double *r = values(invstd)
     cdef double *rm = optional_values(running_mean)
     cdef double *rv = optional_values(running_var)
+    cdef double count
+    cdef Py_ssize_t c
     with nogil:
-        fn_bn_update_running(cnp.PyArray_DIM(mean, 0), count, m, s, momentum, rm, rv)
+        fn_bn_merge_stats(parts, channels, n, ms, ss, &count, m, s)
+        for c in range(channels):
+            r[c] = 1.0 / sqrt(s[c] / count + eps)
+        fn_bn_update_running(channels, count, m, s, momentum, rm, rv)
+    return count
 
 
 def bn_elemt(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, Py_ssize_t channels,
