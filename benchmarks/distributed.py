@@ -169,8 +169,8 @@ def report(results):
     shape = "x".join(map(str, first["shape"]))
     channels = first["shape"][1]
     lines.append("Per-rank batch %s %s (C = %d), median of the repetitions, each timed from a barrier to its "
-                 "slowest rank's end (wall), and the CPU time of the busiest rank; the parts are timed alone, "
-                 "the kernels at 1 thread." % (shape, first["dtype"], channels))
+                 "slowest rank's end (wall), and the CPU time of the busiest rank; the step and its parts are "
+                 "timed in turns." % (shape, first["dtype"], channels))
     lines.append("")
     columns = ["%d rank%s" % (r["ranks"], "" if r["ranks"] == 1 else "s") for r in results]
     lines.append("| ms: wall median (min) / CPU median | " + " | ".join(columns) + " |")
@@ -184,7 +184,8 @@ def report(results):
         "%d (%d / %d)" % (r["threads_per_rank"], r["usable_cores"], r["ranks_on_this_node"]) for r in results))
     lines.append("| **CPU: step at 1 thread / kernels at 1 thread** | %s |" % " | ".join(
         "%.2fx" % (r["parts_cpu_ms"]["step, 1 thread"] / r["parts_cpu_ms"]["kernels, 1 thread"]) for r in results))
-    for base, label in (("step", "the first column's step"), ("step, 1 thread", "its step at 1 thread")):
+    for base, label in (("step", "the first column's step"),
+                        ("step, 1 thread", "the first column's step at 1 thread")):
         lines.append("| **wall: step / %s** | %s |" % (label, " | ".join(
             "%.2fx (min %.2fx)" % (r["parts_ms"]["step"] / first["parts_ms"][base],
                                    r["parts_min_ms"]["step"] / first["parts_min_ms"][base]) for r in results)))
