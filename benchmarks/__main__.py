@@ -1,6 +1,7 @@
 """python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
 | compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners 2] [--seconds 1.5] [--rounds 3]
-| big [--megabytes 300] [--rounds 5] [--huge] | startup [--runs 20] | figures [RESULTS.json]"""
+| big [--megabytes 300] [--rounds 5] [--huge] | startup [--runs 20] | figures [RESULTS.json]
+| distributed [--shape 16,64,28,28] [--ranks 1,2] [--repeat 30]"""
 import argparse
 import os
 import sys
@@ -83,6 +84,10 @@ def parser():
     counts = commands.add_parser("counts", help="instructions and cache traffic per element of each kernel "
                                  "under valgrind (deterministic)")
     counts.add_argument("--smoke", action="store_true", help="two tiny cases")
+    from . import distributed
+
+    distributed.add_arguments(commands.add_parser(
+        "distributed", help="synchronized batch norm under mpiexec: step time per rank against the kernels"))
     return top
 
 
@@ -124,6 +129,10 @@ def main(argv=None):
         return _ab(args)
     if args.command == "counts":
         return _counts(args)
+    if args.command == "distributed":
+        from . import distributed
+
+        return distributed.run(args)
     try:
         from .harness import default_threads
         threads = args.threads or default_threads()

@@ -253,3 +253,8 @@ static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double 
 /* The per-element loops and the entry points, for float and double. */
 #define FN_IMPL "batch_norm_impl.h"
 #include "fn_instantiate.h"
+
+/* The per-shard building blocks of the synchronized batch norm (bn_blocks.h), on the pieces above. */
+#include "bn_blocks.h"
+#define FN_IMPL "bn_blocks_impl.h"
+#include "fn_instantiate.h"

@@ -311,22 +311,19 @@ fn_status FN_NAME(fn_batch_norm)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdif
     return FN_OK;
 }
 
-fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_t channels,
-                                       ptrdiff_t inner, const double *weight, const double *bias, double eps,
-                                       double *mean, double *var, double *invstd, int num_threads)
+/* y = (x - mean) * invstd * weight + bias with the statistics given: the apply of the training forward,
+ * which the building block fn_bn_elemt shares. */
+static fn_status FN_NAME(bn_normalize)(const FN_T *x, FN_T *y, const bn_plan *p, const double *mean,
+                                       const double *invstd, const double *weight, const double *bias,
+                                       int num_threads)
 {
-    const bn_plan p = bn_make_plan(outer, channels, inner);
+    const ptrdiff_t channels = p->channels;
     FN_T *coefs = malloc((size_t)channels * 4 * sizeof(FN_T));
     if (coefs == NULL)
         return FN_NOMEM;
-    if (FN_NAME(bn_statistics)(x, &p, mean, var, num_threads) != FN_OK) {
-        free(coefs);
-        return FN_NOMEM;
-    }
     FN_T *shift = coefs, *alpha = coefs + channels, *beta = coefs + 2 * channels, *xscale = coefs + 3 * channels;
     int scaled = 0;
     for (ptrdiff_t c = 0; c < channels; c++) {
-        invstd[c] = 1.0 / sqrt(var[c] + eps);
         alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
         /* Subtracting the rounded mean first keeps x - shift exact for data far from zero (mean 1e3,
          * std 1 in float32); beta carries the rest of the mean, (mean - shift) * alpha, in float64. */
@@ -342,9 +339,21 @@ fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, 
         }
 #endif
     }
-    FN_NAME(bn_apply)(x, y, &p, scaled ? xscale : NULL, shift, alpha, beta, num_threads);
+    FN_NAME(bn_apply)(x, y, p, scaled ? xscale : NULL, shift, alpha, beta, num_threads);
     free(coefs);
     return FN_OK;
+}
+
+fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_t channels,
+                                       ptrdiff_t inner, const double *weight, const double *bias, double eps,
+                                       double *mean, double *var, double *invstd, int num_threads)
+{
+    const bn_plan p = bn_make_plan(outer, channels, inner);
+    if (FN_NAME(bn_statistics)(x, &p, mean, var, num_threads) != FN_OK)
+        return FN_NOMEM;
+    for (ptrdiff_t c = 0; c < channels; c++)
+        invstd[c] = 1.0 / sqrt(var[c] + eps);
+    return FN_NAME(bn_normalize)(x, y, &p, mean, invstd, weight, bias, num_threads);
 }
 
 /* The per-channel gradient sums of a block of rows, BN_ROWS_PER_SWEEP rows per sweep over the accumulators. */
@@ -482,36 +491,43 @@ static void FN_NAME(bn_grad_apply_region)(fn_worker *w, void *arg)
     }
 }
 
-fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t outer,
-                                          ptrdiff_t channels, ptrdiff_t inner, const double *mean,
-                                          const double *invstd, const double *weight, double *dweight,
-                                          double *dbias, int num_threads)
+/* sum_dy = sum(dy) and sum_dy_xc = sum(dy * (x - mean)) per channel: the backward pass's reduction, which
+ * the building block fn_bn_backward_reduce shares. */
+static fn_status FN_NAME(bn_grad_sums)(const FN_T *dy, const FN_T *x, const bn_plan *p, const double *mean,
+                                       const double *invstd, double *sum_dy, double *sum_dy_xc, int num_threads)
 {
-    const bn_plan p = bn_make_plan(outer, channels, inner);
-    const ptrdiff_t units = p.units;
-    const double count = (double)p.outer * (double)p.inner;
-    const size_t sums_per_unit = p.rows ? 2 * (size_t)channels : 2;
-    double *unit_sums = malloc((size_t)units * sums_per_unit * sizeof(double));
-    FN_T *coefs = malloc((size_t)channels * 5 * sizeof(FN_T));
-    if (unit_sums == NULL || coefs == NULL) {
-        free(unit_sums);
-        free(coefs);
+    const size_t sums_per_unit = p->rows ? 2 * (size_t)p->channels : 2;
+    double *unit_sums = malloc(((size_t)p->units * sums_per_unit + 1) * sizeof(double));
+    if (unit_sums == NULL)
         return FN_NOMEM;
-    }
-    FN_NAME(bn_grad_job) j = {dy, x, dx, &p, mean, invstd, unit_sums, sums_per_unit, NULL, NULL, NULL, NULL,
+    FN_NAME(bn_grad_job) j = {dy, x, NULL, p, mean, invstd, unit_sums, sums_per_unit, NULL, NULL, NULL, NULL,
                               NULL, 0, 0};
     fn_team_run(num_threads, FN_NAME(bn_grad_sums_region), &j);
-    if (p.rows)
-        bn_merge_row_sums(&p, unit_sums, dbias, dweight, num_threads);
+    if (p->rows)
+        bn_merge_row_sums(p, unit_sums, sum_dy, sum_dy_xc, num_threads);
     else
-        bn_merge_plane_sums(&p, unit_sums, dbias, dweight, num_threads);
+        bn_merge_plane_sums(p, unit_sums, sum_dy, sum_dy_xc, num_threads);
     free(unit_sums);
+    return FN_OK;
+}
 
+/* dx = weight * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xc / count), the sums and
+ * count those of the whole batch: the backward pass's apply, which the building block fn_bn_backward_elemt
+ * shares. */
+static fn_status FN_NAME(bn_grad_apply)(const FN_T *dy, const FN_T *x, FN_T *dx, const bn_plan *p,
+                                        const double *mean, const double *invstd, const double *sum_dy,
+                                        const double *sum_dy_xc, double count, const double *weight,
+                                        int num_threads)
+{
+    const ptrdiff_t channels = p->channels;
+    FN_T *coefs = malloc((size_t)channels * 5 * sizeof(FN_T));
+    if (coefs == NULL)
+        return FN_NOMEM;
     FN_T *alpha = coefs, *shift = coefs + channels, *slope = coefs + 2 * channels;
     FN_T *offset = coefs + 3 * channels, *xscale = coefs + 4 * channels;
     int scaled = 0;
     for (ptrdiff_t c = 0; c < channels; c++) {
-        dweight[c] *= invstd[c];
+        const double dweight = sum_dy_xc[c] * invstd[c];
         /* dx = alpha * (dy + slope * (x - mean) - dbias / n) with (x - mean) = (x - shift) - (mean - shift)
          * as in the forward pass.  Keeping the factor alpha = weight * invstd outside leaves every
          * coefficient on the scale of dy, so none underflows when invstd is tiny (x near 1e30). */
@@ -522,7 +538,7 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
 #else
         const double s = 1.0;
 #endif
-        const double slope64 = -invstd[c] * (dweight[c] / count) / s;
+        const double slope64 = -invstd[c] * (dweight / count) / s;
         alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
         xscale[c] = (FN_T)s;
         shift[c] = (FN_T)(mean[c] * s);
@@ -530,17 +546,27 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
         /* rest is 0 when the mean is exact in FN_T; skipping the product then keeps an infinite slope (inf
          * in x) from making 0 * inf = NaN of the whole channel, where NumPy's formula gives +-inf. */
         const double rest = mean[c] * s - (double)shift[c];
-        offset[c] = (FN_T)(-(dbias[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
+        offset[c] = (FN_T)(-(sum_dy[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
     }
     /* As in bn_apply: a large dx of planes is computed into L1 and streamed out. */
-    j.stream = !p.rows && fn_streams(p.outer * channels * p.inner, sizeof(FN_T));
-    j.alpha = alpha;
-    j.xscale = scaled ? xscale : NULL;
-    j.shift = shift;
-    j.slope = slope;
-    j.offset = offset;
+    FN_NAME(bn_grad_job) j = {dy, x, dx, p, mean, invstd, NULL, 0, alpha, scaled ? xscale : NULL, shift, slope,
+                              offset, !p->rows && fn_streams(p->outer * channels * p->inner, sizeof(FN_T)), 0};
     fn_team_run(num_threads, FN_NAME(bn_grad_apply_region), &j);
     free(coefs);
     return FN_OK;
 }
 
+fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t outer,
+                                          ptrdiff_t channels, ptrdiff_t inner, const double *mean,
+                                          const double *invstd, const double *weight, double *dweight,
+                                          double *dbias, int num_threads)
+{
+    const bn_plan p = bn_make_plan(outer, channels, inner);
+    if (FN_NAME(bn_grad_sums)(dy, x, &p, mean, invstd, dbias, dweight, num_threads) != FN_OK)
+        return FN_NOMEM;
+    const fn_status status = FN_NAME(bn_grad_apply)(dy, x, dx, &p, mean, invstd, dbias, dweight,
+                                                    (double)p.outer * (double)p.inner, weight, num_threads);
+    for (ptrdiff_t c = 0; c < channels; c++)
+        dweight[c] *= invstd[c];
+    return status;
+}

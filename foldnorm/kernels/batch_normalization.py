@@ -13,8 +13,6 @@ ordinary arrays.
 """
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -25,12 +23,14 @@ from ._validation import (
     as_input,
     as_like,
     as_param,
+    channel_layout,
     check_eps,
     check_momentum,
     check_out,
     compute_dtype,
     finish_output,
     kernel_output,
+    running_statistic,
 )
 from .runtime import resolve_num_threads
 
@@ -69,7 +69,7 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike, we
     ((8, 3, 4, 4), dtype('float32'))
     """
     xc, dtype = as_input(x, "x", min_ndim=2)
-    outer, channels, inner = _layout(xc.shape, channel_axis)
+    outer, channels, inner = channel_layout(xc.shape, channel_axis)
     mean = as_param(running_mean, "running_mean", (channels,), np.float64, required=True)
     var = as_param(running_var, "running_var", (channels,), np.float64, required=True)
     weight64 = as_param(weight, "weight", (channels,), np.float64)
@@ -132,15 +132,15 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayL
     (True, (3,), dtype('float32'))
     """
     xc, dtype = as_input(x, "x", min_ndim=2)
-    outer, channels, inner = _layout(xc.shape, channel_axis)
+    outer, channels, inner = channel_layout(xc.shape, channel_axis)
     count = outer * inner
     if count < 2:
         raise ValueError("expected more than 1 value per channel when training, got input of shape %s"
                          % (xc.shape,))
     weight64 = as_param(weight, "weight", (channels,), np.float64)
     bias64 = as_param(bias, "bias", (channels,), np.float64)
-    running_mean = _running_statistic(running_mean, "running_mean", channels)
-    running_var = _running_statistic(running_var, "running_var", channels)
+    running_mean = running_statistic(running_mean, "running_mean", channels)
+    running_var = running_statistic(running_var, "running_var", channels)
     if running_mean is not None and running_var is not None and np.shares_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not overlap")
     momentum = check_momentum(momentum)
@@ -198,7 +198,7 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     """
     xc, dtype = as_input(x, "x", min_ndim=2)
     dyc = as_like(dy, "dy", xc.shape, xc.dtype)
-    outer, channels, inner = _layout(xc.shape, channel_axis)
+    outer, channels, inner = channel_layout(xc.shape, channel_axis)
     mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
     invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
     weight64 = as_param(weight, "weight", (channels,), np.float64)
@@ -209,35 +209,6 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     _batch_norm.batch_norm_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), outer, channels, inner,
                                     mean64, invstd64, weight64, dweight, dbias, threads)
     return dx.astype(dtype, copy=False), dweight.astype(dtype), dbias.astype(dtype)
-
-
-def _layout(shape, channel_axis):
-    """The (outer, channels, inner) view of an x of `shape` that the kernels work on."""
-    try:
-        axis = operator.index(channel_axis)
-    except TypeError:
-        axis = None
-    if isinstance(channel_axis, bool) or axis not in (1, -1):
-        raise ValueError("channel_axis must be 1 (channels first) or -1 (channels last), got %r"
-                         % (channel_axis,))
-    if axis == 1:
-        return shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))
-    return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1], 1
-
-
-def _running_statistic(a, name, channels):
-    """A running_mean/running_var argument: None, or a writable float ndarray of shape (channels,)."""
-    if a is None:
-        return None
-    if not isinstance(a, np.ndarray):
-        raise TypeError("%s must be a numpy.ndarray (it is updated in place), got %s" % (name, type(a).__name__))
-    if a.dtype.kind != "f":
-        raise TypeError("%s must be a float array, got dtype %s" % (name, a.dtype))
-    if a.shape != (channels,):
-        raise ValueError("%s must have shape %s, got %s" % (name, (channels,), a.shape))
-    if not a.flags.writeable:
-        raise ValueError("%s must be writable (it is updated in place)" % name)
-    return a
 
 
 def _named_arrays(**arrays):
