@@ -3,6 +3,7 @@
 
 #include <string.h>
 
+#include "fn_activation.h"
 #include "fn_platform.h"
 #include "fn_pool.h"
 
@@ -65,4 +66,74 @@ void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads
 {
     fn_copy_job j = {(char *)dst, (const char *)src, nbytes};
     fn_team_run(num_threads, fn_copy_region, &j);
+}
+
+/* The activations' building blocks on their own, piece by piece through an L1 buffer as the kernels run them
+ * (which also lets y or g be x). */
+#define FN_ACTIVATION_PIECE 1024
+
+FN_VECTOR_KERNEL void fn_exp_values_f32(const float *x, float *y, ptrdiff_t n)
+{
+    float piece[FN_ACTIVATION_PIECE];
+    for (ptrdiff_t i = 0; i < n; i += FN_ACTIVATION_PIECE) {
+        const ptrdiff_t len = fn_min(n - i, FN_ACTIVATION_PIECE);
+        fn_exp_run_f32(x + i, piece, len);
+        memcpy(y + i, piece, (size_t)len * sizeof *y);
+    }
+}
+
+FN_VECTOR_KERNEL void fn_exp_values_f64(const double *x, double *y, ptrdiff_t n)
+{
+    double piece[FN_ACTIVATION_PIECE];
+    for (ptrdiff_t i = 0; i < n; i += FN_ACTIVATION_PIECE) {
+        const ptrdiff_t len = fn_min(n - i, FN_ACTIVATION_PIECE);
+        fn_exp_run_f64(x + i, piece, len);
+        memcpy(y + i, piece, (size_t)len * sizeof *y);
+    }
+}
+
+FN_VECTOR_KERNEL void fn_activate_values_f32(const float *x, float *y, ptrdiff_t n, fn_activation act)
+{
+    float piece[FN_ACTIVATION_PIECE];
+    for (ptrdiff_t i = 0; i < n; i += FN_ACTIVATION_PIECE) {
+        const ptrdiff_t len = fn_min(n - i, FN_ACTIVATION_PIECE);
+        memcpy(piece, x + i, (size_t)len * sizeof *x);
+        fn_activate_run_f32(piece, len, act);
+        memcpy(y + i, piece, (size_t)len * sizeof *y);
+    }
+}
+
+FN_VECTOR_KERNEL void fn_activate_values_f64(const double *x, double *y, ptrdiff_t n, fn_activation act)
+{
+    double piece[FN_ACTIVATION_PIECE];
+    for (ptrdiff_t i = 0; i < n; i += FN_ACTIVATION_PIECE) {
+        const ptrdiff_t len = fn_min(n - i, FN_ACTIVATION_PIECE);
+        memcpy(piece, x + i, (size_t)len * sizeof *x);
+        fn_activate_run_f64(piece, len, act);
+        memcpy(y + i, piece, (size_t)len * sizeof *y);
+    }
+}
+
+FN_VECTOR_KERNEL void fn_activation_grad_values_f32(const float *dy, const float *x, float *g, ptrdiff_t n,
+                                                    fn_activation act)
+{
+    float piece[FN_ACTIVATION_PIECE];
+    for (ptrdiff_t i = 0; i < n; i += FN_ACTIVATION_PIECE) {
+        const ptrdiff_t len = fn_min(n - i, FN_ACTIVATION_PIECE);
+        memcpy(piece, x + i, (size_t)len * sizeof *x);
+        fn_activation_grad_run_f32(dy + i, piece, len, act);
+        memcpy(g + i, piece, (size_t)len * sizeof *g);
+    }
+}
+
+FN_VECTOR_KERNEL void fn_activation_grad_values_f64(const double *dy, const double *x, double *g, ptrdiff_t n,
+                                                    fn_activation act)
+{
+    double piece[FN_ACTIVATION_PIECE];
+    for (ptrdiff_t i = 0; i < n; i += FN_ACTIVATION_PIECE) {
+        const ptrdiff_t len = fn_min(n - i, FN_ACTIVATION_PIECE);
+        memcpy(piece, x + i, (size_t)len * sizeof *x);
+        fn_activation_grad_run_f64(dy + i, piece, len, act);
+        memcpy(g + i, piece, (size_t)len * sizeof *g);
+    }
 }
