@@ -21,7 +21,15 @@ import os
 
 import numpy as np
 
-from .harness import Contender, Unavailable, first_line, measure, parallel_copy, thread_settings_kept
+from .harness import (
+    Contender,
+    Unavailable,
+    first_line,
+    foldnorm_function,
+    measure,
+    parallel_copy,
+    thread_settings_kept,
+)
 from .kernels import EPS, KernelCase
 
 BN_SHAPE = (32, 256, 28, 28)
@@ -72,17 +80,15 @@ def _torch():
     return torch
 
 
-def _fused_foldnorm(kernel, activation):
-    """foldnorm, when its build has the fused kernel (an A/B base may predate them)."""
+def _fused_function(kernel, activation):
+    """foldnorm's fused kernel (through harness.foldnorm_function, so the slowdown hook reaches it), when this
+    build has it: an A/B base may predate the fused kernels."""
     import inspect
 
-    import foldnorm
-
-    name = kernel.replace("_backward", "") if activation else kernel
-    function = getattr(foldnorm, name, None)
-    if function is None or (activation and "activation" not in inspect.signature(function).parameters):
-        raise Unavailable("this foldnorm build has no fused %s" % (kernel + ("+" + activation if activation else "")))
-    return foldnorm
+    function = foldnorm_function(kernel)
+    if activation and "activation" not in inspect.signature(function).parameters:
+        raise Unavailable("this foldnorm build has no fused %s+%s" % (kernel, activation))
+    return function
 
 
 def _np_act(y, activation):
@@ -102,7 +108,8 @@ def _np_act_grad(dy, pre, activation, g):
 
 
 class FusedBench:
-    """Data of one case and a factory per contender (each raises Unavailable when it cannot run here)."""
+    """Data of one case and a factory per contender (each raises Unavailable when it cannot run here); the
+    foldnorm calls return y (forward) or dx (backward) first."""
 
     def __init__(self, case, rng):
         self.case = case
@@ -124,31 +131,29 @@ class FusedBench:
         return self.unfused(threads) if self.composed else self.fused(threads)
 
     def fused(self, threads):
-        foldnorm = _fused_foldnorm(self.kernel, self.activation)
-        x, w, b, act, out = self.x, self.weight, self.bias, self.activation or None, self.out
+        import foldnorm
+
+        fn = _fused_function(self.kernel, self.activation)
+        x, w, b, act, out, groups = self.x, self.weight, self.bias, self.activation or None, self.out, self.case.groups
         if self.kernel == "batch_norm_train":
-            return lambda: foldnorm.batch_norm_train(x, w, b, activation=act, out=out, num_threads=threads)
+            return lambda: fn(x, w, b, activation=act, out=out, num_threads=threads)
         if self.kernel == "group_norm":
-            return lambda: foldnorm.group_norm(x, self.case.groups, w, b, activation=act, num_threads=threads)
+            return lambda: fn(x, groups, w, b, activation=act, num_threads=threads)
         if self.kernel == "batch_norm_backward":
             _, mean, invstd = foldnorm.batch_norm_train(x, w, b, activation=act)
-            return lambda: foldnorm.batch_norm_backward(self.other, x, mean, invstd, w, bias=b, activation=act,
-                                                        num_threads=threads)
+            return lambda: fn(self.other, x, mean, invstd, w, bias=b, activation=act, num_threads=threads)
         if self.kernel == "group_norm_backward":
-            _, mean, invstd = foldnorm.group_norm(x, self.case.groups, w, b, activation=act)
-            return lambda: foldnorm.group_norm_backward(self.other, x, mean, invstd, self.case.groups, w, bias=b,
-                                                        activation=act, num_threads=threads)
+            _, mean, invstd = foldnorm.group_norm(x, groups, w, b, activation=act)
+            return lambda: fn(self.other, x, mean, invstd, groups, w, bias=b, activation=act, num_threads=threads)
         if self.kernel == "add_layer_norm":
-            return lambda: foldnorm.add_layer_norm(x, self.other, w, b, out=out, s_out=self.out2,
-                                                   num_threads=threads)
+            return lambda: fn(x, self.other, w, b, out=out, s_out=self.out2, num_threads=threads)
         if self.kernel == "add_rms_norm":
-            return lambda: foldnorm.add_rms_norm(x, self.other, w, out=out, s_out=self.out2, num_threads=threads)
+            return lambda: fn(x, self.other, w, out=out, s_out=self.out2, num_threads=threads)
         if self.kernel == "add_layer_norm_backward":
             _, mean, invstd = foldnorm.layer_norm(x, w, b)
-            return lambda: foldnorm.add_layer_norm_backward(self.other, self.ds, x, mean, invstd, w,
-                                                            num_threads=threads)
+            return lambda: fn(self.other, self.ds, x, mean, invstd, w, num_threads=threads)
         _, invrms = foldnorm.rms_norm(x, w)
-        return lambda: foldnorm.add_rms_norm_backward(self.other, self.ds, x, invrms, w, num_threads=threads)
+        return lambda: fn(self.other, self.ds, x, invrms, w, num_threads=threads)
 
     # foldnorm's kernels and NumPy, unfused
     def unfused(self, threads):
@@ -159,11 +164,13 @@ class FusedBench:
             def run():
                 foldnorm.batch_norm_train(x, w, b, out=out, num_threads=threads)
                 _np_act(out, act)
+                return out
             return run
         if self.kernel == "group_norm":
             def run():
                 y, _, _ = foldnorm.group_norm(x, self.case.groups, w, b, num_threads=threads)
                 _np_act(y, act)
+                return y
             return run
         if self.kernel in ("batch_norm_backward", "group_norm_backward"):
             groups = self.case.groups
@@ -177,7 +184,7 @@ class FusedBench:
 
             def run():
                 _np_act_grad(self.other, pre, act, out)
-                return norm_backward(out)
+                return norm_backward(out)[0]
             return run
         if self.kernel in ("add_layer_norm", "add_rms_norm"):
             norm = (lambda s: foldnorm.layer_norm(s, w, b, num_threads=threads)) if self.kernel == "add_layer_norm" \
@@ -185,7 +192,7 @@ class FusedBench:
 
             def run():
                 np.add(x, self.other, out=self.out2)
-                return norm(self.out2)
+                return norm(self.out2)[0]
             return run
         if self.kernel == "add_layer_norm_backward":
             _, mean, invstd = foldnorm.layer_norm(x, w, b)
@@ -196,7 +203,7 @@ class FusedBench:
 
         def run():
             dx = grads()[0]
-            np.add(dx, self.ds, out=dx)
+            return np.add(dx, self.ds, out=dx)
         return run
 
     # torch: the eager composition, and the same through inductor

@@ -71,65 +71,56 @@ static FN_T *FN_NAME(add_row_buffer)(FN_NAME(ln_job) *j, void **raw)
     return fn_cache_line_align(*raw);
 }
 
-static void FN_NAME(add_ln_region)(fn_worker *w, void *arg)
+/* Both residual forwards: RMS norm's job writes no mean (its statistic, invrms, goes to invstd_out). */
+static void FN_NAME(add_norm_region)(fn_worker *w, void *arg)
 {
     FN_NAME(ln_job) *j = arg;
     const ln_plan *p = j->p;
     const ptrdiff_t rows = p->rows, cols = p->cols;
+    const int rms = j->mean_out == NULL;
     void *raw;
     FN_T *buf = FN_NAME(add_row_buffer)(j, &raw);
     if (p->segments == 1) {
         FN_FOR(w, r, rows, 4 * cols)
         {
-            if (buf != NULL)
-                FN_NAME(add_ln_row)(j->x + r * cols, j->residual + r * cols, j->s + r * cols, j->y + r * cols, cols,
-                                    j->w, j->b, j->eps, &j->mean_out[r], &j->invstd_out[r], j->stream, buf);
+            const ptrdiff_t o = r * cols;
+            if (buf == NULL)
+                continue;
+            if (rms)
+                j->invstd_out[r] = FN_NAME(add_rms_row)(j->x + o, j->residual + o, j->s + o, j->y + o, cols, j->w,
+                                                        j->eps, j->stream, buf);
+            else
+                FN_NAME(add_ln_row)(j->x + o, j->residual + o, j->s + o, j->y + o, cols, j->w, j->b, j->eps,
+                                    &j->mean_out[r], &j->invstd_out[r], j->stream, buf);
         }
     } else {
+        /* s is read back by the second pass: written with ordinary stores. */
         FN_FOR(w, i, rows * p->segments, 3 * p->segment_cols)
         {
-            ptrdiff_t o = i / p->segments * cols + ln_segment_start(p, i % p->segments);
-            if (buf != NULL)
-                j->stats[i] = FN_NAME(add_ln_segment)(j->x + o, j->residual + o, j->s + o,
-                                                      ln_segment_len(p, o % cols), 0, buf);
+            const ptrdiff_t o = i / p->segments * cols + ln_segment_start(p, i % p->segments);
+            const ptrdiff_t n = ln_segment_len(p, o % cols);
+            if (buf == NULL)
+                continue;
+            if (rms)
+                j->sums[i] = FN_NAME(add_rms_segment)(j->x + o, j->residual + o, j->s + o, n, 0, buf);
+            else
+                j->stats[i] = FN_NAME(add_ln_segment)(j->x + o, j->residual + o, j->s + o, n, 0, buf);
         }
-        if (!atomic_load(&j->failed))
+        if (rms && !atomic_load(&j->failed))
+            FN_NAME(rms_segments_finish)(w, j, j->s);
+        else if (!atomic_load(&j->failed))
             FN_NAME(ln_segments_finish)(w, j, j->s);
     }
     free(raw);
 }
 
-static void FN_NAME(add_rms_region)(fn_worker *w, void *arg)
-{
-    FN_NAME(ln_job) *j = arg;
-    const ln_plan *p = j->p;
-    const ptrdiff_t rows = p->rows, cols = p->cols;
-    void *raw;
-    FN_T *buf = FN_NAME(add_row_buffer)(j, &raw);
-    if (p->segments == 1) {
-        FN_FOR(w, r, rows, 4 * cols)
-        {
-            if (buf != NULL)
-                j->invstd_out[r] = FN_NAME(add_rms_row)(j->x + r * cols, j->residual + r * cols, j->s + r * cols,
-                                                        j->y + r * cols, cols, j->w, j->eps, j->stream, buf);
-        }
-    } else {
-        FN_FOR(w, i, rows * p->segments, 3 * p->segment_cols)
-        {
-            ptrdiff_t o = i / p->segments * cols + ln_segment_start(p, i % p->segments);
-            if (buf != NULL)
-                j->sums[i] = FN_NAME(add_rms_segment)(j->x + o, j->residual + o, j->s + o,
-                                                      ln_segment_len(p, o % cols), 0, buf);
-        }
-        if (!atomic_load(&j->failed))
-            FN_NAME(rms_segments_finish)(w, j, j->s);
-    }
-    free(raw);
-}
+/* Whether y and s are streamed to memory: when the two of them together are as large as fn_streams asks of
+ * one output, since the call writes both (and reads as much again) before anything reads them. */
+static int FN_NAME(add_streams)(ptrdiff_t rows, ptrdiff_t cols) { return fn_streams(2 * rows * cols, sizeof(FN_T)); }
 
 /* The two residual forwards: the parameters in FN_T, the wide rows' segment partials, the region. */
 static fn_status FN_NAME(add_norm_run)(FN_NAME(ln_job) *j, const double *weight, const double *bias,
-                                       fn_region region, size_t partial_size)
+                                       size_t partial_size)
 {
     const ln_plan *p = j->p;
     void *params;
@@ -145,7 +136,7 @@ static fn_status FN_NAME(add_norm_run)(FN_NAME(ln_job) *j, const double *weight,
         j->stats = partials;
         j->sums = partials;
     }
-    fn_team_run(p->threads, region, j);
+    fn_team_run(p->threads, FN_NAME(add_norm_region), j);
     free(partials);
     free(params);
     return atomic_load(&j->failed) ? FN_NOMEM : FN_OK;
@@ -157,8 +148,8 @@ fn_status FN_NAME(fn_add_layer_norm)(const FN_T *x, const FN_T *residual, FN_T *
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
     FN_NAME(ln_job) j = {&p, x, NULL, y, NULL, NULL, eps, mean, invstd, NULL, NULL, NULL, NULL, NULL, NULL,
-                         fn_streams(rows * cols, sizeof(FN_T)), NULL, residual, s, 0};
-    return FN_NAME(add_norm_run)(&j, weight, bias, FN_NAME(add_ln_region), sizeof(fn_stats));
+                         FN_NAME(add_streams)(rows, cols), NULL, residual, s, 0};
+    return FN_NAME(add_norm_run)(&j, weight, bias, sizeof(fn_stats));
 }
 
 fn_status FN_NAME(fn_add_rms_norm)(const FN_T *x, const FN_T *residual, FN_T *y, FN_T *s, ptrdiff_t rows,
@@ -167,8 +158,8 @@ fn_status FN_NAME(fn_add_rms_norm)(const FN_T *x, const FN_T *residual, FN_T *y,
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
     FN_NAME(ln_job) j = {&p, x, NULL, y, NULL, NULL, eps, NULL, invrms, NULL, NULL, NULL, NULL, NULL, NULL,
-                         fn_streams(rows * cols, sizeof(FN_T)), NULL, residual, s, 0};
-    return FN_NAME(add_norm_run)(&j, weight, NULL, FN_NAME(add_rms_region), sizeof(double));
+                         FN_NAME(add_streams)(rows, cols), NULL, residual, s, 0};
+    return FN_NAME(add_norm_run)(&j, weight, NULL, sizeof(double));
 }
 
 fn_status FN_NAME(fn_add_layer_norm_backward)(const FN_T *dy, const FN_T *ds, const FN_T *s, FN_T *dx,

@@ -14,26 +14,10 @@ from foldnorm.kernels import (
 )
 from tests.kernels.kernel_refs import ROW_CASES, assert_bit_identical_across_threads, assert_rows_close, data, params
 from tests.kernels.test_layer_norm import ref_layer_norm, ref_layer_norm_backward
+from tests.kernels.test_rms_norm import ref_rms_norm, ref_rms_norm_backward
 
 KERNEL_DTYPES = [np.float32, np.float64]
 CASES = [c for c in ROW_CASES if len(c[0]) <= 3]
-
-
-def ref_rms_norm(s, weight, axis, eps=1e-5):
-    s = s.astype(np.float64)
-    axes = tuple(range(axis % s.ndim, s.ndim))
-    invrms = 1.0 / np.sqrt((s * s).mean(axis=axes, keepdims=True) + eps)
-    return s * invrms * (1.0 if weight is None else weight.astype(np.float64)), invrms
-
-
-def ref_rms_norm_backward(dy, s, weight, axis, eps=1e-5):
-    s, dy = s.astype(np.float64), dy.astype(np.float64)
-    axes = tuple(range(axis % s.ndim, s.ndim))
-    lead = tuple(range(axis % s.ndim))
-    _, invrms = ref_rms_norm(s, None, axis, eps)
-    g = dy if weight is None else dy * weight.astype(np.float64)
-    dx = invrms * g - s * invrms ** 3 * (g * s).mean(axis=axes, keepdims=True)
-    return dx, (dy * s * invrms).sum(axis=lead)
 
 
 def inputs(shape, axis, dtype):
@@ -217,3 +201,19 @@ def test_gradients_match_torch_autograd():
 
 def test_exported_at_the_top_level():
     assert foldnorm.add_layer_norm is add_layer_norm and foldnorm.add_rms_norm_backward is add_rms_norm_backward
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_outputs_of_32_mib_or_more_together_are_streamed_correctly(in_place):
+    x, residual, weight, bias = inputs((4200, 1003), -1, np.float32)
+    s_ref = x + residual
+    y_ref = layer_norm(s_ref, weight, bias)[0]
+    rms_ref = rms_norm(s_ref, weight)[0]
+    a, b = x.copy(), residual.copy()
+    targets = dict(out=a, s_out=b) if in_place else {}
+    y, s, _, _ = add_layer_norm(a, b, weight, bias, **targets)
+    assert np.array_equal(y, y_ref) and np.array_equal(s, s_ref)
+    a, b = x.copy(), residual.copy()
+    targets = dict(out=b, s_out=a) if in_place else {}
+    y, s, _ = add_rms_norm(a, b, weight, **targets)
+    assert np.array_equal(y, rms_ref) and np.array_equal(s, s_ref)
