@@ -12,7 +12,8 @@ done in the pass that reads x) timed beside the same work done the way other cod
 - copy: foldnorm's multi-threaded copy of x, the bandwidth roof.
 
 All run in this one process at the same thread count (2 by default), interleaved round by round (harness.measure),
-and every figure is the median over the rounds.  The backward contenders get what their API needs from a
+each call followed by the pause that lets the previous contender's spinning threads stop; every time is the
+median over the rounds, every ratio the median over the rounds of the two times of one round.  The backward contenders get what their API needs from a
 forward run beforehand (the unfused and torch ones keep the pre-activation y, as autograd does; the fused one
 recomputes it from x).  The fused kernels' last-level-cache bytes are in the deterministic counts
 (counts.py, FUSED_COUNT_CASES), beside the same norm without the fusion.
@@ -28,6 +29,8 @@ from .harness import (
     foldnorm_function,
     measure,
     parallel_copy,
+    paired_ratio,
+    settle_seconds,
     thread_settings_kept,
 )
 from .kernels import EPS, KernelCase
@@ -297,8 +300,10 @@ CONTENDERS = ("fused", "unfused", "torch", "torch.compile", "copy")
 
 
 def run_fused(cases, threads, rounds, with_compile=True):
-    """{case key: {contender: median seconds}} and {case key: {contender: why skipped}}."""
+    """{case key: {contender: median seconds, contender + "/fused": median over the rounds of its time over the
+    fused kernel's in the same round}} and {case key: {contender: why skipped}}."""
     figures, skipped = {}, {}
+    settle = settle_seconds([threads])
     with thread_settings_kept():
         for case in cases:
             bench = FusedBench(case, np.random.default_rng(0))
@@ -315,14 +320,18 @@ def run_fused(cases, threads, rounds, with_compile=True):
                     notes[name] = str(error)
             destination = np.empty_like(bench.x)
             contenders.append(Contender("copy", threads, lambda: parallel_copy(destination, bench.x, threads)))
-            samples = measure(contenders, rounds, warmup=2)
+            samples = measure(contenders, rounds, warmup=2, settle=settle)
             figures[case.key] = {c.name: samples[c.key].summary()["median"] for c in contenders}
+            fused_samples = samples.get(Contender("fused", threads, None).key)
+            for c in contenders:
+                if fused_samples is not None and c.name != "fused":
+                    figures[case.key][c.name + "/fused"] = paired_ratio(samples[c.key], fused_samples)["median"]
             skipped[case.key] = notes
     return figures, skipped
 
 
 def markdown(figures, skipped, cases, threads):
-    """The times table: milliseconds, and each contender's time over the fused kernel's."""
+    """The times table: milliseconds, and each contender's time over the fused kernel's (paired by round)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     lines = ["%d threads, median of the rounds; load average at the end %s" % (
         threads, ", ".join("%.2f" % v for v in load) if load else "unknown"), "",
@@ -335,7 +344,7 @@ def markdown(figures, skipped, cases, threads):
         cells = []
         for name in ("unfused", "torch", "torch.compile"):
             if name in f:
-                cells.append("%.2f (%.2fx)" % (f[name] * 1e3, f[name] / f["fused"]))
+                cells.append("%.2f (%.2fx)" % (f[name] * 1e3, f[name + "/fused"]))
             else:
                 cells.append("skipped: %s" % skipped[case.key].get(name, "?"))
         lines.append("| %s | %s | %.2f | %.2f | %s |" % (case.label, case.shape_label, f["fused"] * 1e3,
@@ -348,14 +357,14 @@ def add_arguments(parser):
     mode.add_argument("--quick", action="store_true", help="relu and the residual kernels, 9 rounds")
     mode.add_argument("--smoke", action="store_true", help="two tiny cases, 2 rounds, no torch.compile")
     parser.add_argument("--threads", type=int, default=2, help="threads of every contender (default 2)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 15; 9 quick; 2 smoke)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 25; 9 quick; 2 smoke)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it compiles each case)")
     parser.add_argument("--counts", action="store_true", help="also the valgrind counts (FUSED_COUNT_CASES)")
 
 
 def main(args):
     cases = SMOKE_FUSED_CASES if args.smoke else QUICK_FUSED_CASES if args.quick else FUSED_CASES
-    rounds = args.rounds or (2 if args.smoke else 9 if args.quick else 15)
+    rounds = args.rounds or (2 if args.smoke else 9 if args.quick else 25)
     figures, skipped = run_fused(cases, args.threads, rounds, with_compile=not (args.no_compile or args.smoke))
     print(markdown(figures, skipped, cases, args.threads))
     if args.counts:

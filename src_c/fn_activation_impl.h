@@ -48,6 +48,12 @@ FN_INLINE FN_T FN_NAME(fn_pick)(int cond, FN_T a, FN_T b)
     return FN_NAME(fn_from_bits)((FN_NAME(fn_to_bits)(a) & mask) | (FN_NAME(fn_to_bits)(b) & ~mask));
 }
 
+/* |x| in the element type (fabs would widen float to double). */
+FN_INLINE FN_T FN_NAME(fn_abs)(FN_T x)
+{
+    return FN_NAME(fn_from_bits)(FN_NAME(fn_to_bits)(x) & ~FN_NAME(fn_to_bits)((FN_T)-0.0));
+}
+
 /* e^x of one value: the loops below call it per element and vectorize it. */
 FN_INLINE FN_T FN_NAME(fn_exp1)(FN_T x)
 {
@@ -102,7 +108,7 @@ FN_INLINE void FN_NAME(fn_exp_run)(const FN_T *restrict x, FN_T *restrict y, ptr
  * its limit, -0. */
 FN_INLINE FN_T FN_NAME(fn_silu1)(FN_T x)
 {
-    const FN_T e = FN_NAME(fn_exp1)(-fabs(x));
+    const FN_T e = FN_NAME(fn_exp1)(-FN_NAME(fn_abs)(x));
     const FN_T d = 1 / (1 + e);
     const FN_T sigmoid = FN_NAME(fn_pick)(x < 0, e * d, d);
     return FN_NAME(fn_pick)(x < -FN_SILU_BIG, (FN_T)-0.0, x * sigmoid);
@@ -114,7 +120,7 @@ FN_INLINE FN_T FN_NAME(fn_silu_grad1)(FN_T x)
 {
     FN_T v = FN_NAME(fn_pick)(x < -FN_SILU_BIG, -FN_SILU_BIG, x);
     v = FN_NAME(fn_pick)(v > FN_SILU_BIG, FN_SILU_BIG, v);
-    const FN_T e = FN_NAME(fn_exp1)(-fabs(v));
+    const FN_T e = FN_NAME(fn_exp1)(-FN_NAME(fn_abs)(v));
     const FN_T d = 1 / (1 + e);
     const FN_T sigmoid = FN_NAME(fn_pick)(v < 0, e * d, d);
     const FN_T complement = FN_NAME(fn_pick)(v < 0, d, e * d);
