@@ -14,8 +14,10 @@
 #include "batch_norm.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
+#include "fn_activation.h"
 #include "fn_platform.h"
 #include "fn_pool.h"
 #include "fn_reductions.h"

@@ -27,7 +27,7 @@ fn_status FN_NAME(fn_bn_elemt)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_
     if (outer == 0 || inner == 0)
         return FN_OK;
     const bn_plan p = bn_make_plan(outer, channels, inner);
-    return FN_NAME(bn_normalize)(x, y, &p, mean, invstd, weight, bias, num_threads);
+    return FN_NAME(bn_normalize)(x, y, &p, mean, invstd, weight, bias, FN_ACT_NONE, num_threads);
 }
 
 fn_status FN_NAME(fn_bn_backward_reduce)(const FN_T *dy, const FN_T *x, ptrdiff_t outer, ptrdiff_t channels,
@@ -39,7 +39,7 @@ fn_status FN_NAME(fn_bn_backward_reduce)(const FN_T *dy, const FN_T *x, ptrdiff_
     if (outer == 0 || inner == 0)
         return FN_OK;
     const bn_plan p = bn_make_plan(outer, channels, inner);
-    return FN_NAME(bn_grad_sums)(dy, x, &p, mean, invstd, sum_dy, sum_dy_xmu, num_threads);
+    return FN_NAME(bn_grad_sums)(dy, x, &p, mean, invstd, NULL, NULL, FN_ACT_NONE, sum_dy, sum_dy_xmu, num_threads);
 }
 
 fn_status FN_NAME(fn_bn_backward_elemt)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t outer,
@@ -50,5 +50,6 @@ fn_status FN_NAME(fn_bn_backward_elemt)(const FN_T *dy, const FN_T *x, FN_T *dx,
     if (outer == 0 || inner == 0)
         return FN_OK;
     const bn_plan p = bn_make_plan(outer, channels, inner);
-    return FN_NAME(bn_grad_apply)(dy, x, dx, &p, mean, invstd, sum_dy, sum_dy_xmu, count, weight, num_threads);
+    return FN_NAME(bn_grad_apply)(dy, x, dx, &p, mean, invstd, sum_dy, sum_dy_xmu, count, weight, NULL, FN_ACT_NONE,
+                                  num_threads);
 }

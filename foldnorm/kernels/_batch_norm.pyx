@@ -16,6 +16,7 @@ from foldnorm.kernels._kernels cimport (
     fn_batch_norm_f64,
     fn_batch_norm_train_f32,
     fn_batch_norm_train_f64,
+    fn_activation,
     fn_bn_backward_elemt_f32,
     fn_bn_backward_elemt_f64,
     fn_bn_backward_reduce_f32,
@@ -39,8 +40,8 @@ attach_pool()
 
 def batch_norm(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, Py_ssize_t channels,
                Py_ssize_t inner, cnp.ndarray mean not None, cnp.ndarray var not None, cnp.ndarray weight,
-               cnp.ndarray bias, double eps, int num_threads):
-    """Fill y with the inference batch norm of x, shaped (outer, channels, inner)."""
+               cnp.ndarray bias, double eps, int activation, int num_threads):
+    """Fill y with the inference batch norm of x, shaped (outer, channels, inner), then act(y)."""
     cdef int t = element_type(x)
     cdef void *xp = tensor(x, t)
     cdef void *yp = tensor(y, t)
@@ -52,15 +53,15 @@ def batch_norm(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer,
     with nogil:
         if t == cnp.NPY_FLOAT32:
             status = fn_batch_norm_f32(<const float *>xp, <float *>yp, outer, channels, inner, m, v, w, b, eps,
-                                       num_threads)
+                                       <fn_activation>activation, num_threads)
         else:
             status = fn_batch_norm_f64(<const double *>xp, <double *>yp, outer, channels, inner, m, v, w, b, eps,
-                                       num_threads)
+                                       <fn_activation>activation, num_threads)
     check(status, "batch normalization")
 
 
 def batch_norm_train(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, Py_ssize_t channels,
-                     Py_ssize_t inner, cnp.ndarray weight, cnp.ndarray bias, double eps,
+                     Py_ssize_t inner, cnp.ndarray weight, cnp.ndarray bias, double eps, int activation,
                      cnp.ndarray mean not None, cnp.ndarray var not None, cnp.ndarray invstd not None,
                      int num_threads):
     """Fill mean, var and invstd (float64, one per channel) with the batch statistics, and y."""
@@ -76,18 +77,18 @@ def batch_norm_train(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t 
     with nogil:
         if t == cnp.NPY_FLOAT32:
             status = fn_batch_norm_train_f32(<const float *>xp, <float *>yp, outer, channels, inner, w, b, eps,
-                                             m, v, r, num_threads)
+                                             <fn_activation>activation, m, v, r, num_threads)
         else:
             status = fn_batch_norm_train_f64(<const double *>xp, <double *>yp, outer, channels, inner, w, b,
-                                             eps, m, v, r, num_threads)
+                                             eps, <fn_activation>activation, m, v, r, num_threads)
     check(status, "batch normalization")
 
 
 def batch_norm_backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray dx not None,
                         Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner, cnp.ndarray mean not None,
-                        cnp.ndarray invstd not None, cnp.ndarray weight, cnp.ndarray dweight not None,
-                        cnp.ndarray dbias not None, int num_threads):
-    """Fill dx, and dweight and dbias (float64, one per channel)."""
+                        cnp.ndarray invstd not None, cnp.ndarray weight, cnp.ndarray bias, int activation,
+                        cnp.ndarray dweight not None, cnp.ndarray dbias not None, int num_threads):
+    """Fill dx, and dweight and dbias (float64, one per channel); dy is the gradient of act(y)."""
     cdef int t = element_type(x)
     cdef void *dyp = tensor(dy, t)
     cdef void *xp = tensor(x, t)
@@ -95,16 +96,19 @@ def batch_norm_backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.nda
     cdef const double *m = values(mean)
     cdef const double *r = values(invstd)
     cdef const double *w = optional_values(weight)
+    cdef const double *b = optional_values(bias)
     cdef double *dw = values(dweight)
     cdef double *db = values(dbias)
     cdef fn_status status
     with nogil:
         if t == cnp.NPY_FLOAT32:
             status = fn_batch_norm_backward_f32(<const float *>dyp, <const float *>xp, <float *>dxp, outer,
-                                                channels, inner, m, r, w, dw, db, num_threads)
+                                                channels, inner, m, r, w, b, <fn_activation>activation, dw, db,
+                                                num_threads)
         else:
             status = fn_batch_norm_backward_f64(<const double *>dyp, <const double *>xp, <double *>dxp, outer,
-                                                channels, inner, m, r, w, dw, db, num_threads)
+                                                channels, inner, m, r, w, b, <fn_activation>activation, dw, db,
+                                                num_threads)
     check(status, "batch normalization")
 
 

@@ -135,6 +135,19 @@ def as_real(value, name, expected="a finite real number"):
     return number
 
 
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}  # the kernels' fn_activation values
+
+
+def check_activation(activation):
+    """The kernels' code of an activation: None, "relu" or "silu"."""
+    expected = "None, 'relu' or 'silu'"
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError("activation must be %s, got %s" % (expected, reprlib.repr(activation)))
+    if activation not in ACTIVATIONS:
+        raise ValueError("activation must be %s, got %s" % (expected, reprlib.repr(activation)))
+    return ACTIVATIONS[activation]
+
+
 def check_eps(eps):
     """eps as a float: a finite non-negative real number (int, float or NumPy number)."""
     expected = "a finite non-negative real number"
