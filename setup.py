@@ -28,7 +28,7 @@ HEADERS = sorted(glob.glob(os.path.join(SRC_C, "*.h")))
 # pool.c, the thread pool, is in _runtime alone: the other modules run their regions on it (fn_pool.h).
 EXTENSIONS = {
     "_runtime": ["runtime.c", "pool.c", "pool_client.c"],
-    "_batch_norm": ["batch_norm.c", "pool_client.c"],
+    "_batch_norm": ["batch_norm.c", "bn_blocks.c", "pool_client.c"],
     "_layer_norm": ["layer_norm.c", "pool_client.c"],
     "_group_norm": ["group_norm.c", "pool_client.c"],
 }

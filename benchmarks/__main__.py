@@ -1,11 +1,12 @@
 """python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
 | compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners N] [--base-root DIR] [--smoke]
-| big [--megabytes 300] [--rounds 5] [--huge] | startup [--runs 20] | figures [RESULTS.json]"""
+| big [--megabytes 300] [--rounds 5] [--huge] | startup [--runs 20] | figures [RESULTS.json]
+| distributed [--shape 16,64,28,28] [--ranks 1,2] [--repeat 30] | fused [--quick|--smoke] [--threads 2] [--counts]"""
 import argparse
 import os
 import sys
 
-from . import big_model, figures, startup, under_load
+from . import big_model, figures, fused, startup, under_load
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -81,9 +82,16 @@ def parser():
     ab.add_argument("--out", default=os.path.join(DEFAULT_OUT, "ab"),
                     help="folder for ab.md, ab.json and ab_ratios.png (default: benchmarks/results/ab)")
     ab.add_argument("--no-plots", action="store_true", help="skip the PNG")
+    fused.add_arguments(commands.add_parser(
+        "fused", help="the fused kernels (activation, residual add) beside the unfused, torch eager and "
+        "torch.compile compositions"))
     counts = commands.add_parser("counts", help="instructions and cache traffic per element of each kernel "
                                  "under valgrind (deterministic)")
     counts.add_argument("--smoke", action="store_true", help="two tiny cases")
+    from . import distributed
+
+    distributed.add_arguments(commands.add_parser(
+        "distributed", help="synchronized batch norm under mpiexec: step time per rank against the kernels"))
     return top
 
 
@@ -125,6 +133,12 @@ def main(argv=None):
         return _ab(args)
     if args.command == "counts":
         return _counts(args)
+    if args.command == "distributed":
+        from . import distributed
+
+        return distributed.run(args)
+    if args.command == "fused":
+        return fused.main(args)
     try:
         from .harness import default_threads
         threads = args.threads or default_threads()

@@ -14,8 +14,10 @@
 #include "batch_norm.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
+#include "fn_activation.h"
 #include "fn_platform.h"
 #include "fn_pool.h"
 #include "fn_reductions.h"
@@ -252,4 +254,9 @@ static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double 
 
 /* The per-element loops and the entry points, for float and double. */
 #define FN_IMPL "batch_norm_impl.h"
+#include "fn_instantiate.h"
+
+/* The per-shard building blocks of the synchronized batch norm (bn_blocks.h), on the pieces above. */
+#include "bn_blocks.h"
+#define FN_IMPL "bn_blocks_impl.h"
 #include "fn_instantiate.h"

@@ -26,7 +26,9 @@
 #include "layer_norm.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "fn_platform.h"
 #include "fn_pool.h"
@@ -129,4 +131,8 @@ static double rms_backward_c(double invrms, double sum_gx, ptrdiff_t cols)
 
 /* The per-element loops and the entry points, for float and double. */
 #define FN_IMPL "layer_norm_impl.h"
+#include "fn_instantiate.h"
+
+/* The residual variants (add_layer_norm, add_rms_norm), built on them. */
+#define FN_IMPL "add_norm_impl.h"
 #include "fn_instantiate.h"

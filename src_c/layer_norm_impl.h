@@ -179,7 +179,34 @@ typedef struct {
     double *sums, *part;
     FN_T *group;
     int stream;
+    const FN_T *ds;       /* the residual variants' backward: the gradient arriving on s, added to dx */
+    const FN_T *residual; /* their forward: s = x + residual, written to s */
+    FN_T *s;
+    atomic_int failed;
 } FN_NAME(ln_job);
+
+/* Wide rows, once every segment's statistics are in j->stats: the rows' statistics merged in segment order,
+ * then y written from src (x, or the residual variant's s). */
+static void FN_NAME(ln_segments_finish)(fn_worker *w, const FN_NAME(ln_job) *j, const FN_T *src)
+{
+    const ln_plan *p = j->p;
+    const ptrdiff_t rows = p->rows, cols = p->cols, items = rows * p->segments;
+    FN_FOR(w, r, rows, p->segments)
+    {
+        fn_stats *row_stats = j->stats + r * p->segments;
+        for (ptrdiff_t g = 1; g < p->segments; g++)
+            fn_stats_merge(&row_stats[0], row_stats[g]);
+        j->mean_out[r] = row_stats[0].mean;
+        j->invstd_out[r] = ln_invstd(row_stats[0], j->eps);
+    }
+    FN_FOR(w, i, items, p->segment_cols)
+    {
+        ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
+        FN_NAME(ln_segment_apply)(src + r * cols + c0, j->y + r * cols + c0, ln_segment_len(p, c0),
+                                  j->w ? j->w + c0 : NULL, j->b ? j->b + c0 : NULL,
+                                  FN_NAME(ln_row_of)(j->stats[r * p->segments], j->invstd_out[r]), j->stream);
+    }
+}
 
 static void FN_NAME(ln_forward_region)(fn_worker *w, void *arg)
 {
@@ -200,28 +227,15 @@ static void FN_NAME(ln_forward_region)(fn_worker *w, void *arg)
         ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
         j->stats[i] = FN_NAME(ln_segment_stats)(x + r * cols + c0, ln_segment_len(p, c0));
     }
-    FN_FOR(w, r, rows, p->segments)
-    {
-        fn_stats *row_stats = j->stats + r * p->segments;
-        for (ptrdiff_t g = 1; g < p->segments; g++)
-            fn_stats_merge(&row_stats[0], row_stats[g]);
-        j->mean_out[r] = row_stats[0].mean;
-        j->invstd_out[r] = ln_invstd(row_stats[0], j->eps);
-    }
-    FN_FOR(w, i, items, p->segment_cols)
-    {
-        ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
-        FN_NAME(ln_segment_apply)(x + r * cols + c0, y + r * cols + c0, ln_segment_len(p, c0),
-                                  j->w ? j->w + c0 : NULL, j->b ? j->b + c0 : NULL,
-                                  FN_NAME(ln_row_of)(j->stats[r * p->segments], j->invstd_out[r]), j->stream);
-    }
+    FN_NAME(ln_segments_finish)(w, j, x);
 }
 
 fn_status FN_NAME(fn_layer_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
                                  const double *bias, double eps, double *mean, double *invstd, int num_threads)
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
-    FN_NAME(ln_job) j = {&p, x, NULL, y, NULL, NULL, eps, mean, invstd, NULL, NULL, NULL, NULL, NULL, NULL, 0};
+    FN_NAME(ln_job) j = {&p, x, NULL, y, NULL, NULL, eps, mean, invstd, NULL, NULL, NULL, NULL, NULL, NULL, 0,
+                         NULL, NULL, NULL, 0};
     j.stream = fn_streams(rows * cols, sizeof(FN_T));
     void *params;
     if (FN_NAME(ln_params)(weight, bias, cols, &j.w, &j.b, &params) != FN_OK)
@@ -286,10 +300,18 @@ static FN_NAME(ln_grad_row) FN_NAME(ln_grad_constants)(double mean, double invst
     return row;
 }
 
+/* dx += ds over a run of dx just written (the residual variants), while it is in cache. */
+FN_INLINE void FN_NAME(ln_add_residual_grad)(FN_T *restrict dx, const FN_T *restrict ds, ptrdiff_t n)
+{
+    if (ds)
+        for (ptrdiff_t i = 0; i < n; i++)
+            dx[i] += ds[i];
+}
+
 FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy, const FN_T *restrict x,
                                                         FN_T *restrict dx, ptrdiff_t n, const FN_T *restrict w,
                                                         FN_NAME(ln_grad_row) row, FN_T *restrict dweight_rows,
-                                                        FN_T *restrict dbias_rows)
+                                                        FN_T *restrict dbias_rows, const FN_T *restrict ds)
 {
     const FN_T hi = row.hi, lo = row.lo, inv = row.invstd, a = row.a, b = row.b, c = row.c;
 #if FN_IS_F32
@@ -301,6 +323,7 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy,
             dweight_rows[i] += dy[i] * xhat;
             dbias_rows[i] += dy[i];
         }
+        FN_NAME(ln_add_residual_grad)(dx, ds, n);
         return;
     }
 #endif
@@ -318,6 +341,7 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy,
             dweight_rows[i] += dy[i] * xhat;
             dbias_rows[i] += dy[i];
         }
+    FN_NAME(ln_add_residual_grad)(dx, ds, n);
 }
 
 static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
@@ -360,7 +384,7 @@ static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
                 FN_NAME(ln_row_grad_sums)(dy + r * cols, x + r * cols, w, n, (FN_T)mean[r], invstd[r], row_sums_here);
             FN_NAME(ln_grad_row) row = FN_NAME(ln_grad_constants)(mean[r], invstd[r], s, cols);
             FN_NAME(ln_backward_apply)(dy + r * cols + c0, x + r * cols + c0, j->y + r * cols + c0, n, w, row,
-                                       dweight_rows, dbias_rows);
+                                       dweight_rows, dbias_rows, j->ds ? j->ds + r * cols + c0 : NULL);
             if ((r + 1 - chunk * p->chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1) {
                 FN_NAME(ln_flush_columns)(dweight_part, dweight_rows, n);
                 FN_NAME(ln_flush_columns)(dbias_part, dbias_rows, n);
@@ -369,9 +393,10 @@ static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
     }
 }
 
-fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
-                                          const double *mean, const double *invstd, const double *weight,
-                                          double *dweight, double *dbias, int num_threads)
+/* layer_norm_backward, and with ds (not NULL) add_layer_norm_backward. */
+static fn_status FN_NAME(ln_backward)(const FN_T *dy, const FN_T *ds, const FN_T *x, FN_T *dx, ptrdiff_t rows,
+                                      ptrdiff_t cols, const double *mean, const double *invstd,
+                                      const double *weight, double *dweight, double *dbias, int num_threads)
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
     const ptrdiff_t part_values = p.chunks * cols;
@@ -390,13 +415,21 @@ fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
     }
     double *sums = part + 2 * part_values;
     FN_T *group = (FN_T *)(sums + row_sums);
-    FN_NAME(ln_job) j = {&p, x, dy, dx, weights, NULL, 0.0, NULL, NULL, mean, invstd, NULL, sums, part, group, 0};
+    FN_NAME(ln_job) j = {&p, x, dy, dx, weights, NULL, 0.0, NULL, NULL, mean, invstd, NULL, sums, part, group, 0,
+                         ds, NULL, NULL, 0};
     fn_team_run(p.threads, FN_NAME(ln_backward_region), &j);
     ln_merge_chunks(part, p.chunks, cols, dweight, p.threads);
     ln_merge_chunks(part + part_values, p.chunks, cols, dbias, p.threads);
     free(part);
     free(params);
     return FN_OK;
+}
+
+fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
+                                          const double *mean, const double *invstd, const double *weight,
+                                          double *dweight, double *dbias, int num_threads)
+{
+    return FN_NAME(ln_backward)(dy, NULL, x, dx, rows, cols, mean, invstd, weight, dweight, dbias, num_threads);
 }
 
 /* ---- RMS norm forward ---- */
@@ -484,6 +517,26 @@ FN_VECTOR_KERNEL static void FN_NAME(rms_segment_apply)(const FN_T *x, FN_T *y, 
     FN_NAME(rms_write)(x, w, y, n, row, stream);
 }
 
+/* As ln_segments_finish, for RMS norm's segment sums of squares in j->sums. */
+static void FN_NAME(rms_segments_finish)(fn_worker *w, const FN_NAME(ln_job) *j, const FN_T *src)
+{
+    const ln_plan *p = j->p;
+    const ptrdiff_t rows = p->rows, cols = p->cols, items = rows * p->segments;
+    double *invrms = j->invstd_out, *sums = j->sums;
+    FN_FOR(w, r, rows, p->segments)
+    {
+        for (ptrdiff_t g = 1; g < p->segments; g++)
+            sums[r * p->segments] += sums[r * p->segments + g];
+        invrms[r] = rms_invrms(sums[r * p->segments], cols, j->eps);
+    }
+    FN_FOR(w, i, items, p->segment_cols)
+    {
+        ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
+        FN_NAME(rms_segment_apply)(src + r * cols + c0, j->y + r * cols + c0, ln_segment_len(p, c0),
+                                   j->w ? j->w + c0 : NULL, FN_NAME(rms_row_of)(invrms[r]), j->stream);
+    }
+}
+
 static void FN_NAME(rms_forward_region)(fn_worker *w, void *arg)
 {
     const FN_NAME(ln_job) *j = arg;
@@ -503,25 +556,15 @@ static void FN_NAME(rms_forward_region)(fn_worker *w, void *arg)
         ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
         sums[i] = FN_NAME(rms_segment_sum_squares)(x + r * cols + c0, ln_segment_len(p, c0));
     }
-    FN_FOR(w, r, rows, p->segments)
-    {
-        for (ptrdiff_t g = 1; g < p->segments; g++)
-            sums[r * p->segments] += sums[r * p->segments + g];
-        invrms[r] = rms_invrms(sums[r * p->segments], cols, j->eps);
-    }
-    FN_FOR(w, i, items, p->segment_cols)
-    {
-        ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
-        FN_NAME(rms_segment_apply)(x + r * cols + c0, y + r * cols + c0, ln_segment_len(p, c0),
-                                   j->w ? j->w + c0 : NULL, FN_NAME(rms_row_of)(invrms[r]), j->stream);
-    }
+    FN_NAME(rms_segments_finish)(w, j, x);
 }
 
 fn_status FN_NAME(fn_rms_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
                                double eps, double *invrms, int num_threads)
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
-    FN_NAME(ln_job) j = {&p, x, NULL, y, NULL, NULL, eps, NULL, invrms, NULL, NULL, NULL, NULL, NULL, NULL, 0};
+    FN_NAME(ln_job) j = {&p, x, NULL, y, NULL, NULL, eps, NULL, invrms, NULL, NULL, NULL, NULL, NULL, NULL, 0,
+                         NULL, NULL, NULL, 0};
     j.stream = fn_streams(rows * cols, sizeof(FN_T));
     const FN_T *unused_bias;
     void *params;
@@ -555,7 +598,7 @@ FN_VECTOR_KERNEL static double FN_NAME(rms_row_grad_dot)(const FN_T *dy, const F
 FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy, const FN_T *restrict x,
                                                          FN_T *restrict dx, ptrdiff_t n, const FN_T *restrict w,
                                                          FN_T invrms, FN_T c, int by_xhat,
-                                                         FN_T *restrict dweight_rows)
+                                                         FN_T *restrict dweight_rows, const FN_T *restrict ds)
 {
 #if FN_IS_F32
     if (by_xhat) {
@@ -564,6 +607,7 @@ FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy
             dx[i] = invrms * (w ? dy[i] * w[i] : dy[i]) - c * xhat;
             dweight_rows[i] += dy[i] * xhat;
         }
+        FN_NAME(ln_add_residual_grad)(dx, ds, n);
         return;
     }
 #else
@@ -579,6 +623,7 @@ FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy
             dx[i] = invrms * dy[i] - c * x[i];
             dweight_rows[i] += dy[i] * (x[i] * invrms);
         }
+    FN_NAME(ln_add_residual_grad)(dx, ds, n);
 }
 
 static void FN_NAME(rms_backward_region)(fn_worker *wk, void *arg)
@@ -617,16 +662,18 @@ static void FN_NAME(rms_backward_region)(fn_worker *wk, void *arg)
 #endif
             const double c = rms_backward_c(invrms[r], sum_gx, cols) / (by_xhat ? invrms[r] : 1.0);
             FN_NAME(rms_backward_apply)(dy + r * cols + c0, x + r * cols + c0, j->y + r * cols + c0, n, w,
-                                        (FN_T)invrms[r], (FN_T)c, by_xhat, group + chunk * cols + c0);
+                                        (FN_T)invrms[r], (FN_T)c, by_xhat, group + chunk * cols + c0,
+                                        j->ds ? j->ds + r * cols + c0 : NULL);
             if ((r + 1 - chunk * p->chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1)
                 FN_NAME(ln_flush_columns)(part + chunk * cols + c0, group + chunk * cols + c0, n);
         }
     }
 }
 
-fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
-                                        const double *invrms, const double *weight, double *dweight,
-                                        int num_threads)
+/* rms_norm_backward, and with ds (not NULL) add_rms_norm_backward. */
+static fn_status FN_NAME(rms_backward)(const FN_T *dy, const FN_T *ds, const FN_T *x, FN_T *dx, ptrdiff_t rows,
+                                       ptrdiff_t cols, const double *invrms, const double *weight, double *dweight,
+                                       int num_threads)
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
     const ptrdiff_t part_values = p.chunks * cols;
@@ -644,10 +691,18 @@ fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx,
     }
     double *sums = part + part_values;
     FN_T *group = (FN_T *)(sums + row_sums);
-    FN_NAME(ln_job) j = {&p, x, dy, dx, weights, NULL, 0.0, NULL, NULL, NULL, invrms, NULL, sums, part, group, 0};
+    FN_NAME(ln_job) j = {&p, x, dy, dx, weights, NULL, 0.0, NULL, NULL, NULL, invrms, NULL, sums, part, group, 0,
+                         ds, NULL, NULL, 0};
     fn_team_run(p.threads, FN_NAME(rms_backward_region), &j);
     ln_merge_chunks(part, p.chunks, cols, dweight, p.threads);
     free(part);
     free(params);
     return FN_OK;
+}
+
+fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
+                                        const double *invrms, const double *weight, double *dweight,
+                                        int num_threads)
+{
+    return FN_NAME(rms_backward)(dy, NULL, x, dx, rows, cols, invrms, weight, dweight, num_threads);
 }

@@ -3,6 +3,7 @@
 
 #include <string.h>
 
+#include "fn_activation.h"
 #include "fn_platform.h"
 #include "fn_pool.h"
 
@@ -66,3 +67,7 @@ void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads
     fn_copy_job j = {(char *)dst, (const char *)src, nbytes};
     fn_team_run(num_threads, fn_copy_region, &j);
 }
+
+/* The activations' building blocks on their own, for float and double. */
+#define FN_IMPL "runtime_impl.h"
+#include "fn_instantiate.h"

@@ -1,8 +1,11 @@
-/* Build and thread facts, and the multi-threaded copy that benchmarks use as the bandwidth roof. */
+/* Build and thread facts, the multi-threaded copy that benchmarks use as the bandwidth roof, and the
+ * activations' building blocks on their own (for the tests). */
 #ifndef FOLDNORM_RUNTIME_H
 #define FOLDNORM_RUNTIME_H
 
 #include <stddef.h>
+
+#include "fn_api.h"
 
 /* 1 when the kernels were built with OpenMP, else 0 (they then run on one thread). */
 int fn_openmp_enabled(void);
@@ -20,5 +23,15 @@ void fn_set_max_threads(int n);
 
 /* dst[0..nbytes) = src[0..nbytes) with num_threads threads of the kernels' team, in fixed 1 MiB pieces. */
 void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads);
+
+/* fn_activation.h's building blocks over a run, compiled for the vector targets the kernels are (one call
+ * runs the version the kernels run on this CPU): y = exp(x); y = act(x); g = dy * act'(x).  y and g may
+ * be x. */
+void fn_exp_values_f32(const float *x, float *y, ptrdiff_t n);
+void fn_exp_values_f64(const double *x, double *y, ptrdiff_t n);
+void fn_activate_values_f32(const float *x, float *y, ptrdiff_t n, fn_activation act);
+void fn_activate_values_f64(const double *x, double *y, ptrdiff_t n, fn_activation act);
+void fn_activation_grad_values_f32(const float *dy, const float *x, float *g, ptrdiff_t n, fn_activation act);
+void fn_activation_grad_values_f64(const double *dy, const double *x, double *g, ptrdiff_t n, fn_activation act);
 
 #endif

@@ -1,10 +1,18 @@
-"""Build facts, the OpenMP thread setting, and the bandwidth-roof copy (private; see
-foldnorm.kernels.runtime)."""
+"""Build facts, the OpenMP thread setting, the bandwidth-roof copy (private; see
+foldnorm.kernels.runtime), and the activations' building blocks on their own (for the tests)."""
 cimport numpy as cnp
 
 from foldnorm.kernels._kernels cimport (
     FOLDNORM_CFLAGS,
     FOLDNORM_COMPILER,
+    element_type,
+    fn_activate_values_f32,
+    fn_activate_values_f64,
+    fn_activation,
+    fn_activation_grad_values_f32,
+    fn_activation_grad_values_f64,
+    fn_exp_values_f32,
+    fn_exp_values_f64,
     fn_get_max_threads,
     fn_openmp_enabled,
     fn_vector_path,
@@ -18,6 +26,7 @@ from foldnorm.kernels._kernels cimport (
     fn_set_max_threads,
     fn_team_runner,
     FN_POOL_STAT_COUNT,
+    tensor,
 )
 from cpython.pycapsule cimport PyCapsule_New
 
@@ -92,3 +101,46 @@ def parallel_copy(cnp.ndarray dst not None, cnp.ndarray src not None, int num_th
 def set_spin(long long nanoseconds):
     """For benchmarks: how long idle workers spin before they sleep (0: at once)."""
     fn_pool_set_spin(nanoseconds)
+
+
+def exp_values(cnp.ndarray x not None, cnp.ndarray y not None):
+    """y = exp(x) by the kernels' vector exp (x and y C-contiguous, one float dtype, one size)."""
+    cdef int t = element_type(x)
+    cdef void *xp = tensor(x, t)
+    cdef void *yp = tensor(y, t)
+    cdef Py_ssize_t n = x.size
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            fn_exp_values_f32(<const float *>xp, <float *>yp, n)
+        else:
+            fn_exp_values_f64(<const double *>xp, <double *>yp, n)
+
+
+def activate_values(cnp.ndarray x not None, cnp.ndarray y not None, int activation):
+    """y = act(x) as the kernels apply it (activation: the C enum's value)."""
+    cdef int t = element_type(x)
+    cdef void *xp = tensor(x, t)
+    cdef void *yp = tensor(y, t)
+    cdef Py_ssize_t n = x.size
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            fn_activate_values_f32(<const float *>xp, <float *>yp, n, <fn_activation>activation)
+        else:
+            fn_activate_values_f64(<const double *>xp, <double *>yp, n, <fn_activation>activation)
+
+
+def activation_grad_values(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray g not None,
+                           int activation):
+    """g = dy * act'(x) as the kernels' backward passes take it."""
+    cdef int t = element_type(x)
+    cdef void *dyp = tensor(dy, t)
+    cdef void *xp = tensor(x, t)
+    cdef void *gp = tensor(g, t)
+    cdef Py_ssize_t n = x.size
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            fn_activation_grad_values_f32(<const float *>dyp, <const float *>xp, <float *>gp, n,
+                                          <fn_activation>activation)
+        else:
+            fn_activation_grad_values_f64(<const double *>dyp, <const double *>xp, <double *>gp, n,
+                                          <fn_activation>activation)
