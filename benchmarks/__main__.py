@@ -1,5 +1,5 @@
 """python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
-| compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners 2] [--seconds 1.5] [--rounds 3]
+| compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners N] [--base-root DIR] [--smoke]
 | big [--megabytes 300] [--rounds 5] [--huge] | startup [--runs 20] | figures [RESULTS.json]
 | distributed [--shape 16,64,28,28] [--ranks 1,2] [--repeat 30] | fused [--quick|--smoke] [--threads 2] [--counts]"""
 import argparse
@@ -50,7 +50,8 @@ def parser():
     compare.add_argument("--threshold", type=float, default=0.10,
                          help="flag figures slower by more than this fraction (default 0.10)")
     under_load.add_arguments(commands.add_parser(
-        "under-load", help="batch_norm_train latency beside torch while other processes spin"))
+        "under-load", help="the kernels' latency while other processes spin, against one thread, torch and a base; "
+        "two processes sharing the cores"))
     big_model.add_arguments(commands.add_parser(
         "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
     figures.add_arguments(commands.add_parser(
@@ -151,6 +152,7 @@ def main(argv=None):
     config = config_for(args.mode or "full")
     if args.kernels is not None:
         config.kernel_cases = [c for c in config.kernel_cases if c.kernel in args.kernels]
+        config.cache_kernels = tuple(k for k in config.cache_kernels if k in args.kernels)
     if args.models is not None:
         config.model_cases = [c for c in config.model_cases if c.name in args.models]
         if fold_scaling.NAME not in args.models:

@@ -176,7 +176,7 @@ def ab(base_ref=None, base_root=None, mode="quick", rounds=None, threads=None, k
     check = machine.merge(("start", start_check), ("run", run_check))
     results["machine_check"] = check.as_dict()
     results["machine"] = {"cpu_model": cpu_model(), "usable_cores": cores, "topology": machine.topology(),
-                          "binding": machine.binding(), "settle_seconds": settle, "versions": package_versions(),
+                          "caches": machine.caches(), "binding": machine.binding(), "settle_seconds": settle, "versions": package_versions(),
                           "builds": builds}
     if builds.get("base", {}).get("cflags") != builds.get("head", {}).get("cflags"):
         results["notes"].append("the two builds' compiler flags differ: base %r, head %r" % (

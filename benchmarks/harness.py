@@ -291,7 +291,7 @@ def settle_seconds(threads):
 def machine_info(threads, settle):
     import foldnorm
 
-    from .machine import binding, topology
+    from .machine import binding, caches, topology
 
     try:
         load = os.getloadavg()
@@ -305,6 +305,7 @@ def machine_info(threads, settle):
         "logical_cores": os.cpu_count(),
         "usable_cores": usable_cores(),
         "topology": topology(),
+        "caches": caches(),
         "binding": binding(),
         "threads": list(threads),
         "load_average": list(load) if load else None,

@@ -12,6 +12,7 @@ y (3S); batch_norm_backward reads dy and x twice and writes dx (5S). Layer, RMS,
 normalize groups small enough to stay in cache between their two passes: forward 2S, backward 3S
 (dy and x read, dx written). The copy moves 2S.
 """
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,12 @@ class KernelCase:
     def traffic_bytes(self):
         """Bytes the kernel must move (see the module docstring), for float32."""
         return TRAFFIC[self.kernel] * self.elements * 4
+
+
+def cases_from_spec(text):
+    """The KernelCases of a JSON list of [kernel, shape, groups, channels_last] (what counts.case_spec writes)."""
+    return [KernelCase(kernel, tuple(shape), groups, channels_last)
+            for kernel, shape, groups, channels_last in json.loads(text)]
 
 
 TRAFFIC = {
@@ -208,29 +215,31 @@ class KernelBench:
 
 
 class BatchNormBench(KernelBench):
+    """Batch norm of (N, C, ...) over every axis but C; channels-last cases hold x as (N, ..., C)."""
+
     def __init__(self, case, rng):
         super().__init__(case, rng)
-        n, c, h, w = case.shape
+        self.ndim = len(case.shape)
         if case.channels_last:
-            self.x = np.ascontiguousarray(self.x.transpose(0, 2, 3, 1))
-            self.dy = np.ascontiguousarray(self.dy.transpose(0, 2, 3, 1))
-        self.axis = 3 if case.channels_last else 1
+            self.x = np.ascontiguousarray(np.moveaxis(self.x, 1, -1))
+            self.dy = np.ascontiguousarray(np.moveaxis(self.dy, 1, -1))
+        self.axis = self.ndim - 1 if case.channels_last else 1
         self.channel_axis = -1 if case.channels_last else 1
-        self.reduce_axes = tuple(a for a in range(4) if a != self.axis)
-        self.channels = c
-        self.weight = self.param(c)
-        self.bias = self.param(c, -0.5, 0.5)
-        self.running_mean = self.param(c, -0.5, 0.5)
-        self.running_var = self.param(c)
+        self.reduce_axes = tuple(a for a in range(self.ndim) if a != self.axis)
+        self.channels = case.shape[1]
+        self.weight = self.param(self.channels)
+        self.bias = self.param(self.channels, -0.5, 0.5)
+        self.running_mean = self.param(self.channels, -0.5, 0.5)
+        self.running_var = self.param(self.channels)
         self.y = np.empty_like(self.x)
 
     def _b(self, values):
-        return _broadcast(values, 4, self.axis)
+        return _broadcast(values, self.ndim, self.axis)
 
     def _torch_nchw(self, array):
         torch, _ = _torch()
         tensor = torch.from_numpy(array)
-        return tensor.permute(0, 3, 1, 2) if self.case.channels_last else tensor
+        return tensor.movedim(-1, 1) if self.case.channels_last else tensor
 
     def _torch_params(self):
         torch, _ = _torch()
@@ -530,6 +539,19 @@ BENCHES = {
     "instance_norm": InstanceNorm,
     "instance_norm_backward": InstanceNormBackward,
 }
+
+
+def time_against_copy(bench, threads, repeats, warmup=1, settle=0.0):
+    """Samples of the bench's foldnorm call and of the same-size multi-threaded copy at every thread count,
+    interleaved: keys foldnorm@t and copy@t. Unavailable when foldnorm cannot run the case."""
+    from .harness import measure, parallel_copy
+
+    destination = np.empty_like(bench.x)
+    contenders = []
+    for t in threads:
+        contenders.append(Contender("foldnorm", t, bench.foldnorm(t)))
+        contenders.append(Contender("copy", t, lambda t=t: parallel_copy(destination, bench.x, t)))
+    return measure(contenders, repeats, warmup=warmup, settle=settle)
 
 
 def run_case(case, threads, repeats, warmup=1, reference_repeats=1, settle=0.0, seed=0):

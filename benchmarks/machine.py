@@ -8,6 +8,7 @@ of the CPU time. Every reader takes its input as text or numbers, so the rules a
 /proc values.
 """
 import os
+import re
 import resource
 import time
 from dataclasses import dataclass, field
@@ -205,10 +206,13 @@ def parse_cpu_list(text):
     return cpus
 
 
+def _usable_cpus():
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+
+
 def topology(root="/sys/devices/system", usable=None):
     """Sockets, NUMA nodes, physical cores and SMT threads per core of the CPUs this process may use."""
-    if usable is None:
-        usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    usable = _usable_cpus() if usable is None else usable
     cores, sockets = set(), set()
     for cpu in usable:
         base = os.path.join(root, "cpu", "cpu%d" % cpu, "topology")
@@ -249,3 +253,101 @@ def banner(check):
     lines = ["**BUSY MACHINE: the timings of this run are unreliable.**", ""]
     lines += ["- %s" % reason for reason in check["reasons"]]
     return lines + [""]
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text):
+    """Bytes of a cache size as sysfs ('48K') or lscpu ('480 MiB', '32768 KB') writes it."""
+    match = _SIZE.match(text or "")
+    if not match:
+        raise ValueError("not a cache size: %r" % text)
+    return int(float(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2).upper()])
+
+
+def _cache_name(level, kind):
+    return "L%s%s" % (level, {"Data": "d", "Instruction": "i"}.get(kind, ""))
+
+
+def caches(root="/sys/devices/system/cpu", usable=None):
+    """The data and unified caches the usable CPUs have: one dict per level, smallest first.
+
+    Each: `name` (L1d, L2, L3 ...), `level`, `bytes_per_instance`, `instances` (how many distinct caches of
+    that level the usable CPUs share out), `bytes_total`. Read from sysfs; lscpu's summary where sysfs has
+    no cache folders (an lscpu that does not count instances gives one of each); [] when neither says.
+    """
+    found = {}
+    for cpu in _usable_cpus() if usable is None else usable:
+        folder = os.path.join(root, "cpu%d" % cpu, "cache")
+        names = sorted(n for n in os.listdir(folder) if n.startswith("index")) if os.path.isdir(folder) else []
+        for name in names:
+            base = os.path.join(folder, name)
+            level, kind, size = (_read(os.path.join(base, f)) for f in ("level", "type", "size"))
+            if level is None or size is None or kind == "Instruction":
+                continue
+            entry = found.setdefault(_cache_name(level, kind), {"level": int(level), "sizes": set(), "shared": set()})
+            entry["sizes"].add(parse_size(size))
+            entry["shared"].add(_read(os.path.join(base, "shared_cpu_list")) or "cpu%d" % cpu)
+    if not found:
+        return lscpu_caches()
+    return sorted(({"name": name, "level": e["level"], "bytes_per_instance": max(e["sizes"]),
+                    "instances": len(e["shared"]), "bytes_total": max(e["sizes"]) * len(e["shared"])}
+                   for name, e in found.items()), key=lambda c: (c["level"], c["name"]))
+
+
+def parse_lscpu_caches(text):
+    """The caches of lscpu's summary ('L2 cache:  4 MiB (2 instances)'), as `caches` gives them."""
+    found = []
+    for line in text.splitlines():
+        label, _, value = line.partition(":")
+        label = label.strip()
+        if not (label.startswith("L") and label.endswith(" cache")) or label.startswith("L1i"):
+            continue
+        size, _, rest = value.strip().partition("(")
+        instances = int(rest.split()[0]) if rest[:1].isdigit() else 1
+        total = parse_size(size)
+        name = label.split()[0]
+        found.append({"name": name, "level": int(name[1]), "bytes_per_instance": total // instances,
+                      "instances": instances, "bytes_total": total})
+    return sorted(found, key=lambda c: (c["level"], c["name"]))
+
+
+def lscpu_caches():
+    import subprocess
+
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, env=dict(os.environ, LC_ALL="C")).stdout
+        return parse_lscpu_caches(text)
+    except (OSError, ValueError):
+        return []
+
+
+def last_level_cache(found):
+    """The last-level cache of `caches()`'s list, or None when none is known."""
+    return max(found, key=lambda c: c["level"]) if found else None
+
+
+def caches_text(found):
+    """`L1d 48 KiB x 2, L2 2 MiB x 2, L3 480 MiB x 1` from `caches()`'s list."""
+    return ", ".join("%s %s x %d" % (c["name"], size_text(c["bytes_per_instance"]), c["instances"])
+                     for c in found) or "unknown"
+
+
+def size_text(nbytes):
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return "%.3g %s" % (nbytes / scale, unit)
+    return "%d B" % nbytes
+
+
+def available_memory(path="/proc/meminfo"):
+    """Bytes of memory the system could give without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

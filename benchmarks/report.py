@@ -2,7 +2,8 @@
 import json
 import os
 
-from .machine import banner
+from . import cache_memory
+from .machine import banner, caches_text
 from .kernels import BATCH_NORM_HEADLINE, GROUP_NORM_HEADLINE, LAYER_NORM_HEADLINE, KernelCase
 
 SCHEMA = 1
@@ -169,10 +170,14 @@ def markdown(results):
             ", ".join(map(str, machine["threads"])), " ".join("%.2f" % v for v in load) if load else "n/a", bound),
         "Copy roof (64 MiB multi-threaded memcpy, bytes read + written): %s. Pause after each timed call "
         "(OpenMP workers' spin, doubled): %.1f ms." % (copy, 1e3 * machine.get("settle_seconds", 0.0)),
-        "Versions: %s. foldnorm build: OpenMP %s, %s %s." % (
-            versions, "on" if build["openmp"] else "off", build["compiler"], build["cflags"]),
-        "",
+        "Versions: %s. foldnorm build: OpenMP %s, %s %s%s." % (
+            versions, "on" if build["openmp"] else "off", build["compiler"], build["cflags"],
+            "; vector path %s (built: %s)" % (build["vector_path"], build.get("vector_paths"))
+            if "vector_path" in build else ""),
     ]
+    if "caches" in machine:  # runs before the caches were recorded have no line for them
+        lines.append("Caches: %s." % caches_text(machine["caches"]))
+    lines.append("")
     kernels = results["kernels"]
     lines += headline(kernels, results["models"])
     if kernels:
@@ -203,6 +208,8 @@ def markdown(results):
                     _ratio(row["vs_torch"]), _ratio(row["vs_numpy"]), _ratio(row["scaling"]),
                     _ratio(row.get("efficiency")).rstrip("x")))
         lines.append("")
+    if results.get("cache_memory"):
+        lines += cache_memory.markdown(results["cache_memory"])
     if results["targets"]:
         lines += ["#### Targets, from this run's own numbers", "",
                   "| target | measured (min-max) | verdict |",

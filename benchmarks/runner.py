@@ -5,7 +5,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from . import fold_scaling, kernels, models, report
+from . import cache_memory, fold_scaling, kernels, models, report
 
 
 @dataclass
@@ -20,6 +20,8 @@ class Config:
     fold_pairs: tuple
     fold_repeats: int
     warmup: int = 1
+    cache_kernels: tuple = cache_memory.KERNELS  # timed in cache and beyond it; () for none
+    cache_sizes: tuple = None  # (fit, beyond) bytes; None: from the measured caches
 
     def describe(self):
         return {
@@ -32,6 +34,7 @@ class Config:
             "models": [c.name for c in self.model_cases],
             "fold_pairs": list(self.fold_pairs),
             "fold_repeats": self.fold_repeats,
+            "cache_kernels": list(self.cache_kernels),
         }
 
 
@@ -45,7 +48,8 @@ def config_for(mode):
                       model_repeats=10, session_repeats=1, fold_pairs=(250, 1000), fold_repeats=3)
     if mode == "smoke":
         return Config(mode, kernels.SMOKE_CASES, models.SMOKE_MODELS, repeats=2, reference_repeats=1,
-                      model_repeats=2, session_repeats=1, fold_pairs=(10, 20), fold_repeats=2)
+                      model_repeats=2, session_repeats=1, fold_pairs=(10, 20), fold_repeats=2,
+                      cache_kernels=("batch_norm", "layer_norm"), cache_sizes=cache_memory.SMOKE_SIZES)
     raise ValueError("mode must be 'full', 'quick' or 'smoke', got %r" % mode)
 
 
@@ -80,6 +84,12 @@ def run(config, threads, out_dir, make_plots=True):
         if "skipped" in result:
             _log("  skipped: %s" % result["skipped"])
         results["kernels"].append(result)
+
+    results["cache_memory"] = None
+    if config.cache_kernels:
+        _log("benchmarks: %s in cache and beyond the last-level cache" % ", ".join(config.cache_kernels))
+        results["cache_memory"] = cache_memory.run(threads, config.repeats, settle, config.cache_kernels,
+                                                   config.cache_sizes)
 
     results["models"] = []
     if config.model_cases:

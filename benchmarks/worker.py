@@ -37,25 +37,17 @@ def _bench(case):
 
 
 def timing(cases, threads, inner, settle, fold_pairs):
-    import numpy as np
-
-    from .harness import Contender, Unavailable, measure, parallel_copy, thread_settings_kept
+    from .harness import Contender, Unavailable, measure, thread_settings_kept
+    from .kernels import time_against_copy
 
     figures, skipped = {}, {}
     with thread_settings_kept():
         for case in cases:
             try:
-                bench = _bench(case)
-                runs = {t: bench.foldnorm(t) for t in threads}
+                samples = time_against_copy(_bench(case), threads, inner, warmup=1, settle=settle)
             except Unavailable as error:
                 skipped[case.key] = str(error)
                 continue
-            destination = np.empty_like(bench.x)
-            contenders = []
-            for t in threads:
-                contenders.append(Contender("foldnorm", t, runs[t]))
-                contenders.append(Contender("copy", t, lambda t=t: parallel_copy(destination, bench.x, t)))
-            samples = measure(contenders, inner, warmup=1, settle=settle)
             for t in threads:
                 figures["kernel/%s/t%d" % (case.key, t)] = samples["foldnorm@%d" % t].summary()["median"]
                 figures["copy/%s/t%d" % (case.key, t)] = samples["copy@%d" % t].summary()["median"]
@@ -102,10 +94,9 @@ def main(argv=None):
     parser.add_argument("--counts", action="store_true")
     args = parser.parse_args(argv)
     foldnorm = _load_foldnorm(args.foldnorm_root)
-    from .kernels import KernelCase
+    from .kernels import cases_from_spec
 
-    cases = [KernelCase(kernel, tuple(shape), groups, channels_last)
-             for kernel, shape, groups, channels_last in json.loads(args.cases)]
+    cases = cases_from_spec(args.cases)
     if args.counts:
         measured, skipped = counts(cases)
         print(json.dumps({"regions": measured, "skipped": skipped}))

@@ -10,9 +10,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from benchmarks import fold_scaling, kernels, models, report, runner
+import foldnorm
+from benchmarks import cache_memory, fold_scaling, kernels, models, report, runner
 from benchmarks.__main__ import main
 from benchmarks.harness import Contender, Samples, Unavailable, measure, paired_ratio
+from benchmarks.machine import caches, caches_text
 
 # Under `make asan` (libasan preloaded) importing matplotlib aborts the interpreter: its C++ extension
 # throws at import, and ASan's __cxa_throw interceptor is not set up for libraries loaded after it.
@@ -172,6 +174,20 @@ def test_smoke_run_writes_table_json_and_plots(tmp_path, capsys):
         assert result["max_abs_error"] < 1e-3
     assert len(results["targets"]) == len(report.TARGETS)
     assert all(t["met"] is None for t in results["targets"])  # the smoke run has none of the headline shapes
+    assert machine["foldnorm_build"]["vector_path"] == foldnorm.build_info()["vector_path"]
+    assert "vector path %s" % foldnorm.build_info()["vector_path"] in table
+    assert machine["caches"] == caches()
+    assert "Caches: %s." % caches_text(machine["caches"]) in table
+    sets = results["cache_memory"]
+    assert (sets["fit_bytes"], sets["beyond_bytes"]) == cache_memory.SMOKE_SIZES
+    assert "sizes fixed for a smoke run" in sets["note"] and "#### Cache and memory" in table
+    assert "The copy at 2 threads: " in table and sets["seconds"] > 0
+    assert [(c["set"], c["kernel"]) for c in sets["cases"]] == [
+        ("cache", "batch_norm"), ("cache", "layer_norm"), ("memory", "batch_norm"), ("memory", "layer_norm")]
+    for case in sets["cases"]:
+        assert [row["threads"] for row in case["rows"]] == [1, 2]
+        for row in case["rows"]:
+            assert row["x_copy"]["n"] == 2 and row["gbps"] > 0 and row["copy_gbps"] > 0
     assert [m["name"] for m in results["models"]] == ["resnet_tiny", "mobilenet_tiny"]
     for model in results["models"]:
         assert set(model["latency"]) >= {"original/disabled", "original/enabled", "ort_basic/enabled"}
@@ -292,6 +308,17 @@ def test_models_option_selects_the_fold_scaling_by_name(monkeypatch, selected, f
     assert runner.config_for("full").fold_pairs == (250, 500, 1000)
 
 
+@pytest.mark.parametrize("selected, cache_kernels", [
+    (None, cache_memory.KERNELS), ("none", ()), ("layer_norm,rms_norm", ("layer_norm",)),
+])
+def test_kernels_option_selects_the_cache_and_memory_kernels_too(monkeypatch, selected, cache_kernels):
+    configs = []
+    monkeypatch.setattr(runner, "run", lambda config, threads, out, make_plots: configs.append(config))
+    assert main(["run", "--quick", "--threads", "1"] + (["--kernels", selected] if selected else [])) == 0
+    config, = configs
+    assert config.cache_kernels == cache_kernels and config.cache_sizes is None
+
+
 def test_a_missing_fold_pass_leaves_the_other_variants_timed(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "foldnorm.fold", None)  # makes `from foldnorm.fold import ...` fail
     result = models.run_model(models.SMOKE_MODELS[0], threads=1, repeats=1, directory=str(tmp_path))
@@ -340,3 +367,14 @@ def test_the_plots_and_the_table_name_no_internal_tracking_numbers():
 
     for module in (report, fold_scaling, kernels, models, runner):
         assert "issue" not in inspect.getsource(module).lower(), module.__name__
+
+
+@pytest.mark.parametrize("kernel", ["batch_norm", "batch_norm_train", "batch_norm_backward"])
+@pytest.mark.parametrize("shape, channels_last", [((64, 8), False), ((4, 8, 5), False), ((2, 8, 3, 5), True)])
+def test_batch_norm_benches_of_any_rank_match_their_float64_reference(kernel, shape, channels_last):
+    bench = kernels.BENCHES[kernel](kernels.KernelCase(kernel, shape, channels_last=channels_last),
+                                    np.random.default_rng(1))
+    output = bench.foldnorm(1)()
+    primary = output[0] if isinstance(output, tuple) else output
+    assert primary.shape == bench.x.shape
+    np.testing.assert_allclose(primary, bench.reference(), rtol=1e-4, atol=1e-4)

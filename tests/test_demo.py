@@ -78,3 +78,4 @@ def test_run_demo_and_the_command_return_zero(capsys):
     assert main(["demo", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "onnxruntime latency" in out and "kernels on a (2, 16, 28, 28) float32 activation" in out
+    assert "  threads: on a shared machine the calling thread works too and never waits for a worker" in out

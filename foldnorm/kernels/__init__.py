@@ -1,4 +1,4 @@
-"""foldnorm.kernels: normalization kernels in C with OpenMP, on NumPy arrays.
+"""foldnorm.kernels: normalization kernels in C, on NumPy arrays, run by foldnorm's own thread team.
 
 Batch normalization (inference, training forward with running-statistic update, backward), layer and
 RMS normalization over one axis (and their residual variants add_layer_norm, add_rms_norm: s = x + residual
@@ -9,8 +9,9 @@ centred and accumulated in float64 for float32 input; results match float64 refe
 on the thread count. Threads: `num_threads=None` uses `get_num_threads()` (OMP_NUM_THREADS, else the usable
 cores); `set_num_threads` changes it, and threadpoolctl can limit it from outside.  A call never uses more
 threads than the usable cores, nor more than its work keeps busy (runtime.PARALLEL_GRAIN elements each).
-Idle threads follow the OpenMP runtime's wait policy (OMP_WAIT_POLICY): on a machine shared with other busy
-processes, OMP_WAIT_POLICY=passive keeps them from spinning.
+The thread count is OpenMP's setting; the work runs on foldnorm's team, where the caller works too and never
+waits for a worker the operating system has not scheduled, and idle workers spin briefly, then sleep (the
+OpenMP wait policy does not apply to them).
 """
 from .batch_normalization import batch_norm, batch_norm_backward, batch_norm_train
 from .group_normalization import group_norm, group_norm_backward, instance_norm, instance_norm_backward

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from benchmarks import ab, harness
+from benchmarks import ab, harness, machine
 from benchmarks.__main__ import main
 
 
@@ -18,6 +18,7 @@ def test_a_same_code_smoke_comparison_writes_its_summary_and_exits_0(tmp_path, c
     assert set(results["machine_check"]) == {"busy", "reasons", "numbers"}
     assert set(results["machine_check"]["numbers"]) == {"start", "run"}
     assert results["machine"]["topology"]["logical_cpus"] >= 1
+    assert results["machine"]["caches"] == machine.caches()
     names = {row["name"] for row in results["timings"]}
     assert "kernel/batch_norm/2x64x4x4/t1" in names and "fold/conv_bn_chain_10" in names
     assert all(len(samples) == 3 for samples in results["samples"]["head"].values())
