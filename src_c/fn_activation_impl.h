@@ -5,6 +5,7 @@
 
 #if FN_IS_F32
 typedef int32_t FN_NAME(fn_act_bits);
+typedef uint32_t FN_NAME(fn_act_ubits);
 #define FN_EXP_MANT 23
 #define FN_EXP_BIAS 127
 #define FN_EXP_ROUND 0x1.8p23f
@@ -15,6 +16,7 @@ typedef int32_t FN_NAME(fn_act_bits);
 #define FN_SILU_BIG 0x1p20f
 #else
 typedef int64_t FN_NAME(fn_act_bits);
+typedef uint64_t FN_NAME(fn_act_ubits);
 #define FN_EXP_MANT 52
 #define FN_EXP_BIAS 1023
 #define FN_EXP_ROUND 0x1.8p52
@@ -90,7 +92,8 @@ FN_INLINE FN_T FN_NAME(fn_exp1)(FN_T x)
 #endif
     /* 2^k as 2^(k/2) * 2^(k - k/2): each half is a normal number for every k the clamp allows.  k/2 rounds
      * down by a logical shift of k + 2048 (no 64-bit arithmetic shift before AVX-512). */
-    const FN_NAME(fn_act_bits) k1 = (FN_NAME(fn_act_bits))((uint64_t)(k + 2048) >> 1) - 1024, k2 = k - k1;
+    const FN_NAME(fn_act_bits) k1 = (FN_NAME(fn_act_bits))((FN_NAME(fn_act_ubits))(k + 2048) >> 1) - 1024;
+    const FN_NAME(fn_act_bits) k2 = k - k1;
     const FN_T s1 = FN_NAME(fn_from_bits)((k1 + FN_EXP_BIAS) << FN_EXP_MANT);
     const FN_T s2 = FN_NAME(fn_from_bits)((k2 + FN_EXP_BIAS) << FN_EXP_MANT);
     return (p * s1) * s2;
