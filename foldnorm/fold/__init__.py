@@ -10,7 +10,7 @@ The pieces, in the order a model meets them: modelio (read, check, write), drive
 maps), layers (the absorbers, one per layer kind), rules (condition and apply), absorb (the arithmetic),
 graph_index / constants / proto (the graph), verification and report (the proof and the account).
 """
-from .affine import ChannelAffine
+from .core.affine import ChannelAffine
 from .api import fold_model, inspect_model
 from .errors import FoldError, VerificationError
 from .report import FoldReport, NodeOutcome

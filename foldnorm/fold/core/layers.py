@@ -13,7 +13,7 @@ import numpy as np
 from . import absorb
 from .context import Refused, describe, float_constant, rank_of
 from .graph_index import GraphIndex
-from .proto import is_default_domain, node_attributes, set_float_attribute
+from ..io.proto import is_default_domain, node_attributes, set_float_attribute
 from .sites import elementwise_operands
 
 
@@ -248,7 +248,7 @@ def producing_layer(ctx, index, value):
         return Refused("its input %r is %s" % (value, where))
     if index.is_graph_output(value):
         return Refused("its input %r is also a graph output" % value)
-    readers = len(index.readers(value))
+    readers = len(index.value_readers(value))  # a Shape or Size of it reads no value the fold changes
     if readers != 1:
         return Refused("its input %r has %d readers" % (value, readers))
     if node.op_type == "Add" and is_default_domain(node):

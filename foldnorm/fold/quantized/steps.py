@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .tolerance import OutputComparison
+from ..verification.sessions import run_model
+from ..verification.tolerance import OutputComparison
 
 FORCED_SUFFIX = "__foldnorm_original"
 
@@ -144,8 +145,6 @@ def layer_by_layer(original, folded, feeds):
     shared = [(name, elem_type) for name, elem_type in quantizers if name in kept]
     if not shared:
         return None, ""
-    from .verification import run_model
-
     reference = run_model(_with_outputs(original, shared), feeds, "original")
     forced = _with_outputs(folded, shared)
     graph = forced.graph

@@ -1,0 +1,121 @@
+"""Verification in a process of its own, so that onnxruntime crashing cannot take the caller down.
+
+`verify_isolated` starts `python -m foldnorm.fold.verification.isolated REQUEST RESULT`; the child reads
+the pickled request (the two models, as files or bytes, and verify()'s options), runs `verify` and pickles
+its VerifyReport, or the FoldError it raised, into RESULT. Progress sentences reach the parent on the
+child's stderr, one per line after a marker; anything else onnxruntime prints there is kept for the message
+of a crash. A child that dies by a signal (onnxruntime's segmentation fault, the kernel's out-of-memory
+killer) or exits without a result becomes VerifierCrashed, which names the model and the signal. Both
+files live in the caller's scratch folder, which no other user can read.
+"""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+
+from ..errors import VerifierCrashed
+
+PROGRESS_MARKER = "\0foldnorm-progress "
+# How many of the child's other stderr lines a crash message may quote.
+KEPT_LINES = 5
+
+
+def verify_isolated(original, folded, *, label, folder, structure=None, progress=None, **options):
+    """verify(original, folded, **options) run in a child process; `original` and `folded` are paths,
+    `structure` the original's structure when its session has read it already (io.external_data.without_data:
+    the child then does not read the file again, onnxruntime does), `label` how a crash names the model,
+    `folder` where the request and the result are written. Returns the VerifyReport; raises what verify
+    raised, or VerifierCrashed."""
+    request = os.path.join(folder, "verify-request.pickle")
+    result = os.path.join(folder, "verify-result.pickle")
+    structure = None if structure is None else structure.SerializeToString()
+    with open(request, "wb") as file:
+        pickle.dump((original, structure, folded, options), file, protocol=pickle.HIGHEST_PROTOCOL)
+    command = [sys.executable, "-m", "foldnorm.fold.verification.isolated", request, result]
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=_child_environment())
+    noise = []
+    reader = threading.Thread(target=_read_stderr, args=(child.stderr, progress, noise), daemon=True)
+    reader.start()
+    try:
+        returncode = child.wait()
+    finally:
+        if child.poll() is None:  # the caller was interrupted: the child goes with it
+            child.kill()
+            child.wait()
+        reader.join()
+        child.stderr.close()
+        os.unlink(request)
+    if returncode < 0:
+        raise VerifierCrashed(label, signal=_signal_name(-returncode))
+    try:
+        with open(result, "rb") as file:
+            status, value = pickle.load(file)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        detail = ": %s" % noise[-1] if noise else ""
+        raise VerifierCrashed(label, exit_code=returncode, detail=detail) from None
+    finally:
+        if os.path.exists(result):
+            os.unlink(result)
+    if status == "error":
+        raise value
+    return value
+
+
+def _child_environment():
+    """The caller's environment, with foldnorm importable from where this process imports it."""
+    environment = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    paths = [root] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment["PYTHONPATH"] = os.pathsep.join(paths)
+    return environment
+
+
+def _read_stderr(stream, progress, noise):
+    for raw in stream:
+        line = raw.decode(errors="replace").rstrip("\n")
+        if line.startswith(PROGRESS_MARKER):
+            if progress is not None:
+                progress(line[len(PROGRESS_MARKER):])
+        elif line.strip():
+            noise.append(line.strip())
+            del noise[:-KEPT_LINES]
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "signal %d" % number
+
+
+def _child(request, result):
+    """The child's work: run verify on the request and pickle what came of it."""
+    import onnx
+
+    from ..errors import FoldError
+    from .runner import quiet_onnxruntime, verify
+    from .sessions import ModelSource
+
+    with open(request, "rb") as file:
+        original, structure, folded, options = pickle.load(file)
+
+    def say(message):
+        sys.stderr.write(PROGRESS_MARKER + message.replace("\n", " ") + "\n")
+        sys.stderr.flush()
+
+    quiet_onnxruntime()
+    try:
+        if structure is not None:
+            original = ModelSource.of_structure(onnx.ModelProto.FromString(structure), original)
+        outcome = ("report", verify(original, folded, progress=say, **options))
+    except FoldError as error:
+        outcome = ("error", error)
+    with open(result, "wb") as file:
+        pickle.dump(outcome, file, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:3])
