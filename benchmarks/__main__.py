@@ -1,11 +1,11 @@
 """python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
 | compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners 2] [--seconds 1.5] [--rounds 3]
-| big [--megabytes 300] [--rounds 5] [--huge]"""
+| big [--megabytes 300] [--rounds 5] [--huge] | corpus [--rounds 9] [--repeat 5]"""
 import argparse
 import os
 import sys
 
-from . import big_model, under_load
+from . import big_model, corpus, under_load
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -52,6 +52,8 @@ def parser():
         "under-load", help="batch_norm_train latency beside torch while other processes spin"))
     big_model.add_arguments(commands.add_parser(
         "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
+    corpus.add_arguments(commands.add_parser(
+        "corpus", help="every corpus model in onnxruntime before and after the fold, beside onnxruntime's own"))
     ab = commands.add_parser("ab", help="the working tree against a git ref, interleaved on this machine; "
                              "exit 1 on a flagged slowdown, 2 when the comparison cannot be made")
     where = ab.add_mutually_exclusive_group(required=True)
@@ -107,6 +109,8 @@ def main(argv=None):
         return under_load.main(args)
     if args.command == "big":
         return big_model.main(args)
+    if args.command == "corpus":
+        return corpus.main(args)
     if args.command == "compare":
         from .compare import main as compare_main
 
