@@ -118,8 +118,9 @@ def measure_command(argv, root=None):
     if root is not None:
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get(
             "PYTHONPATH", "").split(os.pathsep) if p]))
+    # From the root's folder: `python -m` imports from the current folder first.
     done = subprocess.run([sys.executable, "-c", _WRAPPER] + list(argv), capture_output=True, text=True,
-                          check=True, env=environment)
+                          check=True, env=environment, cwd=root)
     return json.loads(done.stdout)
 
 

@@ -187,6 +187,8 @@ def _fold(args, progress):
 
     progress.step("reading %s" % source)
     with ModelSession(source, argument="MODEL.onnx") as session:
+        if not args.no_verify:
+            session.start_verifier()  # its imports overlap with the fold
         protected = {os.path.realpath(source)} | set(session.data_files)
         for path, option in ((output, "-o"), (Path(str(output) + ".data"), "-o"), (report_path, "--report")):
             if path is not None and os.path.realpath(path) in protected:

@@ -316,18 +316,23 @@ def test_keep_bn_leaves_what_cannot_fold(tmp_path, capsys):
 def test_no_verify_skips_onnxruntime(tmp_path, capsys, monkeypatch):
     from foldnorm.fold.verification import isolated
 
-    calls = []
-    real_verify = isolated.verify_isolated
+    calls, started = [], []
+    real_verify, real_start = isolated.Verifier.run, isolated.Verifier.__init__
 
-    def recording_verify(*args, **kwargs):
+    def recording_verify(verifier, *args, **kwargs):
         calls.append(args)
-        return real_verify(*args, **kwargs)
+        return real_verify(verifier, *args, **kwargs)
 
-    monkeypatch.setattr(isolated, "verify_isolated", recording_verify)
+    def recording_start(verifier):
+        started.append(verifier)
+        real_start(verifier)
+
+    monkeypatch.setattr(isolated.Verifier, "run", recording_verify)
+    monkeypatch.setattr(isolated.Verifier, "__init__", recording_start)
     model = write_model(tmp_path)
     code, out, err = run_cli(capsys, "fold", model, "--no-verify", "--report", tmp_path / "r.json")
     assert code == 0, err
-    assert calls == []
+    assert calls == [] and started == []  # no verifying process at all
     assert "verification" not in out
     assert json.loads((tmp_path / "r.json").read_text())["verification"] is None
     assert (tmp_path / "model.folded.onnx").exists()

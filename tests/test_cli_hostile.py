@@ -331,12 +331,12 @@ SLOW = textwrap.dedent("""
     import sys, time
     import foldnorm.cli, foldnorm.fold.verification.isolated
 
-    def slow_verify(*args, folder, **kwargs):
+    def slow_verify(verifier, *args, folder, **kwargs):
         open(folder + "/partial", "wb").close()  # a temporary file in the session's scratch folder
         print("verifying", flush=True)
         time.sleep(60)
 
-    foldnorm.fold.verification.isolated.verify_isolated = slow_verify
+    foldnorm.fold.verification.isolated.Verifier.run = slow_verify
     sys.exit(foldnorm.cli.main(sys.argv[1:]))
 """)
 

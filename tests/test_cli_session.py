@@ -6,9 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from foldnorm.cli import main
 from tests.fold.fold_models import ModelBuilder, count_ops, max_relative_error, random_feeds

@@ -6,7 +6,7 @@ import os
 import onnx
 
 from .report import FoldReport
-from .session import ModelSession, fold_session_error
+from .session import ModelSession, divergence_error
 
 
 def fold_model(model_or_path: onnx.ModelProto | str | os.PathLike, *, rewrite_bn: bool = False,
@@ -62,7 +62,7 @@ def fold_model(model_or_path: onnx.ModelProto | str | os.PathLike, *, rewrite_bn
         if verify:
             result = session.verify(shapes=shapes, rtol=rtol, atol=atol, seed=seed, steps=steps)
             if not result.passed:
-                raise fold_session_error(report, result)
+                raise divergence_error(report, result)
         return session.folded_model(), report
 
 

@@ -49,6 +49,7 @@ class ModelSession:
         self._structure = without_data(self._opened.model) if self.path is not None else None
         self._folded = None
         self._staged = None
+        self._verifier = None
         self.report = None
 
     def __enter__(self):
@@ -58,6 +59,9 @@ class ModelSession:
         self.close()
 
     def close(self):
+        if self._verifier is not None:
+            self._verifier.close()
+            self._verifier = None
         self.held.clear()
         self._folded = None
         if self._staged is not None:
@@ -126,11 +130,18 @@ class ModelSession:
 
     # ------------------------------------------------------------------------------------- verify
 
+    def start_verifier(self):
+        """Start the verifying process now, so that its imports overlap with the fold (verify() starts it
+        otherwise)."""
+        from .verification.isolated import Verifier
+
+        if self._verifier is None:
+            self._verifier = Verifier()
+
     def verify(self, *, shapes=None, rtol=None, atol=None, seed=0, steps=None, progress=None):
         """Compare the folded model with the original (foldnorm.verify's options) in a child process; the
         VerifyReport is also set on the session's report. steps None: the default for the quantized folds."""
         from .quantized.rules import default_step_tolerance
-        from .verification.isolated import verify_isolated
 
         report = self.report
         if report is None:
@@ -139,9 +150,11 @@ class ModelSession:
         folder = self.scratch.folder
         original = os.fspath(self.path) if self.path is not None else self._write_for_child(self._original, "original")
         folded = self._staged.model if self._staged is not None else self._write_for_child(self._folded, "folded")
-        report.verification = verify_isolated(original, folded, label=self.label, folder=folder,
-                                              structure=self._structure, progress=progress, shapes=shapes, rtol=rtol,
-                                              atol=atol, seed=seed, steps=steps)
+        self.start_verifier()
+        verifier, self._verifier = self._verifier, None  # one request per process
+        report.verification = verifier.run(original, folded, label=self.label, folder=folder,
+                                           structure=self._structure, progress=progress, shapes=shapes, rtol=rtol,
+                                           atol=atol, seed=seed, steps=steps)
         return report.verification
 
     def _write_for_child(self, model, name):
@@ -194,7 +207,7 @@ class ModelSession:
         return written
 
 
-def fold_session_error(report, verification):
+def divergence_error(report, verification):
     """The VerificationError of a folded model whose outputs diverged."""
     diverged = [o.name for o in verification.outputs if not o.passed]
     return VerificationError("the folded model's output %s differs from the original's beyond the tolerance"

@@ -136,15 +136,6 @@ def open_model(model_or_path, name, *, in_place=False):
     raise TypeError("%s must be an onnx.ModelProto or a path, got %s" % (name, type(model_or_path).__name__))
 
 
-def as_model(model_or_path, name, *, check=True):
-    """(ModelProto, label) for an argument that is a ModelProto (checked here unless check=False: a model
-    foldnorm made itself) or a path (read and checked by load_model)."""
-    if isinstance(model_or_path, onnx.ModelProto) and not check:
-        return model_or_path, "<in-memory model>"
-    opened = open_model(model_or_path, name)
-    return opened.model, opened.label
-
-
 def uses_external_data(model_or_path):
     """Whether a model keeps tensors in external files.
 
@@ -412,16 +403,6 @@ def _serialized_within_limit(model):
     return serialized if len(serialized) < PROTOBUF_LIMIT else None
 
 
-def write_file_atomically(path, data):
-    """Write bytes to `path` the way save_model writes a model: a temporary file, fsync, os.replace."""
-    path = Path(os.fspath(path))
-    if not path.absolute().parent.is_dir():
-        raise FoldError("cannot write %s: the folder %s does not exist" % (path, path.absolute().parent))
-    if path.is_dir():
-        raise FoldError("cannot write %s: it is a directory" % path)
-    _write_atomically(path, lambda file: file.write(data))
-
-
 def _write_atomically(path, write, durable=True):
     temp = _write_temporary(path, write, durable)
     try:
@@ -579,6 +560,6 @@ def _remove_quietly(path):
 
 
 __all__ = ["load_model", "read_structure", "save_model", "StagedFiles", "onnxruntime_source", "check_model", "check_opset",
-           "open_model", "as_model",
+           "open_model",
            "ModelCheck", "OpenedModel", "LEVELS", "uses_external_data", "external_data_files",
-           "write_file_atomically", "all_tensors", "temporary_folder", "PROTOBUF_LIMIT"]
+           "all_tensors", "temporary_folder", "PROTOBUF_LIMIT"]

@@ -6,7 +6,6 @@ numeric code never sees an ml_dtypes array.
 import math
 
 import numpy as np
-import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
