@@ -12,6 +12,9 @@ round) and keeps each one's best; a ratio is the median over the rounds of the r
 machine's drift between rounds cancels.
 
     python -m benchmarks corpus [--rounds 9] [--repeat 5] [--only NAMES] [--out DIR]
+
+The fold is imported from wherever `foldnorm` comes first on sys.path: put an earlier checkout first to time
+its folds (before and after a change).
 """
 import json
 import os
@@ -64,12 +67,11 @@ def variants(path, folder):
     import onnxruntime as ort
 
     from foldnorm.fold import fold_model
-    from foldnorm.fold.io.modelio import save_model
 
     stem = os.path.splitext(os.path.basename(path))[0]
     folded, report = fold_model(path, verify=False)
     folded_path = os.path.join(folder, stem + ".folded.onnx")
-    save_model(folded, folded_path)
+    onnx.save_model(folded, folded_path)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = os.path.join(folder, stem + ".ort.onnx")

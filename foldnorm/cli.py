@@ -171,6 +171,18 @@ def run_fold(args):
 
 
 def _fold(args, progress):
+    from .fold.verification.isolated import Verifier
+
+    # Started first, so that its imports (onnx, onnxruntime) overlap with this process's own and the fold.
+    verifier = None if args.no_verify else Verifier()
+    try:
+        return _fold_with(args, progress, verifier)
+    finally:
+        if verifier is not None:
+            verifier.close()
+
+
+def _fold_with(args, progress, verifier):
     from .fold.session import ModelSession
 
     source = Path(args.model)
@@ -186,9 +198,7 @@ def _fold(args, progress):
             raise UsageError("foldnorm: error: --report %s is the output model's path; choose another" % report_path)
 
     progress.step("reading %s" % source)
-    with ModelSession(source, argument="MODEL.onnx") as session:
-        if not args.no_verify:
-            session.start_verifier()  # its imports overlap with the fold
+    with ModelSession(source, argument="MODEL.onnx", verifier=verifier) as session:
         protected = {os.path.realpath(source)} | set(session.data_files)
         for path, option in ((output, "-o"), (Path(str(output) + ".data"), "-o"), (report_path, "--report")):
             if path is not None and os.path.realpath(path) in protected:

@@ -37,10 +37,18 @@ class ModelSession:
     of the external data files it uses), report (the FoldReport once folded).
     """
 
-    def __init__(self, model_or_path: onnx.ModelProto | str | os.PathLike, *, argument: str = "model_or_path"):
+    def __init__(self, model_or_path: onnx.ModelProto | str | os.PathLike, *, argument: str = "model_or_path",
+                 verifier=None):
+        """`verifier`: a verification.isolated.Verifier started ahead (the session owns it from now on)."""
         self.scratch = Scratch()
         self.held = HeldArrays()
-        self._opened = open_model(model_or_path, argument, in_place=True)
+        self._verifier = verifier
+        try:
+            self._opened = open_model(model_or_path, argument, in_place=True)
+        except BaseException:
+            if verifier is not None:
+                verifier.close()
+            raise
         self.label = self._opened.label
         self.path = self._opened.path
         self.data_files = self._opened.data_files
@@ -49,7 +57,6 @@ class ModelSession:
         self._structure = without_data(self._opened.model) if self.path is not None else None
         self._folded = None
         self._staged = None
-        self._verifier = None
         self.report = None
 
     def __enter__(self):

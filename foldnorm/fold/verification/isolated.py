@@ -79,7 +79,10 @@ class Verifier:
         return value
 
     def close(self):
-        """End the process if it is still running (a caller interrupted, or one that never asked)."""
+        """End the process if it is still running (a caller interrupted, or one that never asked); closing
+        twice is harmless."""
+        if self._child.stderr.closed:
+            return
         if self._child.poll() is None:
             self._child.kill()
             self._child.wait()
