@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import onnx
 
@@ -114,10 +115,8 @@ class ModelSession:
             report.notes.append("inlined the model's local functions %s, which hold BatchNormalization nodes, "
                                 "to fold them" % ", ".join(inlined))
         if undeclared:
-            report.notes.append("treated %d initializer%s also listed as graph input%s as constant%s and removed "
-                                "them from the inputs (<<fold_input_initializers>>): %s"
-                                % (len(undeclared), "s" * (len(undeclared) > 1), "s" * (len(undeclared) > 1),
-                                   "s" * (len(undeclared) > 1), ", ".join(undeclared)))
+            report.notes.append("treated the initializers also listed as graph inputs as constants and removed them "
+                                "from the inputs (<<fold_input_initializers>>): %s" % ", ".join(undeclared))
         if bytes_after > bytes_before:
             report.notes.append("the parameters grew: a folded weight is stored in full, also where the model "
                                 "computed it from a smaller constant (ConstantOfShape, Expand, ...)")
@@ -179,14 +178,14 @@ class ModelSession:
         "<name>.data" when external_data, by default when the input keeps its data outside); verify() then
         reads it there, and commit() moves it into place. The held weights are let go once written."""
         folded = self._require_folded()
+        output = Path(os.fspath(output))
         if external_data is None:
             external_data = bool(self.data_files)
         self._staged = StagedFiles()
         path = self._staged.add(output)
         save_model(folded, path, external_data=external_data, held=self.held, durable=False)
-        data = path.with_name(path.name + ".data")
-        if data.exists():
-            self._staged.add(output.with_name(output.name + ".data"))
+        if path.with_name(path.name + ".data").exists():  # moved into place before the model that names it
+            self._staged.add(output.with_name(output.name + ".data"), first=True)
         self._staged.model = os.fspath(path)
         self.held.clear()
         self._folded = None  # it lives in the staged file now

@@ -459,9 +459,12 @@ class StagedFiles:
     def __init__(self):
         self._folders = {}
         self._files = []
+        self._added = []
         self.model = None
 
-    def add(self, destination):
+    def add(self, destination, *, first=False):
+        """Where to write the file that goes to `destination` (moved into place before the others when
+        `first`)."""
         destination = Path(os.fspath(destination))
         folder = destination.absolute().parent
         hidden = self._folders.get(folder)
@@ -471,11 +474,12 @@ class StagedFiles:
             except OSError as error:
                 raise FoldError("cannot write %s: %s" % (destination, error.strerror or error)) from None
         staged = hidden / destination.name
-        self._files.append((staged, destination))
+        self._files.insert(0 if first else len(self._files), (staged, destination))
+        self._added.append(destination)
         return staged
 
     def commit(self):
-        """Move every staged file into place; returns the destinations."""
+        """Move every staged file into place; returns the destinations, in the order they were added."""
         moved = []
         try:
             for staged, _ in self._files:
@@ -503,7 +507,7 @@ class StagedFiles:
         for folder in self._folders:
             _fsync_folder(folder)
         self.discard()
-        return [destination for _, destination in self._files]
+        return list(self._added)
 
     def discard(self):
         for hidden in self._folders.values():
