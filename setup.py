@@ -25,11 +25,12 @@ SRC_C = os.path.join("src_c")
 
 # Each private extension module and the C files it is built from; every one includes some of the headers.
 HEADERS = sorted(glob.glob(os.path.join(SRC_C, "*.h")))
+# pool.c, the thread pool, is in _runtime alone: the other modules run their regions on it (fn_pool.h).
 EXTENSIONS = {
-    "_runtime": ["runtime.c"],
-    "_batch_norm": ["batch_norm.c"],
-    "_layer_norm": ["layer_norm.c"],
-    "_group_norm": ["group_norm.c"],
+    "_runtime": ["runtime.c", "pool.c", "pool_client.c"],
+    "_batch_norm": ["batch_norm.c", "bn_blocks.c", "pool_client.c"],
+    "_layer_norm": ["layer_norm.c", "pool_client.c"],
+    "_group_norm": ["group_norm.c", "pool_client.c"],
 }
 
 
@@ -69,8 +70,8 @@ def _compiles_with_openmp(cc):
 
 def _build_flags():
     cc = _compiler()
-    cflags = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=fast"]
-    ldflags = []
+    cflags = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=fast", "-pthread"]
+    ldflags = ["-pthread"]
     openmp = _compiles_with_openmp(cc)
     if openmp:
         cflags.append("-fopenmp")

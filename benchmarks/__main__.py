@@ -1,11 +1,13 @@
 """python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
 | compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners 2] [--seconds 1.5] [--rounds 3]
-| big [--megabytes 300] [--rounds 5] [--huge] | corpus [--rounds 9] [--repeat 5]"""
+| big [--megabytes 300] [--rounds 5] [--huge] | startup [--runs 20] | figures [RESULTS.json]
+| distributed [--shape 16,64,28,28] [--ranks 1,2] [--repeat 30] | fused [--quick|--smoke] [--threads 2] [--counts]
+| corpus [--rounds 9] [--repeat 5]"""
 import argparse
 import os
 import sys
 
-from . import big_model, corpus, under_load
+from . import big_model, corpus, figures, fused, startup, under_load
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -54,6 +56,11 @@ def parser():
         "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
     corpus.add_arguments(commands.add_parser(
         "corpus", help="every corpus model in onnxruntime before and after the fold, beside onnxruntime's own"))
+    figures.add_arguments(commands.add_parser(
+        "figures", help="the PNGs and the READMEs' run-of-record parts, from the run of record (or adopt RESULTS.json "
+        "as it)"))
+    startup.add_arguments(commands.add_parser(
+        "startup", help="median start-up time of `foldnorm --version`, `--help` and a usage error"))
     ab = commands.add_parser("ab", help="the working tree against a git ref, interleaved on this machine; "
                              "exit 1 on a flagged slowdown, 2 when the comparison cannot be made")
     where = ab.add_mutually_exclusive_group(required=True)
@@ -77,9 +84,16 @@ def parser():
     ab.add_argument("--out", default=os.path.join(DEFAULT_OUT, "ab"),
                     help="folder for ab.md, ab.json and ab_ratios.png (default: benchmarks/results/ab)")
     ab.add_argument("--no-plots", action="store_true", help="skip the PNG")
+    fused.add_arguments(commands.add_parser(
+        "fused", help="the fused kernels (activation, residual add) beside the unfused, torch eager and "
+        "torch.compile compositions"))
     counts = commands.add_parser("counts", help="instructions and cache traffic per element of each kernel "
                                  "under valgrind (deterministic)")
     counts.add_argument("--smoke", action="store_true", help="two tiny cases")
+    from . import distributed
+
+    distributed.add_arguments(commands.add_parser(
+        "distributed", help="synchronized batch norm under mpiexec: step time per rank against the kernels"))
     return top
 
 
@@ -111,6 +125,10 @@ def main(argv=None):
         return big_model.main(args)
     if args.command == "corpus":
         return corpus.main(args)
+    if args.command == "startup":
+        return startup.main(args)
+    if args.command == "figures":
+        return figures.main(args)
     if args.command == "compare":
         from .compare import main as compare_main
 
@@ -119,6 +137,12 @@ def main(argv=None):
         return _ab(args)
     if args.command == "counts":
         return _counts(args)
+    if args.command == "distributed":
+        from . import distributed
+
+        return distributed.run(args)
+    if args.command == "fused":
+        return fused.main(args)
     try:
         from .harness import default_threads
         threads = args.threads or default_threads()

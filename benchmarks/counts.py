@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 
+from .fused import FUSED_COUNT_CASES
 from .kernels import KernelCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ COUNT_CASES = [
     KernelCase("group_norm_backward", (8, 64, 64, 64), groups=32),
     KernelCase("instance_norm", (8, 64, 64, 64)),
     KernelCase("instance_norm_backward", (8, 64, 64, 64)),
-]
+] + FUSED_COUNT_CASES
 SMOKE_COUNT_CASES = [COUNT_CASES[0], COUNT_CASES[4]]
 
 

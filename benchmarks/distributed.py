@@ -1,19 +1,21 @@
 """Synchronized batch norm across processes: time per training step at a fixed batch per rank, bytes
 exchanged, and what the exchange costs on many ranks.
 
-    python benchmarks/distributed.py [--shape 16,64,28,28] [--dtype float32] [--ranks 1,2] [--repeat 30]
+    python -m benchmarks distributed [--shape 16,64,28,28] [--dtype float32] [--ranks 1,2] [--repeat 30]
+    python benchmarks/distributed.py ...   (the same)
 
 launches `mpiexec -n P` of itself for each P in --ranks (the mpich wheel's mpiexec beside this Python, else
-one on PATH), and prints a Markdown report: per rank count, the median step time (forward
-sync_batch_norm_train + backward sync_batch_norm_backward, each step timed from a barrier to the slowest
-rank's end), its parts, the same step of foldnorm's single-process kernels on one rank's batch, the bytes
+one on PATH), with the caller's environment (default settings: every rank takes its share of the cores), and
+prints a Markdown report: per rank count, the median step time (forward sync_batch_norm_train + backward
+sync_batch_norm_backward, each step timed from a barrier to the slowest rank's end) with default threads and
+with one thread, its parts, the same step of foldnorm's single-process kernels on one rank's batch (one
+thread, and the rank's share of the cores), the ratios of the step's CPU time to the kernels', the bytes
 each rank sends and receives per step, a fit of the allgather's latency and bandwidth on this machine, and
 the cost model of the exchange for many ranks. Needs the `mpi` extra (mpi4py, mpich).
 """
 import argparse
 import json
 import os
-import pickle
 import shutil
 import statistics
 import subprocess
@@ -26,7 +28,7 @@ import numpy as np
 # Assumed interconnects for the many-rank model (typical one-way small-message latency, bandwidth).
 LINKS = [("InfiniBand HDR", 2e-6, 20e9), ("100 GbE", 10e-6, 10e9), ("10 GbE TCP", 30e-6, 1.1e9)]
 MODEL_RANKS = [2, 8, 64, 512, 4096]
-ALLGATHER_SIZES = [1, 129, 1025, 16385, 131073]  # float64 values per rank (129 = 2C + 1 at C = 64)
+ALLGATHER_SIZES = [1, 133, 1025, 16385, 131073]  # float64 values per rank (133 = 2C + 5 at C = 64)
 
 
 def _median_ms(samples):
@@ -39,6 +41,7 @@ def worker(args):
 
     import foldnorm
     from foldnorm import distributed
+    from foldnorm.distributed import sync
 
     comm = MPI.COMM_WORLD
     shape = tuple(args.shape)
@@ -48,46 +51,58 @@ def worker(args):
     dy = rng.standard_normal(shape).astype(args.dtype)
     weight, bias = rng.standard_normal(channels) + 1.0, rng.standard_normal(channels)
     running_mean, running_var = np.zeros(channels), np.ones(channels)
+    share = distributed.shard_threads(None, x.size)
 
-    def step():
+    def step(threads=None):
         y, mean, invstd = distributed.sync_batch_norm_train(x, weight, bias, comm, running_mean=running_mean,
-                                                            running_var=running_var)
-        distributed.sync_batch_norm_backward(dy, x, mean, invstd, weight, comm)
+                                                            running_var=running_var, num_threads=threads)
+        distributed.sync_batch_norm_backward(dy, x, mean, invstd, weight, comm, num_threads=threads)
         return mean, invstd
 
-    def timed(run, repeat):
-        """(wall seconds, CPU seconds of this process) of each repetition."""
-        samples = []
+    def timed_alternately(runs, repeat):
+        """name -> (wall seconds, CPU seconds of this process) of each repetition of each run, the runs taking
+        turns repetition by repetition, so that a change in the machine's load weighs on all of them alike."""
+        samples = {name: [] for name in runs}
         for _ in range(3):
-            run()
+            for run in runs.values():
+                run()
         for _ in range(repeat):
-            comm.Barrier()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            samples.append((time.perf_counter() - start, time.process_time() - start_cpu))
+            for name, run in runs.items():
+                comm.Barrier()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                run()
+                samples[name].append((time.perf_counter() - start, time.process_time() - start_cpu))
         return samples
 
     mean, invstd = step()
     stats = distributed.local_stats(x)
     sums = distributed.local_grad_sums(dy, x, mean)
-    forward_payload = (None, {"the number of channels": channels, "eps": 1e-5, "momentum": 0.1}, tuple(stats))
-    backward_payload = (None, {"the number of channels": channels}, tuple(sums))
+    forward = (None, {"the number of channels": channels, "eps": 1e-5, "momentum": 0.1}, tuple(stats))
+    backward = (None, {"the number of channels": channels, "the checksum of mean and invstd": 0}, tuple(sums))
+
+    def exchanges():
+        # What sync_batch_norm_train and sync_batch_norm_backward exchange, the same way.
+        sync._exchange(comm, lambda: forward, sync._FORWARD_AGREED)
+        sync._exchange(comm, lambda: backward, sync._BACKWARD_AGREED)
+
     total = distributed.merge_grad_sums([sums] * comm.size)
-    parts = {
-        "step": timed(step, args.repeat),
-        "local statistics": timed(lambda: distributed.local_stats(x), args.repeat),
-        "normalize": timed(lambda: distributed.normalize(x, mean, invstd, weight, bias), args.repeat),
-        "local gradient sums": timed(lambda: distributed.local_grad_sums(dy, x, mean), args.repeat),
-        "normalize backward": timed(lambda: distributed.normalize_backward(dy, x, mean, invstd, weight, total),
-                                    args.repeat),
-        "exchanges (2 allgathers)": timed(lambda: (comm.allgather(forward_payload), comm.allgather(backward_payload)),
-                                          args.repeat),
-        "kernels, 1 thread": timed(lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1), args.repeat),
-    }
-    allgather = {k: [wall for wall, _ in timed(lambda: comm.allgather(np.zeros(k)), args.allgather_repeat)]
-                 for k in ALLGATHER_SIZES}
-    sent = len(pickle.dumps(forward_payload, pickle.HIGHEST_PROTOCOL)) + \
-        len(pickle.dumps(backward_payload, pickle.HIGHEST_PROTOCOL))
+    # The one-thread runs come after one that uses no thread team: the process's CPU time would count the
+    # team's workers still spinning after a call (foldnorm's pool spins 0.05 ms before it sleeps).
+    parts = timed_alternately({
+        "step": step,
+        "kernels, the rank's share of the cores": lambda: _kernel_step(foldnorm, x, dy, weight, bias, share),
+        "local statistics": lambda: distributed.local_stats(x),
+        "normalize": lambda: distributed.normalize(x, mean, invstd, weight, bias),
+        "local gradient sums": lambda: distributed.local_grad_sums(dy, x, mean),
+        "normalize backward": lambda: distributed.normalize_backward(dy, x, mean, invstd, weight, total),
+        "exchanges (forward and backward)": exchanges,
+        "step, 1 thread": lambda: step(1),
+        "kernels, 1 thread": lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1),
+    }, args.repeat)
+    allgather = {k: [wall for wall, _ in samples] for k, samples in timed_alternately(
+        {k: (lambda k=k: comm.Allgather(np.zeros(k), np.empty((comm.size, k)))) for k in ALLGATHER_SIZES},
+        args.allgather_repeat).items()}
+    sent = 8 * values_per_step(channels)
     gathered = comm.gather({"parts": parts, "allgather": allgather, "sent": sent}, root=0)
     if comm.rank == 0:
         # A step lasts until its slowest rank is done: per repetition, the maximum over the ranks.
@@ -107,34 +122,45 @@ def worker(args):
             "allgather_us": {str(k): 1e6 * statistics.median(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
             "allgather_min_us": {str(k): 1e6 * min(slowest(k, "allgather")) for k in ALLGATHER_SIZES},
             "sent_bytes": sent, "received_bytes": sent * (comm.size - 1),
-            "float64_values_sent": 2 * (2 * channels + 1),
+            "float64_values_sent": values_per_step(channels),
+            "threads_per_rank": share, "usable_cores": len(os.sched_getaffinity(0)),
+            "ranks_on_this_node": distributed.ranks_on_this_node(),
         }
         with open(args.json, "w") as f:
             json.dump(result, f)
 
 
 def _kernel_step(foldnorm, x, dy, weight, bias, threads):
-    y, mean, invstd = foldnorm.batch_norm_train(x, weight, bias, num_threads=threads)
+    # With running statistics to update, as the synchronized step has.
+    channels = x.shape[1]
+    y, mean, invstd = foldnorm.batch_norm_train(x, weight, bias, running_mean=np.zeros(channels),
+                                                running_var=np.ones(channels), num_threads=threads)
     foldnorm.batch_norm_backward(dy, x, mean, invstd, weight, num_threads=threads)
+
+
+def values_per_step(channels):
+    """float64 values each rank sends per step: per pass a header (failed or not, the count, the values ranks
+    must agree on: C, eps and momentum forward, C and a checksum of the statistics backward), then the 2C
+    per-channel summaries."""
+    return (2 + 3 + 2 * channels) + (2 + 2 + 2 * channels)
 
 
 def fit_latency_bandwidth(allgather_us, ranks):
     """(latency of one message round in s, bandwidth in bytes/s) that make the model below reproduce the
-    measured allgathers: the smallest k's time is 2 ceil(log2 P) rounds, and the largest k adds the
-    (P - 1) payloads each rank receives."""
+    measured Allgathers: the smallest k's time is ceil(log2 P) rounds, and the largest k adds the (P - 1)
+    payloads each rank receives."""
     sizes = sorted(allgather_us, key=int)
     small, large = allgather_us[sizes[0]] * 1e-6, allgather_us[sizes[-1]] * 1e-6
     extra_bytes = (ranks - 1) * 8.0 * (int(sizes[-1]) - int(sizes[0]))
-    return small / (2 * np.ceil(np.log2(ranks))), (extra_bytes / (large - small) if large > small else float("inf"))
+    return small / np.ceil(np.log2(ranks)), (extra_bytes / (large - small) if large > small else float("inf"))
 
 
 def exchange_model(ranks, channels, latency, bandwidth):
-    """Seconds per step of the exchange: two allgathers of (2C + 1) float64 values per rank. mpi4py's
-    allgather of objects is two MPI collectives (the sizes, then the bytes), each about log2(P) rounds of
-    latency for small messages; every rank then receives (P - 1) payloads."""
-    payload = 8.0 * (2 * channels + 1)
-    rounds = 2 * np.ceil(np.log2(ranks))
-    return 2 * (rounds * latency + (ranks - 1) * payload / bandwidth)
+    """Seconds per step of the exchange: per pass two Allgathers of float64 buffers (a header, then the
+    summaries), each about ceil(log2 P) rounds of latency for small messages; every rank then receives the
+    other (P - 1) ranks' values_per_step values."""
+    rounds = 2 * 2 * np.ceil(np.log2(ranks))
+    return rounds * latency + (ranks - 1) * 8.0 * values_per_step(channels) / bandwidth
 
 
 def report(results):
@@ -143,8 +169,8 @@ def report(results):
     shape = "x".join(map(str, first["shape"]))
     channels = first["shape"][1]
     lines.append("Per-rank batch %s %s (C = %d), median of the repetitions, each timed from a barrier to its "
-                 "slowest rank's end (wall), and the CPU time of the busiest rank; the parts are timed alone, "
-                 "the kernels at 1 thread." % (shape, first["dtype"], channels))
+                 "slowest rank's end (wall), and the CPU time of the busiest rank; the step and its parts are "
+                 "timed in turns." % (shape, first["dtype"], channels))
     lines.append("")
     columns = ["%d rank%s" % (r["ranks"], "" if r["ranks"] == 1 else "s") for r in results]
     lines.append("| ms: wall median (min) / CPU median | " + " | ".join(columns) + " |")
@@ -154,9 +180,18 @@ def report(results):
         lines.append("| %s | %s |" % (label, " | ".join(
             "%.2f (%.2f) / %.2f" % (r["parts_ms"][key], r["parts_min_ms"][key], r["parts_cpu_ms"][key])
             for r in results)))
+    lines.append("| default threads per rank (usable cores / ranks on this machine) | %s |" % " | ".join(
+        "%d (%d / %d)" % (r["threads_per_rank"], r["usable_cores"], r["ranks_on_this_node"]) for r in results))
+    lines.append("| **CPU: step at 1 thread / kernels at 1 thread** | %s |" % " | ".join(
+        "%.2fx" % (r["parts_cpu_ms"]["step, 1 thread"] / r["parts_cpu_ms"]["kernels, 1 thread"]) for r in results))
+    for base, label in (("step", "the first column's step"),
+                        ("step, 1 thread", "the first column's step at 1 thread")):
+        lines.append("| **wall: step / %s** | %s |" % (label, " | ".join(
+            "%.2fx (min %.2fx)" % (r["parts_ms"]["step"] / first["parts_ms"][base],
+                                   r["parts_min_ms"]["step"] / first["parts_min_ms"][base]) for r in results)))
     lines.append("| bytes sent per rank per step | %s |" % " | ".join(str(r["sent_bytes"]) for r in results))
     lines.append("| bytes received per rank per step | %s |" % " | ".join(str(r["received_bytes"]) for r in results))
-    lines.append("| of which float64 values sent | %s |" % " | ".join(
+    lines.append("| float64 values sent per rank per step | %s |" % " | ".join(
         "%d (%d B)" % (r["float64_values_sent"], 8 * r["float64_values_sent"]) for r in results))
     lines.append("")
     multi = [r for r in results if r["ranks"] > 1]
@@ -166,13 +201,13 @@ def report(results):
         latency, bandwidth = fit_latency_bandwidth(r["allgather_min_us"], r["ranks"])
         measured = ", ".join("k=%s: %.1f (%.1f)" % (k, v, r["allgather_min_us"][k])
                              for k, v in r["allgather_us"].items())
-        lines.append("mpi4py allgather of k float64 per rank, %d ranks on this machine, us median (min): %s. From "
+        lines.append("mpi4py Allgather of k float64 per rank, %d ranks on this machine, us median (min): %s. From "
                      "the minima: latency %.1f us per message round, bandwidth %.2f GB/s (what the largest k "
                      "adds)." % (r["ranks"], measured, latency * 1e6, bandwidth / 1e9))
         lines.append("")
         links = [("this machine (fit)", latency, bandwidth)] + LINKS
-        lines.append("Exchange per step (model, ms) = 2 x [2 ceil(log2 P) x latency + (P - 1) x 8(2C + 1) B / "
-                     "bandwidth], C = %d:" % channels)
+        lines.append("Exchange per step (model, ms) = 4 ceil(log2 P) x latency + (P - 1) x 8(4C + 9) B / "
+                     "bandwidth, C = %d:" % channels)
         lines.append("")
         lines.append("| link (latency, bandwidth) | " + " | ".join("P = %d" % p for p in MODEL_RANKS) + " |")
         lines.append("|---|" + "--:|" * len(MODEL_RANKS))
@@ -197,7 +232,6 @@ def launch(args):
         sys.exit("benchmarks/distributed.py: no mpiexec beside this Python or on PATH (pip install mpich)")
     results = []
     load_before = os.getloadavg()[0]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in args.ranks:
             out = os.path.join(tmp, "ranks%d.json" % ranks)
@@ -206,7 +240,7 @@ def launch(args):
                        "--repeat", str(args.repeat), "--allgather-repeat", str(args.allgather_repeat)]
             print("running: %s" % " ".join(command[:3] + ["python", "benchmarks/distributed.py", "..."]),
                   file=sys.stderr)
-            subprocess.run(command, check=True, env=env)
+            subprocess.run(command, check=True)
             with open(out) as f:
                 results.append(json.load(f))
     print(report(results))
@@ -217,8 +251,7 @@ def launch(args):
             json.dump(results, f, indent=1)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser):
     parser.add_argument("--shape", type=lambda s: [int(v) for v in s.split(",")], default=[16, 64, 28, 28],
                         help="one rank's batch, N,C,H,W (default 16,64,28,28)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -229,7 +262,9 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true",
                         help="be one rank (under your own mpiexec, e.g. with a hostfile); rank 0 writes --json")
     parser.add_argument("--report", nargs="+", metavar="JSON", help="print the report of saved --json files")
-    args = parser.parse_args(argv)
+
+
+def run(args):
     if args.report:
         results = []
         for path in args.report:
@@ -239,11 +274,18 @@ def main(argv=None):
         print(report(sorted(results, key=lambda r: r["ranks"])))
     elif args.worker:
         if not args.json:
-            parser.error("--worker needs --json FILE")
+            sys.exit("benchmarks/distributed.py: --worker needs --json FILE")
         worker(args)
     else:
         launch(args)
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -96,7 +96,7 @@ HEADLINE_SHAPES = {
 }
 
 
-def _headline(kernels, models):
+def headline(kernels, models):
     """One line per kernel at its headline shape and all cores, one per model: the ratios a summary quotes."""
     rows = []
     for result in kernels:
@@ -174,7 +174,7 @@ def markdown(results):
         "",
     ]
     kernels = results["kernels"]
-    lines += _headline(kernels, results["models"])
+    lines += headline(kernels, results["models"])
     if kernels:
         lines += [
             "#### Kernels (float32; median of %d runs after warm-up, contenders interleaved)" % config["repeats"],
@@ -315,8 +315,22 @@ def _counts_text(counts):
     return "; ".join(parts)
 
 
+def plot_names(results):
+    """The PNGs `plot` makes of these results, in order."""
+    names = []
+    if any("rows" in r for r in results["kernels"]):
+        names.append("kernels_gbps.png")
+        if len(results["machine"]["threads"]) > 1:
+            names.append("thread_scaling.png")
+    if any("latency" in r for r in results["models"]):
+        names.append("model_latency.png")
+    return names
+
+
 def plot(results, directory):
-    """The three PNGs; returns their paths, or a note when matplotlib is not importable."""
+    """The PNGs of plot_names; returns their paths, or a note when matplotlib is not importable.
+
+    A run from a busy machine says so on every plot, as its table does."""
     try:
         import matplotlib
 
@@ -324,22 +338,43 @@ def plot(results, directory):
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "matplotlib is not importable (install the `bench` extra): no plots"
-    paths = []
     kernels = [r for r in results["kernels"] if "rows" in r]
     threads = results["machine"]["threads"]
-    if kernels:
-        paths.append(_plot_bandwidth(plt, kernels, threads, os.path.join(directory, "kernels_gbps.png")))
-        if len(threads) > 1:
-            paths.append(_plot_scaling(plt, kernels, threads, os.path.join(directory, "thread_scaling.png")))
     models = [r for r in results["models"] if "latency" in r]
-    if models:
-        paths.append(_plot_models(plt, models, os.path.join(directory, "model_latency.png")))
+    makers = {"kernels_gbps.png": lambda: _plot_bandwidth(plt, kernels, threads),
+              "thread_scaling.png": lambda: _plot_scaling(plt, kernels, threads),
+              "model_latency.png": lambda: _plot_models(plt, models)}
+    paths = []
+    for name in plot_names(results):
+        fig = makers[name]()
+        _mark_busy(fig, results.get("machine_check") or {"busy": False})
+        path = os.path.join(directory, name)
+        # The run each PNG was drawn from, in its metadata: the run-of-record test reads it back.
+        fig.savefig(path, dpi=90, bbox_inches="tight", metadata={"Source": plot_source(results)})
+        plt.close(fig)
+        paths.append(path)
     return paths, None
 
 
-def _plot_bandwidth(plt, kernels, threads, path):
+def plot_source(results):
+    """What a PNG's Source metadata says of the run it was drawn from."""
+    return "foldnorm benchmarks, %s run of %s, foldnorm %s" % (
+        results["mode"], results["machine"]["date"], results["machine"]["versions"]["foldnorm"])
+
+
+def _mark_busy(fig, check):
+    """On a busy machine's plots: the warning above the plot and across it."""
+    if not check["busy"]:
+        return
+    fig.text(0.5, 1.0, "\n".join(["BUSY MACHINE: the timings of this run are unreliable"] + check["reasons"]),
+             ha="center", va="bottom", color="red", fontsize=8, fontweight="bold")
+    fig.text(0.5, 0.5, "BUSY MACHINE", ha="center", va="center", rotation=30, fontsize=48, color="red",
+             alpha=0.12, fontweight="bold")
+
+
+def _plot_bandwidth(plt, kernels, threads):
     """GB/s of foldnorm per case and thread count (bars, min-max whiskers), its peers and the copy roof."""
-    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.32 * len(kernels) * len(threads) ** 0.5))
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.32 * len(kernels) * len(threads) ** 0.5))
     shown = set()
     for i, t, rows, offset, height in _bars_by_thread_count(kernels, threads):
         traffic = [k["traffic_bytes"] for k in kernels]
@@ -359,41 +394,36 @@ def _plot_bandwidth(plt, kernels, threads, path):
                 shown.add(label)
     ax.set_xlabel("GB/s: bytes the kernel must read and write / median time (whiskers: slowest to fastest run)")
     ax.set_title("foldnorm's kernels against the memory roof and their peers, at each thread count")
-    return _save_case_plot(plt, fig, ax, kernels, path)
+    _label_cases(ax, kernels)
+    return fig
 
 
-def _plot_scaling(plt, kernels, threads, path):
-    """Speed-up over the fewest threads per kernel, the copy's own speed-up as the roof, the ideal line."""
-    base = threads[0]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    copy_by_count = {}
-    for index, kernel in enumerate(kernels):
-        rows = [r for r in kernel["rows"] if r["threads"] != base and r["scaling"]]
-        if not rows:
-            continue
-        counts = [base] + [r["threads"] for r in rows]
-        medians = [1.0] + [r["scaling"]["median"] for r in rows]
-        low = [0.0] + [r["scaling"]["median"] - r["scaling"]["min"] for r in rows]
-        high = [0.0] + [r["scaling"]["max"] - r["scaling"]["median"] for r in rows]
-        ax.errorbar([c + 0.03 * (index - len(kernels) / 2) for c in counts], medians, yerr=[low, high],
-                    marker="o", markersize=3, linewidth=1, capsize=2, color="C%d" % (index % 10),
-                    label="%s %s" % (kernel["label"], kernel["shape_label"]))
-        for r in rows:
-            copy_by_count.setdefault(r["threads"], []).append(r["copy_scaling"]["median"])
-    if copy_by_count:
-        counts = [base] + sorted(copy_by_count)
-        roof = [1.0] + [sum(v) / len(v) for _, v in sorted(copy_by_count.items())]
-        ax.plot(counts, roof, color="black", linewidth=2.5, label="copy of the same size: what the memory allows")
-        ax.plot(counts, [c / base for c in counts], color="gray", linestyle=":", label="ideal (threads / %d)" % base)
-    ax.set_xlabel("threads")
-    ax.set_ylabel("speed-up over %d thread%s (paired per round; bars: min-max)" % (base, "" if base == 1 else "s"))
+def _plot_scaling(plt, kernels, threads):
+    """Speed-up over the fewest threads, one bar per case and larger thread count (min-max whiskers), beside
+    the same-size copy's own speed-up (what the memory allows) and the ideal."""
+    base, more = threads[0], threads[1:]
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.32 * len(kernels) * len(more) ** 0.5))
+    shown = set()
+    for i, t, rows, offset, height in _bars_by_thread_count(kernels, more):
+        ratios = [r["scaling"] for r in rows]
+        medians = [r["median"] if r else float("nan") for r in ratios]
+        low = [r["median"] - r["min"] if r else 0 for r in ratios]
+        high = [r["max"] - r["median"] if r else 0 for r in ratios]
+        color = "C%d" % ((i + 1) % 10)  # the colour of this thread count in the bandwidth plot
+        ax.barh(offset, [m - 1 for m in medians], height, left=1, color=color, alpha=0.8,
+                label="foldnorm, %d threads" % t, xerr=[low, high], error_kw={"elinewidth": 0.6, "ecolor": "gray"})
+        copies = [(r["copy_scaling"]["median"], y) for r, y in zip(rows, offset) if r.get("copy_scaling")]
+        label = "copy of the same size: what the memory allows"
+        ax.scatter([c for c, _ in copies], [y for _, y in copies], marker="|", s=60, color="black", zorder=3,
+                   label=None if label in shown else label)
+        shown.add(label)
+        ax.axvline(t / base, color=color, linestyle=":", linewidth=1.2, label="ideal at %d threads (%gx)" % (t, t / base))
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("speed-up over %d thread%s: that time / this one, paired per round (whiskers: min-max)"
+                  % (base, "" if base == 1 else "s"))
     ax.set_title("Thread scaling of foldnorm's kernels against the copy's")
-    ax.set_xticks(threads)
-    ax.legend(fontsize=6, loc="upper left", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    _label_cases(ax, kernels)
+    return fig
 
 
 def _bars_by_thread_count(kernels, counts):
@@ -411,21 +441,18 @@ def _bars_by_thread_count(kernels, counts):
         yield i, t, rows, y + (i - (len(counts) - 1) / 2) * height, height
 
 
-def _save_case_plot(plt, fig, ax, kernels, path):
-    """Label the rows with the kernel cases (first at the top), add the legend and write the figure."""
+def _label_cases(ax, kernels):
+    """Label the rows with the kernel cases (first at the top); the legend goes beside the plot, off the data."""
     ax.set_yticks(range(len(kernels)), ["%s %s" % (k["label"], k["shape_label"]) for k in kernels], fontsize=7)
-    ax.invert_yaxis()
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    ax.set_ylim(len(kernels) - 0.5, -0.5)  # the first case at the top
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.figure.tight_layout()
 
 
 MODEL_RATIOS = (("folded_vs_original", "folded by foldnorm"), ("ort_basic_vs_original", "onnxruntime's own basic fusions"))
 
 
-def _plot_models(plt, models, path):
+def _plot_models(plt, models):
     """Latency after / before, paired per round, for foldnorm's fold and onnxruntime's own fusions."""
     import numpy as np
 
@@ -445,10 +472,9 @@ def _plot_models(plt, models, path):
         ax.set_title("onnxruntime graph optimizations %s" % ("off" if level == "disabled" else "on"), fontsize=9)
         ax.set_xlabel("latency after / before, paired per round (below 1: faster)", fontsize=8)
     axes[0].set_yticks(y, [m["name"] for m in models], fontsize=8)
-    axes[0].invert_yaxis()
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[0].set_ylim(len(models) - 0.5, -0.5)  # the first model at the top
     fig.suptitle("Model latency after folding, relative to the original model (whiskers: min-max)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, -0.02), ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig

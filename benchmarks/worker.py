@@ -30,9 +30,10 @@ def _load_foldnorm(root):
 def _bench(case):
     import numpy as np
 
+    from .fused import BENCHES as FUSED_BENCHES
     from .kernels import BENCHES
 
-    return BENCHES[case.kernel](case, np.random.default_rng(0))
+    return {**BENCHES, **FUSED_BENCHES}[case.kernel](case, np.random.default_rng(0))
 
 
 def timing(cases, threads, inner, settle, fold_pairs):

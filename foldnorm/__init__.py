@@ -3,8 +3,9 @@
 foldnorm has two halves, each importable on its own:
 
 Kernels (foldnorm.kernels, C with OpenMP on NumPy arrays)
-    batch_norm, batch_norm_train, batch_norm_backward; layer_norm, rms_norm; group_norm, instance_norm;
-    each with its backward. Correct to float64 references, near the machine's memory bandwidth.
+    batch_norm, batch_norm_train, batch_norm_backward; layer_norm, rms_norm, and add_layer_norm,
+    add_rms_norm (residual add fused); group_norm, instance_norm; each with its backward; batch, group and
+    instance norm with an optional fused activation (relu, silu). Correct to float64 references, near the machine's memory bandwidth.
     Threads: get_num_threads, set_num_threads; build facts: build_info.
     Across processes: foldnorm.distributed synchronizes batch statistics (over MPI by default).
 
@@ -21,7 +22,8 @@ import importlib
 from ._version import __version__
 
 _KERNELS = ("batch_norm", "batch_norm_backward", "batch_norm_train", "layer_norm", "layer_norm_backward",
-            "rms_norm", "rms_norm_backward", "group_norm", "group_norm_backward", "instance_norm",
+            "rms_norm", "rms_norm_backward", "add_layer_norm", "add_layer_norm_backward", "add_rms_norm",
+            "add_rms_norm_backward", "group_norm", "group_norm_backward", "instance_norm",
             "instance_norm_backward", "build_info", "get_num_threads", "set_num_threads")
 _FOLD = ("fold_model", "inspect_model", "verify", "FoldReport", "NodeOutcome", "VerifyReport",
          "OutputComparison", "ChannelAffine", "FoldError", "VerificationError")

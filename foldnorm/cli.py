@@ -3,7 +3,7 @@
     foldnorm fold MODEL.onnx [-o OUT.onnx] [--report REPORT.json] [--rewrite-bn] [--no-verify]
                   [--shape NAME=1,3,224,224 ...] [--rtol R] [--atol A] [--force] [-q | -v]
                   [--fold-through-qdq] [--fold-input-initializers] [--steps N]
-    foldnorm inspect MODEL.onnx [--fold-through-qdq] [--fold-input-initializers] [--rewrite-bn]
+    foldnorm inspect MODEL.onnx [--fold-through-qdq] [--fold-input-initializers] [--rewrite-bn] [-v]
     foldnorm demo [--quick]
 
 Exit codes: 0 done; 1 the folded model failed verification (nothing written, unless --force); 2 a
@@ -24,11 +24,13 @@ import time
 import warnings
 from pathlib import Path
 
-from .fold.errors import FoldError
+# Only the standard library is loaded here: --help, --version and usage errors never pay for onnx,
+# onnxruntime or NumPy, which each command imports when it runs.
 
 EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 # How the command line says what the library's messages ask for (foldnorm.fold.errors.PYTHON_WORDS).
 CLI_WORDS = {
@@ -56,9 +58,10 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     """Run the command line with `argv` (sys.argv[1:] when None); returns the exit code."""
-    parser = _build_parser()
-    previous_handler = _raise_on_sigterm()
+    previous_handler = None
     try:
+        previous_handler = _raise_on_sigterm()
+        parser = _build_parser()
         with warnings.catch_warnings():
             # Third-party warnings (NumPy on extreme tolerances, onnx deprecations) are not the user's
             # business; what matters reaches them as foldnorm's own lines.
@@ -72,18 +75,25 @@ def main(argv=None):
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
     except UsageError as error:
         return _fail(str(error), EXIT_USAGE)
-    except FoldError as error:
+    except _fold_error() as error:
         return _fail("foldnorm: error: %s" % error.worded(CLI_WORDS), EXIT_USAGE)
     except MemoryError:
         return _fail("foldnorm: error: out of memory; the model, or the inputs it asks verification to make, "
                      "are too large for this machine (--no-verify skips verification)", EXIT_USAGE)
     except KeyboardInterrupt:
-        return _fail("foldnorm: interrupted", 130)
+        return _fail("foldnorm: interrupted", EXIT_INTERRUPTED)
     except Terminated:
         return _fail("foldnorm: terminated; nothing written", 128 + signal.SIGTERM)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _fold_error():
+    """FoldError once a command has loaded the fold pass; before that none can have been raised, and the
+    empty tuple matches no exception (importing it here would load onnx for --help)."""
+    errors = sys.modules.get("foldnorm.fold.errors")
+    return errors.FoldError if errors is not None else ()
 
 
 def _raise_on_sigterm():
@@ -101,7 +111,13 @@ def _raise_on_sigterm():
 def _build_parser():
     from ._version import __version__
 
-    parser = _Parser(prog="foldnorm", description="Fold BatchNormalization into neighbouring layers of ONNX models.")
+    parser = _Parser(
+        prog="foldnorm",
+        description="Fold BatchNormalization into neighbouring layers of ONNX models, proven against the original "
+        "in onnxruntime; `foldnorm demo` also runs the normalization kernels. `foldnorm COMMAND --help` tells more.",
+        epilog="Exit codes: 0 done; 1 the folded model failed verification (nothing written without --force); 2 a "
+        "mistake in the command or a model foldnorm refuses (one line on stderr); 130 interrupted.",
+    )
     parser.add_argument("--version", action="version", version="foldnorm %s" % __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -145,16 +161,24 @@ def _build_parser():
     _add_verbosity(fold)
     fold.set_defaults(run=run_fold)
 
-    inspect = commands.add_parser("inspect", help="show what fold would do to each normalization, writing nothing")
-    inspect.add_argument("model", metavar="MODEL.onnx")
+    inspect = commands.add_parser(
+        "inspect", help="show what fold would do to each normalization, writing nothing",
+        description="Fold the model in memory and print, node by node, what fold would do to each "
+        "normalization and per-channel constant (folded into which layer, rewritten to Mul/Add, or left, with "
+        "the reason), and the node and parameter counts before and after. Nothing is written and nothing is "
+        "verified (fold does both); the report is the only output, so inspect takes no -q.",
+    )
+    inspect.add_argument("model", metavar="MODEL.onnx", help="the model to inspect (read only)")
     inspect.add_argument("--fold-through-qdq", action="store_true",
                          help="show the plan with the fold through QuantizeLinear/DequantizeLinear pairs")
     inspect.add_argument("--fold-input-initializers", action="store_true",
                          help="show the plan with initializers also listed as graph inputs taken as constants")
     inspect.add_argument("--rewrite-bn", action="store_true",
                          help="show the plan with every BN that cannot fold rewritten as Mul and Add")
-    _add_verbosity(inspect)
-    inspect.set_defaults(run=run_inspect)
+    inspect.add_argument("-v", "--verbose", action="store_true", help="also show every step with its time on stderr")
+    inspect.add_argument("-q", "--quiet", action=_Refused, nargs=0, help=argparse.SUPPRESS,
+                         reason="inspect prints nothing but its report, so -q would leave nothing to see")
+    inspect.set_defaults(run=run_inspect, quiet=False)
 
     demo = commands.add_parser("demo", help="fold a built-in CNN, time it in onnxruntime, and run the kernels")
     demo.add_argument("--quick", action="store_true", help="smaller sizes and fewer timing repeats")
@@ -342,6 +366,17 @@ def _divergence_summary(verification):
         first.max_abs_error, first.max_rel_error, first.rtol, first.atol, noise)
     more = " and %d more output%s" % (len(failed) - 1, "s" if len(failed) > 2 else "") if len(failed) > 1 else ""
     return "output %r diverged: %s%s" % (first.name, detail, more)
+
+
+class _Refused(argparse.Action):
+    """An option a command does not take, refused with the reason rather than argparse's "unrecognized"."""
+
+    def __init__(self, *args, reason, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("%s: %s" % (option_string, self.reason))
 
 
 def _add_verbosity(command):

@@ -14,9 +14,12 @@
 #include "batch_norm.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
+#include "fn_activation.h"
 #include "fn_platform.h"
+#include "fn_pool.h"
 #include "fn_reductions.h"
 #include "fn_stats.h"
 
@@ -96,13 +99,21 @@ static bn_extent bn_unit_extent(const bn_plan *p, ptrdiff_t u)
 /* Planes: a channel's unit statistics merged over (n, piece) in order.  The merge works on offsets from
  * the channel's first unit mean, so that its roundings are relative to the spread of the unit means
  * rather than to the mean itself (mean 1e4 with std 1e-2 keeps all its digits). */
-static void bn_merge_plane_stats(const bn_plan *p, const fn_stats *unit_stats, double *mean, double *var,
-                                 int num_threads)
+typedef struct {
+    const bn_plan *p;
+    const void *partials; /* fn_stats of the units (plane stats), or doubles (the others) */
+    const double *unit_m2;
+    double *out_a, *out_b;
+} bn_merge_job;
+
+static void bn_merge_plane_stats_region(fn_worker *w, void *arg)
 {
+    const bn_merge_job *j = arg;
+    const bn_plan *p = j->p;
+    const fn_stats *unit_stats = j->partials;
     const ptrdiff_t channels = p->channels;
-    (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t c = 0; c < channels; c++) {
+    FN_FOR(w, c, channels, p->outer * p->pieces * 4)
+    {
         const double reference = unit_stats[c * p->pieces].mean;
         fn_stats s = fn_stats_empty();
         for (ptrdiff_t n = 0; n < p->outer; n++) {
@@ -113,23 +124,32 @@ static void bn_merge_plane_stats(const bn_plan *p, const fn_stats *unit_stats, d
                 fn_stats_merge(&s, unit);
             }
         }
-        mean[c] = reference + s.mean;
-        var[c] = fn_stats_var(s);
+        j->out_a[c] = reference + s.mean;
+        j->out_b[c] = fn_stats_var(s);
     }
+}
+
+static void bn_merge_plane_stats(const bn_plan *p, const fn_stats *unit_stats, double *mean, double *var,
+                                 int num_threads)
+{
+    bn_merge_job j = {p, unit_stats, NULL, mean, var};
+    fn_team_run(num_threads, bn_merge_plane_stats_region, &j);
 }
 
 /* Rows: per-channel block statistics (unit u's means and M2s at u * channels) merged over the blocks in
  * order with Chan's update, written as a loop along the channels so that it vectorizes.  As for planes,
  * the running mean is an offset from the first block's mean (mean[c] holds that reference until the
  * end). */
-static void bn_merge_row_stats(const bn_plan *p, const double *unit_mean, const double *unit_m2,
-                               double *mean, double *var, int num_threads)
+static void bn_merge_row_stats_region(fn_worker *w, void *arg)
 {
+    const bn_merge_job *j = arg;
+    const bn_plan *p = j->p;
+    const double *unit_mean = j->partials, *unit_m2 = j->unit_m2;
+    double *mean = j->out_a, *var = j->out_b;
     const ptrdiff_t channels = p->channels;
     const ptrdiff_t chunks = fn_ceil_div(channels, BN_MERGE_CHANNELS);
-    (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t k = 0; k < chunks; k++) {
+    FN_FOR(w, k, chunks, p->units * BN_MERGE_CHANNELS * 2)
+    {
         const ptrdiff_t c0 = k * BN_MERGE_CHANNELS;
         const ptrdiff_t c1 = fn_min(channels, c0 + BN_MERGE_CHANNELS);
         double offset[BN_MERGE_CHANNELS];
@@ -160,14 +180,22 @@ static void bn_merge_row_stats(const bn_plan *p, const double *unit_mean, const 
     }
 }
 
-/* Planes: a channel's per-unit gradient sums added over (n, piece) in order. */
-static void bn_merge_plane_sums(const bn_plan *p, const double *unit_sums, double *sum_dy,
-                                double *sum_dy_xc, int num_threads)
+static void bn_merge_row_stats(const bn_plan *p, const double *unit_mean, const double *unit_m2,
+                               double *mean, double *var, int num_threads)
 {
+    bn_merge_job j = {p, unit_mean, unit_m2, mean, var};
+    fn_team_run(num_threads, bn_merge_row_stats_region, &j);
+}
+
+/* Planes: a channel's per-unit gradient sums added over (n, piece) in order. */
+static void bn_merge_plane_sums_region(fn_worker *w, void *arg)
+{
+    const bn_merge_job *j = arg;
+    const bn_plan *p = j->p;
+    const double *unit_sums = j->partials;
     const ptrdiff_t channels = p->channels;
-    (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t c = 0; c < channels; c++) {
+    FN_FOR(w, c, channels, p->outer * p->pieces * 2)
+    {
         double a = 0.0, b = 0.0;
         for (ptrdiff_t n = 0; n < p->outer; n++) {
             const double *plane = unit_sums + 2 * (n * channels + c) * p->pieces;
@@ -176,21 +204,30 @@ static void bn_merge_plane_sums(const bn_plan *p, const double *unit_sums, doubl
                 b += plane[2 * piece + 1];
             }
         }
-        sum_dy[c] = a;
-        sum_dy_xc[c] = b;
+        j->out_a[c] = a;
+        j->out_b[c] = b;
     }
+}
+
+static void bn_merge_plane_sums(const bn_plan *p, const double *unit_sums, double *sum_dy,
+                                double *sum_dy_xc, int num_threads)
+{
+    bn_merge_job j = {p, unit_sums, NULL, sum_dy, sum_dy_xc};
+    fn_team_run(num_threads, bn_merge_plane_sums_region, &j);
 }
 
 /* Rows: unit u's per-channel sums (sum dy at 2 * u * channels, sum dy * (x - mean) right after) added
  * over the units in order. */
-static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double *sum_dy, double *sum_dy_xc,
-                              int num_threads)
+static void bn_merge_row_sums_region(fn_worker *w, void *arg)
 {
+    const bn_merge_job *j = arg;
+    const bn_plan *p = j->p;
+    const double *unit_sums = j->partials;
+    double *sum_dy = j->out_a, *sum_dy_xc = j->out_b;
     const ptrdiff_t channels = p->channels;
     const ptrdiff_t chunks = fn_ceil_div(channels, BN_MERGE_CHANNELS);
-    (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t k = 0; k < chunks; k++) {
+    FN_FOR(w, k, chunks, p->units * BN_MERGE_CHANNELS * 2)
+    {
         const ptrdiff_t c0 = k * BN_MERGE_CHANNELS;
         const ptrdiff_t c1 = fn_min(channels, c0 + BN_MERGE_CHANNELS);
         for (ptrdiff_t c = c0; c < c1; c++) {
@@ -208,6 +245,18 @@ static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double 
     }
 }
 
+static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double *sum_dy, double *sum_dy_xc,
+                              int num_threads)
+{
+    bn_merge_job j = {p, unit_sums, NULL, sum_dy, sum_dy_xc};
+    fn_team_run(num_threads, bn_merge_row_sums_region, &j);
+}
+
 /* The per-element loops and the entry points, for float and double. */
 #define FN_IMPL "batch_norm_impl.h"
+#include "fn_instantiate.h"
+
+/* The per-shard building blocks of the synchronized batch norm (bn_blocks.h), on the pieces above. */
+#include "bn_blocks.h"
+#define FN_IMPL "bn_blocks_impl.h"
 #include "fn_instantiate.h"

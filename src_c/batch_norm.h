@@ -12,32 +12,36 @@
 
 #include "fn_api.h"
 
-/* y = x * alpha + beta with alpha = weight / sqrt(var + eps), beta = bias - mean * alpha per channel. */
+/* y = act(x * alpha + beta) with alpha = weight / sqrt(var + eps), beta = bias - mean * alpha per channel. */
 fn_status fn_batch_norm_f32(const float *x, float *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
                             const double *mean, const double *var, const double *weight, const double *bias,
-                            double eps, int num_threads);
+                            double eps, fn_activation activation, int num_threads);
 fn_status fn_batch_norm_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
                             const double *mean, const double *var, const double *weight, const double *bias,
-                            double eps, int num_threads);
+                            double eps, fn_activation activation, int num_threads);
 
 /* Batch statistics (mean, biased var, invstd = 1 / sqrt(var + eps)) written to mean, var and invstd, then
- * y = (x - mean) * invstd * weight + bias. */
+ * y = act((x - mean) * invstd * weight + bias). */
 fn_status fn_batch_norm_train_f32(const float *x, float *y, ptrdiff_t outer, ptrdiff_t channels,
                                   ptrdiff_t inner, const double *weight, const double *bias, double eps,
-                                  double *mean, double *var, double *invstd, int num_threads);
+                                  fn_activation activation, double *mean, double *var, double *invstd,
+                                  int num_threads);
 fn_status fn_batch_norm_train_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t channels,
                                   ptrdiff_t inner, const double *weight, const double *bias, double eps,
-                                  double *mean, double *var, double *invstd, int num_threads);
+                                  fn_activation activation, double *mean, double *var, double *invstd,
+                                  int num_threads);
 
-/* Gradient of the training forward: dbias = sum(dy), dweight = sum(dy * xhat) with
- * xhat = (x - mean) * invstd, and dx = weight * invstd * (dy - dbias / n - xhat * dweight / n). */
+/* Gradient of the training forward: dbias = sum(g), dweight = sum(g * xhat) with
+ * xhat = (x - mean) * invstd, and dx = weight * invstd * (g - dbias / n - xhat * dweight / n), where g = dy
+ * without an activation and g = dy * act'(xhat * weight + bias) with one: the pre-activation is recomputed
+ * from x as the forward computed it (bias is read only then). */
 fn_status fn_batch_norm_backward_f32(const float *dy, const float *x, float *dx, ptrdiff_t outer,
                                      ptrdiff_t channels, ptrdiff_t inner, const double *mean,
-                                     const double *invstd, const double *weight, double *dweight,
-                                     double *dbias, int num_threads);
+                                     const double *invstd, const double *weight, const double *bias,
+                                     fn_activation activation, double *dweight, double *dbias, int num_threads);
 fn_status fn_batch_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t outer,
                                      ptrdiff_t channels, ptrdiff_t inner, const double *mean,
-                                     const double *invstd, const double *weight, double *dweight,
-                                     double *dbias, int num_threads);
+                                     const double *invstd, const double *weight, const double *bias,
+                                     fn_activation activation, double *dweight, double *dbias, int num_threads);
 
 #endif

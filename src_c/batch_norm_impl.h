@@ -80,23 +80,56 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_unit_grad_sums)(const FN_T *dy, const FN
     FN_NAME(fn_grad_sums)(dy, x, n, mean, invstd, sums);
 }
 
+/* The statistics of every unit: fn_stats of a plane unit, or per-channel means and M2s of a row block (each
+ * thread with its own residual scratch). */
+typedef struct {
+    const FN_T *x;
+    const bn_plan *p;
+    fn_stats *unit_stats;
+    double *unit_mean, *unit_m2;
+    atomic_int failed;
+} FN_NAME(bn_stats_job);
+
+static void FN_NAME(bn_stats_region)(fn_worker *w, void *arg)
+{
+    FN_NAME(bn_stats_job) *j = arg;
+    const bn_plan *p = j->p;
+    if (!p->rows) {
+        FN_FOR(w, u, p->units, p->unit_len)
+        {
+            bn_extent e = bn_unit_extent(p, u);
+            j->unit_stats[u] = FN_NAME(bn_unit_stats)(j->x + e.offset, e.len);
+        }
+        return;
+    }
+    const ptrdiff_t channels = p->channels;
+    double *residual = malloc((size_t)channels * sizeof(double));
+    if (residual == NULL)
+        atomic_store(&j->failed, 1);
+    FN_FOR(w, u, p->units, p->unit_len * channels)
+    {
+        if (residual == NULL)
+            continue;
+        bn_extent e = bn_unit_extent(p, u);
+        FN_NAME(bn_block_column_stats)(j->x + e.offset, e.len, channels, j->unit_mean + u * channels,
+                                       j->unit_m2 + u * channels, residual);
+    }
+    free(residual);
+}
+
 /* Batch mean and biased variance of every channel: per-unit statistics, then the fixed-order merge. */
 static fn_status FN_NAME(bn_statistics)(const FN_T *x, const bn_plan *p, double *mean, double *var,
                                         int num_threads)
 {
     const ptrdiff_t units = p->units;
-    (void)num_threads;
+    FN_NAME(bn_stats_job) j = {x, p, NULL, NULL, NULL, 0};
     if (!p->rows) {
-        fn_stats *unit_stats = malloc((size_t)units * sizeof(fn_stats));
-        if (unit_stats == NULL)
+        j.unit_stats = malloc((size_t)units * sizeof(fn_stats));
+        if (j.unit_stats == NULL)
             return FN_NOMEM;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-        for (ptrdiff_t u = 0; u < units; u++) {
-            bn_extent e = bn_unit_extent(p, u);
-            unit_stats[u] = FN_NAME(bn_unit_stats)(x + e.offset, e.len);
-        }
-        bn_merge_plane_stats(p, unit_stats, mean, var, num_threads);
-        free(unit_stats);
+        fn_team_run(num_threads, FN_NAME(bn_stats_region), &j);
+        bn_merge_plane_stats(p, j.unit_stats, mean, var, num_threads);
+        free(j.unit_stats);
         return FN_OK;
     }
 
@@ -104,28 +137,12 @@ static fn_status FN_NAME(bn_statistics)(const FN_T *x, const bn_plan *p, double 
     double *unit_partials = malloc((size_t)units * (size_t)channels * 2 * sizeof(double));
     if (unit_partials == NULL)
         return FN_NOMEM;
-    double *unit_mean = unit_partials;
-    double *unit_m2 = unit_partials + units * channels;
-    int failed = 0;
-#pragma omp parallel num_threads(num_threads)
-    {
-        double *residual = malloc((size_t)channels * sizeof(double));
-        if (residual == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (ptrdiff_t u = 0; u < units; u++) {
-            if (residual == NULL)
-                continue;
-            bn_extent e = bn_unit_extent(p, u);
-            FN_NAME(bn_block_column_stats)(x + e.offset, e.len, channels, unit_mean + u * channels,
-                                           unit_m2 + u * channels, residual);
-        }
-        free(residual);
-    }
+    j.unit_mean = unit_partials;
+    j.unit_m2 = unit_partials + units * channels;
+    fn_team_run(num_threads, FN_NAME(bn_stats_region), &j);
+    const int failed = atomic_load(&j.failed);
     if (!failed)
-        bn_merge_row_stats(p, unit_mean, unit_m2, mean, var, num_threads);
+        bn_merge_row_stats(p, j.unit_mean, j.unit_m2, mean, var, num_threads);
     free(unit_partials);
     return failed ? FN_NOMEM : FN_OK;
 }
@@ -145,27 +162,31 @@ FN_INLINE void FN_NAME(bn_affine_run)(const FN_T *restrict x, FN_T *restrict y, 
         y[i] = x[i] * alpha + beta;
 }
 
+/* The row loops apply the activation to each row as soon as it is written, while it is in L1. */
 FN_VECTOR_KERNEL static void FN_NAME(bn_shifted_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
                                                       ptrdiff_t channels, const FN_T *restrict shift,
-                                                      const FN_T *restrict alpha, const FN_T *restrict beta)
+                                                      const FN_T *restrict alpha, const FN_T *restrict beta,
+                                                      fn_activation act)
 {
     for (ptrdiff_t r = 0; r < rows; r++) {
         const FN_T *restrict xr = x + r * channels;
         FN_T *restrict yr = y + r * channels;
         for (ptrdiff_t c = 0; c < channels; c++)
             yr[c] = (xr[c] - shift[c]) * alpha[c] + beta[c];
+        FN_NAME(fn_activate_run)(yr, channels, act);
     }
 }
 
 FN_VECTOR_KERNEL static void FN_NAME(bn_affine_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
                                                      ptrdiff_t channels, const FN_T *restrict alpha,
-                                                     const FN_T *restrict beta)
+                                                     const FN_T *restrict beta, fn_activation act)
 {
     for (ptrdiff_t r = 0; r < rows; r++) {
         const FN_T *restrict xr = x + r * channels;
         FN_T *restrict yr = y + r * channels;
         for (ptrdiff_t c = 0; c < channels; c++)
             yr[c] = xr[c] * alpha[c] + beta[c];
+        FN_NAME(fn_activate_run)(yr, channels, act);
     }
 }
 
@@ -181,21 +202,33 @@ FN_INLINE void FN_NAME(bn_scaled_run)(const FN_T *restrict x, FN_T *restrict y, 
 FN_VECTOR_KERNEL static void FN_NAME(bn_scaled_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
                                                      ptrdiff_t channels, const FN_T *restrict xscale,
                                                      const FN_T *restrict shift, const FN_T *restrict alpha,
-                                                     const FN_T *restrict beta)
+                                                     const FN_T *restrict beta, fn_activation act)
 {
     for (ptrdiff_t r = 0; r < rows; r++) {
         const FN_T *restrict xr = x + r * channels;
         FN_T *restrict yr = y + r * channels;
         for (ptrdiff_t c = 0; c < channels; c++)
             yr[c] = (xr[c] * xscale[c] - shift[c]) * alpha[c] + beta[c];
+        FN_NAME(fn_activate_run)(yr, channels, act);
     }
 }
 
+/* y = the normalization of a block of rows, as bn_apply writes it (the backward pass recomputes it). */
+FN_INLINE void FN_NAME(bn_rows)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t channels, const FN_T *xscale,
+                                const FN_T *shift, const FN_T *alpha, const FN_T *beta, fn_activation act)
+{
+    if (xscale != NULL)
+        FN_NAME(bn_scaled_rows)(x, y, rows, channels, xscale, shift, alpha, beta, act);
+    else if (shift != NULL)
+        FN_NAME(bn_shifted_rows)(x, y, rows, channels, shift, alpha, beta, act);
+    else
+        FN_NAME(bn_affine_rows)(x, y, rows, channels, alpha, beta, act);
+}
+
 /* One run of a plane: y = (x * xscale - shift) * alpha + beta when xscale is given, (x - shift) * alpha + beta
- * when shift is, else x * alpha + beta. */
-FN_VECTOR_KERNEL static void FN_NAME(bn_plane_run)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *xscale,
-                                                   const FN_T *shift, ptrdiff_t c, const FN_T *alpha,
-                                                   const FN_T *beta)
+ * when shift is, else x * alpha + beta; then the activation, while the run is in L1. */
+FN_INLINE void FN_NAME(bn_plane_values)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *xscale,
+                                        const FN_T *shift, ptrdiff_t c, const FN_T *alpha, const FN_T *beta)
 {
     if (xscale != NULL)
         FN_NAME(bn_scaled_run)(x, y, n, xscale[c], shift[c], alpha[c], beta[c]);
@@ -205,37 +238,70 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_plane_run)(const FN_T *x, FN_T *y, ptrdi
         FN_NAME(bn_affine_run)(x, y, n, alpha[c], beta[c]);
 }
 
-/* The one pass over x that writes y: y = (x - shift) * alpha + beta per channel, or x * alpha + beta
- * when shift is NULL, or (x * xscale - shift) * alpha + beta when xscale is not.  A large output of planes
- * is computed piece by piece into L1 and streamed out. */
-static void FN_NAME(bn_apply)(const FN_T *x, FN_T *y, const bn_plan *p, const FN_T *xscale, const FN_T *shift,
-                              const FN_T *alpha, const FN_T *beta, int num_threads)
+FN_VECTOR_KERNEL static void FN_NAME(bn_plane_run)(const FN_T *x, FN_T *y, ptrdiff_t n, const FN_T *xscale,
+                                                   const FN_T *shift, ptrdiff_t c, const FN_T *alpha,
+                                                   const FN_T *beta, fn_activation act)
 {
-    const ptrdiff_t units = p->units;
-    const int stream = !p->rows && fn_streams(p->outer * p->channels * p->inner, sizeof(FN_T));
-    (void)num_threads;
-#pragma omp parallel num_threads(num_threads)
+    FN_NAME(bn_plane_values)(x, y, n, xscale, shift, c, alpha, beta);
+    FN_NAME(fn_activate_run)(y, n, act);
+}
+
+/* g = dy * act'(pre) along one run of a plane, pre recomputed from x as bn_plane_run computes it. */
+FN_VECTOR_KERNEL static void FN_NAME(bn_plane_act_grad)(const FN_T *dy, const FN_T *x, FN_T *g, ptrdiff_t n,
+                                                        const FN_T *xscale, const FN_T *shift, ptrdiff_t c,
+                                                        const FN_T *alpha, const FN_T *beta, fn_activation act)
+{
+    FN_NAME(bn_plane_values)(x, g, n, xscale, shift, c, alpha, beta);
+    FN_NAME(fn_activation_grad_run)(dy, g, n, act);
+}
+
+/* The same for a block of rows. */
+FN_VECTOR_KERNEL static void FN_NAME(bn_rows_act_grad)(const FN_T *dy, const FN_T *x, FN_T *g, ptrdiff_t rows,
+                                                       ptrdiff_t channels, const FN_T *xscale, const FN_T *shift,
+                                                       const FN_T *alpha, const FN_T *beta, fn_activation act)
+{
+    FN_NAME(bn_rows)(x, g, rows, channels, xscale, shift, alpha, beta, FN_ACT_NONE);
+    FN_NAME(fn_activation_grad_run)(dy, g, rows * channels, act);
+}
+
+typedef struct {
+    const FN_T *x;
+    FN_T *y;
+    const bn_plan *p;
+    const FN_T *xscale, *shift, *alpha, *beta;
+    int stream;
+    fn_activation act;
+} FN_NAME(bn_apply_job);
+
+static void FN_NAME(bn_apply_region)(fn_worker *w, void *arg)
+{
+    const FN_NAME(bn_apply_job) *j = arg;
+    const bn_plan *p = j->p;
+    const FN_T *x = j->x, *xscale = j->xscale, *shift = j->shift, *alpha = j->alpha, *beta = j->beta;
+    FN_T *y = j->y;
+    FN_T piece[FN_STATS_BLOCK];
+    FN_FOR(w, u, p->units, p->rows ? p->unit_len * p->channels : p->unit_len)
     {
-        FN_T piece[FN_STATS_BLOCK];
-#pragma omp for schedule(static)
-        for (ptrdiff_t u = 0; u < units; u++) {
-            bn_extent e = bn_unit_extent(p, u);
-            if (p->rows && xscale != NULL)
-                FN_NAME(bn_scaled_rows)(x + e.offset, y + e.offset, e.len, p->channels, xscale, shift, alpha,
-                                        beta);
-            else if (p->rows && shift != NULL)
-                FN_NAME(bn_shifted_rows)(x + e.offset, y + e.offset, e.len, p->channels, shift, alpha, beta);
-            else if (p->rows)
-                FN_NAME(bn_affine_rows)(x + e.offset, y + e.offset, e.len, p->channels, alpha, beta);
-            else if (stream) {
-                FN_NAME(bn_plane_run)(x + e.offset, piece, e.len, xscale, shift, e.channel, alpha, beta);
-                FN_NAME(fn_stream_store)(y + e.offset, piece, e.len);
-            } else
-                FN_NAME(bn_plane_run)(x + e.offset, y + e.offset, e.len, xscale, shift, e.channel, alpha, beta);
-        }
-        if (stream)
-            fn_stream_fence();
+        bn_extent e = bn_unit_extent(p, u);
+        if (p->rows)
+            FN_NAME(bn_rows)(x + e.offset, y + e.offset, e.len, p->channels, xscale, shift, alpha, beta, j->act);
+        else if (j->stream) {
+            FN_NAME(bn_plane_run)(x + e.offset, piece, e.len, xscale, shift, e.channel, alpha, beta, j->act);
+            FN_NAME(fn_stream_store)(y + e.offset, piece, e.len);
+        } else
+            FN_NAME(bn_plane_run)(x + e.offset, y + e.offset, e.len, xscale, shift, e.channel, alpha, beta, j->act);
     }
+}
+
+/* The one pass over x that writes y: y = (x - shift) * alpha + beta per channel, or x * alpha + beta
+ * when shift is NULL, or (x * xscale - shift) * alpha + beta when xscale is not, then act.  A large output of
+ * planes is computed piece by piece into L1 and streamed out. */
+static void FN_NAME(bn_apply)(const FN_T *x, FN_T *y, const bn_plan *p, const FN_T *xscale, const FN_T *shift,
+                              const FN_T *alpha, const FN_T *beta, fn_activation act, int num_threads)
+{
+    const int stream = !p->rows && fn_streams(p->outer * p->channels * p->inner, sizeof(FN_T));
+    FN_NAME(bn_apply_job) j = {x, y, p, xscale, shift, alpha, beta, stream, act};
+    fn_team_run(num_threads, FN_NAME(bn_apply_region), &j);
 }
 
 #if FN_IS_F32
@@ -253,7 +319,7 @@ static void FN_NAME(bn_scaled_coefficients)(double mean, double invstd, double w
 
 fn_status FN_NAME(fn_batch_norm)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
                                  const double *mean, const double *var, const double *weight, const double *bias,
-                                 double eps, int num_threads)
+                                 double eps, fn_activation activation, int num_threads)
 {
     const bn_plan p = bn_make_plan(outer, channels, inner);
     FN_T *coefs = malloc((size_t)channels * 4 * sizeof(FN_T));
@@ -279,27 +345,20 @@ fn_status FN_NAME(fn_batch_norm)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdif
         }
 #endif
     }
-    FN_NAME(bn_apply)(x, y, &p, scaled ? xscale : NULL, scaled ? shift : NULL, alpha, beta, num_threads);
+    FN_NAME(bn_apply)(x, y, &p, scaled ? xscale : NULL, scaled ? shift : NULL, alpha, beta, activation, num_threads);
     free(coefs);
     return FN_OK;
 }
 
-fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_t channels,
-                                       ptrdiff_t inner, const double *weight, const double *bias, double eps,
-                                       double *mean, double *var, double *invstd, int num_threads)
+/* The coefficients of batch_norm_train's y = (x * xscale - shift) * alpha + beta (coefs holds shift, alpha,
+ * beta and xscale, `channels` each); returns whether a channel needs xscale.  The backward pass of an
+ * activation recomputes y with them. */
+static int FN_NAME(bn_train_coefficients)(const double *mean, const double *invstd, const double *weight,
+                                          const double *bias, ptrdiff_t channels, FN_T *coefs)
 {
-    const bn_plan p = bn_make_plan(outer, channels, inner);
-    FN_T *coefs = malloc((size_t)channels * 4 * sizeof(FN_T));
-    if (coefs == NULL)
-        return FN_NOMEM;
-    if (FN_NAME(bn_statistics)(x, &p, mean, var, num_threads) != FN_OK) {
-        free(coefs);
-        return FN_NOMEM;
-    }
     FN_T *shift = coefs, *alpha = coefs + channels, *beta = coefs + 2 * channels, *xscale = coefs + 3 * channels;
     int scaled = 0;
     for (ptrdiff_t c = 0; c < channels; c++) {
-        invstd[c] = 1.0 / sqrt(var[c] + eps);
         alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
         /* Subtracting the rounded mean first keeps x - shift exact for data far from zero (mean 1e3,
          * std 1 in float32); beta carries the rest of the mean, (mean - shift) * alpha, in float64. */
@@ -315,9 +374,37 @@ fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, 
         }
 #endif
     }
-    FN_NAME(bn_apply)(x, y, &p, scaled ? xscale : NULL, shift, alpha, beta, num_threads);
+    return scaled;
+}
+
+/* y = act((x - mean) * invstd * weight + bias) with the statistics given: the apply of the training forward,
+ * which the building block fn_bn_elemt shares. */
+static fn_status FN_NAME(bn_normalize)(const FN_T *x, FN_T *y, const bn_plan *p, const double *mean,
+                                       const double *invstd, const double *weight, const double *bias,
+                                       fn_activation activation, int num_threads)
+{
+    const ptrdiff_t channels = p->channels;
+    FN_T *coefs = malloc((size_t)channels * 4 * sizeof(FN_T));
+    if (coefs == NULL)
+        return FN_NOMEM;
+    const int scaled = FN_NAME(bn_train_coefficients)(mean, invstd, weight, bias, channels, coefs);
+    FN_NAME(bn_apply)(x, y, p, scaled ? coefs + 3 * channels : NULL, coefs, coefs + channels, coefs + 2 * channels,
+                      activation, num_threads);
     free(coefs);
     return FN_OK;
+}
+
+fn_status FN_NAME(fn_batch_norm_train)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_t channels,
+                                       ptrdiff_t inner, const double *weight, const double *bias, double eps,
+                                       fn_activation activation, double *mean, double *var, double *invstd,
+                                       int num_threads)
+{
+    const bn_plan p = bn_make_plan(outer, channels, inner);
+    if (FN_NAME(bn_statistics)(x, &p, mean, var, num_threads) != FN_OK)
+        return FN_NOMEM;
+    for (ptrdiff_t c = 0; c < channels; c++)
+        invstd[c] = 1.0 / sqrt(var[c] + eps);
+    return FN_NAME(bn_normalize)(x, y, &p, mean, invstd, weight, bias, activation, num_threads);
 }
 
 /* The per-channel gradient sums of a block of rows, BN_ROWS_PER_SWEEP rows per sweep over the accumulators. */
@@ -400,45 +487,164 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_grad_rows)(const FN_T *restrict dy, cons
     }
 }
 
-fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t outer,
-                                          ptrdiff_t channels, ptrdiff_t inner, const double *mean,
-                                          const double *invstd, const double *weight, double *dweight,
-                                          double *dbias, int num_threads)
+/* The backward pass's two parallel steps: the per-unit gradient sums, then dx. */
+typedef struct {
+    const FN_T *dy, *x;
+    FN_T *dx;
+    const bn_plan *p;
+    const double *mean, *invstd;
+    double *unit_sums;
+    size_t sums_per_unit;
+    const FN_T *alpha, *xscale, *shift, *slope, *offset; /* xscale NULL unless a channel leaves float32's range */
+    int stream;
+    fn_activation act;
+    /* With an activation: the forward's coefficients (bn_train_coefficients), pre_xscale NULL unless needed. */
+    const FN_T *pre_xscale, *pre_shift, *pre_alpha, *pre_beta;
+    atomic_int failed;
+} FN_NAME(bn_grad_job);
+
+/* dy, or with an activation g = dy * act'(y before it) of a unit, recomputed into buf (a unit's worth). */
+static const FN_T *FN_NAME(bn_unit_grad)(const FN_NAME(bn_grad_job) *j, bn_extent e, FN_T *buf)
 {
-    const bn_plan p = bn_make_plan(outer, channels, inner);
-    const ptrdiff_t units = p.units;
-    const double count = (double)p.outer * (double)p.inner;
-    const size_t sums_per_unit = p.rows ? 2 * (size_t)channels : 2;
-    double *unit_sums = malloc((size_t)units * sums_per_unit * sizeof(double));
-    FN_T *coefs = malloc((size_t)channels * 5 * sizeof(FN_T));
-    if (unit_sums == NULL || coefs == NULL) {
+    const bn_plan *p = j->p;
+    if (j->act == FN_ACT_NONE)
+        return j->dy + e.offset;
+    if (p->rows)
+        FN_NAME(bn_rows_act_grad)(j->dy + e.offset, j->x + e.offset, buf, e.len, p->channels, j->pre_xscale,
+                                  j->pre_shift, j->pre_alpha, j->pre_beta, j->act);
+    else
+        FN_NAME(bn_plane_act_grad)(j->dy + e.offset, j->x + e.offset, buf, e.len, j->pre_xscale, j->pre_shift,
+                                   e.channel, j->pre_alpha, j->pre_beta, j->act);
+    return buf;
+}
+
+/* The scratch a thread needs for bn_unit_grad: none without an activation, a plane unit on the stack, a row
+ * block from the heap (NULL and j->failed set when it cannot be had). */
+static FN_T *FN_NAME(bn_grad_scratch)(FN_NAME(bn_grad_job) *j, FN_T *piece)
+{
+    if (j->act == FN_ACT_NONE || !j->p->rows)
+        return piece;
+    FN_T *buf = malloc((size_t)(j->p->unit_len * j->p->channels) * sizeof(FN_T));
+    if (buf == NULL)
+        atomic_store(&j->failed, 1);
+    return buf;
+}
+
+static void FN_NAME(bn_grad_sums_region)(fn_worker *w, void *arg)
+{
+    FN_NAME(bn_grad_job) *j = arg;
+    const bn_plan *p = j->p;
+    FN_T piece[FN_STATS_BLOCK];
+    FN_T *buf = FN_NAME(bn_grad_scratch)(j, piece);
+    FN_FOR(w, u, p->units, 2 * (p->rows ? p->unit_len * p->channels : p->unit_len))
+    {
+        if (buf == NULL)
+            continue;
+        bn_extent e = bn_unit_extent(p, u);
+        double *sums = j->unit_sums + (size_t)u * j->sums_per_unit;
+        const FN_T *g = FN_NAME(bn_unit_grad)(j, e, buf);
+        if (p->rows)
+            FN_NAME(bn_grad_sums_rows)(g, j->x + e.offset, e.len, p->channels, j->mean, sums, sums + p->channels);
+        else
+            FN_NAME(bn_unit_grad_sums)(g, j->x + e.offset, e.len, j->mean[e.channel], j->invstd[e.channel], sums);
+    }
+    if (buf != piece)
+        free(buf);
+}
+
+static void FN_NAME(bn_grad_apply_region)(fn_worker *w, void *arg)
+{
+    FN_NAME(bn_grad_job) *j = arg;
+    const bn_plan *p = j->p;
+    const FN_T *x = j->x;
+    FN_T *dx = j->dx;
+    FN_T piece[FN_STATS_BLOCK], grad_piece[FN_STATS_BLOCK];
+    FN_T *buf = FN_NAME(bn_grad_scratch)(j, grad_piece);
+    FN_FOR(w, u, p->units, 3 * (p->rows ? p->unit_len * p->channels : p->unit_len))
+    {
+        if (buf == NULL)
+            continue;
+        bn_extent e = bn_unit_extent(p, u);
+        const ptrdiff_t c = e.channel;
+        const FN_T xs = j->xscale != NULL ? j->xscale[c] : 1;
+        const FN_T *g = FN_NAME(bn_unit_grad)(j, e, buf);
+        if (p->rows)
+            FN_NAME(bn_grad_rows)(g, x + e.offset, dx + e.offset, e.len, p->channels, j->alpha, j->xscale, j->shift,
+                                  j->slope, j->offset);
+        else if (j->stream) {
+            FN_NAME(bn_grad_run)(g, x + e.offset, piece, e.len, j->alpha[c], xs, j->shift[c], j->slope[c],
+                                 j->offset[c]);
+            FN_NAME(fn_stream_store)(dx + e.offset, piece, e.len);
+        } else
+            FN_NAME(bn_grad_run)(g, x + e.offset, dx + e.offset, e.len, j->alpha[c], xs, j->shift[c], j->slope[c],
+                                 j->offset[c]);
+    }
+    if (buf != grad_piece)
+        free(buf);
+}
+
+/* The forward's coefficients for a backward pass with an activation, which recomputes its pre-activation
+ * (4 per channel in pre): the job's pre_* set from them.  Nothing without an activation. */
+static void FN_NAME(bn_grad_pre)(FN_NAME(bn_grad_job) *j, const double *weight, const double *bias,
+                                 ptrdiff_t channels, FN_T *pre)
+{
+    if (j->act == FN_ACT_NONE)
+        return;
+    const int scaled = FN_NAME(bn_train_coefficients)(j->mean, j->invstd, weight, bias, channels, pre);
+    j->pre_shift = pre;
+    j->pre_alpha = pre + channels;
+    j->pre_beta = pre + 2 * channels;
+    j->pre_xscale = scaled ? pre + 3 * channels : NULL;
+}
+
+/* sum_dy = sum(g) and sum_dy_xc = sum(g * (x - mean)) per channel, g = dy, or dy * act'(pre) with an
+ * activation: the backward pass's reduction, which the building block fn_bn_backward_reduce shares. */
+static fn_status FN_NAME(bn_grad_sums)(const FN_T *dy, const FN_T *x, const bn_plan *p, const double *mean,
+                                       const double *invstd, const double *weight, const double *bias,
+                                       fn_activation activation, double *sum_dy, double *sum_dy_xc, int num_threads)
+{
+    const size_t sums_per_unit = p->rows ? 2 * (size_t)p->channels : 2;
+    double *unit_sums = malloc(((size_t)p->units * sums_per_unit + 1) * sizeof(double));
+    FN_T *pre = malloc((size_t)p->channels * 4 * sizeof(FN_T));
+    if (unit_sums == NULL || pre == NULL) {
         free(unit_sums);
-        free(coefs);
+        free(pre);
         return FN_NOMEM;
     }
-    (void)num_threads;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-    for (ptrdiff_t u = 0; u < units; u++) {
-        bn_extent e = bn_unit_extent(&p, u);
-        double *sums = unit_sums + (size_t)u * sums_per_unit;
-        if (p.rows)
-            FN_NAME(bn_grad_sums_rows)(dy + e.offset, x + e.offset, e.len, channels, mean, sums,
-                                       sums + channels);
+    FN_NAME(bn_grad_job) j = {.dy = dy, .x = x, .p = p, .mean = mean, .invstd = invstd, .unit_sums = unit_sums,
+                              .sums_per_unit = sums_per_unit, .act = activation};
+    FN_NAME(bn_grad_pre)(&j, weight, bias, p->channels, pre);
+    fn_team_run(num_threads, FN_NAME(bn_grad_sums_region), &j);
+    const int failed = atomic_load(&j.failed);
+    if (!failed) {
+        if (p->rows)
+            bn_merge_row_sums(p, unit_sums, sum_dy, sum_dy_xc, num_threads);
         else
-            FN_NAME(bn_unit_grad_sums)(dy + e.offset, x + e.offset, e.len, mean[e.channel], invstd[e.channel],
-                                       sums);
+            bn_merge_plane_sums(p, unit_sums, sum_dy, sum_dy_xc, num_threads);
     }
-    if (p.rows)
-        bn_merge_row_sums(&p, unit_sums, dbias, dweight, num_threads);
-    else
-        bn_merge_plane_sums(&p, unit_sums, dbias, dweight, num_threads);
     free(unit_sums);
+    free(pre);
+    return failed ? FN_NOMEM : FN_OK;
+}
 
+/* dx = weight * invstd * (g - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xc / count), the sums and
+ * count those of the whole batch, g as in bn_grad_sums: the backward pass's apply, which the building block
+ * fn_bn_backward_elemt shares. */
+static fn_status FN_NAME(bn_grad_apply)(const FN_T *dy, const FN_T *x, FN_T *dx, const bn_plan *p,
+                                        const double *mean, const double *invstd, const double *sum_dy,
+                                        const double *sum_dy_xc, double count, const double *weight,
+                                        const double *bias, fn_activation activation, int num_threads)
+{
+    const ptrdiff_t channels = p->channels;
+    /* dx's coefficients (5 per channel), then the forward's (4 per channel). */
+    FN_T *coefs = malloc((size_t)channels * 9 * sizeof(FN_T));
+    if (coefs == NULL)
+        return FN_NOMEM;
     FN_T *alpha = coefs, *shift = coefs + channels, *slope = coefs + 2 * channels;
     FN_T *offset = coefs + 3 * channels, *xscale = coefs + 4 * channels;
     int scaled = 0;
     for (ptrdiff_t c = 0; c < channels; c++) {
-        dweight[c] *= invstd[c];
+        const double dweight = sum_dy_xc[c] * invstd[c];
         /* dx = alpha * (dy + slope * (x - mean) - dbias / n) with (x - mean) = (x - shift) - (mean - shift)
          * as in the forward pass.  Keeping the factor alpha = weight * invstd outside leaves every
          * coefficient on the scale of dy, so none underflows when invstd is tiny (x near 1e30). */
@@ -449,7 +655,7 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
 #else
         const double s = 1.0;
 #endif
-        const double slope64 = -invstd[c] * (dweight[c] / count) / s;
+        const double slope64 = -invstd[c] * (dweight / count) / s;
         alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
         xscale[c] = (FN_T)s;
         shift[c] = (FN_T)(mean[c] * s);
@@ -457,32 +663,33 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
         /* rest is 0 when the mean is exact in FN_T; skipping the product then keeps an infinite slope (inf
          * in x) from making 0 * inf = NaN of the whole channel, where NumPy's formula gives +-inf. */
         const double rest = mean[c] * s - (double)shift[c];
-        offset[c] = (FN_T)(-(dbias[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
+        offset[c] = (FN_T)(-(sum_dy[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
     }
     /* As in bn_apply: a large dx of planes is computed into L1 and streamed out. */
-    const int stream = !p.rows && fn_streams(p.outer * channels * p.inner, sizeof(FN_T));
-#pragma omp parallel num_threads(num_threads)
-    {
-        FN_T piece[FN_STATS_BLOCK];
-#pragma omp for schedule(static)
-        for (ptrdiff_t u = 0; u < units; u++) {
-            bn_extent e = bn_unit_extent(&p, u);
-            const ptrdiff_t c = e.channel;
-            if (p.rows)
-                FN_NAME(bn_grad_rows)(dy + e.offset, x + e.offset, dx + e.offset, e.len, channels, alpha,
-                                      scaled ? xscale : NULL, shift, slope, offset);
-            else if (stream) {
-                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, piece, e.len, alpha[c], xscale[c], shift[c],
-                                     slope[c], offset[c]);
-                FN_NAME(fn_stream_store)(dx + e.offset, piece, e.len);
-            } else
-                FN_NAME(bn_grad_run)(dy + e.offset, x + e.offset, dx + e.offset, e.len, alpha[c], xscale[c],
-                                     shift[c], slope[c], offset[c]);
-        }
-        if (stream)
-            fn_stream_fence();
-    }
+    FN_NAME(bn_grad_job) j = {.dy = dy, .x = x, .dx = dx, .p = p, .mean = mean, .invstd = invstd, .alpha = alpha,
+                              .xscale = scaled ? xscale : NULL, .shift = shift, .slope = slope, .offset = offset,
+                              .stream = !p->rows && fn_streams(p->outer * channels * p->inner, sizeof(FN_T)),
+                              .act = activation};
+    FN_NAME(bn_grad_pre)(&j, weight, bias, channels, coefs + 5 * channels);
+    fn_team_run(num_threads, FN_NAME(bn_grad_apply_region), &j);
     free(coefs);
-    return FN_OK;
+    return atomic_load(&j.failed) ? FN_NOMEM : FN_OK;
 }
 
+fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t outer,
+                                          ptrdiff_t channels, ptrdiff_t inner, const double *mean,
+                                          const double *invstd, const double *weight, const double *bias,
+                                          fn_activation activation, double *dweight, double *dbias,
+                                          int num_threads)
+{
+    const bn_plan p = bn_make_plan(outer, channels, inner);
+    if (FN_NAME(bn_grad_sums)(dy, x, &p, mean, invstd, weight, bias, activation, dbias, dweight, num_threads)
+        != FN_OK)
+        return FN_NOMEM;
+    const fn_status status = FN_NAME(bn_grad_apply)(dy, x, dx, &p, mean, invstd, dbias, dweight,
+                                                    (double)p.outer * (double)p.inner, weight, bias, activation,
+                                                    num_threads);
+    for (ptrdiff_t c = 0; c < channels; c++)
+        dweight[c] *= invstd[c];
+    return status;
+}

@@ -11,6 +11,8 @@
  *   C-contiguous array of double for both element types: statistics are accumulated and written in double,
  *   and read as given.
  * - weight and bias may be NULL, for 1 and 0.
+ * - A kernel with an activation takes it right after eps (a backward pass: right after the parameters); its
+ *   backward pass recomputes the pre-activation from x, so it reads bias too.
  * - num_threads threads at most share the work, which is cut into units fixed by the shape alone and whose
  *   partial results are merged in a fixed order: every result is bit-identical for any num_threads.
  * - The return value is an fn_status: FN_OK, or FN_NOMEM when the scratch memory the kernel needs cannot be
@@ -23,5 +25,13 @@ typedef enum {
     FN_OK = 0,
     FN_NOMEM = 1,
 } fn_status;
+
+/* The activation a kernel applies after the normalization, y = act(norm(x)), and whose gradient its backward
+ * pass takes (fn_activation.h). */
+typedef enum {
+    FN_ACT_NONE = 0,
+    FN_ACT_RELU = 1,
+    FN_ACT_SILU = 2,
+} fn_activation;
 
 #endif

@@ -45,18 +45,21 @@ static inline void fn_omp_set_num_threads(int n) { (void)n; }
 #define FN_COLD static
 #endif
 
-/* The compute-bound loops are compiled twice, for baseline x86-64 and for x86-64-v3 (AVX2 and FMA), and
- * the loader picks one by the CPU it runs on (GNU ifunc), so a built package still runs on any x86-64.
- * Which version runs depends on the CPU alone, never on the thread count, so results stay bit-identical
- * for any number of threads; the build contracts a * b + c into FMA where the target has it.  A kernel
- * marks its dispatch points FN_VECTOR_KERNEL (one per row, block or unit of work, never per element) and
- * writes the loops they call as FN_INLINE building blocks.  GCC 12 is the first to dispatch on
- * arch=x86-64-v3; the dispatch needs glibc's ifunc (musl has none). */
+/* The compute-bound loops are compiled three times, for baseline x86-64, for x86-64-v3 (AVX2 and FMA) and
+ * for x86-64-v4 (AVX-512), and the loader picks one by the CPU it runs on (GNU ifunc), so a built package
+ * still runs on any x86-64.  Which version runs depends on the CPU alone, never on the thread count, so
+ * results stay bit-identical for any number of threads on one machine; the build contracts a * b + c into
+ * FMA where the target has it.  A kernel marks its dispatch points FN_VECTOR_KERNEL (one per row, block or
+ * unit of work, never per element) and writes the loops they call as FN_INLINE building blocks.  GCC 12 is
+ * the first to dispatch on arch=x86-64-v3 and v4; the dispatch needs glibc's ifunc (musl has none).
+ * FN_VECTOR_PATHS names the versions built, and fn_vector_path() (runtime.h) the one this CPU runs. */
 #if defined(__x86_64__) && defined(__ELF__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) \
     && __GNUC__ >= 12 && !defined(__AVX2__)
-#define FN_VECTOR_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FN_VECTOR_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FN_VECTOR_DISPATCH 1
 #else
 #define FN_VECTOR_KERNEL
+#define FN_VECTOR_DISPATCH 0
 #endif
 
 /* ---- Streaming stores ---- */

@@ -239,7 +239,13 @@ static inline double fn_f32_range_scale(double mean, double invstd)
         return 1.0;
     if (invstd <= FN_F32_INVSTD_MAX && invstd >= FN_F32_INVSTD_MIN && fabs(mean) <= FN_F32_MEAN_MAX)
         return 1.0;
-    return (double)fn_pow2_within(invstd, FN_F32_SCALE_LIMIT);
+    const double s = (double)fn_pow2_within(invstd, FN_F32_SCALE_LIMIT);
+    /* A run whose values hardly differ near float32's maximum (a constant run: invstd = 1 / sqrt(eps)) must
+     * not be scaled up: x * s and x * s - mean * s stay within float32's range when |mean| * s is at most
+     * half of FN_F32_MEAN_MAX (fn_pow2_within(v) is at most 2 v). */
+    if (fabs(mean) * s > 0.5 * FN_F32_MEAN_MAX)
+        return (double)fn_pow2_within(0.25 * FN_F32_MEAN_MAX / fabs(mean), FN_F32_SCALE_LIMIT);
+    return s;
 }
 
 /* ---- Per element type: fn_exact_sum, fn_block_stats, fn_run_stats, fn_sum_squares ---- */

@@ -7,7 +7,9 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "fn_activation.h"
 #include "fn_platform.h"
+#include "fn_pool.h"
 #include "fn_reductions.h"
 #include "fn_stats.h"
 

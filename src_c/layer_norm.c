@@ -26,9 +26,12 @@
 #include "layer_norm.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "fn_platform.h"
+#include "fn_pool.h"
 #include "fn_reductions.h"
 #include "fn_stats.h"
 
@@ -82,21 +85,33 @@ static ptrdiff_t ln_segment_len(const ln_plan *p, ptrdiff_t c0) { return fn_min(
 
 /* part holds `chunks` rows of `cols` partial sums; out[0..cols) receives their sums, added in chunk order for
  * every column (part's first row is overwritten). */
-static void ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, double *out, int threads)
+typedef struct {
+    double *part, *out;
+    ptrdiff_t chunks, cols;
+} ln_merge_job;
+
+static void ln_merge_chunks_region(fn_worker *w, void *arg)
 {
-    const ptrdiff_t blocks = fn_ceil_div(cols, LN_MERGE_COLS);
-    (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (ptrdiff_t b = 0; b < blocks; b++) {
+    const ln_merge_job *j = arg;
+    double *part = j->part;
+    const ptrdiff_t cols = j->cols;
+    FN_FOR(w, b, fn_ceil_div(cols, LN_MERGE_COLS), LN_MERGE_COLS * j->chunks)
+    {
         ptrdiff_t k0 = b * LN_MERGE_COLS, k1 = fn_min(k0 + LN_MERGE_COLS, cols);
-        for (ptrdiff_t c = 1; c < chunks; c++) {
+        for (ptrdiff_t c = 1; c < j->chunks; c++) {
             const double *src = part + c * cols;
             for (ptrdiff_t k = k0; k < k1; k++)
                 part[k] += src[k];
         }
         for (ptrdiff_t k = k0; k < k1; k++)
-            out[k] = part[k];
+            j->out[k] = part[k];
     }
+}
+
+static void ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, double *out, int threads)
+{
+    ln_merge_job j = {part, out, chunks, cols};
+    fn_team_run(threads, ln_merge_chunks_region, &j);
 }
 
 /* A row's inverse standard deviation, from its statistics. */
@@ -116,4 +131,8 @@ static double rms_backward_c(double invrms, double sum_gx, ptrdiff_t cols)
 
 /* The per-element loops and the entry points, for float and double. */
 #define FN_IMPL "layer_norm_impl.h"
+#include "fn_instantiate.h"
+
+/* The residual variants (add_layer_norm, add_rms_norm), built on them. */
+#define FN_IMPL "add_norm_impl.h"
 #include "fn_instantiate.h"

@@ -48,4 +48,33 @@ fn_status fn_rms_norm_backward_f64(const double *dy, const double *x, double *dx
                                    ptrdiff_t cols, const double *invrms, const double *weight, double *dweight,
                                    int num_threads);
 
+/* The residual variants: s = x + residual is written to s and normalized as above (y, and mean and invstd, or
+ * invrms, of s) in one pass over memory.  s may be the same array as x or as residual, and y the same array
+ * as the one of x and residual that s is not; no other overlap is allowed. */
+fn_status fn_add_layer_norm_f32(const float *x, const float *residual, float *y, float *s, ptrdiff_t rows,
+                                ptrdiff_t cols, const double *weight, const double *bias, double eps, double *mean,
+                                double *invstd, int num_threads);
+fn_status fn_add_layer_norm_f64(const double *x, const double *residual, double *y, double *s, ptrdiff_t rows,
+                                ptrdiff_t cols, const double *weight, const double *bias, double eps, double *mean,
+                                double *invstd, int num_threads);
+fn_status fn_add_rms_norm_f32(const float *x, const float *residual, float *y, float *s, ptrdiff_t rows,
+                              ptrdiff_t cols, const double *weight, double eps, double *invrms, int num_threads);
+fn_status fn_add_rms_norm_f64(const double *x, const double *residual, double *y, double *s, ptrdiff_t rows,
+                              ptrdiff_t cols, const double *weight, double eps, double *invrms, int num_threads);
+
+/* Their backward passes: dx = the normalization's gradient at s plus ds, the gradient arriving on s itself
+ * (dx is the gradient of both x and residual); dweight (and dbias) as above. */
+fn_status fn_add_layer_norm_backward_f32(const float *dy, const float *ds, const float *s, float *dx,
+                                         ptrdiff_t rows, ptrdiff_t cols, const double *mean, const double *invstd,
+                                         const double *weight, double *dweight, double *dbias, int num_threads);
+fn_status fn_add_layer_norm_backward_f64(const double *dy, const double *ds, const double *s, double *dx,
+                                         ptrdiff_t rows, ptrdiff_t cols, const double *mean, const double *invstd,
+                                         const double *weight, double *dweight, double *dbias, int num_threads);
+fn_status fn_add_rms_norm_backward_f32(const float *dy, const float *ds, const float *s, float *dx, ptrdiff_t rows,
+                                       ptrdiff_t cols, const double *invrms, const double *weight, double *dweight,
+                                       int num_threads);
+fn_status fn_add_rms_norm_backward_f64(const double *dy, const double *ds, const double *s, double *dx,
+                                       ptrdiff_t rows, ptrdiff_t cols, const double *invrms, const double *weight,
+                                       double *dweight, int num_threads);
+
 #endif

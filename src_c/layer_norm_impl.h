@@ -166,61 +166,89 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_segment_apply)(const FN_T *x, FN_T *y, p
     FN_NAME(ln_write)(x, w, b, y, n, row, stream);
 }
 
+/* What the parallel regions of this file read and write. */
+typedef struct {
+    const ln_plan *p;
+    const FN_T *x, *dy;
+    FN_T *y; /* y, or dx */
+    const FN_T *w, *b;
+    double eps;
+    double *mean_out, *invstd_out; /* written by the forward passes (RMS norm: invrms as invstd) */
+    const double *mean, *invstd;   /* read by the backward passes */
+    fn_stats *stats;
+    double *sums, *part;
+    FN_T *group;
+    int stream;
+    const FN_T *ds;       /* the residual variants' backward: the gradient arriving on s, added to dx */
+    const FN_T *residual; /* their forward: s = x + residual, written to s */
+    FN_T *s;
+    atomic_int failed;
+} FN_NAME(ln_job);
+
+/* Wide rows, once every segment's statistics are in j->stats: the rows' statistics merged in segment order,
+ * then y written from src (x, or the residual variant's s). */
+static void FN_NAME(ln_segments_finish)(fn_worker *w, const FN_NAME(ln_job) *j, const FN_T *src)
+{
+    const ln_plan *p = j->p;
+    const ptrdiff_t rows = p->rows, cols = p->cols, items = rows * p->segments;
+    FN_FOR(w, r, rows, p->segments)
+    {
+        fn_stats *row_stats = j->stats + r * p->segments;
+        for (ptrdiff_t g = 1; g < p->segments; g++)
+            fn_stats_merge(&row_stats[0], row_stats[g]);
+        j->mean_out[r] = row_stats[0].mean;
+        j->invstd_out[r] = ln_invstd(row_stats[0], j->eps);
+    }
+    FN_FOR(w, i, items, p->segment_cols)
+    {
+        ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
+        FN_NAME(ln_segment_apply)(src + r * cols + c0, j->y + r * cols + c0, ln_segment_len(p, c0),
+                                  j->w ? j->w + c0 : NULL, j->b ? j->b + c0 : NULL,
+                                  FN_NAME(ln_row_of)(j->stats[r * p->segments], j->invstd_out[r]), j->stream);
+    }
+}
+
+static void FN_NAME(ln_forward_region)(fn_worker *w, void *arg)
+{
+    const FN_NAME(ln_job) *j = arg;
+    const ln_plan *p = j->p;
+    const ptrdiff_t rows = p->rows, cols = p->cols;
+    const FN_T *x = j->x;
+    FN_T *y = j->y;
+    if (p->segments == 1) {
+        FN_FOR(w, r, rows, 2 * cols)
+        FN_NAME(ln_normalize_row)(x + r * cols, y + r * cols, cols, j->w, j->b, j->eps, &j->mean_out[r], &j->invstd_out[r],
+                                  j->stream);
+        return;
+    }
+    const ptrdiff_t items = rows * p->segments;
+    FN_FOR(w, i, items, p->segment_cols)
+    {
+        ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
+        j->stats[i] = FN_NAME(ln_segment_stats)(x + r * cols + c0, ln_segment_len(p, c0));
+    }
+    FN_NAME(ln_segments_finish)(w, j, x);
+}
+
 fn_status FN_NAME(fn_layer_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
                                  const double *bias, double eps, double *mean, double *invstd, int num_threads)
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
-    const int stream = fn_streams(rows * cols, sizeof(FN_T));
-    const FN_T *w, *b;
+    FN_NAME(ln_job) j = {&p, x, NULL, y, NULL, NULL, eps, mean, invstd, NULL, NULL, NULL, NULL, NULL, NULL, 0,
+                         NULL, NULL, NULL, 0};
+    j.stream = fn_streams(rows * cols, sizeof(FN_T));
     void *params;
-    fn_stats *stats = NULL;
-    if (FN_NAME(ln_params)(weight, bias, cols, &w, &b, &params) != FN_OK)
+    if (FN_NAME(ln_params)(weight, bias, cols, &j.w, &j.b, &params) != FN_OK)
         return FN_NOMEM;
-    if (p.segments == 1) {
-#pragma omp parallel num_threads(p.threads)
-        {
-#pragma omp for schedule(static)
-            for (ptrdiff_t r = 0; r < rows; r++)
-                FN_NAME(ln_normalize_row)(x + r * cols, y + r * cols, cols, w, b, eps, &mean[r], &invstd[r],
-                                          stream);
-            if (stream)
-                fn_stream_fence();
+    if (p.segments > 1) {
+        j.stats = malloc((size_t)(rows * p.segments) * sizeof(fn_stats));
+        if (j.stats == NULL) {
+            free(params);
+            return FN_NOMEM;
         }
-        free(params);
-        return FN_OK;
     }
-    const ptrdiff_t items = rows * p.segments;
-    stats = malloc((size_t)items * sizeof(fn_stats));
-    if (stats == NULL) {
-        free(params);
-        return FN_NOMEM;
-    }
-#pragma omp parallel num_threads(p.threads)
-    {
-#pragma omp for schedule(static)
-        for (ptrdiff_t i = 0; i < items; i++) {
-            ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
-            stats[i] = FN_NAME(ln_segment_stats)(x + r * cols + c0, ln_segment_len(&p, c0));
-        }
-#pragma omp for schedule(static)
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            fn_stats *row_stats = stats + r * p.segments;
-            for (ptrdiff_t g = 1; g < p.segments; g++)
-                fn_stats_merge(&row_stats[0], row_stats[g]);
-            mean[r] = row_stats[0].mean;
-            invstd[r] = ln_invstd(row_stats[0], eps);
-        }
-#pragma omp for schedule(static)
-        for (ptrdiff_t i = 0; i < items; i++) {
-            ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
-            FN_NAME(ln_segment_apply)(x + r * cols + c0, y + r * cols + c0, ln_segment_len(&p, c0),
-                                      w ? w + c0 : NULL, b ? b + c0 : NULL,
-                                      FN_NAME(ln_row_of)(stats[r * p.segments], invstd[r]), stream);
-        }
-        if (stream)
-            fn_stream_fence();
-    }
-    free(stats);
+    fn_team_run(p.threads, FN_NAME(ln_forward_region), &j);
+    free(j.stats);
     free(params);
     return FN_OK;
 }
@@ -272,10 +300,18 @@ static FN_NAME(ln_grad_row) FN_NAME(ln_grad_constants)(double mean, double invst
     return row;
 }
 
+/* dx += ds over a run of dx just written (the residual variants), while it is in cache. */
+FN_INLINE void FN_NAME(ln_add_residual_grad)(FN_T *restrict dx, const FN_T *restrict ds, ptrdiff_t n)
+{
+    if (ds)
+        for (ptrdiff_t i = 0; i < n; i++)
+            dx[i] += ds[i];
+}
+
 FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy, const FN_T *restrict x,
                                                         FN_T *restrict dx, ptrdiff_t n, const FN_T *restrict w,
                                                         FN_NAME(ln_grad_row) row, FN_T *restrict dweight_rows,
-                                                        FN_T *restrict dbias_rows)
+                                                        FN_T *restrict dbias_rows, const FN_T *restrict ds)
 {
     const FN_T hi = row.hi, lo = row.lo, inv = row.invstd, a = row.a, b = row.b, c = row.c;
 #if FN_IS_F32
@@ -287,6 +323,7 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy,
             dweight_rows[i] += dy[i] * xhat;
             dbias_rows[i] += dy[i];
         }
+        FN_NAME(ln_add_residual_grad)(dx, ds, n);
         return;
     }
 #endif
@@ -304,11 +341,62 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy,
             dweight_rows[i] += dy[i] * xhat;
             dbias_rows[i] += dy[i];
         }
+    FN_NAME(ln_add_residual_grad)(dx, ds, n);
 }
 
-fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
-                                          const double *mean, const double *invstd, const double *weight,
-                                          double *dweight, double *dbias, int num_threads)
+static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
+{
+    const FN_NAME(ln_job) *j = arg;
+    const ln_plan *p = j->p;
+    const ptrdiff_t rows = p->rows, cols = p->cols, part_values = p->chunks * cols;
+    const FN_T *dy = j->dy, *x = j->x, *weights = j->w;
+    const double *mean = j->mean, *invstd = j->invstd;
+    double *sums = j->sums, *part = j->part;
+    FN_T *group = j->group;
+    if (p->segments > 1) {
+        FN_FOR(wk, i, rows * p->segments, 2 * p->segment_cols)
+        {
+            ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
+            FN_NAME(ln_row_grad_sums)(dy + r * cols + c0, x + r * cols + c0, weights ? weights + c0 : NULL,
+                                      ln_segment_len(p, c0), (FN_T)mean[r], invstd[r], sums + 3 * i);
+        }
+        FN_FOR(wk, r, rows, 3 * p->segments)
+        for (ptrdiff_t g = 1; g < p->segments; g++)
+            for (int k = 0; k < 3; k++)
+                sums[3 * r * p->segments + k] += sums[3 * (r * p->segments + g) + k];
+    }
+    FN_FOR(wk, t, p->chunks * p->segments, 3 * p->chunk_rows * p->segment_cols)
+    {
+        ptrdiff_t chunk = t / p->segments, c0 = ln_segment_start(p, t % p->segments);
+        ptrdiff_t n = ln_segment_len(p, c0);
+        ptrdiff_t r1 = fn_min((chunk + 1) * p->chunk_rows, rows);
+        const FN_T *w = weights ? weights + c0 : NULL;
+        double *dweight_part = part + chunk * cols + c0;
+        double *dbias_part = part + part_values + chunk * cols + c0;
+        FN_T *dweight_rows = group + chunk * cols + c0;
+        FN_T *dbias_rows = group + part_values + chunk * cols + c0;
+        for (ptrdiff_t r = chunk * p->chunk_rows; r < r1; r++) {
+            double row_sums_here[3] = {0.0, 0.0, 0.0};
+            const double *s = row_sums_here;
+            if (p->segments > 1)
+                s = sums + 3 * r * p->segments;
+            else
+                FN_NAME(ln_row_grad_sums)(dy + r * cols, x + r * cols, w, n, (FN_T)mean[r], invstd[r], row_sums_here);
+            FN_NAME(ln_grad_row) row = FN_NAME(ln_grad_constants)(mean[r], invstd[r], s, cols);
+            FN_NAME(ln_backward_apply)(dy + r * cols + c0, x + r * cols + c0, j->y + r * cols + c0, n, w, row,
+                                       dweight_rows, dbias_rows, j->ds ? j->ds + r * cols + c0 : NULL);
+            if ((r + 1 - chunk * p->chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1) {
+                FN_NAME(ln_flush_columns)(dweight_part, dweight_rows, n);
+                FN_NAME(ln_flush_columns)(dbias_part, dbias_rows, n);
+            }
+        }
+    }
+}
+
+/* layer_norm_backward, and with ds (not NULL) add_layer_norm_backward. */
+static fn_status FN_NAME(ln_backward)(const FN_T *dy, const FN_T *ds, const FN_T *x, FN_T *dx, ptrdiff_t rows,
+                                      ptrdiff_t cols, const double *mean, const double *invstd,
+                                      const double *weight, double *dweight, double *dbias, int num_threads)
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
     const ptrdiff_t part_values = p.chunks * cols;
@@ -327,55 +415,21 @@ fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
     }
     double *sums = part + 2 * part_values;
     FN_T *group = (FN_T *)(sums + row_sums);
-    const ptrdiff_t tiles = p.chunks * p.segments;
-#pragma omp parallel num_threads(p.threads)
-    {
-        if (p.segments > 1) {
-#pragma omp for schedule(static)
-            for (ptrdiff_t i = 0; i < rows * p.segments; i++) {
-                ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
-                FN_NAME(ln_row_grad_sums)(dy + r * cols + c0, x + r * cols + c0, weights ? weights + c0 : NULL,
-                                          ln_segment_len(&p, c0), (FN_T)mean[r], invstd[r], sums + 3 * i);
-            }
-#pragma omp for schedule(static)
-            for (ptrdiff_t r = 0; r < rows; r++)
-                for (ptrdiff_t g = 1; g < p.segments; g++)
-                    for (int j = 0; j < 3; j++)
-                        sums[3 * r * p.segments + j] += sums[3 * (r * p.segments + g) + j];
-        }
-#pragma omp for schedule(static)
-        for (ptrdiff_t t = 0; t < tiles; t++) {
-            ptrdiff_t chunk = t / p.segments, c0 = ln_segment_start(&p, t % p.segments);
-            ptrdiff_t n = ln_segment_len(&p, c0);
-            ptrdiff_t r1 = fn_min((chunk + 1) * p.chunk_rows, rows);
-            const FN_T *w = weights ? weights + c0 : NULL;
-            double *dweight_part = part + chunk * cols + c0;
-            double *dbias_part = part + part_values + chunk * cols + c0;
-            FN_T *dweight_rows = group + chunk * cols + c0;
-            FN_T *dbias_rows = group + part_values + chunk * cols + c0;
-            for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {
-                double row_sums_here[3] = {0.0, 0.0, 0.0};
-                const double *s = row_sums_here;
-                if (p.segments > 1)
-                    s = sums + 3 * r * p.segments;
-                else
-                    FN_NAME(ln_row_grad_sums)(dy + r * cols, x + r * cols, w, n, (FN_T)mean[r], invstd[r],
-                                              row_sums_here);
-                FN_NAME(ln_grad_row) row = FN_NAME(ln_grad_constants)(mean[r], invstd[r], s, cols);
-                FN_NAME(ln_backward_apply)(dy + r * cols + c0, x + r * cols + c0, dx + r * cols + c0, n, w, row,
-                                           dweight_rows, dbias_rows);
-                if ((r + 1 - chunk * p.chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1) {
-                    FN_NAME(ln_flush_columns)(dweight_part, dweight_rows, n);
-                    FN_NAME(ln_flush_columns)(dbias_part, dbias_rows, n);
-                }
-            }
-        }
-    }
+    FN_NAME(ln_job) j = {&p, x, dy, dx, weights, NULL, 0.0, NULL, NULL, mean, invstd, NULL, sums, part, group, 0,
+                         ds, NULL, NULL, 0};
+    fn_team_run(p.threads, FN_NAME(ln_backward_region), &j);
     ln_merge_chunks(part, p.chunks, cols, dweight, p.threads);
     ln_merge_chunks(part + part_values, p.chunks, cols, dbias, p.threads);
     free(part);
     free(params);
     return FN_OK;
+}
+
+fn_status FN_NAME(fn_layer_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
+                                          const double *mean, const double *invstd, const double *weight,
+                                          double *dweight, double *dbias, int num_threads)
+{
+    return FN_NAME(ln_backward)(dy, NULL, x, dx, rows, cols, mean, invstd, weight, dweight, dbias, num_threads);
 }
 
 /* ---- RMS norm forward ---- */
@@ -463,56 +517,68 @@ FN_VECTOR_KERNEL static void FN_NAME(rms_segment_apply)(const FN_T *x, FN_T *y, 
     FN_NAME(rms_write)(x, w, y, n, row, stream);
 }
 
+/* As ln_segments_finish, for RMS norm's segment sums of squares in j->sums. */
+static void FN_NAME(rms_segments_finish)(fn_worker *w, const FN_NAME(ln_job) *j, const FN_T *src)
+{
+    const ln_plan *p = j->p;
+    const ptrdiff_t rows = p->rows, cols = p->cols, items = rows * p->segments;
+    double *invrms = j->invstd_out, *sums = j->sums;
+    FN_FOR(w, r, rows, p->segments)
+    {
+        for (ptrdiff_t g = 1; g < p->segments; g++)
+            sums[r * p->segments] += sums[r * p->segments + g];
+        invrms[r] = rms_invrms(sums[r * p->segments], cols, j->eps);
+    }
+    FN_FOR(w, i, items, p->segment_cols)
+    {
+        ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
+        FN_NAME(rms_segment_apply)(src + r * cols + c0, j->y + r * cols + c0, ln_segment_len(p, c0),
+                                   j->w ? j->w + c0 : NULL, FN_NAME(rms_row_of)(invrms[r]), j->stream);
+    }
+}
+
+static void FN_NAME(rms_forward_region)(fn_worker *w, void *arg)
+{
+    const FN_NAME(ln_job) *j = arg;
+    const ln_plan *p = j->p;
+    const ptrdiff_t rows = p->rows, cols = p->cols;
+    const FN_T *x = j->x;
+    FN_T *y = j->y;
+    double *invrms = j->invstd_out, *sums = j->sums;
+    if (p->segments == 1) {
+        FN_FOR(w, r, rows, 2 * cols)
+        invrms[r] = FN_NAME(rms_normalize_row)(x + r * cols, y + r * cols, cols, j->w, j->eps, j->stream);
+        return;
+    }
+    const ptrdiff_t items = rows * p->segments;
+    FN_FOR(w, i, items, p->segment_cols)
+    {
+        ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
+        sums[i] = FN_NAME(rms_segment_sum_squares)(x + r * cols + c0, ln_segment_len(p, c0));
+    }
+    FN_NAME(rms_segments_finish)(w, j, x);
+}
+
 fn_status FN_NAME(fn_rms_norm)(const FN_T *x, FN_T *y, ptrdiff_t rows, ptrdiff_t cols, const double *weight,
                                double eps, double *invrms, int num_threads)
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
-    const int stream = fn_streams(rows * cols, sizeof(FN_T));
-    const FN_T *w, *unused_bias;
+    FN_NAME(ln_job) j = {&p, x, NULL, y, NULL, NULL, eps, NULL, invrms, NULL, NULL, NULL, NULL, NULL, NULL, 0,
+                         NULL, NULL, NULL, 0};
+    j.stream = fn_streams(rows * cols, sizeof(FN_T));
+    const FN_T *unused_bias;
     void *params;
-    if (FN_NAME(ln_params)(weight, NULL, cols, &w, &unused_bias, &params) != FN_OK)
+    if (FN_NAME(ln_params)(weight, NULL, cols, &j.w, &unused_bias, &params) != FN_OK)
         return FN_NOMEM;
-    if (p.segments == 1) {
-#pragma omp parallel num_threads(p.threads)
-        {
-#pragma omp for schedule(static)
-            for (ptrdiff_t r = 0; r < rows; r++)
-                invrms[r] = FN_NAME(rms_normalize_row)(x + r * cols, y + r * cols, cols, w, eps, stream);
-            if (stream)
-                fn_stream_fence();
+    if (p.segments > 1) {
+        j.sums = malloc((size_t)(rows * p.segments) * sizeof(double));
+        if (j.sums == NULL) {
+            free(params);
+            return FN_NOMEM;
         }
-        free(params);
-        return FN_OK;
     }
-    const ptrdiff_t items = rows * p.segments;
-    double *sums = malloc((size_t)items * sizeof(double));
-    if (sums == NULL) {
-        free(params);
-        return FN_NOMEM;
-    }
-#pragma omp parallel num_threads(p.threads)
-    {
-#pragma omp for schedule(static)
-        for (ptrdiff_t i = 0; i < items; i++) {
-            ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
-            sums[i] = FN_NAME(rms_segment_sum_squares)(x + r * cols + c0, ln_segment_len(&p, c0));
-        }
-#pragma omp for schedule(static)
-        for (ptrdiff_t r = 0; r < rows; r++) {
-            for (ptrdiff_t g = 1; g < p.segments; g++)
-                sums[r * p.segments] += sums[r * p.segments + g];
-            invrms[r] = rms_invrms(sums[r * p.segments], cols, eps);
-        }
-#pragma omp for schedule(static)
-        for (ptrdiff_t i = 0; i < items; i++) {
-            ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
-            FN_NAME(rms_segment_apply)(x + r * cols + c0, y + r * cols + c0, ln_segment_len(&p, c0),
-                                       w ? w + c0 : NULL, FN_NAME(rms_row_of)(invrms[r]), stream);
-        }
-        if (stream)
-            fn_stream_fence();
-    }
-    free(sums);
+    fn_team_run(p.threads, FN_NAME(rms_forward_region), &j);
+    free(j.sums);
     free(params);
     return FN_OK;
 }
@@ -532,7 +598,7 @@ FN_VECTOR_KERNEL static double FN_NAME(rms_row_grad_dot)(const FN_T *dy, const F
 FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy, const FN_T *restrict x,
                                                          FN_T *restrict dx, ptrdiff_t n, const FN_T *restrict w,
                                                          FN_T invrms, FN_T c, int by_xhat,
-                                                         FN_T *restrict dweight_rows)
+                                                         FN_T *restrict dweight_rows, const FN_T *restrict ds)
 {
 #if FN_IS_F32
     if (by_xhat) {
@@ -541,6 +607,7 @@ FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy
             dx[i] = invrms * (w ? dy[i] * w[i] : dy[i]) - c * xhat;
             dweight_rows[i] += dy[i] * xhat;
         }
+        FN_NAME(ln_add_residual_grad)(dx, ds, n);
         return;
     }
 #else
@@ -556,11 +623,57 @@ FN_VECTOR_KERNEL static void FN_NAME(rms_backward_apply)(const FN_T *restrict dy
             dx[i] = invrms * dy[i] - c * x[i];
             dweight_rows[i] += dy[i] * (x[i] * invrms);
         }
+    FN_NAME(ln_add_residual_grad)(dx, ds, n);
 }
 
-fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
-                                        const double *invrms, const double *weight, double *dweight,
-                                        int num_threads)
+static void FN_NAME(rms_backward_region)(fn_worker *wk, void *arg)
+{
+    const FN_NAME(ln_job) *j = arg;
+    const ln_plan *p = j->p;
+    const ptrdiff_t rows = p->rows, cols = p->cols;
+    const FN_T *dy = j->dy, *x = j->x, *weights = j->w;
+    const double *invrms = j->invstd;
+    double *sums = j->sums, *part = j->part;
+    FN_T *group = j->group;
+    if (p->segments > 1) {
+        FN_FOR(wk, i, rows * p->segments, 2 * p->segment_cols)
+        {
+            ptrdiff_t r = i / p->segments, c0 = ln_segment_start(p, i % p->segments);
+            sums[i] = FN_NAME(rms_row_grad_dot)(dy + r * cols + c0, x + r * cols + c0, weights ? weights + c0 : NULL,
+                                                ln_segment_len(p, c0), invrms[r]);
+        }
+        FN_FOR(wk, r, rows, p->segments)
+        for (ptrdiff_t g = 1; g < p->segments; g++)
+            sums[r * p->segments] += sums[r * p->segments + g];
+    }
+    FN_FOR(wk, t, p->chunks * p->segments, 3 * p->chunk_rows * p->segment_cols)
+    {
+        ptrdiff_t chunk = t / p->segments, c0 = ln_segment_start(p, t % p->segments);
+        ptrdiff_t n = ln_segment_len(p, c0);
+        ptrdiff_t r1 = fn_min((chunk + 1) * p->chunk_rows, rows);
+        const FN_T *w = weights ? weights + c0 : NULL;
+        for (ptrdiff_t r = chunk * p->chunk_rows; r < r1; r++) {
+            double sum_gx = p->segments > 1 ? sums[r * p->segments]
+                                            : FN_NAME(rms_row_grad_dot)(dy + r * cols, x + r * cols, w, n, invrms[r]);
+#if FN_IS_F32
+            const int by_xhat = fn_f32_range_scale(0.0, invrms[r]) != 1.0;
+#else
+            const int by_xhat = 0;
+#endif
+            const double c = rms_backward_c(invrms[r], sum_gx, cols) / (by_xhat ? invrms[r] : 1.0);
+            FN_NAME(rms_backward_apply)(dy + r * cols + c0, x + r * cols + c0, j->y + r * cols + c0, n, w,
+                                        (FN_T)invrms[r], (FN_T)c, by_xhat, group + chunk * cols + c0,
+                                        j->ds ? j->ds + r * cols + c0 : NULL);
+            if ((r + 1 - chunk * p->chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1)
+                FN_NAME(ln_flush_columns)(part + chunk * cols + c0, group + chunk * cols + c0, n);
+        }
+    }
+}
+
+/* rms_norm_backward, and with ds (not NULL) add_rms_norm_backward. */
+static fn_status FN_NAME(rms_backward)(const FN_T *dy, const FN_T *ds, const FN_T *x, FN_T *dx, ptrdiff_t rows,
+                                       ptrdiff_t cols, const double *invrms, const double *weight, double *dweight,
+                                       int num_threads)
 {
     const ln_plan p = ln_make_plan(rows, cols, num_threads);
     const ptrdiff_t part_values = p.chunks * cols;
@@ -578,47 +691,18 @@ fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx,
     }
     double *sums = part + part_values;
     FN_T *group = (FN_T *)(sums + row_sums);
-    const ptrdiff_t tiles = p.chunks * p.segments;
-#pragma omp parallel num_threads(p.threads)
-    {
-        if (p.segments > 1) {
-#pragma omp for schedule(static)
-            for (ptrdiff_t i = 0; i < rows * p.segments; i++) {
-                ptrdiff_t r = i / p.segments, c0 = ln_segment_start(&p, i % p.segments);
-                sums[i] = FN_NAME(rms_row_grad_dot)(dy + r * cols + c0, x + r * cols + c0,
-                                                    weights ? weights + c0 : NULL, ln_segment_len(&p, c0),
-                                                    invrms[r]);
-            }
-#pragma omp for schedule(static)
-            for (ptrdiff_t r = 0; r < rows; r++)
-                for (ptrdiff_t g = 1; g < p.segments; g++)
-                    sums[r * p.segments] += sums[r * p.segments + g];
-        }
-#pragma omp for schedule(static)
-        for (ptrdiff_t t = 0; t < tiles; t++) {
-            ptrdiff_t chunk = t / p.segments, c0 = ln_segment_start(&p, t % p.segments);
-            ptrdiff_t n = ln_segment_len(&p, c0);
-            ptrdiff_t r1 = fn_min((chunk + 1) * p.chunk_rows, rows);
-            const FN_T *w = weights ? weights + c0 : NULL;
-            for (ptrdiff_t r = chunk * p.chunk_rows; r < r1; r++) {
-                double sum_gx = p.segments > 1 ? sums[r * p.segments]
-                                               : FN_NAME(rms_row_grad_dot)(dy + r * cols, x + r * cols, w, n,
-                                                                           invrms[r]);
-#if FN_IS_F32
-                const int by_xhat = fn_f32_range_scale(0.0, invrms[r]) != 1.0;
-#else
-                const int by_xhat = 0;
-#endif
-                const double c = rms_backward_c(invrms[r], sum_gx, cols) / (by_xhat ? invrms[r] : 1.0);
-                FN_NAME(rms_backward_apply)(dy + r * cols + c0, x + r * cols + c0, dx + r * cols + c0, n, w,
-                                            (FN_T)invrms[r], (FN_T)c, by_xhat, group + chunk * cols + c0);
-                if ((r + 1 - chunk * p.chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1)
-                    FN_NAME(ln_flush_columns)(part + chunk * cols + c0, group + chunk * cols + c0, n);
-            }
-        }
-    }
+    FN_NAME(ln_job) j = {&p, x, dy, dx, weights, NULL, 0.0, NULL, NULL, NULL, invrms, NULL, sums, part, group, 0,
+                         ds, NULL, NULL, 0};
+    fn_team_run(p.threads, FN_NAME(rms_backward_region), &j);
     ln_merge_chunks(part, p.chunks, cols, dweight, p.threads);
     free(part);
     free(params);
     return FN_OK;
+}
+
+fn_status FN_NAME(fn_rms_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t rows, ptrdiff_t cols,
+                                        const double *invrms, const double *weight, double *dweight,
+                                        int num_threads)
+{
+    return FN_NAME(rms_backward)(dy, NULL, x, dx, rows, cols, invrms, weight, dweight, num_threads);
 }

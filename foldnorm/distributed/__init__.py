@@ -16,10 +16,18 @@ size, and a shard may be empty.
 
 The building blocks (`local_stats`, `merge_stats`, `normalize`, `local_grad_sums`, `merge_grad_sums`,
 `normalize_backward`) take and return NumPy arrays and need no communication; `sync_batch_norm_train`
-and `sync_batch_norm_backward` compose them around one collective each. They are NumPy rather than the
-compiled kernels: `batch_norm_train` and `batch_norm_backward` return float32 statistics and gradient
-sums for float32 input and apply them to the shard in the same call, and `batch_norm`'s one-FMA apply
-loses digits of float32 data far from zero, where `normalize` subtracts the mean first.
+and `sync_batch_norm_backward` compose them around one collective each. They are the compiled pieces of
+foldnorm's batch-norm kernels, split as PyTorch's ATen splits its SyncBatchNorm: `batch_norm_train`'s
+statistics pass and apply pass, `batch_norm_backward`'s reduction and apply, with float64 statistics and
+sums for every dtype, and the kernels' argument checks. The GIL is released while they run.
+
+Threads
+-------
+Ranks on one machine share its cores: with ``num_threads=None`` each rank uses
+``usable_cores // ranks_on_this_node()`` threads (at most `foldnorm.get_num_threads()`), the ranks on the
+machine as the launcher reports them (MPICH's ``MPI_LOCALNRANKS``, Open MPI's
+``OMPI_COMM_WORLD_LOCAL_SIZE``, torchrun's ``LOCAL_WORLD_SIZE``), so that they never run more threads than
+it has cores. An explicit ``num_threads`` is used as given.
 
 Communicators
 -------------
@@ -27,13 +35,15 @@ Communicators
 ``allgather(obj) -> list`` returning every rank's object in rank order. An mpi4py communicator
 (``mpi4py.MPI.COMM_WORLD``) is one as it is; `TorchDistributedComm` adapts a ``torch.distributed``
 process group (gloo). This module imports neither: mpi4py is needed only to make an MPI communicator.
+Over mpi4py the summaries travel through its buffer collective ``Allgather`` as float64 arrays (a header
+of the count and the values ranks must agree on, then the 2C statistics), which spares pickling them.
 
 Every argument is checked on its own rank first, and the outcome travels with the summaries in the
 same collective: when any rank's arguments are wrong, every rank raises (the same exception type, the
 message naming the rank), so no rank is left waiting in a collective the others never enter.
 """
 from .statistics import (ChannelStats, GradSums, local_grad_sums, local_stats, merge_grad_sums, merge_stats,
-                         normalize, normalize_backward)
+                         normalize, normalize_backward, ranks_on_this_node, shard_threads)
 from .sync import Communicator, TorchDistributedComm, sync_batch_norm_backward, sync_batch_norm_train
 
 __all__ = [
@@ -49,4 +59,6 @@ __all__ = [
     "normalize_backward",
     "sync_batch_norm_train",
     "sync_batch_norm_backward",
+    "ranks_on_this_node",
+    "shard_threads",
 ]

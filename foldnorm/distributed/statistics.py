@@ -1,23 +1,34 @@
-"""Per-channel batch statistics as NumPy building blocks: local summaries, their merge in a fixed order,
+"""Per-channel batch statistics as building blocks: local summaries, their merge in a fixed order,
 normalization with given statistics, and the backward pass's sums and apply.
 
-These need no communication: foldnorm.distributed composes them around one collective each.
-Statistics are float64 centred sums merged with Chan's update, never ``E[x^2] - E[x]^2``.
+These need no communication: foldnorm.distributed composes them around one collective each. Each is a
+thin check of its arguments (foldnorm.kernels' own checks) over a compiled block of the batch-norm kernels
+(src_c/bn_blocks.h): the same statistics, apply and gradient passes as `batch_norm_train` and
+`batch_norm_backward`, with float64 statistics for every dtype. Statistics are centred float64 sums merged
+with Chan's update, never ``E[x^2] - E[x]^2``.
 """
 from __future__ import annotations
 
-import operator
+import os
 from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+try:
+    from foldnorm.kernels import _batch_norm
+except ImportError as missing:  # a source checkout that was never built
+    raise ImportError("foldnorm.distributed runs on foldnorm's compiled kernels, which are not built here "
+                      "(foldnorm.kernels._batch_norm: %s); build them with `python setup.py build_ext --inplace` "
+                      "or install foldnorm" % missing) from missing
+from foldnorm.kernels._validation import (as_input, as_like, as_param, channel_layout, finish_output,
+                                          kernel_output)
+from foldnorm.kernels.runtime import get_num_threads, resolve_num_threads, usable_cores
+
 __all__ = ["ChannelStats", "GradSums", "local_stats", "merge_stats", "normalize", "local_grad_sums",
-           "merge_grad_sums", "normalize_backward"]
+           "merge_grad_sums", "normalize_backward", "ranks_on_this_node", "shard_threads"]
 
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-# Values reduced per piece: a piece's float64 temporaries (256 KiB) stay in a core's L2 cache.
-_PIECE_ELEMS = 1 << 15
+# Where launchers say how many ranks run on this machine: MPICH's Hydra, Open MPI, torchrun.
+_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE")
 
 
 class ChannelStats(NamedTuple):
@@ -60,11 +71,11 @@ class GradSums(NamedTuple):
 # Building blocks: NumPy in and out, no communication.
 
 
-def local_stats(x: np.ndarray, *, channel_axis: int = 1) -> ChannelStats:
+def local_stats(x: np.ndarray, *, channel_axis: int = 1, num_threads: Optional[int] = None) -> ChannelStats:
     """Per-channel ``(count, mean, m2)`` of one shard, in float64.
 
-    Each piece of about 32,000 values gets an exact float64 two-pass (mean, then the sum of squared
-    deviations from it); pieces are merged with Chan's update in order.
+    The statistics pass of `batch_norm_train`: centred sums over cache-sized pieces, merged with Chan's
+    update in a fixed order (the same bits for any thread count).
 
     Parameters
     ----------
@@ -73,6 +84,9 @@ def local_stats(x: np.ndarray, *, channel_axis: int = 1) -> ChannelStats:
         N (or a spatial size) may be 0: an empty shard has count 0.
     channel_axis : {1, -1}
         The channel axis: 1 (channels first) or -1 (channels last).
+    num_threads : int, optional
+        Threads for this shard; None shares the usable cores among the ranks on this machine
+        (`shard_threads`).
 
     Returns
     -------
@@ -85,8 +99,8 @@ def local_stats(x: np.ndarray, *, channel_axis: int = 1) -> ChannelStats:
     >>> s.count, s.mean, s.m2
     (2, array([ 2., 15.]), array([ 2., 50.]))
     """
-    x3 = _as_batch(x, "x", channel_axis)[0]
-    return _stats_of(x3)
+    xc, _, (outer, channels, inner) = _shard(x, "x", channel_axis)
+    return _stats_of(xc, outer, channels, inner, shard_threads(num_threads, xc.size))
 
 
 def merge_stats(parts: Sequence[ChannelStats]) -> ChannelStats:
@@ -111,35 +125,18 @@ def merge_stats(parts: Sequence[ChannelStats]) -> ChannelStats:
     >>> merge_stats([a, b])
     ChannelStats(count=3, mean=array([3.]), m2=array([8.]))
     """
-    if len(parts) == 0:
-        raise ValueError("parts must hold at least one ChannelStats")
-    channels = len(parts[0].mean)
-    count, mean, m2 = 0, np.zeros(channels), np.zeros(channels)
-    for k, part in enumerate(parts):
-        part_mean = np.asarray(part.mean, dtype=np.float64)
-        part_m2 = np.asarray(part.m2, dtype=np.float64)
-        if part_mean.shape != (channels,) or part_m2.shape != (channels,):
-            raise ValueError("parts[%d] has statistics of shape %s and %s, expected (%d,)"
-                             % (k, part_mean.shape, part_m2.shape, channels))
-        n = int(part.count)
-        if n == 0:
-            continue
-        if count == 0:
-            count, mean, m2 = n, part_mean.copy(), part_m2.copy()
-            continue
-        total = count + n
-        delta = part_mean - mean
-        mean = mean + delta * (n / total)
-        m2 = m2 + part_m2 + delta * delta * (count * n / total)
-        count = total
-    return ChannelStats(count, mean, m2)
+    counts, means, m2s = _stacked(parts, "parts", "ChannelStats", ("mean", "m2"))
+    mean, m2 = np.empty(means.shape[1]), np.empty(means.shape[1])
+    count = _batch_norm.bn_merge_stats(counts, means, m2s, mean, m2)
+    return ChannelStats(int(count), mean, m2)
 
 
 def normalize(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray, weight: Optional[np.ndarray] = None,
-              bias: Optional[np.ndarray] = None, *, channel_axis: int = 1) -> np.ndarray:
+              bias: Optional[np.ndarray] = None, *, channel_axis: int = 1,
+              num_threads: Optional[int] = None) -> np.ndarray:
     """y = (x - mean) * invstd * weight + bias per channel, with given statistics.
 
-    Computed as the training kernel does, in x's precision (float32 for float16):
+    The apply pass of `batch_norm_train`, in x's precision (float32 for float16):
     y = (x - shift) * alpha + beta with shift = mean and alpha = weight * invstd rounded to that
     precision, and beta = bias - (mean - shift) * alpha from float64; subtracting the rounded mean first
     keeps data far from zero (mean 1e3, std 1 in float32) exact where x * alpha + beta would not.
@@ -154,22 +151,27 @@ def normalize(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray, weight: Optio
     weight, bias : array_like (C,), optional
         1 and 0 when None.
     channel_axis : {1, -1}
+    num_threads : int, optional
 
     Returns
     -------
     ndarray
         y, of x's shape and dtype.
     """
-    x3, dtype, channels = _as_batch(x, "x", channel_axis)
-    mean64 = _param(mean, "mean", channels, required=True)
-    invstd64 = _param(invstd, "invstd", channels, required=True)
-    weight64 = _param(weight, "weight", channels)
-    bias64 = _param(bias, "bias", channels)
-    return _normalize(x3, dtype, np.shape(x), mean64, invstd64, weight64, bias64)
+    xc, dtype, (outer, channels, inner) = _shard(x, "x", channel_axis)
+    mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
+    invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
+    weight64 = as_param(weight, "weight", (channels,), np.float64)
+    bias64 = as_param(bias, "bias", (channels,), np.float64)
+    return _normalize(xc, dtype, (outer, channels, inner), mean64, invstd64, weight64, bias64,
+                      shard_threads(num_threads, xc.size))
 
 
-def local_grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, *, channel_axis: int = 1) -> GradSums:
+def local_grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, *, invstd: Optional[np.ndarray] = None,
+                    channel_axis: int = 1, num_threads: Optional[int] = None) -> GradSums:
     """Per-channel ``(count, sum(dy), sum(dy * (x - mean)))`` of one shard, in float64.
+
+    The reduction pass of `batch_norm_backward`.
 
     Parameters
     ----------
@@ -180,16 +182,21 @@ def local_grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, *, channel_
         be empty.
     mean : array_like (C,)
         The mean of the whole batch (not of the shard).
+    invstd : array_like (C,), optional
+        The whole batch's invstd, when known: float32 sums then scale the deviations to unit size, which
+        keeps the digits of values far from it (below 1e-20 or above 1e20).
     channel_axis : {1, -1}
+    num_threads : int, optional
 
     Returns
     -------
     GradSums
     """
-    x3, _, channels = _as_batch(x, "x", channel_axis)
-    dy3 = _as_like(dy, "dy", np.shape(x)).reshape(x3.shape)
-    mean64 = _param(mean, "mean", channels, required=True)
-    return _grad_sums_of(dy3, x3, mean64)
+    xc, _, layout = _shard(x, "x", channel_axis)
+    dyc = as_like(dy, "dy", xc.shape, xc.dtype)
+    mean64 = as_param(mean, "mean", (layout[1],), np.float64, required=True)
+    invstd64 = as_param(invstd, "invstd", (layout[1],), np.float64)
+    return _grad_sums_of(dyc, xc, layout, mean64, invstd64, shard_threads(num_threads, 2 * xc.size))
 
 
 def merge_grad_sums(parts: Sequence[GradSums]) -> GradSums:
@@ -201,28 +208,20 @@ def merge_grad_sums(parts: Sequence[GradSums]) -> GradSums:
     >>> merge_grad_sums([a, GradSums(1, np.array([2.0]), np.array([-1.0]))])
     GradSums(count=3, sum_dy=array([3.]), sum_dy_xmu=array([-0.5]))
     """
-    if len(parts) == 0:
-        raise ValueError("parts must hold at least one GradSums")
-    count = 0
-    sum_dy = np.zeros(len(parts[0].sum_dy))
-    sum_dy_xmu = np.zeros(len(parts[0].sum_dy))
-    for k, part in enumerate(parts):
-        if np.shape(part.sum_dy) != sum_dy.shape or np.shape(part.sum_dy_xmu) != sum_dy.shape:
-            raise ValueError("parts[%d] has sums of shape %s and %s, expected %s"
-                             % (k, np.shape(part.sum_dy), np.shape(part.sum_dy_xmu), sum_dy.shape))
-        count += int(part.count)
-        sum_dy = sum_dy + np.asarray(part.sum_dy, dtype=np.float64)
-        sum_dy_xmu = sum_dy_xmu + np.asarray(part.sum_dy_xmu, dtype=np.float64)
-    return GradSums(count, sum_dy, sum_dy_xmu)
+    counts, sum_dys, sum_dy_xmus = _stacked(parts, "parts", "GradSums", ("sum_dy", "sum_dy_xmu"))
+    sum_dy, sum_dy_xmu = np.empty(sum_dys.shape[1]), np.empty(sum_dys.shape[1])
+    _batch_norm.bn_merge_grad_sums(sum_dys, sum_dy_xmus, sum_dy, sum_dy_xmu)
+    return GradSums(sum(int(count) for count in counts), sum_dy, sum_dy_xmu)
 
 
 def normalize_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
-                       weight: Optional[np.ndarray], sums: GradSums, *, channel_axis: int = 1) -> np.ndarray:
+                       weight: Optional[np.ndarray], sums: GradSums, *, channel_axis: int = 1,
+                       num_threads: Optional[int] = None) -> np.ndarray:
     """dx of batch norm for one shard, from the whole batch's statistics and gradient sums.
 
     With n = sums.count, xhat = (x - mean) * invstd:
     dx = weight * invstd * (dy - sum_dy / n - xhat * invstd * sum_dy_xmu / n),
-    computed in x's precision (float32 for float16) as the backward kernel does:
+    the apply pass of `batch_norm_backward`, in x's precision (float32 for float16):
     dx = (dy + (x - shift) * slope + offset) * alpha with per-channel coefficients from float64.
 
     Parameters
@@ -237,192 +236,132 @@ def normalize_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: 
     sums : GradSums
         The whole batch's sums (`merge_grad_sums` of every shard's `local_grad_sums`); count >= 1.
     channel_axis : {1, -1}
+    num_threads : int, optional
 
     Returns
     -------
     ndarray
         dx, of x's shape and dtype.
     """
-    x3, dtype, channels = _as_batch(x, "x", channel_axis)
-    dy3 = _as_like(dy, "dy", np.shape(x)).reshape(x3.shape)
-    mean64 = _param(mean, "mean", channels, required=True)
-    invstd64 = _param(invstd, "invstd", channels, required=True)
-    weight64 = _param(weight, "weight", channels)
+    xc, dtype, layout = _shard(x, "x", channel_axis)
+    dyc = as_like(dy, "dy", xc.shape, xc.dtype)
+    channels = layout[1]
+    mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
+    invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
+    weight64 = as_param(weight, "weight", (channels,), np.float64)
     if not isinstance(sums, GradSums):
         raise TypeError("sums must be a GradSums, got %s" % type(sums).__name__)
-    sum_dy = _param(sums.sum_dy, "sums.sum_dy", channels, required=True)
-    sum_dy_xmu = _param(sums.sum_dy_xmu, "sums.sum_dy_xmu", channels, required=True)
+    sum_dy = as_param(sums.sum_dy, "sums.sum_dy", (channels,), np.float64, required=True)
+    sum_dy_xmu = as_param(sums.sum_dy_xmu, "sums.sum_dy_xmu", (channels,), np.float64, required=True)
     if int(sums.count) < 1:
         raise ValueError("sums.count must be at least 1, got %r" % (sums.count,))
-    return _normalize_backward(dy3, x3, dtype, np.shape(x), mean64, invstd64, weight64,
-                               GradSums(int(sums.count), sum_dy, sum_dy_xmu))
+    return _normalize_backward(dyc, xc, dtype, layout, mean64, invstd64, weight64,
+                               GradSums(int(sums.count), sum_dy, sum_dy_xmu), shard_threads(num_threads, 3 * xc.size))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Arithmetic on (outer, C, inner) views: channels first (N, C, prod(spatial)), channels last
-# (N * prod(spatial), C, 1).
+# Threads: the ranks on one machine share its cores.
 
 
-def _pieces(outer: int, row_elems: int):
-    """[lo, hi) ranges of rows of about _PIECE_ELEMS values each."""
-    rows = max(1, _PIECE_ELEMS // max(1, row_elems))
-    for lo in range(0, outer, rows):
-        yield lo, min(outer, lo + rows)
+def ranks_on_this_node() -> int:
+    """How many ranks of this job run on this machine, as the launcher says (MPICH's Hydra sets
+    MPI_LOCALNRANKS, Open MPI OMPI_COMM_WORLD_LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE); 1 when none does."""
+    for name in _LOCAL_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
 
 
-def _per_channel(a: np.ndarray, x3: np.ndarray) -> np.ndarray:
-    """a (C,) shaped to broadcast against x3's planes, or against its rows when channels are last."""
-    return a[:, None] if x3.shape[2] != 1 else a
+def shard_threads(num_threads: Optional[int], work: int) -> int:
+    """The threads a building block runs with on a shard of `work` elements.
+
+    None: this rank's share of the usable cores, ``usable_cores() // ranks_on_this_node()`` (at least 1,
+    at most `foldnorm.get_num_threads()`), so that the ranks on a machine never run more threads than it
+    has cores; an int is taken as asked. Either way capped as every kernel call is (one thread per
+    foldnorm.kernels.runtime.PARALLEL_GRAIN elements, the usable cores).
+    """
+    if num_threads is None:
+        ranks = ranks_on_this_node()
+        if ranks > 1:
+            num_threads = max(1, min(get_num_threads(), usable_cores() // ranks))
+    return resolve_num_threads(num_threads, work)
 
 
-def _rows_or_planes(x3: np.ndarray) -> np.ndarray:
-    """x3 itself, or its (outer, C) matrix when channels are last (a faster broadcast for NumPy)."""
-    return x3 if x3.shape[2] != 1 else x3[:, :, 0]
+# ---------------------------------------------------------------------------------------------------
+# The compiled blocks on checked arguments: x and dy C-contiguous in the compute dtype, seen as
+# (outer, channels, inner).
 
 
-def _stats_of(x3: np.ndarray) -> ChannelStats:
-    outer, channels, inner = x3.shape
-    if outer * inner == 0:
-        return ChannelStats(0, np.zeros(channels), np.zeros(channels))
-    parts = []
-    for lo, hi in _pieces(outer, channels * inner):
-        piece = x3[lo:hi]
-        count = (hi - lo) * inner
-        mean = piece.sum(axis=(0, 2), dtype=np.float64) / count
-        centred = np.subtract(piece, mean[:, None], dtype=np.float64)
-        parts.append(ChannelStats(count, mean, np.einsum("oci,oci->c", centred, centred)))
-    return merge_stats(parts)
+def _shard(x: Any, name: str, channel_axis: int):
+    """A shard checked as the kernels check x, but possibly empty: (x in the compute dtype, C-contiguous;
+    the caller's dtype; (outer, channels, inner))."""
+    xc, dtype = as_input(x, name, min_ndim=2, allow_empty=True)
+    return xc, dtype, channel_layout(xc.shape, channel_axis, name)
 
 
-def _grad_sums_of(dy3: np.ndarray, x3: np.ndarray, mean: np.ndarray) -> GradSums:
-    outer, channels, inner = x3.shape
-    sum_dy, sum_dy_xmu = np.zeros(channels), np.zeros(channels)
-    if outer * inner == 0:
-        return GradSums(0, sum_dy, sum_dy_xmu)
-    for lo, hi in _pieces(outer, channels * inner):
-        dy_piece = dy3[lo:hi]
-        centred = np.subtract(x3[lo:hi], mean[:, None], dtype=np.float64)
-        sum_dy += dy_piece.sum(axis=(0, 2), dtype=np.float64)
-        sum_dy_xmu += np.einsum("oci,oci->c", centred, dy_piece)
+def _stats_of(xc: np.ndarray, outer: int, channels: int, inner: int, threads: int) -> ChannelStats:
+    mean, m2 = np.empty(channels), np.empty(channels)
+    _batch_norm.bn_stats(xc.reshape(-1), outer, channels, inner, mean, m2, threads)
+    return ChannelStats(outer * inner, mean, m2)
+
+
+def _grad_sums_of(dyc: np.ndarray, xc: np.ndarray, layout: Tuple[int, int, int], mean: np.ndarray,
+                  invstd: Optional[np.ndarray], threads: int) -> GradSums:
+    outer, channels, inner = layout
+    sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
+    scale = np.ones(channels) if invstd is None else invstd
+    _batch_norm.bn_backward_reduce(dyc.reshape(-1), xc.reshape(-1), outer, channels, inner, mean, scale, sum_dy,
+                                   sum_dy_xmu, threads)
     return GradSums(outer * inner, sum_dy, sum_dy_xmu)
 
 
-def _normalize(x3, dtype, shape, mean, invstd, weight, bias) -> np.ndarray:
-    compute = x3.dtype
-    alpha = (invstd if weight is None else weight * invstd).astype(compute)
-    shift = mean.astype(compute)
-    beta = ((0.0 if bias is None else bias) - (mean - shift.astype(np.float64)) * alpha.astype(np.float64))
-    x2 = _rows_or_planes(x3)
-    y = np.subtract(x2, _per_channel(shift, x3))
-    y *= _per_channel(alpha, x3)
-    y += _per_channel(beta.astype(compute), x3)
-    return y.reshape(shape).astype(dtype, copy=False)
+def _normalize(xc: np.ndarray, dtype: np.dtype, layout: Tuple[int, int, int], mean: np.ndarray,
+               invstd: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
+               threads: int) -> np.ndarray:
+    written, out = kernel_output(None, xc.shape, dtype)
+    _batch_norm.bn_elemt(xc.reshape(-1), written.reshape(-1), *layout, mean, invstd, weight, bias, threads)
+    return finish_output(written, out, dtype)
 
 
-def _normalize_backward(dy3, x3, dtype, shape, mean, invstd, weight, sums: GradSums) -> np.ndarray:
-    compute = x3.dtype
-    count = float(sums.count)
-    # The backward kernel's coefficients: alpha = weight * invstd kept outside leaves slope and offset on
-    # the scale of dy, and (x - mean) is taken as (x - shift) - (mean - shift) as in the forward.
-    slope64 = -invstd * ((sums.sum_dy_xmu * invstd) / count)
-    shift = mean.astype(compute)
-    rest = mean - shift.astype(np.float64)
-    correction = np.zeros_like(rest)
-    nonzero = rest != 0.0  # skipping 0 * slope keeps an infinite slope from turning a channel into NaN
-    correction[nonzero] = slope64[nonzero] * rest[nonzero]
-    offset = -(sums.sum_dy / count) - correction
-    alpha = invstd if weight is None else weight * invstd
-    x2, dy2 = _rows_or_planes(x3), _rows_or_planes(dy3)
-    dx = np.subtract(x2, _per_channel(shift, x3))
-    dx *= _per_channel(slope64.astype(compute), x3)
-    dx += dy2
-    dx += _per_channel(offset.astype(compute), x3)
-    dx *= _per_channel(alpha.astype(compute), x3)
-    return dx.reshape(shape).astype(dtype, copy=False)
+def _normalize_backward(dyc: np.ndarray, xc: np.ndarray, dtype: np.dtype, layout: Tuple[int, int, int],
+                        mean: np.ndarray, invstd: np.ndarray, weight: Optional[np.ndarray], sums: GradSums,
+                        threads: int) -> np.ndarray:
+    written, out = kernel_output(None, xc.shape, dtype)
+    _batch_norm.bn_backward_elemt(dyc.reshape(-1), xc.reshape(-1), written.reshape(-1), *layout, mean, invstd,
+                                  sums.sum_dy, sums.sum_dy_xmu, float(sums.count), weight, threads)
+    return finish_output(written, out, dtype)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Argument checks: an error names the argument and what was expected.
+def _gather_stats(gathered: Sequence[Tuple[int, np.ndarray, np.ndarray]], eps: float, momentum: float,
+                  running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray]):
+    """The ranks' (count, mean, m2) merged in rank order: (mean, m2, invstd), float64 (C,), and the running
+    statistics updated in place (in float64, stored in the arrays' own dtype; the batch variance is the
+    unbiased m2 / (count - 1))."""
+    counts, means, m2s = (np.array(column, dtype=np.float64) for column in zip(*gathered))
+    channels = means.shape[1]
+    mean, m2, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
+    # The kernels update float64 arrays in place; others through a float64 copy.
+    running = [None if a is None or (a.dtype == np.float64 and a.flags.c_contiguous) else np.array(a, np.float64)
+               for a in (running_mean, running_var)]
+    targets = [a if copy is None else copy for a, copy in zip((running_mean, running_var), running)]
+    _batch_norm.bn_gather_stats(counts, means, m2s, eps, momentum, *targets, mean, m2, invstd)
+    for target, copy in zip((running_mean, running_var), running):
+        if copy is not None:
+            target[...] = copy
+    return mean, m2, invstd
 
 
-def _as_batch(x: Any, name: str, channel_axis: Any) -> Tuple[np.ndarray, np.dtype, int]:
-    """x as its (outer, C, inner) view in the compute dtype (float32 for float16), x's dtype, and C."""
-    try:
-        axis = operator.index(channel_axis)
-    except TypeError:
-        axis = None
-    if isinstance(channel_axis, bool) or axis not in (1, -1):
-        raise ValueError("channel_axis must be 1 (channels first) or -1 (channels last), got %r"
-                         % (channel_axis,))
-    a = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if a.dtype not in _FLOAT_DTYPES:
-        raise TypeError("%s must be a float16, float32 or float64 array, got dtype %s" % (name, a.dtype))
-    if a.ndim < 2:
-        raise ValueError("%s must have at least 2 dimensions (N, C, ...), got shape %s" % (name, a.shape))
-    channels = a.shape[axis]
-    if channels == 0:
-        raise ValueError("%s must have at least one channel, got shape %s" % (name, a.shape))
-    dtype = a.dtype
-    a = np.ascontiguousarray(a, dtype=np.float32 if dtype == np.float16 else dtype)
-    if axis == 1:
-        x3 = a.reshape(a.shape[0], channels, int(np.prod(a.shape[2:], dtype=np.int64)))
-    else:
-        x3 = a.reshape(int(np.prod(a.shape[:-1], dtype=np.int64)), channels, 1)
-    return x3, dtype, channels
-
-
-def _as_like(a: Any, name: str, shape: Tuple[int, ...]) -> np.ndarray:
-    """A second tensor input (dy) of exactly `shape`, C-contiguous in its compute dtype."""
-    arr = a if isinstance(a, np.ndarray) else np.asarray(a)
-    if arr.dtype not in _FLOAT_DTYPES:
-        raise TypeError("%s must be a float16, float32 or float64 array, got dtype %s" % (name, arr.dtype))
-    if arr.shape != tuple(shape):
-        raise ValueError("%s must have x's shape %s, got %s" % (name, tuple(shape), arr.shape))
-    compute = np.dtype(np.float32) if arr.dtype == np.float16 else arr.dtype
-    return np.ascontiguousarray(arr, dtype=compute)
-
-
-def _param(p: Any, name: str, channels: int, required: bool = False) -> Optional[np.ndarray]:
-    """A per-channel array (C,) as float64, or None when absent and optional."""
-    if p is None:
-        if required:
-            raise TypeError("%s is required" % name)
-        return None
-    arr = p if isinstance(p, np.ndarray) else np.asarray(p)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError("%s must be a real numeric array, got dtype %s" % (name, arr.dtype))
-    if arr.shape != (channels,):
-        raise ValueError("%s must have shape (%d,), got %s" % (name, channels, arr.shape))
-    return np.ascontiguousarray(arr, dtype=np.float64)
-
-
-def _running_statistic(a: Any, name: str, channels: int) -> Optional[np.ndarray]:
-    """None, or a writable float ndarray (C,) to update in place."""
-    if a is None:
-        return None
-    if not isinstance(a, np.ndarray):
-        raise TypeError("%s must be a numpy.ndarray (it is updated in place), got %s" % (name, type(a).__name__))
-    if a.dtype.kind != "f":
-        raise TypeError("%s must be a float array, got dtype %s" % (name, a.dtype))
-    if a.shape != (channels,):
-        raise ValueError("%s must have shape (%d,), got %s" % (name, channels, a.shape))
-    if not a.flags.writeable:
-        raise ValueError("%s must be writable (it is updated in place)" % name)
-    return a
-
-
-def _finite_number(value: Any, name: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError("%s must be a number, got %r" % (name, value)) from None
-    if not np.isfinite(number):
-        raise ValueError("%s must be finite, got %r" % (name, number))
-    return number
-
-
-def _eps(eps: Any) -> float:
-    value = _finite_number(eps, "eps")
-    if value < 0.0:
-        raise ValueError("eps must be a finite non-negative number, got %r" % value)
-    return value
+def _stacked(parts: Sequence[Any], name: str, kind: str, fields: Tuple[str, str]):
+    """(counts, first field, second field) of every part, float64 (parts,) and two (parts, C) arrays."""
+    if len(parts) == 0:
+        raise ValueError("%s must hold at least one %s" % (name, kind))
+    columns = [[np.asarray(getattr(part, field), dtype=np.float64) for part in parts] for field in fields]
+    channels = columns[0][0].shape
+    for k, values in enumerate(zip(*columns)):
+        if len(channels) != 1 or any(v.shape != channels for v in values):
+            raise ValueError("%s[%d] has %s of shape %s, expected %s"
+                             % (name, k, " and ".join(fields), " and ".join(str(v.shape) for v in values),
+                                channels))
+    counts = np.array([int(part.count) for part in parts], dtype=np.float64)
+    return (counts, *(np.array(column) for column in columns))

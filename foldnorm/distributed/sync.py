@@ -7,9 +7,10 @@ from typing import Any, List, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
-from .statistics import (ChannelStats, GradSums, _as_batch, _as_like, _eps, _finite_number, _grad_sums_of,
-                         _normalize, _normalize_backward, _param, _running_statistic, _stats_of, merge_grad_sums,
-                         merge_stats)
+from foldnorm.kernels._validation import as_like, as_param, check_eps, check_momentum, running_statistic
+
+from .statistics import (GradSums, _gather_stats, _grad_sums_of, _normalize, _normalize_backward, _shard, _stats_of,
+                         merge_grad_sums, shard_threads)
 
 
 @runtime_checkable
@@ -19,7 +20,9 @@ class Communicator(Protocol):
     ``rank`` is this process's index in ``range(size)``; ``allgather(obj)`` is a collective that every
     rank calls with one picklable object and that returns the list of all ranks' objects, in rank
     order. An mpi4py communicator has exactly these; `TorchDistributedComm` gives them to a
-    ``torch.distributed`` process group.
+    ``torch.distributed`` process group. A communicator that also has mpi4py's buffer collective
+    ``Allgather(sendbuf, recvbuf)`` exchanges the summaries through it, as float64 arrays, rather than as
+    pickled objects.
     """
 
     rank: int
@@ -63,7 +66,8 @@ class TorchDistributedComm:
 def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
                           comm: Communicator, *, running_mean: Optional[np.ndarray] = None,
                           running_var: Optional[np.ndarray] = None, momentum: float = 0.1, eps: float = 1e-5,
-                          channel_axis: int = 1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          channel_axis: int = 1,
+                          num_threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalization of one rank's shard with the statistics of the whole batch (training forward).
 
     A collective: every rank of ``comm`` calls it with its own shard. Over the n values per channel of
@@ -91,10 +95,14 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
         ``allgather``.
     running_mean, running_var : writable float ndarray (C,), optional
     momentum : float
-        The weight of the batch statistics in the running update. Must be the same on every rank.
+        The weight of the batch statistics in the running update, in [0, 1]. Must be the same on every
+        rank.
     eps : float
-        Added to the variance. Must be the same on every rank.
+        Added to the variance: a finite non-negative real number, the same on every rank.
     channel_axis : {1, -1}
+    num_threads : int, optional
+        Threads for this rank's shard; None shares the usable cores among the ranks on this machine
+        (`shard_threads`).
 
     Returns
     -------
@@ -112,49 +120,57 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
 
     Examples
     --------
-    With mpi4py, run under ``mpiexec -n 2 python train.py``:
+    With mpi4py, run under ``mpiexec -n 2 python train.py``, ``comm`` is ``MPI.COMM_WORLD`` and each rank
+    passes its own shard. Any object with ``rank``, ``size`` and ``allgather`` serves; with one process
+    the statistics are the shard's own:
 
-    >>> from mpi4py import MPI                                    # doctest: +SKIP
-    >>> comm = MPI.COMM_WORLD                                     # doctest: +SKIP
-    >>> x = np.random.default_rng(comm.rank).standard_normal((8, 3, 4, 4))  # doctest: +SKIP
-    >>> rm, rv = np.zeros(3), np.ones(3)                          # doctest: +SKIP
-    >>> y, mean, invstd = sync_batch_norm_train(x, None, None, comm, running_mean=rm,
-    ...                                         running_var=rv)  # doctest: +SKIP
+    >>> import numpy as np
+    >>> class OneProcess:
+    ...     rank, size = 0, 1
+    ...     def allgather(self, value):
+    ...         return [value]
+    >>> x = np.arange(24.0).reshape(2, 3, 4)
+    >>> rm, rv = np.zeros(3), np.ones(3)
+    >>> y, mean, invstd = sync_batch_norm_train(x, None, None, OneProcess(), running_mean=rm,
+    ...                                         running_var=rv, momentum=0.5)
+    >>> mean
+    array([ 7.5, 11.5, 15.5])
+    >>> rm
+    array([3.75, 5.75, 7.75])
     """
     _check_comm(comm)
 
     def prepare():
-        x3, dtype, channels = _as_batch(x, "x", channel_axis)
-        weight64 = _param(weight, "weight", channels)
-        bias64 = _param(bias, "bias", channels)
-        rmean = _running_statistic(running_mean, "running_mean", channels)
-        rvar = _running_statistic(running_var, "running_var", channels)
+        xc, dtype, layout = _shard(x, "x", channel_axis)
+        channels = layout[1]
+        weight64 = as_param(weight, "weight", (channels,), np.float64)
+        bias64 = as_param(bias, "bias", (channels,), np.float64)
+        rmean = running_statistic(running_mean, "running_mean", channels)
+        rvar = running_statistic(running_var, "running_var", channels)
         if rmean is not None and rvar is not None and np.shares_memory(rmean, rvar):
             raise ValueError("running_mean and running_var must not overlap")
-        momentum64 = _finite_number(momentum, "momentum")
-        eps64 = _eps(eps)
-        stats = _stats_of(x3)
+        momentum64 = check_momentum(momentum)
+        eps64 = check_eps(eps)
+        threads = shard_threads(num_threads, xc.size)
+        stats = _stats_of(xc, *layout, threads)
         agreed = {"the number of channels": channels, "eps": eps64, "momentum": momentum64}
-        return (x3, dtype, weight64, bias64, rmean, rvar), agreed, (stats.count, stats.mean, stats.m2)
+        return (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, tuple(stats)
 
-    (x3, dtype, weight64, bias64, rmean, rvar), agreed, gathered = _exchange(comm, prepare)
-    stats = merge_stats([ChannelStats(int(count), mean, m2) for count, mean, m2 in gathered])
-    if stats.count < 2:
+    (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, gathered = _exchange(
+        comm, prepare, _FORWARD_AGREED)
+    count = sum(part[0] for part in gathered)
+    if count < 2:
         raise ValueError("expected more than 1 value per channel when training, got %d over the %d ranks"
-                         % (stats.count, len(gathered)))
-    momentum64, eps64 = agreed["momentum"], agreed["eps"]
-    invstd = stats.invstd(eps64)
-    y = _normalize(x3, dtype, np.shape(x), stats.mean, invstd, weight64, bias64)
-    if rmean is not None:
-        rmean[...] = (1.0 - momentum64) * rmean.astype(np.float64) + momentum64 * stats.mean
-    if rvar is not None:
-        rvar[...] = (1.0 - momentum64) * rvar.astype(np.float64) + momentum64 * stats.unbiased_var()
-    return y, stats.mean, invstd
+                         % (count, len(gathered)))
+    mean, _, invstd = _gather_stats(gathered, agreed["eps"], agreed["momentum"], rmean, rvar)
+    y = _normalize(xc, dtype, layout, mean, invstd, weight64, bias64, threads)
+    return y, mean, invstd
 
 
 def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
                              weight: Optional[np.ndarray], comm: Communicator, *, channel_axis: int = 1,
-                             reduce_weight_grads: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                             reduce_weight_grads: bool = False,
+                             num_threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of `sync_batch_norm_train`'s y for one rank's shard (training backward).
 
     A collective: every rank calls it with its shard's dy and x and the mean and invstd the forward
@@ -182,6 +198,8 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
     channel_axis : {1, -1}
     reduce_weight_grads : bool
         Return the whole batch's dweight and dbias instead of this shard's.
+    num_threads : int, optional
+        As for `sync_batch_norm_train`.
 
     Returns
     -------
@@ -199,29 +217,32 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
     _check_comm(comm)
 
     def prepare():
-        x3, dtype, channels = _as_batch(x, "x", channel_axis)
-        dy3 = _as_like(dy, "dy", np.shape(x)).reshape(x3.shape)
-        mean64 = _param(mean, "mean", channels, required=True)
-        invstd64 = _param(invstd, "invstd", channels, required=True)
-        weight64 = _param(weight, "weight", channels)
-        sums = _grad_sums_of(dy3, x3, mean64)
+        xc, dtype, layout = _shard(x, "x", channel_axis)
+        channels = layout[1]
+        dyc = as_like(dy, "dy", xc.shape, xc.dtype)
+        mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
+        invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
+        weight64 = as_param(weight, "weight", (channels,), np.float64)
+        threads = shard_threads(num_threads, 2 * xc.size)
+        sums = _grad_sums_of(dyc, xc, layout, mean64, invstd64, threads)
         # Every rank must pass the statistics the forward gave all of them; a checksum tells.
         checksum = zlib.crc32(invstd64.tobytes(), zlib.crc32(mean64.tobytes()))
         agreed = {"the number of channels": channels, "the checksum of mean and invstd": checksum}
-        return (x3, dy3, dtype, mean64, invstd64, weight64, sums), agreed, tuple(sums)
+        return (xc, dyc, dtype, layout, mean64, invstd64, weight64, sums, threads), agreed, tuple(sums)
 
-    (x3, dy3, dtype, mean64, invstd64, weight64, local), _, gathered = _exchange(comm, prepare)
-    total = merge_grad_sums([GradSums(int(count), sum_dy, sum_dy_xmu) for count, sum_dy, sum_dy_xmu in gathered])
+    (xc, dyc, dtype, layout, mean64, invstd64, weight64, local, threads), _, gathered = _exchange(
+        comm, prepare, _BACKWARD_AGREED)
+    total = merge_grad_sums([GradSums(*part) for part in gathered])
     if total.count < 1:
         raise ValueError("the whole batch is empty: every rank's x has no values")
-    dx = _normalize_backward(dy3, x3, dtype, np.shape(x), mean64, invstd64, weight64, total)
+    dx = _normalize_backward(dyc, xc, dtype, layout, mean64, invstd64, weight64, total, threads)
     sums = total if reduce_weight_grads else local
     return dx, (sums.sum_dy_xmu * invstd64).astype(dtype), sums.sum_dy.astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The collective: every rank's local outcome (its summaries, or why its arguments were refused) in one
-# allgather.
+# The collective: every rank's local outcome (its summaries, or why its arguments were refused), gathered by
+# every rank.
 
 
 def _check_comm(comm: Any) -> None:
@@ -234,22 +255,22 @@ def _check_comm(comm: Any) -> None:
                         % (rank, size))
 
 
-def _exchange(comm: Communicator, prepare):
+def _exchange(comm: Communicator, prepare, names: Tuple[str, ...]):
     """Run prepare() -> (local, agreed, summaries) here, gather every rank's outcome, and either return
     (local, agreed, [every rank's summaries in rank order]) or raise on every rank.
 
-    `agreed` holds values every rank must share (name -> value); `summaries` is what is gathered.
+    `agreed` holds the values every rank must share, one per name of `names` (numbers); `summaries` is
+    (count, a, b), a and b float64 arrays (C,), what is gathered.
     """
     try:
         local, agreed, summaries = prepare()
-        outcome = (None, agreed, summaries)
         error = None
     except Exception as caught:  # every failure must reach the other ranks, or they would wait forever
-        error = caught
-        outcome = ((type(caught).__name__, str(caught)), None, None)
-    gathered = comm.allgather(outcome)
-    if len(gathered) != comm.size:
-        raise RuntimeError("comm.allgather returned %d objects for %d ranks" % (len(gathered), comm.size))
+        local, agreed, summaries, error = None, None, None, caught
+    if callable(getattr(comm, "Allgather", None)):
+        gathered = _gather_buffers(comm, error, agreed, summaries, names)
+    else:
+        gathered = _gather_objects(comm, error, agreed, summaries)
     if error is not None:
         raise error
     failures = [(rank, failure) for rank, (failure, _, _) in enumerate(gathered) if failure is not None]
@@ -257,12 +278,53 @@ def _exchange(comm: Communicator, prepare):
         rank, (kind, message) = failures[0]
         others = "" if len(failures) == 1 else " (and on rank %s)" % ", ".join(str(r) for r, _ in failures[1:])
         raise _EXCEPTION_TYPES.get(kind, RuntimeError)("on rank %d of %d%s: %s" % (rank, comm.size, others, message))
-    for name, value in agreed.items():
+    for name in names:
         values = [other[name] for _, other, _ in gathered]
-        if any(v != value for v in values):
+        if any(v != agreed[name] for v in values):
             raise ValueError("ranks disagree on %s: %s" % (
                 name, ", ".join("%r on rank %d" % (v, r) for r, v in enumerate(values))))
     return local, agreed, [summaries for _, _, summaries in gathered]
 
+
+def _failure(error: Optional[Exception]):
+    return None if error is None else (type(error).__name__, str(error))
+
+
+def _gather_objects(comm: Communicator, error, agreed, summaries) -> List[Any]:
+    """Every rank's (failure, agreed, summaries) through one allgather of Python objects."""
+    gathered = comm.allgather((_failure(error), agreed, summaries))
+    if len(gathered) != comm.size:
+        raise RuntimeError("comm.allgather returned %d objects for %d ranks" % (len(gathered), comm.size))
+    return gathered
+
+
+def _gather_buffers(comm: Any, error, agreed, summaries, names) -> List[Any]:
+    """The same through an mpi4py communicator's buffer collectives, which spare the pickling of the
+    objects (most of the exchange's cost with the caches cold from the data): an Allgather of every rank's
+    header (failed or not, the count, the agreed values), then, when every rank succeeded with the same
+    number of channels, one of the per-channel summaries; the messages of failures go as objects."""
+    header = np.full(2 + len(names), np.nan)
+    header[0] = error is not None
+    if error is None:
+        header[1] = summaries[0]
+        header[2:] = [agreed[name] for name in names]
+    headers = np.empty((comm.size, header.size))
+    comm.Allgather(header, headers)
+    if headers[:, 0].any():
+        failures = comm.allgather(_failure(error))
+        return [(failure, None, None) for failure in failures]
+    if (headers[:, 2:] != header[2:]).any():  # the caller names the values that differ
+        kinds = [type(agreed[name]) for name in names]
+        return [(None, {name: kind(v) for name, kind, v in zip(names, kinds, row[2:])}, None) for row in headers]
+    channels = summaries[1].size
+    payload = np.concatenate([summaries[1], summaries[2]])
+    payloads = np.empty((comm.size, 2 * channels))
+    comm.Allgather(payload, payloads)
+    return [(None, agreed, (int(row[1]), part[:channels], part[channels:])) for row, part in zip(headers, payloads)]
+
+
+# The values every rank must share, in the order the buffer exchange sends them.
+_FORWARD_AGREED = ("the number of channels", "eps", "momentum")
+_BACKWARD_AGREED = ("the number of channels", "the checksum of mean and invstd")
 
 _EXCEPTION_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "MemoryError": MemoryError}

@@ -56,7 +56,7 @@ class NodeOutcome:
     ConvTranspose, Gemm or MatMul), "forward" (into the only reader), "across" (into the producers of each
     branch of the Add, Sum or Concat named by into), or "merged" (into the Mul/Add that replaces a
     BatchNormalization; into is "Mul/Add"); reason: one sentence saying why; quantized: for a fold into a
-    layer with a quantized weight, what it did to the integers (foldnorm.fold.quantized.QuantizedFold).
+    layer with a quantized weight, what it did to the integers (foldnorm.fold.quantized.rules.QuantizedFold).
     """
 
     node: str

@@ -1,7 +1,10 @@
 """foldnorm.kernels: normalization kernels in C with OpenMP, on NumPy arrays.
 
 Batch normalization (inference, training forward with running-statistic update, backward), layer and
-RMS normalization over one axis, group and instance normalization, each with its backward. Statistics are
+RMS normalization over one axis (and their residual variants add_layer_norm, add_rms_norm: s = x + residual
+normalized in the same pass), group and instance normalization, each with its backward.  Batch, group and
+instance normalization take an activation ("relu" or "silu") applied in the same pass, and their backward
+passes its gradient, recomputing the pre-activation from x. Statistics are
 centred and accumulated in float64 for float32 input; results match float64 references and do not depend
 on the thread count. Threads: `num_threads=None` uses `get_num_threads()` (OMP_NUM_THREADS, else the usable
 cores); `set_num_threads` changes it, and threadpoolctl can limit it from outside.  A call never uses more
@@ -12,6 +15,7 @@ processes, OMP_WAIT_POLICY=passive keeps them from spinning.
 from .batch_normalization import batch_norm, batch_norm_backward, batch_norm_train
 from .group_normalization import group_norm, group_norm_backward, instance_norm, instance_norm_backward
 from .layer_normalization import layer_norm, layer_norm_backward, rms_norm, rms_norm_backward
+from .residual_normalization import add_layer_norm, add_layer_norm_backward, add_rms_norm, add_rms_norm_backward
 from .runtime import build_info, get_num_threads, set_num_threads
 
 __all__ = [
@@ -22,6 +26,10 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm",
     "rms_norm_backward",
+    "add_layer_norm",
+    "add_layer_norm_backward",
+    "add_rms_norm",
+    "add_rms_norm_backward",
     "group_norm",
     "group_norm_backward",
     "instance_norm",

@@ -4,8 +4,10 @@ x, y, dy and dx arrive flattened, C-contiguous, all float32 or all float64; per-
 statistics and gradients are C-contiguous float64 arrays; weight and bias may be None.
 """
 cimport numpy as cnp
+from libc.math cimport sqrt
 
 from foldnorm.kernels._kernels cimport (
+    attach_pool,
     check,
     element_type,
     fn_batch_norm_backward_f32,
@@ -14,6 +16,18 @@ from foldnorm.kernels._kernels cimport (
     fn_batch_norm_f64,
     fn_batch_norm_train_f32,
     fn_batch_norm_train_f64,
+    fn_activation,
+    fn_bn_backward_elemt_f32,
+    fn_bn_backward_elemt_f64,
+    fn_bn_backward_reduce_f32,
+    fn_bn_backward_reduce_f64,
+    fn_bn_elemt_f32,
+    fn_bn_elemt_f64,
+    fn_bn_merge_grad_sums,
+    fn_bn_merge_stats,
+    fn_bn_stats_f32,
+    fn_bn_stats_f64,
+    fn_bn_update_running,
     fn_status,
     optional_values,
     tensor,
@@ -21,12 +35,13 @@ from foldnorm.kernels._kernels cimport (
 )
 
 cnp.import_array()
+attach_pool()
 
 
 def batch_norm(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, Py_ssize_t channels,
                Py_ssize_t inner, cnp.ndarray mean not None, cnp.ndarray var not None, cnp.ndarray weight,
-               cnp.ndarray bias, double eps, int num_threads):
-    """Fill y with the inference batch norm of x, shaped (outer, channels, inner)."""
+               cnp.ndarray bias, double eps, int activation, int num_threads):
+    """Fill y with the inference batch norm of x, shaped (outer, channels, inner), then act(y)."""
     cdef int t = element_type(x)
     cdef void *xp = tensor(x, t)
     cdef void *yp = tensor(y, t)
@@ -38,15 +53,15 @@ def batch_norm(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer,
     with nogil:
         if t == cnp.NPY_FLOAT32:
             status = fn_batch_norm_f32(<const float *>xp, <float *>yp, outer, channels, inner, m, v, w, b, eps,
-                                       num_threads)
+                                       <fn_activation>activation, num_threads)
         else:
             status = fn_batch_norm_f64(<const double *>xp, <double *>yp, outer, channels, inner, m, v, w, b, eps,
-                                       num_threads)
+                                       <fn_activation>activation, num_threads)
     check(status, "batch normalization")
 
 
 def batch_norm_train(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, Py_ssize_t channels,
-                     Py_ssize_t inner, cnp.ndarray weight, cnp.ndarray bias, double eps,
+                     Py_ssize_t inner, cnp.ndarray weight, cnp.ndarray bias, double eps, int activation,
                      cnp.ndarray mean not None, cnp.ndarray var not None, cnp.ndarray invstd not None,
                      int num_threads):
     """Fill mean, var and invstd (float64, one per channel) with the batch statistics, and y."""
@@ -62,18 +77,18 @@ def batch_norm_train(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t 
     with nogil:
         if t == cnp.NPY_FLOAT32:
             status = fn_batch_norm_train_f32(<const float *>xp, <float *>yp, outer, channels, inner, w, b, eps,
-                                             m, v, r, num_threads)
+                                             <fn_activation>activation, m, v, r, num_threads)
         else:
             status = fn_batch_norm_train_f64(<const double *>xp, <double *>yp, outer, channels, inner, w, b,
-                                             eps, m, v, r, num_threads)
+                                             eps, <fn_activation>activation, m, v, r, num_threads)
     check(status, "batch normalization")
 
 
 def batch_norm_backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray dx not None,
                         Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner, cnp.ndarray mean not None,
-                        cnp.ndarray invstd not None, cnp.ndarray weight, cnp.ndarray dweight not None,
-                        cnp.ndarray dbias not None, int num_threads):
-    """Fill dx, and dweight and dbias (float64, one per channel)."""
+                        cnp.ndarray invstd not None, cnp.ndarray weight, cnp.ndarray bias, int activation,
+                        cnp.ndarray dweight not None, cnp.ndarray dbias not None, int num_threads):
+    """Fill dx, and dweight and dbias (float64, one per channel); dy is the gradient of act(y)."""
     cdef int t = element_type(x)
     cdef void *dyp = tensor(dy, t)
     cdef void *xp = tensor(x, t)
@@ -81,14 +96,158 @@ def batch_norm_backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.nda
     cdef const double *m = values(mean)
     cdef const double *r = values(invstd)
     cdef const double *w = optional_values(weight)
+    cdef const double *b = optional_values(bias)
     cdef double *dw = values(dweight)
     cdef double *db = values(dbias)
     cdef fn_status status
     with nogil:
         if t == cnp.NPY_FLOAT32:
             status = fn_batch_norm_backward_f32(<const float *>dyp, <const float *>xp, <float *>dxp, outer,
-                                                channels, inner, m, r, w, dw, db, num_threads)
+                                                channels, inner, m, r, w, b, <fn_activation>activation, dw, db,
+                                                num_threads)
         else:
             status = fn_batch_norm_backward_f64(<const double *>dyp, <const double *>xp, <double *>dxp, outer,
-                                                channels, inner, m, r, w, dw, db, num_threads)
+                                                channels, inner, m, r, w, b, <fn_activation>activation, dw, db,
+                                                num_threads)
+    check(status, "batch normalization")
+
+
+# The building blocks of the synchronized batch norm (src_c/bn_blocks.h; foldnorm.distributed checks every
+# argument).  A shard may be empty; per-part statistics and sums arrive as C-contiguous float64 (parts, C).
+
+
+def bn_stats(cnp.ndarray x not None, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+             cnp.ndarray mean not None, cnp.ndarray m2 not None, int num_threads):
+    """Fill mean and m2 (float64, one per channel) with the statistics of the shard x."""
+    cdef int t = element_type(x)
+    cdef void *xp = tensor(x, t)
+    cdef double *m = values(mean)
+    cdef double *s = values(m2)
+    cdef fn_status status
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            status = fn_bn_stats_f32(<const float *>xp, outer, channels, inner, m, s, num_threads)
+        else:
+            status = fn_bn_stats_f64(<const double *>xp, outer, channels, inner, m, s, num_threads)
+    check(status, "batch normalization statistics")
+
+
+def bn_merge_stats(cnp.ndarray counts not None, cnp.ndarray means not None, cnp.ndarray m2s not None,
+                   cnp.ndarray mean not None, cnp.ndarray m2 not None):
+    """Fill mean and m2 with the merge of the parts' statistics in order; return the total count."""
+    cdef Py_ssize_t parts = cnp.PyArray_DIM(means, 0)
+    cdef Py_ssize_t channels = cnp.PyArray_DIM(means, 1)
+    cdef const double *n = values(counts)
+    cdef const double *ms = values(means)
+    cdef const double *ss = values(m2s)
+    cdef double *m = values(mean)
+    cdef double *s = values(m2)
+    cdef double count
+    with nogil:
+        fn_bn_merge_stats(parts, channels, n, ms, ss, &count, m, s)
+    return count
+
+
+def bn_gather_stats(cnp.ndarray counts not None, cnp.ndarray means not None, cnp.ndarray m2s not None,
+                    double eps, double momentum, cnp.ndarray running_mean, cnp.ndarray running_var,
+                    cnp.ndarray mean not None, cnp.ndarray m2 not None, cnp.ndarray invstd not None):
+    """bn_merge_stats, then invstd = 1 / sqrt(m2 / count + eps) and the update of running_mean and running_var
+    (float64, or None) in place; return the total count."""
+    cdef Py_ssize_t parts = cnp.PyArray_DIM(means, 0)
+    cdef Py_ssize_t channels = cnp.PyArray_DIM(means, 1)
+    cdef const double *n = values(counts)
+    cdef const double *ms = values(means)
+    cdef const double *ss = values(m2s)
+    cdef double *m = values(mean)
+    cdef double *s = values(m2)
+    cdef double *r = values(invstd)
+    cdef double *rm = optional_values(running_mean)
+    cdef double *rv = optional_values(running_var)
+    cdef double count
+    cdef Py_ssize_t c
+    with nogil:
+        fn_bn_merge_stats(parts, channels, n, ms, ss, &count, m, s)
+        for c in range(channels):
+            r[c] = 1.0 / sqrt(s[c] / count + eps)
+        fn_bn_update_running(channels, count, m, s, momentum, rm, rv)
+    return count
+
+
+def bn_elemt(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, Py_ssize_t channels,
+             Py_ssize_t inner, cnp.ndarray mean not None, cnp.ndarray invstd not None, cnp.ndarray weight,
+             cnp.ndarray bias, int num_threads):
+    """Fill y with the shard x normalized with the statistics given."""
+    cdef int t = element_type(x)
+    cdef void *xp = tensor(x, t)
+    cdef void *yp = tensor(y, t)
+    cdef const double *m = values(mean)
+    cdef const double *r = values(invstd)
+    cdef const double *w = optional_values(weight)
+    cdef const double *b = optional_values(bias)
+    cdef fn_status status
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            status = fn_bn_elemt_f32(<const float *>xp, <float *>yp, outer, channels, inner, m, r, w, b,
+                                     num_threads)
+        else:
+            status = fn_bn_elemt_f64(<const double *>xp, <double *>yp, outer, channels, inner, m, r, w, b,
+                                     num_threads)
+    check(status, "batch normalization")
+
+
+def bn_backward_reduce(cnp.ndarray dy not None, cnp.ndarray x not None, Py_ssize_t outer, Py_ssize_t channels,
+                       Py_ssize_t inner, cnp.ndarray mean not None, cnp.ndarray invstd not None,
+                       cnp.ndarray sum_dy not None, cnp.ndarray sum_dy_xmu not None, int num_threads):
+    """Fill sum_dy and sum_dy_xmu (float64, one per channel) with the shard's gradient sums."""
+    cdef int t = element_type(x)
+    cdef void *dyp = tensor(dy, t)
+    cdef void *xp = tensor(x, t)
+    cdef const double *m = values(mean)
+    cdef const double *r = values(invstd)
+    cdef double *a = values(sum_dy)
+    cdef double *b = values(sum_dy_xmu)
+    cdef fn_status status
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            status = fn_bn_backward_reduce_f32(<const float *>dyp, <const float *>xp, outer, channels, inner, m, r,
+                                               a, b, num_threads)
+        else:
+            status = fn_bn_backward_reduce_f64(<const double *>dyp, <const double *>xp, outer, channels, inner, m,
+                                               r, a, b, num_threads)
+    check(status, "batch normalization gradient sums")
+
+
+def bn_merge_grad_sums(cnp.ndarray sum_dys not None, cnp.ndarray sum_dy_xmus not None,
+                       cnp.ndarray sum_dy not None, cnp.ndarray sum_dy_xmu not None):
+    """Fill sum_dy and sum_dy_xmu with the parts' sums added up in order."""
+    cdef const double *a = values(sum_dys)
+    cdef const double *b = values(sum_dy_xmus)
+    cdef double *ta = values(sum_dy)
+    cdef double *tb = values(sum_dy_xmu)
+    with nogil:
+        fn_bn_merge_grad_sums(cnp.PyArray_DIM(sum_dys, 0), cnp.PyArray_DIM(sum_dys, 1), a, b, ta, tb)
+
+
+def bn_backward_elemt(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray dx not None,
+                      Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner, cnp.ndarray mean not None,
+                      cnp.ndarray invstd not None, cnp.ndarray sum_dy not None, cnp.ndarray sum_dy_xmu not None,
+                      double count, cnp.ndarray weight, int num_threads):
+    """Fill dx of the shard from the whole batch's statistics, gradient sums and count."""
+    cdef int t = element_type(x)
+    cdef void *dyp = tensor(dy, t)
+    cdef void *xp = tensor(x, t)
+    cdef void *dxp = tensor(dx, t)
+    cdef const double *m = values(mean)
+    cdef const double *r = values(invstd)
+    cdef const double *a = values(sum_dy)
+    cdef const double *b = values(sum_dy_xmu)
+    cdef const double *w = optional_values(weight)
+    cdef fn_status status
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            status = fn_bn_backward_elemt_f32(<const float *>dyp, <const float *>xp, <float *>dxp, outer,
+                                              channels, inner, m, r, a, b, count, w, num_threads)
+        else:
+            status = fn_bn_backward_elemt_f64(<const double *>dyp, <const double *>xp, <double *>dxp, outer,
+                                              channels, inner, m, r, a, b, count, w, num_threads)
     check(status, "batch normalization")

@@ -7,6 +7,7 @@ conventions of the C entry points (argument order, float64 parameters and statis
 src_c/fn_api.h's.
 """
 cimport numpy as cnp
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stddef cimport ptrdiff_t
 
 
@@ -14,46 +15,57 @@ cdef extern from "fn_api.h" nogil:
     ctypedef enum fn_status:
         FN_OK
         FN_NOMEM
+    ctypedef enum fn_activation:
+        FN_ACT_NONE
+        FN_ACT_RELU
+        FN_ACT_SILU
 
 
 cdef extern from "batch_norm.h" nogil:
     fn_status fn_batch_norm_f32(const float *x, float *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
                                 const double *mean, const double *var, const double *weight, const double *bias,
-                                double eps, int num_threads)
+                                double eps, fn_activation activation, int num_threads)
     fn_status fn_batch_norm_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t channels,
                                 ptrdiff_t inner, const double *mean, const double *var, const double *weight,
-                                const double *bias, double eps, int num_threads)
+                                const double *bias, double eps, fn_activation activation, int num_threads)
     fn_status fn_batch_norm_train_f32(const float *x, float *y, ptrdiff_t outer, ptrdiff_t channels,
                                       ptrdiff_t inner, const double *weight, const double *bias, double eps,
-                                      double *mean, double *var, double *invstd, int num_threads)
+                                      fn_activation activation, double *mean, double *var, double *invstd,
+                                      int num_threads)
     fn_status fn_batch_norm_train_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t channels,
                                       ptrdiff_t inner, const double *weight, const double *bias, double eps,
-                                      double *mean, double *var, double *invstd, int num_threads)
+                                      fn_activation activation, double *mean, double *var, double *invstd,
+                                      int num_threads)
     fn_status fn_batch_norm_backward_f32(const float *dy, const float *x, float *dx, ptrdiff_t outer,
                                          ptrdiff_t channels, ptrdiff_t inner, const double *mean,
-                                         const double *invstd, const double *weight, double *dweight,
-                                         double *dbias, int num_threads)
+                                         const double *invstd, const double *weight, const double *bias,
+                                         fn_activation activation, double *dweight, double *dbias,
+                                         int num_threads)
     fn_status fn_batch_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t outer,
                                          ptrdiff_t channels, ptrdiff_t inner, const double *mean,
-                                         const double *invstd, const double *weight, double *dweight,
-                                         double *dbias, int num_threads)
+                                         const double *invstd, const double *weight, const double *bias,
+                                         fn_activation activation, double *dweight, double *dbias,
+                                         int num_threads)
 
 
 cdef extern from "group_norm.h" nogil:
     fn_status fn_group_norm_f32(const float *x, float *y, ptrdiff_t batch, ptrdiff_t channels, ptrdiff_t spatial,
                                 ptrdiff_t groups, const double *weight, const double *bias, double eps,
-                                double *mean, double *invstd, int num_threads)
+                                fn_activation activation, double *mean, double *invstd, int num_threads)
     fn_status fn_group_norm_f64(const double *x, double *y, ptrdiff_t batch, ptrdiff_t channels,
                                 ptrdiff_t spatial, ptrdiff_t groups, const double *weight, const double *bias,
-                                double eps, double *mean, double *invstd, int num_threads)
+                                double eps, fn_activation activation, double *mean, double *invstd,
+                                int num_threads)
     fn_status fn_group_norm_backward_f32(const float *dy, const float *x, float *dx, ptrdiff_t batch,
                                          ptrdiff_t channels, ptrdiff_t spatial, ptrdiff_t groups,
                                          const double *mean, const double *invstd, const double *weight,
-                                         double *dweight, double *dbias, int num_threads)
+                                         const double *bias, fn_activation activation, double *dweight,
+                                         double *dbias, int num_threads)
     fn_status fn_group_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t batch,
                                          ptrdiff_t channels, ptrdiff_t spatial, ptrdiff_t groups,
                                          const double *mean, const double *invstd, const double *weight,
-                                         double *dweight, double *dbias, int num_threads)
+                                         const double *bias, fn_activation activation, double *dweight,
+                                         double *dbias, int num_threads)
 
 
 cdef extern from "layer_norm.h" nogil:
@@ -78,13 +90,102 @@ cdef extern from "layer_norm.h" nogil:
     fn_status fn_rms_norm_backward_f64(const double *dy, const double *x, double *dx, ptrdiff_t rows,
                                        ptrdiff_t cols, const double *invrms, const double *weight,
                                        double *dweight, int num_threads)
+    fn_status fn_add_layer_norm_f32(const float *x, const float *residual, float *y, float *s, ptrdiff_t rows,
+                                    ptrdiff_t cols, const double *weight, const double *bias, double eps,
+                                    double *mean, double *invstd, int num_threads)
+    fn_status fn_add_layer_norm_f64(const double *x, const double *residual, double *y, double *s,
+                                    ptrdiff_t rows, ptrdiff_t cols, const double *weight, const double *bias,
+                                    double eps, double *mean, double *invstd, int num_threads)
+    fn_status fn_add_rms_norm_f32(const float *x, const float *residual, float *y, float *s, ptrdiff_t rows,
+                                  ptrdiff_t cols, const double *weight, double eps, double *invrms,
+                                  int num_threads)
+    fn_status fn_add_rms_norm_f64(const double *x, const double *residual, double *y, double *s, ptrdiff_t rows,
+                                  ptrdiff_t cols, const double *weight, double eps, double *invrms,
+                                  int num_threads)
+    fn_status fn_add_layer_norm_backward_f32(const float *dy, const float *ds, const float *s, float *dx,
+                                             ptrdiff_t rows, ptrdiff_t cols, const double *mean,
+                                             const double *invstd, const double *weight, double *dweight,
+                                             double *dbias, int num_threads)
+    fn_status fn_add_layer_norm_backward_f64(const double *dy, const double *ds, const double *s, double *dx,
+                                             ptrdiff_t rows, ptrdiff_t cols, const double *mean,
+                                             const double *invstd, const double *weight, double *dweight,
+                                             double *dbias, int num_threads)
+    fn_status fn_add_rms_norm_backward_f32(const float *dy, const float *ds, const float *s, float *dx,
+                                           ptrdiff_t rows, ptrdiff_t cols, const double *invrms,
+                                           const double *weight, double *dweight, int num_threads)
+    fn_status fn_add_rms_norm_backward_f64(const double *dy, const double *ds, const double *s, double *dx,
+                                           ptrdiff_t rows, ptrdiff_t cols, const double *invrms,
+                                           const double *weight, double *dweight, int num_threads)
+
+
+
+cdef extern from "bn_blocks.h" nogil:
+    fn_status fn_bn_stats_f32(const float *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *mean,
+                              double *m2, int num_threads)
+    fn_status fn_bn_stats_f64(const double *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
+                              double *mean, double *m2, int num_threads)
+    void fn_bn_merge_stats(ptrdiff_t parts, ptrdiff_t channels, const double *counts, const double *means,
+                           const double *m2s, double *count, double *mean, double *m2)
+    void fn_bn_update_running(ptrdiff_t channels, double count, const double *mean, const double *m2,
+                              double momentum, double *running_mean, double *running_var)
+    fn_status fn_bn_elemt_f32(const float *x, float *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
+                              const double *mean, const double *invstd, const double *weight, const double *bias,
+                              int num_threads)
+    fn_status fn_bn_elemt_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
+                              const double *mean, const double *invstd, const double *weight,
+                              const double *bias, int num_threads)
+    fn_status fn_bn_backward_reduce_f32(const float *dy, const float *x, ptrdiff_t outer, ptrdiff_t channels,
+                                        ptrdiff_t inner, const double *mean, const double *invstd,
+                                        double *sum_dy, double *sum_dy_xmu, int num_threads)
+    fn_status fn_bn_backward_reduce_f64(const double *dy, const double *x, ptrdiff_t outer, ptrdiff_t channels,
+                                        ptrdiff_t inner, const double *mean, const double *invstd,
+                                        double *sum_dy, double *sum_dy_xmu, int num_threads)
+    void fn_bn_merge_grad_sums(ptrdiff_t parts, ptrdiff_t channels, const double *sum_dys,
+                               const double *sum_dy_xmus, double *sum_dy, double *sum_dy_xmu)
+    fn_status fn_bn_backward_elemt_f32(const float *dy, const float *x, float *dx, ptrdiff_t outer,
+                                       ptrdiff_t channels, ptrdiff_t inner, const double *mean,
+                                       const double *invstd, const double *sum_dy, const double *sum_dy_xmu,
+                                       double count, const double *weight, int num_threads)
+    fn_status fn_bn_backward_elemt_f64(const double *dy, const double *x, double *dx, ptrdiff_t outer,
+                                       ptrdiff_t channels, ptrdiff_t inner, const double *mean,
+                                       const double *invstd, const double *sum_dy, const double *sum_dy_xmu,
+                                       double count, const double *weight, int num_threads)
 
 
 cdef extern from "runtime.h" nogil:
     int fn_openmp_enabled()
+    const char *fn_vector_paths()
+    const char *fn_vector_path()
     int fn_get_max_threads()
     void fn_set_max_threads(int n)
     void fn_parallel_copy(void *dst, const void *src, size_t nbytes, int num_threads)
+    void fn_exp_values_f32(const float *x, float *y, ptrdiff_t n)
+    void fn_exp_values_f64(const double *x, double *y, ptrdiff_t n)
+    void fn_activate_values_f32(const float *x, float *y, ptrdiff_t n, fn_activation act)
+    void fn_activate_values_f64(const double *x, double *y, ptrdiff_t n, fn_activation act)
+    void fn_activation_grad_values_f32(const float *dy, const float *x, float *g, ptrdiff_t n, fn_activation act)
+    void fn_activation_grad_values_f64(const double *dy, const double *x, double *g, ptrdiff_t n,
+                                       fn_activation act)
+
+
+cdef extern from "fn_pool.h" nogil:
+    ctypedef void (*fn_team_runner)(int num_threads, void *region, void *arg)
+    void fn_pool_attach(fn_team_runner runner)
+
+
+cdef extern from "pool.h" nogil:
+    enum: FN_POOL_STAT_COUNT
+    void fn_pool_run(int num_threads, void *region, void *arg)
+    void fn_pool_stats(long long *out)
+    void fn_pool_hold_workers(int held)
+    void fn_pool_set_spin(long long ns)
+
+
+cdef inline int attach_pool() except -1:
+    """Run this module's parallel regions on the process's one pool, foldnorm.kernels._runtime's."""
+    from foldnorm.kernels import _runtime
+    fn_pool_attach(<fn_team_runner>PyCapsule_GetPointer(_runtime.pool_capsule(), b"foldnorm.pool"))
+    return 0
 
 
 # The compiler and flags the extensions were built with: macros that setup.py defines.

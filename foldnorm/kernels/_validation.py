@@ -20,8 +20,9 @@ def compute_dtype(dtype):
     return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
 
 
-def as_input(x, name, min_ndim=1):
-    """x as an array of a float dtype with at least min_ndim dims and no zero-sized dim.
+def as_input(x, name, min_ndim=1, allow_empty=False):
+    """x as an array of a float dtype with at least min_ndim dims and, unless allow_empty (a shard of a batch
+    split over processes), no zero-sized dim.
 
     Returns (array in the compute dtype, C-contiguous, and the caller's dtype for the result).
     """
@@ -31,7 +32,7 @@ def as_input(x, name, min_ndim=1):
         raise TypeError("%s must be a float16, float32 or float64 array, got dtype %s" % (name, x.dtype))
     if x.ndim < min_ndim:
         raise ValueError("%s must have at least %d dimensions, got shape %s" % (name, min_ndim, x.shape))
-    if x.size == 0:
+    if x.size == 0 and not allow_empty:
         raise ValueError("%s must not be empty, got shape %s" % (name, x.shape))
     return np.ascontiguousarray(x, dtype=compute_dtype(x.dtype)), x.dtype
 
@@ -61,6 +62,38 @@ def as_param(p, name, shape, dtype, required=False):
     if p.shape != shape:
         raise ValueError("%s must have shape %s, got %s" % (name, shape, p.shape))
     return np.ascontiguousarray(p, dtype=dtype)
+
+
+def channel_layout(shape, channel_axis, name="x"):
+    """The (outer, channels, inner) view of a batch-norm input of `shape` that the kernels work on:
+    (N, C * prod(spatial)) as (N, C, prod(spatial)) for channel_axis 1, (N * prod(spatial), C, 1) for -1."""
+    try:
+        axis = operator.index(channel_axis)
+    except TypeError:
+        axis = None
+    if isinstance(channel_axis, (bool, np.bool_)) or axis not in (1, -1):
+        raise ValueError("channel_axis must be 1 (channels first) or -1 (channels last), got %r"
+                         % (channel_axis,))
+    if shape[axis] == 0:
+        raise ValueError("%s must have at least one channel, got shape %s" % (name, tuple(shape)))
+    if axis == 1:
+        return shape[0], shape[1], math.prod(shape[2:])
+    return math.prod(shape[:-1]), shape[-1], 1
+
+
+def running_statistic(a, name, channels):
+    """A running_mean/running_var argument: None, or a writable float ndarray of shape (channels,)."""
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray):
+        raise TypeError("%s must be a numpy.ndarray (it is updated in place), got %s" % (name, type(a).__name__))
+    if a.dtype.kind != "f":
+        raise TypeError("%s must be a float array, got dtype %s" % (name, a.dtype))
+    if a.shape != (channels,):
+        raise ValueError("%s must have shape %s, got %s" % (name, (channels,), a.shape))
+    if not a.flags.writeable:
+        raise ValueError("%s must be writable (it is updated in place)" % name)
+    return a
 
 
 def normalize_axis(axis, ndim, name="axis"):
@@ -102,12 +135,35 @@ def as_real(value, name, expected="a finite real number"):
     return number
 
 
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}  # the kernels' fn_activation values
+
+
+def check_activation(activation):
+    """The kernels' code of an activation: None, "relu" or "silu"."""
+    expected = "None, 'relu' or 'silu'"
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError("activation must be %s, got %s" % (expected, reprlib.repr(activation)))
+    if activation not in ACTIVATIONS:
+        raise ValueError("activation must be %s, got %s" % (expected, reprlib.repr(activation)))
+    return ACTIVATIONS[activation]
+
+
 def check_eps(eps):
     """eps as a float: a finite non-negative real number (int, float or NumPy number)."""
     expected = "a finite non-negative real number"
     value = as_real(eps, "eps", expected)
     if value < 0.0:
         raise ValueError("eps must be %s, got %s" % (expected, reprlib.repr(eps)))
+    return value
+
+
+def check_momentum(momentum):
+    """momentum as a float: the batch's weight in a running-statistic update, a real number in [0, 1]
+    (outside it the update extrapolates away from both the running and the batch statistics)."""
+    expected = "a real number in [0, 1]"
+    value = as_real(momentum, "momentum", expected)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("momentum must be %s, got %s" % (expected, reprlib.repr(momentum)))
     return value
 
 

@@ -13,8 +13,6 @@ ordinary arrays.
 """
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -25,12 +23,15 @@ from ._validation import (
     as_input,
     as_like,
     as_param,
-    as_real,
+    channel_layout,
+    check_activation,
     check_eps,
+    check_momentum,
     check_out,
     compute_dtype,
     finish_output,
     kernel_output,
+    running_statistic,
 )
 from .runtime import resolve_num_threads
 
@@ -39,12 +40,14 @@ __all__ = ["batch_norm", "batch_norm_train", "batch_norm_backward"]
 
 def batch_norm(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike, weight: ArrayLike | None = None,
                bias: ArrayLike | None = None, *, eps: float = 1e-5, channel_axis: int = 1,
-               out: np.ndarray | None = None, num_threads: int | None = None) -> np.ndarray:
+               activation: str | None = None, out: np.ndarray | None = None,
+               num_threads: int | None = None) -> np.ndarray:
     """Batch normalization with frozen statistics (inference).
 
     y = (x - running_mean) / sqrt(running_var + eps) * weight + bias, per channel. It is computed as
     y = x * alpha + beta with alpha = weight / sqrt(running_var + eps) and
-    beta = bias - running_mean * alpha (both in float64, then cast): one pass over x.
+    beta = bias - running_mean * alpha (both in float64, then cast): one pass over x.  With an activation,
+    y = act(that), in the same pass.
 
     Parameters
     ----------
@@ -53,6 +56,7 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike, we
     weight, bias : array-like (C,) or None (1 and 0).
     eps : finite non-negative real number added to the variance.
     channel_axis : 1 (channels first) or -1 (channels last).
+    activation : None, "relu" (max(y, 0)) or "silu" (y * sigmoid(y)), applied to y in the same pass.
     out : optional ndarray of x's shape and dtype to write y into; must not overlap any input.
     num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
         one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
@@ -69,31 +73,33 @@ def batch_norm(x: ArrayLike, running_mean: ArrayLike, running_var: ArrayLike, we
     ((8, 3, 4, 4), dtype('float32'))
     """
     xc, dtype = as_input(x, "x", min_ndim=2)
-    outer, channels, inner = _layout(xc.shape, channel_axis)
+    outer, channels, inner = channel_layout(xc.shape, channel_axis)
     mean = as_param(running_mean, "running_mean", (channels,), np.float64, required=True)
     var = as_param(running_var, "running_var", (channels,), np.float64, required=True)
     weight64 = as_param(weight, "weight", (channels,), np.float64)
     bias64 = as_param(bias, "bias", (channels,), np.float64)
     eps = check_eps(eps)
+    act = check_activation(activation)
     threads = resolve_num_threads(num_threads, xc.size)
     out = check_out(out, xc.shape, dtype, _named_arrays(x=x, running_mean=running_mean,
                                                          running_var=running_var, weight=weight, bias=bias))
     written, out = kernel_output(out, xc.shape, dtype)
     _batch_norm.batch_norm(xc.reshape(-1), written.reshape(-1), outer, channels, inner, mean, var, weight64,
-                           bias64, eps, threads)
+                           bias64, eps, act, threads)
     return finish_output(written, out, dtype)
 
 
 def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayLike | None = None, *,
                      running_mean: np.ndarray | None = None, running_var: np.ndarray | None = None,
                      momentum: float = 0.1, running_var_unbiased: bool = True, eps: float = 1e-5,
-                     channel_axis: int = 1, out: np.ndarray | None = None,
+                     channel_axis: int = 1, activation: str | None = None, out: np.ndarray | None = None,
                      num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalization with the statistics of the batch (training forward).
 
     Per channel, over the n = N * prod(spatial) values of the batch:
     mean = sum(x) / n, var = sum((x - mean)^2) / n (biased), invstd = 1 / sqrt(var + eps),
-    y = (x - mean) * invstd * weight + bias.
+    y = (x - mean) * invstd * weight + bias, or act of it with an activation (applied in the same pass;
+    batch_norm_backward with the same bias and activation gives its gradients).
 
     running_mean and running_var, when given, are updated in place (PyTorch's convention):
     running = (1 - momentum) * running + momentum * batch, where the batch variance stored is the
@@ -110,10 +116,11 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayL
         Needs more than one value per channel.
     weight, bias : array-like (C,) or None (1 and 0).
     running_mean, running_var : writable float ndarrays (C,), or None.
-    momentum : float weight of the batch statistics in the running update.
+    momentum : float in [0, 1], the weight of the batch statistics in the running update.
     running_var_unbiased : bool, store the unbiased (True) or the population (False) batch variance.
     eps : finite non-negative real number added to the variance.
     channel_axis : 1 (channels first) or -1 (channels last).
+    activation : None, "relu" or "silu", as for batch_norm.
     out : optional ndarray of x's shape and dtype to write y into; must not overlap any input.
     num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
         one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
@@ -132,20 +139,21 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayL
     (True, (3,), dtype('float32'))
     """
     xc, dtype = as_input(x, "x", min_ndim=2)
-    outer, channels, inner = _layout(xc.shape, channel_axis)
+    outer, channels, inner = channel_layout(xc.shape, channel_axis)
     count = outer * inner
     if count < 2:
         raise ValueError("expected more than 1 value per channel when training, got input of shape %s"
                          % (xc.shape,))
     weight64 = as_param(weight, "weight", (channels,), np.float64)
     bias64 = as_param(bias, "bias", (channels,), np.float64)
-    running_mean = _running_statistic(running_mean, "running_mean", channels)
-    running_var = _running_statistic(running_var, "running_var", channels)
+    running_mean = running_statistic(running_mean, "running_mean", channels)
+    running_var = running_statistic(running_var, "running_var", channels)
     if running_mean is not None and running_var is not None and np.shares_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not overlap")
-    momentum = _momentum(momentum)
+    momentum = check_momentum(momentum)
     running_var_unbiased = as_bool(running_var_unbiased, "running_var_unbiased")
     eps = check_eps(eps)
+    act = check_activation(activation)
     threads = resolve_num_threads(num_threads, xc.size)
     out = check_out(out, xc.shape, dtype, _named_arrays(x=x, weight=weight, bias=bias,
                                                          running_mean=running_mean, running_var=running_var))
@@ -154,7 +162,7 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayL
     var = np.empty(channels)
     invstd = np.empty(channels)
     _batch_norm.batch_norm_train(xc.reshape(-1), written.reshape(-1), outer, channels, inner, weight64, bias64,
-                                 eps, mean, var, invstd, threads)
+                                 eps, act, mean, var, invstd, threads)
     if running_mean is not None:
         running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
     if running_var is not None:
@@ -165,14 +173,17 @@ def batch_norm_train(x: ArrayLike, weight: ArrayLike | None = None, bias: ArrayL
 
 
 def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
-                        weight: ArrayLike | None = None, *, channel_axis: int = 1,
+                        weight: ArrayLike | None = None, *, bias: ArrayLike | None = None,
+                        activation: str | None = None, channel_axis: int = 1,
                         num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of batch_norm_train's y with respect to x, weight and bias.
 
     With n = N * prod(spatial) values per channel and xhat = (x - mean) * invstd:
-    dbias = sum(dy), dweight = sum(dy * xhat),
-    dx = weight * invstd * (dy - dbias / n - xhat * dweight / n).
-    One fused pass computes sum(dy) and sum(dy * (x - mean)) in float64, a second one writes dx.
+    dbias = sum(g), dweight = sum(g * xhat),
+    dx = weight * invstd * (g - dbias / n - xhat * dweight / n),
+    where g = dy, or with an activation g = dy * act'(xhat * weight + bias): dy is then the gradient of
+    act(y), and the y before the activation is recomputed from x in both passes (nothing is stored).
+    One fused pass computes sum(g) and sum(g * (x - mean)) in float64, a second one writes dx.
 
     Parameters
     ----------
@@ -180,6 +191,8 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     x : ndarray (N, C, *spatial), or (N, *spatial, C) with channel_axis=-1; float16, float32 or float64.
     mean, invstd : array-like (C,), as returned by batch_norm_train.
     weight : array-like (C,) or None (1).
+    bias : array-like (C,) or None (0); read only with an activation.
+    activation : None, "relu" or "silu": the forward's.
     channel_axis : 1 (channels first) or -1 (channels last).
     num_threads : positive int, or None for foldnorm.get_num_threads(); capped to the usable cores and to
         one thread per 128 Ki elements (foldnorm.kernels.runtime.PARALLEL_GRAIN).
@@ -198,50 +211,19 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Ar
     """
     xc, dtype = as_input(x, "x", min_ndim=2)
     dyc = as_like(dy, "dy", xc.shape, xc.dtype)
-    outer, channels, inner = _layout(xc.shape, channel_axis)
+    outer, channels, inner = channel_layout(xc.shape, channel_axis)
     mean64 = as_param(mean, "mean", (channels,), np.float64, required=True)
     invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
     weight64 = as_param(weight, "weight", (channels,), np.float64)
+    bias64 = as_param(bias, "bias", (channels,), np.float64)
+    act = check_activation(activation)
     threads = resolve_num_threads(num_threads, xc.size)
     dx = empty_result(xc.shape, xc.dtype)
     dweight = np.empty(channels)
     dbias = np.empty(channels)
     _batch_norm.batch_norm_backward(dyc.reshape(-1), xc.reshape(-1), dx.reshape(-1), outer, channels, inner,
-                                    mean64, invstd64, weight64, dweight, dbias, threads)
+                                    mean64, invstd64, weight64, bias64, act, dweight, dbias, threads)
     return dx.astype(dtype, copy=False), dweight.astype(dtype), dbias.astype(dtype)
-
-
-def _layout(shape, channel_axis):
-    """The (outer, channels, inner) view of an x of `shape` that the kernels work on."""
-    try:
-        axis = operator.index(channel_axis)
-    except TypeError:
-        axis = None
-    if isinstance(channel_axis, bool) or axis not in (1, -1):
-        raise ValueError("channel_axis must be 1 (channels first) or -1 (channels last), got %r"
-                         % (channel_axis,))
-    if axis == 1:
-        return shape[0], shape[1], int(np.prod(shape[2:], dtype=np.int64))
-    return int(np.prod(shape[:-1], dtype=np.int64)), shape[-1], 1
-
-
-def _running_statistic(a, name, channels):
-    """A running_mean/running_var argument: None, or a writable float ndarray of shape (channels,)."""
-    if a is None:
-        return None
-    if not isinstance(a, np.ndarray):
-        raise TypeError("%s must be a numpy.ndarray (it is updated in place), got %s" % (name, type(a).__name__))
-    if a.dtype.kind != "f":
-        raise TypeError("%s must be a float array, got dtype %s" % (name, a.dtype))
-    if a.shape != (channels,):
-        raise ValueError("%s must have shape %s, got %s" % (name, (channels,), a.shape))
-    if not a.flags.writeable:
-        raise ValueError("%s must be writable (it is updated in place)" % name)
-    return a
-
-
-def _momentum(momentum):
-    return as_real(momentum, "momentum", "finite (a real number)")
 
 
 def _named_arrays(**arrays):

@@ -29,12 +29,17 @@ def build_info():
     -------
     dict
         `openmp` (bool: kernels run in parallel), `max_threads` (int: what a kernel with num_threads=None
-        uses at most now), `usable_cores` (int), `compiler` and `cflags` (str).
+        uses at most now), `usable_cores` (int), `threads` (str: what runs the parallel work),
+        `vector_paths` (str: the vector versions of the loops this build has), `vector_path` (str: the one
+        this CPU runs), `compiler` and `cflags` (str).
     """
     return {
         "openmp": _runtime.openmp_enabled(),
         "max_threads": get_num_threads(),
         "usable_cores": usable_cores(),
+        "threads": "foldnorm's thread team (caller + pool workers)" if _runtime.openmp_enabled() else "one",
+        "vector_paths": _runtime.vector_paths(),
+        "vector_path": _runtime.vector_path(),
         "compiler": _runtime.compiler(),
         "cflags": _runtime.cflags(),
     }

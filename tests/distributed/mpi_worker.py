@@ -65,6 +65,7 @@ def error_cases(comm):
         ("int_x_on_rank_0", lambda: train(xs=x if rank != 0 else np.ones((3, 4, 5), np.int64))),
         ("channel_axis_on_last_rank", lambda: train(channel_axis=1 if rank != last else 2)),
         ("too_few_values", lambda: train(xs=np.ones((1 if rank == 0 else 0, 4)))),
+        ("eps_string_on_rank_0", lambda: train(eps=EPS if rank != 0 else "1e-5")),
         ("backward_dy_shape_on_last_rank", backward_bad_dy),
     ]
     if comm.size > 1:

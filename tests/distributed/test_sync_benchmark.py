@@ -16,10 +16,11 @@ SCRIPT = Path(bench.__file__)
 
 
 def test_exchange_model_and_the_fit_that_reproduces_a_measurement():
-    # 2 allgathers of 2 MPI collectives each, log2(8) = 3 rounds, 7 payloads of 8 * 129 B received.
-    assert bench.exchange_model(8, 64, 1e-6, 1e9) == pytest.approx(2 * (2 * 3 * 1e-6 + 7 * 8 * 129 / 1e9))
+    # 2 passes of 2 Allgathers each, log2(8) = 3 rounds; 7 ranks' 2 x 2C + 9 = 265 values received.
+    assert bench.values_per_step(64) == 265
+    assert bench.exchange_model(8, 64, 1e-6, 1e9) == pytest.approx(2 * 2 * 3 * 1e-6 + 7 * 8 * 265 / 1e9)
     latency, bandwidth = bench.fit_latency_bandwidth({"1": 20.0, "1001": 100.0}, 2)
-    assert latency == pytest.approx(10e-6)  # 20 us = 2 collectives x 1 round
+    assert latency == pytest.approx(20e-6)  # 20 us = 1 collective x 1 round
     assert bandwidth == pytest.approx(8 * 1000 / 80e-6)
 
 
@@ -35,8 +36,8 @@ def test_tiny_launch_reports_the_bytes_per_step(tmp_path):
     results = json.loads(out.read_text())
     assert [r["ranks"] for r in results] == [1, 2]
     for r in results:
-        assert r["float64_values_sent"] == 2 * (2 * 5 + 1)
-        assert r["sent_bytes"] > 8 * r["float64_values_sent"]
+        assert r["float64_values_sent"] == 4 * 5 + 9
+        assert r["sent_bytes"] == 8 * r["float64_values_sent"]
         assert r["received_bytes"] == (r["ranks"] - 1) * r["sent_bytes"]
         assert all(np.isfinite(v) and v > 0 for v in r["parts_ms"].values())
     assert "| bytes sent per rank per step |" in proc.stdout and "P = 4096" in proc.stdout

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+import foldnorm
 from foldnorm import distributed
 from foldnorm.distributed import (
     ChannelStats,
@@ -27,6 +28,9 @@ SHAPES = [((6, 3), 1), ((6, 3), -1), ((4, 5, 7), 1), ((4, 7, 5), -1), ((3, 4, 5,
           ((2, 3, 2, 3, 4), 1), ((5, 1, 9), 1), ((1, 4, 5, 5), 1), ((1, 5, 5, 4), -1)]
 DTYPES = [np.float64, np.float32, np.float16]
 RTOL = {np.float64: 1e-12, np.float32: 4 * 2.0 ** -23, np.float16: 4 * 2.0 ** -10}
+# The statistics and gradient sums are float64 for every dtype: float64 data's to 1e-12, float32 and float16
+# data's (summed in float32 lanes, as the kernels sum them) to a few float32 ulps.
+STATS_RTOL = {np.float64: 1e-12, np.float32: 4 * 2.0 ** -23, np.float16: 4 * 2.0 ** -23}
 
 
 def shape_id(case):
@@ -64,7 +68,7 @@ def assert_close_scaled(actual, expected, rel):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", SHAPES, ids=shape_id)
-def test_local_stats_are_the_exact_float64_statistics(case, dtype):
+def test_local_stats_are_the_float64_statistics(case, dtype):
     shape, axis = case
     x, _ = data(shape, dtype, offset=5.0)
     stats = local_stats(x, channel_axis=axis)
@@ -74,23 +78,30 @@ def test_local_stats_are_the_exact_float64_statistics(case, dtype):
     m2 = ((x64 - np.expand_dims(mean, axes)) ** 2).sum(axis=axes)
     assert stats.count == x.size // x.shape[axis]
     assert stats.mean.dtype == np.float64 and stats.m2.dtype == np.float64
-    np.testing.assert_allclose(stats.mean, mean, rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(stats.m2, m2, rtol=1e-12)
-    np.testing.assert_allclose(stats.var(), m2 / stats.count, rtol=1e-12)
-    np.testing.assert_allclose(stats.unbiased_var(), m2 / (stats.count - 1), rtol=1e-12)
+    rtol = STATS_RTOL[dtype]
+    np.testing.assert_allclose(stats.mean, mean, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(stats.m2, m2, rtol=rtol)
+    np.testing.assert_allclose(stats.var(), m2 / stats.count, rtol=rtol)
+    np.testing.assert_allclose(stats.unbiased_var(), m2 / (stats.count - 1), rtol=rtol)
 
 
-def test_local_stats_merge_their_pieces_in_order(monkeypatch):
-    """Inputs larger than one piece are reduced piece by piece (a few rows each here) and Chan-merged."""
-    monkeypatch.setattr(distributed.statistics, "_PIECE_ELEMS", 40)
-    for shape, axis in [((13, 3, 7), 1), ((13, 7, 3), -1)]:
-        x, _ = data(shape, np.float32, offset=1e3)
-        stats = local_stats(x, channel_axis=axis)
-        x64 = x.astype(np.float64)
-        axes = reduce_axes(x, axis)
-        mean = x64.mean(axis=axes)
-        np.testing.assert_allclose(stats.mean, mean, rtol=1e-14)
-        np.testing.assert_allclose(stats.m2, ((x64 - np.expand_dims(mean, axes)) ** 2).sum(axis=axes), rtol=1e-12)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, axis", [((13, 3, 5000), 1), ((3, 1, 9000), 1), ((4000, 7), -1), ((50, 40, 3), -1)],
+                         ids=["planes", "one_channel", "rows", "rows_nhwc"])
+def test_local_stats_of_many_pieces_are_batch_norm_train_s(shape, axis, dtype):
+    """Inputs of many cache-sized pieces: batch_norm_train's statistics pass, float64 out for float32 x."""
+    x, _ = data(shape, dtype, offset=1e3)
+    stats = local_stats(x, channel_axis=axis)
+    x64 = x.astype(np.float64)
+    axes = reduce_axes(x, axis)
+    mean = x64.mean(axis=axes)
+    np.testing.assert_allclose(stats.mean, mean, rtol=1e-14)
+    np.testing.assert_allclose(stats.m2, ((x64 - np.expand_dims(mean, axes)) ** 2).sum(axis=axes),
+                               rtol=STATS_RTOL[dtype])
+    if dtype == np.float64:
+        _, kernel_mean, kernel_invstd = foldnorm.batch_norm_train(x, eps=0.0, channel_axis=axis)
+        assert kernel_mean.tobytes() == stats.mean.tobytes()
+        np.testing.assert_allclose(stats.invstd(0.0), kernel_invstd, rtol=4 * 2.0 ** -52)
 
 
 @pytest.mark.parametrize("shape, axis", [((0, 3, 4), 1), ((0, 4, 3), -1), ((2, 3, 0), 1), ((0, 3), 1)])
@@ -170,9 +181,13 @@ def test_local_grad_sums(case, dtype):
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     assert sums.count == x.size // shape[axis]
     assert sums.sum_dy.dtype == np.float64 and sums.sum_dy_xmu.dtype == np.float64
-    np.testing.assert_allclose(sums.sum_dy, dy64.sum(axis=axes), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(sums.sum_dy_xmu, (dy64 * (x64 - np.expand_dims(mean, axes))).sum(axis=axes),
-                               rtol=1e-12, atol=1e-12)
+    # A sum's error is relative to the sum of its terms' magnitudes.
+    terms = dy64 * (x64 - np.expand_dims(mean, axes))
+    rtol = STATS_RTOL[dtype]
+    assert np.all(np.abs(sums.sum_dy - dy64.sum(axis=axes)) <= rtol * np.abs(dy64).sum(axis=axes))
+    assert np.all(np.abs(sums.sum_dy_xmu - terms.sum(axis=axes)) <= rtol * np.abs(terms).sum(axis=axes))
+    with_invstd = local_grad_sums(dy, x, mean, invstd=np.full(shape[axis], 0.5), channel_axis=axis)
+    assert np.all(np.abs(with_invstd.sum_dy_xmu - terms.sum(axis=axes)) <= rtol * np.abs(terms).sum(axis=axes))
 
 
 def test_grad_sums_of_an_empty_shard_and_their_merge():
@@ -208,13 +223,13 @@ def test_normalize_backward_of_shards_with_the_whole_batch_sums(case, dtype):
     (lambda: local_stats(np.ones((4, 0))), ValueError, "x must have at least one channel"),
     (lambda: merge_stats([]), ValueError, "parts must hold at least one"),
     (lambda: merge_stats([local_stats(np.ones((2, 3))), local_stats(np.ones((2, 4)))]), ValueError,
-     r"parts\[1\] has statistics of shape"),
+     r"parts\[1\] has mean and m2 of shape \(4,\) and \(4,\), expected \(3,\)"),
     (lambda: normalize(np.ones((2, 3)), np.zeros(2), np.ones(3)), ValueError, r"mean must have shape \(3,\)"),
     (lambda: normalize(np.ones((2, 3)), None, np.ones(3)), TypeError, "mean is required"),
     (lambda: normalize(np.ones((2, 3)), np.zeros(3), np.ones(3), np.array(["a", "b", "c"])), TypeError,
      "weight must be a real numeric array"),
     (lambda: local_grad_sums(np.ones((2, 4)), np.ones((2, 3)), np.zeros(3)), ValueError,
-     r"dy must have x's shape \(2, 3\)"),
+     r"dy must have shape \(2, 3\), got \(2, 4\)"),
     (lambda: normalize_backward(np.ones((2, 3)), np.ones((2, 3)), np.zeros(3), np.ones(3), None,
                                 GradSums(0, np.zeros(3), np.zeros(3))), ValueError, "sums.count must be at least 1"),
     (lambda: normalize_backward(np.ones((2, 3)), np.ones((2, 3)), np.zeros(3), np.ones(3), None,
@@ -301,13 +316,14 @@ def test_threads_match_the_whole_batch(shards, axis, dtype):
     rtol = RTOL[dtype]
     assert_close_scaled(np.concatenate([r[0] for r in results]), ref_y, rtol)
     assert_close_scaled(np.concatenate([r[5] for r in results]), ref_dx, rtol)
+    stats_rtol = STATS_RTOL[dtype]
     for r in results:
         assert r[1].tobytes() == results[0][1].tobytes() and r[2].tobytes() == results[0][2].tobytes()
-        assert_close_scaled(r[1], ref_mean, 1e-12)
-        assert_close_scaled(r[2], ref_invstd, 1e-12)
-        assert_close_scaled(r[3], 0.25 * ref_mean, 1e-12)
+        assert_close_scaled(r[1], ref_mean, stats_rtol)
+        assert_close_scaled(r[2], ref_invstd, stats_rtol)
+        assert_close_scaled(r[3], 0.25 * ref_mean, stats_rtol)
         assert r[4].dtype == np.float32
-        assert_close_scaled(r[4], 0.75 + 0.25 * ref_unbiased, 2.0 ** -23)
+        assert_close_scaled(r[4], 0.75 + 0.25 * ref_unbiased, 2 * 2.0 ** -23)
     assert_close_scaled(np.sum([r[6] for r in results], axis=0, dtype=np.float64), ref_dweight, rtol * len(shards))
     assert_close_scaled(np.sum([r[7] for r in results], axis=0, dtype=np.float64), ref_dbias, rtol * len(shards))
 
@@ -338,7 +354,34 @@ def test_threads_several_bad_ranks_are_all_named():
 
     errors = [error for _, error in world.run(job)]
     assert all(isinstance(error, TypeError) for error in errors), errors
-    assert str(errors[0]) == "on rank 1 of 3 (and on rank 2): momentum must be a number, got 'fast'"
+    assert str(errors[0]) == "on rank 1 of 3 (and on rank 2): momentum must be a real number in [0, 1], got 'fast'"
+
+
+def test_threads_momentum_outside_zero_to_one_raises_on_every_rank_naming_it():
+    world = ThreadWorld(2)
+    running = [np.zeros(2) for _ in range(2)]
+
+    def job(rank, comm):
+        return sync_batch_norm_train(np.ones((3, 2)), None, None, comm, running_mean=running[rank], momentum=2.0)
+
+    errors = [error for _, error in world.run(job)]
+    assert all(isinstance(error, ValueError) for error in errors), errors
+    assert [str(error) for error in errors] == ["momentum must be a real number in [0, 1], got 2.0"] * 2
+    assert not any(r.any() for r in running)
+
+
+@pytest.mark.parametrize("eps, error", [("1e-5", TypeError), (True, TypeError), (np.inf, ValueError),
+                                        (-1e-5, ValueError)])
+def test_eps_is_checked_as_the_kernels_check_it(eps, error):
+    """One set of argument checks: what batch_norm_train refuses, the synchronized function refuses too."""
+    x = np.ones((3, 2))
+    with pytest.raises(error, match="eps must be a finite non-negative real number") as kernel:
+        foldnorm.batch_norm_train(x, eps=eps)
+    world = ThreadWorld(2)
+    errors = [error for _, error in world.run(lambda rank, comm: sync_batch_norm_train(
+        x, None, None, comm, eps=eps if rank == 1 else 1e-5))]
+    assert type(errors[1]) is error and str(errors[1]) == str(kernel.value)
+    assert type(errors[0]) is error and str(errors[0]) == "on rank 1 of 2: " + str(kernel.value)
 
 
 def test_threads_backward_with_different_statistics_on_one_rank_raises_everywhere():
@@ -361,10 +404,10 @@ def test_threads_a_failure_while_computing_reaches_every_rank(monkeypatch):
     world = ThreadWorld(2)
     real = distributed.sync._stats_of
 
-    def stats_of(x3):
-        if x3.shape[0] == 1:
+    def stats_of(xc, *layout_and_threads):
+        if xc.shape[0] == 1:
             raise MemoryError("no room")
-        return real(x3)
+        return real(xc, *layout_and_threads)
 
     monkeypatch.setattr(distributed.sync, "_stats_of", stats_of)
 
@@ -423,3 +466,76 @@ def test_importing_the_module_imports_no_communication_library():
             "assert 'torch' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_importing_without_the_compiled_kernels_is_a_clear_import_error():
+    code = ("import sys; sys.modules['foldnorm.kernels._batch_norm'] = None\n"
+            "try:\n    import foldnorm.distributed\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("foldnorm.distributed runs on foldnorm's compiled kernels, which are not built"), \
+        out.stdout
+
+
+@pytest.mark.parametrize("variable", ["MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE"])
+def test_ranks_on_a_machine_share_its_cores(monkeypatch, variable):
+    from foldnorm.kernels import runtime
+
+    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    monkeypatch.setattr(distributed.statistics, "usable_cores", lambda: 8)
+    monkeypatch.setattr(distributed.statistics, "get_num_threads", lambda: 8)
+    big = 1 << 30
+    assert distributed.ranks_on_this_node() == 1
+    assert distributed.shard_threads(None, big) == runtime.resolve_num_threads(None, big)
+    monkeypatch.setenv(variable, "3")
+    assert distributed.ranks_on_this_node() == 3
+    assert distributed.shard_threads(None, big) == 2  # 8 cores // 3 ranks
+    monkeypatch.setenv(variable, "16")
+    assert distributed.shard_threads(None, big) == 1
+    assert distributed.shard_threads(5, big) == 5  # asked for: used as given
+    assert distributed.shard_threads(None, 100) == 1  # a small shard runs on the calling thread
+    monkeypatch.setenv(variable, "not a number")
+    assert distributed.ranks_on_this_node() == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, axis", [((8, 16, 40, 40), 1), ((6000, 24), -1)], ids=["planes", "rows"])
+def test_building_blocks_give_the_same_bits_for_any_thread_count(shape, axis, dtype, monkeypatch):
+    from foldnorm.kernels import runtime
+
+    monkeypatch.setattr(runtime, "PARALLEL_GRAIN", 1)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    x, dy = data(shape, dtype, offset=2.0)
+    weight, bias = channel_params(shape[axis])
+
+    def run(threads):
+        stats = local_stats(x, channel_axis=axis, num_threads=threads)
+        invstd = stats.invstd(1e-5)
+        y = normalize(x, stats.mean, invstd, weight, bias, channel_axis=axis, num_threads=threads)
+        sums = local_grad_sums(dy, x, stats.mean, invstd=invstd, channel_axis=axis, num_threads=threads)
+        dx = normalize_backward(dy, x, stats.mean, invstd, weight, sums, channel_axis=axis, num_threads=threads)
+        return [stats.mean, stats.m2, y, sums.sum_dy, sums.sum_dy_xmu, dx]
+
+    one = run(1)
+    for threads in (2, 3, 8):
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(run(threads), one)), threads
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, axis", [((8, 16, 40, 40), 1), ((600, 24), -1)], ids=["planes", "rows"])
+def test_building_blocks_are_the_single_process_kernels_pieces(shape, axis, dtype):
+    """On the whole batch, the blocks' dx is batch_norm_backward's bit for bit, given the same statistics."""
+    x, dy = data(shape, dtype, offset=2.0)
+    weight, _ = channel_params(shape[axis])
+    stats = local_stats(x, channel_axis=axis)
+    invstd = stats.invstd(1e-5)
+    sums = local_grad_sums(dy, x, stats.mean, invstd=invstd, channel_axis=axis)
+    dx = normalize_backward(dy, x, stats.mean, invstd, weight, sums, channel_axis=axis)
+    kernel_dx, kernel_dweight, kernel_dbias = foldnorm.batch_norm_backward(dy, x, stats.mean, invstd, weight,
+                                                                           channel_axis=axis)
+    assert dx.tobytes() == kernel_dx.tobytes()
+    if dtype == np.float64:
+        assert kernel_dbias.tobytes() == sums.sum_dy.tobytes()
+        assert kernel_dweight.tobytes() == (sums.sum_dy_xmu * invstd).tobytes()

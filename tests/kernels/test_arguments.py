@@ -208,14 +208,27 @@ def test_channel_axis_takes_numpy_integers(kernel):
 
 @pytest.mark.parametrize("momentum", ["0.1", None, [0.1], True, np.True_])
 def test_momentum_that_is_not_a_real_number_is_a_type_error_naming_momentum(momentum):
-    with pytest.raises(TypeError, match=r"^momentum must be finite \(a real number\), got "):
+    with pytest.raises(TypeError, match=r"^momentum must be a real number in \[0, 1\], got "):
         foldnorm.batch_norm_train(X, running_mean=np.zeros(C), running_var=np.ones(C), momentum=momentum)
 
 
-@pytest.mark.parametrize("momentum", [float("nan"), float("inf"), 10**400])
-def test_momentum_that_is_not_finite_is_a_value_error_naming_momentum(momentum):
-    with pytest.raises(ValueError, match=r"^momentum must be finite \(a real number\), got "):
-        foldnorm.batch_norm_train(X, running_mean=np.zeros(C), running_var=np.ones(C), momentum=momentum)
+@pytest.mark.parametrize("momentum", [float("nan"), float("inf"), 10**400, 2.0, -0.1, 1.0 + 2**-52, -1e-300])
+def test_momentum_outside_zero_to_one_is_a_value_error_naming_momentum(momentum):
+    running_mean, running_var = np.zeros(C), np.ones(C)
+    with pytest.raises(ValueError, match=r"^momentum must be a real number in \[0, 1\], got "):
+        foldnorm.batch_norm_train(X, running_mean=running_mean, running_var=running_var, momentum=momentum)
+    assert not running_mean.any() and (running_var == 1).all()  # refused before anything was updated
+
+
+def test_momentum_at_the_ends_keeps_the_running_or_takes_the_batch_statistics():
+    x64 = X.astype(np.float64)
+    n = X.size // C
+    running_mean, running_var = np.full(C, 0.5), np.full(C, 2.0)
+    foldnorm.batch_norm_train(X, running_mean=running_mean, running_var=running_var, momentum=0)
+    assert (running_mean == 0.5).all() and (running_var == 2.0).all()
+    foldnorm.batch_norm_train(X, running_mean=running_mean, running_var=running_var, momentum=1.0)
+    np.testing.assert_allclose(running_mean, x64.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(running_var, x64.var(axis=(0, 2, 3)) * n / (n - 1), rtol=1e-5)
 
 
 @pytest.mark.parametrize("momentum", [np.float32(0.25), np.float64(0.25), fractions.Fraction(1, 4)])

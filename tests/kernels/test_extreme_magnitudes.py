@@ -242,3 +242,74 @@ def test_eps_far_above_the_variance_of_large_mean_data(kernel, affine):
     x = (1e4 + 1e-2 * rng.standard_normal(SHAPE)).astype(np.float32)
     for name, ours, ref in run_forward(kernel, x, 1e30, rng, affine):
         assert_within_largest(ours, ref, "%s %s" % (kernel, name))
+
+
+def test_instance_norm_of_one_value_per_instance_near_the_float32_maximum():
+    """Each instance is its own mean: 0 everywhere, where scaling x up by invstd = 1 / sqrt(eps) overflowed."""
+    x = np.array([3e38, -3e38, 1], np.float32).reshape(1, 3, 1, 1)
+    y, mean, _ = instance_norm(x)
+    y_ref, mean_ref, _ = reference_instance_norm(x, eps=1e-5)
+    assert np.array_equal(y_ref, np.zeros(x.shape))
+    assert np.array_equal(y, np.zeros(x.shape, np.float32))
+    assert_within_largest(mean, mean_ref, "mean")
+
+
+def near_the_maximum(rng, ulps):
+    """Values within `ulps` float32 ulps of -3.3e38: sets of them are constant (ulps=0) or nearly so."""
+    base = np.float32(-3.3e38)
+    steps = rng.integers(0, ulps + 1, SHAPE)
+    return (base + steps * np.spacing(base)).astype(np.float32)
+
+
+@pytest.mark.parametrize("ulps", [0, 2], ids=["constant", "within_2_ulps"])
+@pytest.mark.parametrize("kernel", FORWARDS)
+def test_forward_of_values_that_hardly_differ_near_the_float32_maximum(kernel, ulps):
+    rng = np.random.default_rng(8)
+    for name, ours, ref in run_forward(kernel, near_the_maximum(rng, ulps), 1e-5, rng):
+        assert_within_largest(ours, ref, "%s %s" % (kernel, name))
+
+
+@pytest.mark.parametrize("kernel", BACKWARDS)
+def test_backward_of_constant_values_near_the_float32_maximum(kernel):
+    """(Values a few ulps apart there have a mean that float32 cannot hold to the precision their dx needs.)"""
+    rng = np.random.default_rng(9)
+    x = near_the_maximum(rng, 0)
+    dy = rng.standard_normal(SHAPE).astype(np.float32)
+    for name, ours, ref in run_backward(kernel, dy, x, 1e-5, rng):
+        assert_within_largest(ours, ref, "%s %s" % (kernel, name))
+
+
+@pytest.mark.parametrize("scale", [1.0, 3e37])
+@pytest.mark.parametrize("stat", ["mean", "invstd"])
+@pytest.mark.parametrize("kernel, shape, repeat", [("group_norm", (5, 4, 2), 2), ("group_norm", (3, 4, 6), 1),
+                                                   ("layer_norm", (5, 1), 1), ("layer_norm", (5, 6), 1)])
+def test_a_nan_statistic_stays_in_its_group_or_row(kernel, shape, repeat, stat, scale):
+    """A NaN in one group's (row's) mean or invstd makes that group's dx NaN, and no other's; at 3e37 some
+    groups and rows are constant (repeat: each value twice along the last axis)."""
+    rng = np.random.default_rng(10)
+    x = np.repeat(scale * rng.uniform(0.5, 1.0, shape[:-1] + (shape[-1] // repeat,)), repeat, axis=-1)
+    x = x.astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, shape[1])
+    if kernel == "group_norm":
+        groups = 2 if repeat == 1 else shape[1]
+        _, mean, invstd = group_norm(x, groups, weight)
+        dx_ref = reference_group_norm_backward(dy, x, groups, weight, eps=1e-5)[0]
+        poisoned = (1, 1)
+        run = lambda m, s: group_norm_backward(dy, x, m, s, groups, weight)[0]  # noqa: E731
+        group_of = lambda a: a.reshape(shape[0], groups, -1)  # noqa: E731
+    else:
+        w32 = weight.astype(np.float32)
+        _, mean, invstd = layer_norm(x, w32, axis=1)
+        dx_ref = ref_layer_norm_backward(dy, x, w32.astype(np.float64), 1e-5)[0]
+        poisoned = (1,)
+        run = lambda m, s: layer_norm_backward(dy, x, m, s, w32, axis=1)[0]  # noqa: E731
+        group_of = lambda a: a.reshape(shape[0], 1, -1)  # noqa: E731
+    stats = {"mean": mean.astype(np.float64), "invstd": invstd.astype(np.float64)}
+    stats[stat].reshape(mean.shape)[poisoned] = np.nan
+    dx = group_of(run(stats["mean"], stats["invstd"]))
+    index = poisoned if len(poisoned) == 2 else poisoned + (0,)
+    assert np.isnan(dx[index]).all()
+    others = np.ones(dx.shape[:2], bool)
+    others[index] = False
+    assert_within_largest(dx[others], group_of(dx_ref)[others], "%s dx of the other groups" % kernel)

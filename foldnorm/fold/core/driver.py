@@ -1,13 +1,13 @@
 """The driver of the fold pass: the rules on every node of every graph, once, in topological order.
 
 Every inference-mode BatchNormalization, and every Mul/Add/Sub/Div by a constant that varies only along
-the channel axis, is a site (foldnorm.fold.sites). For each site the rules of foldnorm.fold.rules are
+the channel axis, is a site (foldnorm.fold.core.sites). For each site the rules of foldnorm.fold.core.rules are
 tried in table order; the first whose condition matches applies. A BatchNormalization no rule folds
 stays as it is (onnxruntime runs it in one pass, Mul and Add in two), unless per-channel Mul/Add/Sub/Div
 after it merge into one Mul and one Add that replace them all (or rewrite_bn asks for the rewrite); one in
 training mode, or with parameters computed at run
 time, is left exactly as it is. If/Loop/Scan bodies are visited by the same loop. Every edit goes through
-the graph's index (foldnorm.fold.graph_index), so the pass is linear in the size of the model.
+the graph's index (foldnorm.fold.core.graph_index), so the pass is linear in the size of the model.
 """
 import onnx
 import onnx.inliner

@@ -2,7 +2,7 @@
 
 `GraphIndex` knows the node that produces each value and the nodes that read it -- a node whose subgraph
 captures an outer value counts as one of its readers --, which values are graph inputs and outputs, and
-which are constant (foldnorm.fold.constants evaluates them once and caches them). The fold rules edit the
+which are constant (foldnorm.fold.core.constants evaluates them once and caches them). The fold rules edit the
 graph only through it: rewiring an input, renaming an output, inserting and removing nodes, adding a
 constant under a fresh name. Edits are recorded and written back once per graph by `commit`, so a pass
 over the graph costs time linear in its size.

@@ -3,7 +3,7 @@
 Each layer kind is one `LayerKind` in LAYER_KINDS: how to read its channels from its weight, how to fold a
 map on its output into it (backward), how to fold a map on its input into it (forward), and what keeps a
 forward fold from being exact. Adding a layer kind means adding one entry here (and its arithmetic in
-foldnorm.fold.absorb); the rules and the report take it from the table.
+foldnorm.fold.core.absorb); the rules and the report take it from the table.
 """
 from dataclasses import dataclass
 from typing import Callable

@@ -2,7 +2,7 @@
 
 A rule's `condition(ctx, index, node)` returns a `Match` when the rule may fire on the node, or a
 `Refused` with the reason it may not; its `apply(ctx, index, node, match)` rewrites the graph. The rules
-are listed in one table, RULES, and tried in that order by foldnorm.fold.driver. A fallback rule fires
+are listed in one table, RULES, and tried in that order by foldnorm.fold.core.driver. A fallback rule fires
 only when the folds before it refused; its outcome lists their reasons.
 """
 from dataclasses import dataclass, field

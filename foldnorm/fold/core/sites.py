@@ -1,7 +1,7 @@
 """Sites: the per-channel affine maps in a graph that the fold pass may move into a layer.
 
 A site is an inference-mode BatchNormalization, or a Mul/Add/Sub/Div by a constant that varies only along
-the channel axis, read as one `ChannelAffine` (foldnorm.fold.affine), possibly followed by more
+the channel axis, read as one `ChannelAffine` (foldnorm.fold.core.affine), possibly followed by more
 per-channel Mul/Add/Sub/Div merged into the same map.
 """
 from dataclasses import dataclass

@@ -3,7 +3,7 @@
 `load_model` refuses, with one sentence a user can act on (FoldError), everything that is not a model we
 can fold: a path that is not a file, bytes that are not ONNX (or a truncated or corrupted protobuf), an
 opset outside 7..newest, a model neither the ONNX checker nor onnxruntime accepts, and external data that
-is missing or whose location escapes the model's folder (foldnorm.fold.external_data validates every
+is missing or whose location escapes the model's folder (foldnorm.fold.io.external_data validates every
 location before a byte is read).
 
 `check_model` is the one set of checks every model goes through, and says how valid the model is: it

@@ -1,10 +1,10 @@
 """Folding a BatchNormalization into a layer whose weight is quantized (a QDQ model).
 
-Two shapes of graph are folded, both by the one rule in this module (listed in foldnorm.fold.rules):
+Two shapes of graph are folded, both by the one rule in this module (listed in foldnorm.fold.core.rules):
 
 - Quantization-aware exports: DequantizeLinear(integer weight, scale, zero point) -> Conv / ConvTranspose /
   Gemm / MatMul -> BatchNormalization. The map goes into the weight's scales and integers
-  (foldnorm.fold.quantized_weights): exact where the integers allow it, a channel requantized (its change
+  (foldnorm.fold.quantized.weights): exact where the integers allow it, a channel requantized (its change
   reported in steps of its scale) where they do not, refused where that change would exceed one step.
 - Post-training-quantized graphs: layer -> QuantizeLinear -> DequantizeLinear -> BatchNormalization. Only
   with fold_through_qdq: the fold drops that pair, which removes one rounding of the layer's output, so
@@ -90,7 +90,7 @@ class QuantizedFold:
 
 @dataclass
 class QuantizedMatch:
-    """What the rule found (foldnorm.fold.rules.Match's role): the site, and either the float absorption of a
+    """What the rule found (foldnorm.fold.core.rules.Match's role): the site, and either the float absorption of a
     float layer or the quantized layer's new weight and bias, with the plan for the report."""
 
     site: object

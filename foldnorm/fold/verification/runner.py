@@ -4,18 +4,18 @@
 with every graph optimization DISABLED (ORT_DISABLE_ALL), so the check tests our folding and not
 onnxruntime's own, on the same seeded random inputs, and compares every graph output. A third run, of the
 original with every optimization enabled, measures the model's own rounding noise on those inputs, which
-widens the default tolerance (foldnorm.fold.tolerance says how, and how each output is judged); for a
+widens the default tolerance (foldnorm.fold.verification.tolerance says how, and how each output is judged); for a
 model with more than NOISE_ALWAYS_BYTES of parameters that run happens only when an output exceeds the
 default tolerance without it.
 
-Input shapes (foldnorm.fold.shapes says how sizes are chosen): a fixed dim keeps its size; a dynamic dim
+Input shapes (foldnorm.fold.verification.shapes says how sizes are chosen): a fixed dim keeps its size; a dynamic dim
 takes its size from `shapes` ({input name: [dims]}) when given, and is otherwise chosen by trying
 candidate sizes until onnxruntime runs the original. With chosen sizes, the models are compared at two
 shapes whose batch and other sizes differ, so a fold that is right at one shape only fails; the report
 lists the shapes and says they were chosen.
 
 Memory: the sessions run one after another, each closed before the next opens, and each model reaches
-onnxruntime without a copy in foldnorm where it can (foldnorm.fold.sessions): a model given as a path is
+onnxruntime without a copy in foldnorm where it can (foldnorm.fold.verification.sessions): a model given as a path is
 handed over as that file, which onnxruntime reads itself, and a folded model's large weights, held as
 NumPy arrays by the fold, are shared with onnxruntime as they are.
 
@@ -159,14 +159,14 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
     shapes : dict, optional
         {input name: [dims]} for inputs whose dynamic dims should not be chosen by verification.
     rtol, atol : float, optional
-        Tolerances replacing the defaults (foldnorm.fold.tolerance).
+        Tolerances replacing the defaults (foldnorm.fold.verification.tolerance).
     seed : int
         Seed of the random inputs.
     progress : callable, optional
         Called with a short sentence as each step starts (the command line shows them).
     steps : float, optional
         The tolerance of an output written by QuantizeLinear (-> DequantizeLinear), which is compared in its
-        quantization steps instead (1 when None; foldnorm.fold.quantized_verify).
+        quantization steps instead (1 when None; foldnorm.fold.quantized.steps).
 
     Returns
     -------

@@ -12,7 +12,7 @@ once per model (`ModelSource`):
   instead, as before, when onnxruntime cannot run the file as it is (a graph input declaring a size of 0,
   a bfloat16 graph input or output: both need a rewritten copy, see below), or when it has QuantizeLinear
   nodes and tensors in external data (verification then reads quantization scales and may run a copy of
-  it with more outputs: foldnorm.fold.quantized_verify);
+  it with more outputs: foldnorm.fold.quantized.steps);
 - a ModelProto with up to FILE_SOURCE_BYTES of tensor data: its serialized bytes;
 - a larger one: a copy written once into a temporary folder, its large tensors in external data (aligned,
   so that onnxruntime maps them), read by every session of that model.

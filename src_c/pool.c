@@ -1,0 +1,261 @@
+/* foldnorm's thread pool (see pool.h and fn_pool.h).
+ *
+ * One region runs at a time.  Its state is one atomic word, (generation << 32) | open | active workers: the
+ * caller publishes a region by storing the next generation, open; a worker joins by adding itself to the
+ * active count while the region is open, the generation is the one it saw and fewer than the region's limit
+ * are in; the caller closes the region when its own part is done (every loop finished), then waits for the
+ * workers still inside to leave, which only takes them the time to see that their loops are done.  A worker
+ * that is not scheduled until after the close never joins, so nothing waits for it.
+ *
+ * Between regions a worker spins for FN_POOL_SPIN_NS, or until it finds it was descheduled, then sleeps on a
+ * condition variable, which a caller signals only when a worker sleeps.
+ */
+#define _GNU_SOURCE
+#include "pool.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <time.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#define FN_POOL_MAX_WORKERS 255
+/* A worker looks for the next region this long after one before it sleeps: long enough that calls made
+ * back to back from Python (microseconds apart) find it awake.  It sleeps at once when it finds that it was
+ * descheduled while it looked (two looks further apart than FN_POOL_PREEMPTED_NS): the machine is busy, a
+ * spinning thread only takes time from other processes there, and a thread that sleeps between calls is
+ * the one the scheduler runs promptly when it is woken. */
+#define FN_POOL_SPIN_NS 50000
+#define FN_POOL_PREEMPTED_NS 20000
+
+#define FN_STATE_OPEN ((uint64_t)1 << 31)
+#define FN_STATE_ACTIVE ((uint64_t)FN_STATE_OPEN - 1)
+
+static struct {
+    _Atomic uint64_t state;
+    atomic_int limit;   /* workers the open region takes at most */
+    atomic_int hold;    /* tests: workers join nothing */
+    atomic_int sleepers;
+    atomic_int departures;     /* workers that left a region: the futex a closing caller sleeps on */
+    atomic_int caller_waiting; /* a closing caller sleeps until the workers inside have left */
+    atomic_llong spin_ns; /* FN_POOL_SPIN_NS unless a benchmark changes it */
+    atomic_flag busy;   /* a region is being run */
+    /* The open region, written before its generation is published and read only by joined workers. */
+    fn_region region;
+    void *arg;
+    int workers; /* started; changed only by the thread holding busy */
+    int fork_handler;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    atomic_llong stats[FN_POOL_STAT_COUNT];
+} fn_pool = {
+    .spin_ns = FN_POOL_SPIN_NS,
+    .busy = ATOMIC_FLAG_INIT,
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .wake = PTHREAD_COND_INITIALIZER,
+};
+
+static fn_team fn_pool_team;
+
+/* Sleeps while *word == value (at most briefly where there is no futex); wakes such sleepers. */
+static void fn_pool_futex_wait(atomic_int *word, int value)
+{
+#if defined(__linux__)
+    syscall(SYS_futex, (int *)word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+#else
+    (void)word;
+    (void)value;
+    sched_yield();
+#endif
+}
+
+static void fn_pool_futex_wake(atomic_int *word)
+{
+#if defined(__linux__)
+    syscall(SYS_futex, (int *)word, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+static long long fn_elapsed_ns(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)(t.tv_sec - t0->tv_sec) * 1000000000LL + (t.tv_nsec - t0->tv_nsec);
+}
+
+/* The state once its generation differs from seen: spinning first, then asleep. */
+static uint64_t fn_pool_next_region(uint64_t seen)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    long long last = 0;
+    const long long spin_ns = atomic_load_explicit(&fn_pool.spin_ns, memory_order_relaxed);
+    for (unsigned i = 1;; i++) {
+        uint64_t s = atomic_load_explicit(&fn_pool.state, memory_order_acquire);
+        if (s >> 32 != seen)
+            return s;
+        if (i % 16 != 0) {
+            fn_cpu_relax();
+            continue;
+        }
+        const long long ns = fn_elapsed_ns(&t0);
+        if (ns > spin_ns || ns - last > FN_POOL_PREEMPTED_NS)
+            break;
+        last = ns;
+    }
+    /* The sleeper count and the state are sequentially consistent on both sides: either this worker sees
+     * the new generation, or the caller that published it sees the sleeper and signals under the lock. */
+    pthread_mutex_lock(&fn_pool.lock);
+    atomic_fetch_add(&fn_pool.sleepers, 1);
+    uint64_t s;
+    while ((s = atomic_load(&fn_pool.state)) >> 32 == seen)
+        pthread_cond_wait(&fn_pool.wake, &fn_pool.lock);
+    atomic_fetch_sub(&fn_pool.sleepers, 1);
+    pthread_mutex_unlock(&fn_pool.lock);
+    return s;
+}
+
+/* Joins the region of state s if it is still open and has room: 1 when this worker is now inside it. */
+static int fn_pool_join(uint64_t s)
+{
+    const uint64_t generation = s >> 32;
+    while ((s & FN_STATE_OPEN) && s >> 32 == generation && !atomic_load_explicit(&fn_pool.hold, memory_order_relaxed)
+           && (int)(s & FN_STATE_ACTIVE) < atomic_load_explicit(&fn_pool.limit, memory_order_relaxed)) {
+        if (atomic_compare_exchange_weak_explicit(&fn_pool.state, &s, s + 1, memory_order_acquire,
+                                                  memory_order_acquire))
+            return 1;
+    }
+    return 0;
+}
+
+static void *fn_pool_worker(void *start_generation)
+{
+    uint64_t seen = (uint64_t)(uintptr_t)start_generation;
+    for (;;) {
+        const uint64_t s = fn_pool_next_region(seen);
+        seen = s >> 32;
+        if (!fn_pool_join(s))
+            continue;
+        fn_worker w = {&fn_pool_team, 0, 0, 0};
+        fn_pool.region(&w, fn_pool.arg);
+        atomic_fetch_add_explicit(&fn_pool.stats[3], w.units, memory_order_relaxed);
+        atomic_fetch_sub(&fn_pool.state, 1);
+        atomic_fetch_add(&fn_pool.departures, 1);
+        if (atomic_load(&fn_pool.caller_waiting))
+            fn_pool_futex_wake(&fn_pool.departures);
+    }
+    return NULL;
+}
+
+/* A forked child has none of its parent's workers: it starts its own when it needs them. */
+static void fn_pool_after_fork(void)
+{
+    atomic_store(&fn_pool.state, 0);
+    atomic_store(&fn_pool.sleepers, 0);
+    atomic_store(&fn_pool.caller_waiting, 0);
+    atomic_flag_clear(&fn_pool.busy);
+    fn_pool.workers = 0;
+    pthread_mutex_init(&fn_pool.lock, NULL);
+    pthread_cond_init(&fn_pool.wake, NULL);
+}
+
+/* Starts workers until there are `want` (fewer if the system refuses threads).  Workers block every
+ * signal, which then reach the threads that expect them (Python's main thread). */
+static void fn_pool_start_workers(int want)
+{
+    if (fn_pool.workers >= want)
+        return;
+    if (!fn_pool.fork_handler)
+        fn_pool.fork_handler = pthread_atfork(NULL, NULL, fn_pool_after_fork) == 0;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    const uintptr_t generation = (uintptr_t)(atomic_load(&fn_pool.state) >> 32);
+    while (fn_pool.workers < want) {
+        pthread_t thread;
+        if (pthread_create(&thread, &attr, fn_pool_worker, (void *)generation) != 0)
+            break;
+        fn_pool.workers++;
+        atomic_fetch_add_explicit(&fn_pool.stats[4], 1, memory_order_relaxed);
+    }
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+void fn_pool_run(int num_threads, fn_region region, void *arg)
+{
+    fn_worker w = {NULL, 0, 1, 0};
+    if (num_threads < 2 || atomic_flag_test_and_set_explicit(&fn_pool.busy, memory_order_acquire)) {
+        if (num_threads >= 2)
+            atomic_fetch_add_explicit(&fn_pool.stats[1], 1, memory_order_relaxed);
+        region(&w, arg);
+        atomic_fetch_add_explicit(&fn_pool.stats[2], w.units, memory_order_relaxed);
+        return;
+    }
+    const int want = num_threads - 1 < FN_POOL_MAX_WORKERS ? num_threads - 1 : FN_POOL_MAX_WORKERS;
+    fn_pool_start_workers(want);
+    fn_team *team = &fn_pool_team;
+    for (int k = 0; k < FN_TEAM_MAX_LOOPS; k++) {
+        atomic_store_explicit(&team->loops[k].next, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->loops[k].done, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->loops[k].finished, 0, memory_order_relaxed);
+        atomic_store_explicit(&team->loops[k].sleepers, 0, memory_order_relaxed);
+    }
+    team->threads = num_threads;
+    fn_pool.region = region;
+    fn_pool.arg = arg;
+    atomic_store_explicit(&fn_pool.limit, want < fn_pool.workers ? want : fn_pool.workers, memory_order_relaxed);
+    const uint64_t generation = (atomic_load_explicit(&fn_pool.state, memory_order_relaxed) >> 32) + 1;
+    atomic_store(&fn_pool.state, generation << 32 | FN_STATE_OPEN);
+    if (atomic_load(&fn_pool.sleepers) > 0) {
+        pthread_mutex_lock(&fn_pool.lock);
+        pthread_cond_broadcast(&fn_pool.wake);
+        pthread_mutex_unlock(&fn_pool.lock);
+    }
+
+    w.team = team;
+    region(&w, arg);
+
+    /* Closed: no worker joins from now on; those inside only have to see that their loops are done. */
+    uint64_t s = atomic_load_explicit(&fn_pool.state, memory_order_relaxed);
+    while (!atomic_compare_exchange_weak_explicit(&fn_pool.state, &s, s & ~FN_STATE_OPEN, memory_order_acq_rel,
+                                                  memory_order_relaxed))
+        ;
+    for (unsigned spins = 0; spins < FN_WAIT_SPINS; spins++) {
+        if (!(atomic_load_explicit(&fn_pool.state, memory_order_acquire) & FN_STATE_ACTIVE))
+            break;
+        fn_cpu_relax();
+    }
+    /* Asleep, as fn_loop_sleep: either a leaving worker sees caller_waiting, or this sees it gone. */
+    for (;;) {
+        const int departures = atomic_load(&fn_pool.departures);
+        atomic_store(&fn_pool.caller_waiting, 1);
+        if (!(atomic_load(&fn_pool.state) & FN_STATE_ACTIVE))
+            break;
+        fn_pool_futex_wait(&fn_pool.departures, departures);
+    }
+    atomic_store(&fn_pool.caller_waiting, 0);
+    atomic_fetch_add_explicit(&fn_pool.stats[0], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&fn_pool.stats[2], w.units, memory_order_relaxed);
+    atomic_flag_clear_explicit(&fn_pool.busy, memory_order_release);
+}
+
+void fn_pool_stats(long long out[FN_POOL_STAT_COUNT])
+{
+    for (int k = 0; k < FN_POOL_STAT_COUNT; k++)
+        out[k] = atomic_load_explicit(&fn_pool.stats[k], memory_order_relaxed);
+}
+
+void fn_pool_hold_workers(int held) { atomic_store(&fn_pool.hold, held != 0); }
+
+void fn_pool_set_spin(long long ns) { atomic_store(&fn_pool.spin_ns, ns < 0 ? 0 : ns); }
