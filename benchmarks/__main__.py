@@ -1,12 +1,13 @@
 """python -m benchmarks run [--quick] [--out DIR] [--threads 1,2] | ab --base REF | counts
 | compare OLD.json NEW.json [--threshold 0.10] | under-load [--spinners N] [--base-root DIR] [--smoke]
 | big [--megabytes 300] [--rounds 5] [--huge] | startup [--runs 20] | figures [RESULTS.json]
-| distributed [--shape 16,64,28,28] [--ranks 1,2] [--repeat 30] | fused [--quick|--smoke] [--threads 2] [--counts]"""
+| distributed [--shape 16,64,28,28] [--ranks 1,2] [--repeat 30] | fused [--quick|--smoke] [--threads 2] [--counts]
+| corpus [--rounds 9] [--repeat 5]"""
 import argparse
 import os
 import sys
 
-from . import big_model, figures, fused, startup, under_load
+from . import big_model, corpus, figures, fused, startup, under_load
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -54,6 +55,8 @@ def parser():
         "two processes sharing the cores"))
     big_model.add_arguments(commands.add_parser(
         "big", help="`foldnorm fold` on a 300 MB external-data model beside onnxruntime's optimizer"))
+    corpus.add_arguments(commands.add_parser(
+        "corpus", help="every corpus model in onnxruntime before and after the fold, beside onnxruntime's own"))
     figures.add_arguments(commands.add_parser(
         "figures", help="the PNGs and the READMEs' run-of-record parts, from the run of record (or adopt RESULTS.json "
         "as it)"))
@@ -121,6 +124,8 @@ def main(argv=None):
         return under_load.main(args)
     if args.command == "big":
         return big_model.main(args)
+    if args.command == "corpus":
+        return corpus.main(args)
     if args.command == "startup":
         return startup.main(args)
     if args.command == "figures":

@@ -3,13 +3,16 @@ onnxruntime's own optimizer writing its optimized model of the same file, measur
 
 The model is generated: `pairs` Conv (channels -> channels, 3x3, with bias) + BatchNormalization + Relu
 blocks, seeded random weights, saved with every tensor in one external data file. Each command runs as
-a separate process, started from a small wrapper process that reports the command's wall time and the
-peak resident memory of the command and its children (resource.getrusage(RUSAGE_CHILDREN)), so Python's
-start-up and imports count, as they do for a user. Contenders are interleaved round by round; the
-median of the rounds is reported, and each time against onnxruntime's is the median of the ratios taken
-round by round.
+a separate process, started from a small wrapper process that reports the command's wall time, its user
+and system CPU time and page faults (its processes together, resource.getrusage(RUSAGE_CHILDREN)), and the
+peak of the resident memory of all its processes together (the command and the verifying process it
+starts, sampled from /proc every 10 ms), so Python's start-up and imports count, as they do for a user.
+Contenders are interleaved round by round; the median of the rounds is reported, and each time against
+onnxruntime's is the median of the ratios taken round by round.
 
-    python -m benchmarks big [--megabytes 300] [--rounds 5] [--huge] [--only NAMES] [--out DIR]
+    python -m benchmarks big [--megabytes 300] [--rounds 5] [--huge] [--only NAMES] [--root DIR] [--out DIR]
+
+--root runs the foldnorm of another source tree (a checkout of an earlier commit: before and after).
 
 --huge adds one round of a model past protobuf's 2 GiB limit (folded with and without verification).
 """
@@ -31,15 +34,39 @@ MIB = 2**20
 HUGE_MEGABYTES = 2400.0
 HUGE_PAIRS = 16
 
-# Runs `argv` in a child process; prints {"seconds", "peak_bytes", "returncode", "stderr"} as JSON.
+# Runs `argv` in a child process; prints {"seconds", "peak_bytes" (all its processes together),
+# "largest_process_bytes", "user_seconds", "system_seconds", "minor_faults", "major_faults", "returncode",
+# "stderr"} as JSON.
 _WRAPPER = r"""
-import json, resource, subprocess, sys, time
+import json, os, resource, subprocess, sys, tempfile, threading, time
+
+def tree_rss(pid):
+    total, pids = 0, [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            with open("/proc/%d/statm" % p) as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open("/proc/%d/task/%d/children" % (p, p)) as f:
+                pids += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return total
+
 start = time.perf_counter()
-done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = tempfile.TemporaryFile()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=err)
+peak = 0
+while child.poll() is None:
+    peak = max(peak, tree_rss(child.pid))
+    time.sleep(0.01)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "peak_bytes": peak, "returncode": done.returncode,
-                  "stderr": done.stderr.decode(errors="replace")[-2000:]}))
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+err.seek(0)
+print(json.dumps({"seconds": seconds, "peak_bytes": max(peak, usage.ru_maxrss * 1024),
+                  "largest_process_bytes": usage.ru_maxrss * 1024, "user_seconds": usage.ru_utime,
+                  "system_seconds": usage.ru_stime, "minor_faults": usage.ru_minflt, "major_faults": usage.ru_majflt,
+                  "returncode": child.returncode, "stderr": err.read().decode(errors="replace")[-2000:]}))
 """
 
 # onnxruntime's optimizer at basic level, writing its optimized model (external data past 2 GiB).
@@ -85,10 +112,15 @@ def write_conv_bn_model(path, *, channels, pairs, seed=0):
     return tensor_bytes
 
 
-def measure_command(argv):
-    """{"seconds", "peak_bytes", "returncode", "stderr"} of one run of `argv` in a fresh process."""
+def measure_command(argv, root=None):
+    """The figures of _WRAPPER for one run of `argv` in a fresh process (foldnorm imported from `root`)."""
+    environment = None
+    if root is not None:
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get(
+            "PYTHONPATH", "").split(os.pathsep) if p]))
+    # From the root's folder: `python -m` imports from the current folder first.
     done = subprocess.run([sys.executable, "-c", _WRAPPER] + list(argv), capture_output=True, text=True,
-                          check=True)
+                          check=True, env=environment, cwd=root)
     return json.loads(done.stdout)
 
 
@@ -103,7 +135,7 @@ def commands(model_path, folder, huge=False):
     }
 
 
-def run_case(megabytes, pairs, rounds, folder, huge=False, only=None):
+def run_case(megabytes, pairs, rounds, folder, huge=False, only=None, root=None):
     """Generate the model, time each contender `rounds` times (interleaved); returns the JSON-ready case."""
     channels = channels_for(megabytes, pairs)
     model_path = os.path.join(folder, "model.onnx")
@@ -121,7 +153,7 @@ def run_case(megabytes, pairs, rounds, folder, huge=False, only=None):
         names = list(argvs)
         names = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in names:
-            result = measure_command(argvs[name])
+            result = measure_command(argvs[name], root)
             result["round"] = round_index
             if result["returncode"] != 0:
                 case["failures"].append("%s: exit %d: %s" % (name, result["returncode"], result["stderr"].strip()))
@@ -134,6 +166,11 @@ def run_case(megabytes, pairs, rounds, folder, huge=False, only=None):
                 "seconds_all": [r["seconds"] for r in results],
                 "peak_bytes_median": statistics.median(r["peak_bytes"] for r in results),
                 "peak_bytes_max": max(r["peak_bytes"] for r in results),
+                "largest_process_bytes_max": max(r["largest_process_bytes"] for r in results),
+                "user_seconds_median": statistics.median(r["user_seconds"] for r in results),
+                "system_seconds_median": statistics.median(r["system_seconds"] for r in results),
+                "minor_faults_median": statistics.median(r["minor_faults"] for r in results),
+                "major_faults_median": statistics.median(r["major_faults"] for r in results),
             }
     ort_by_round = {r["round"]: r["seconds"] for r in samples.get("onnxruntime_optimizer", [])}
     for name in ("foldnorm_no_verify", "foldnorm_verify"):
@@ -154,12 +191,13 @@ def format_case(label, case):
              "median of %d rounds; memory budget 2 x model + 300 MiB = %.0f MB"
              % (label, case["pairs"], case["channels"], case["channels"], case["model_bytes"] / 1e6,
                 case["rounds"], case["memory_budget_bytes"] / 1e6),
-             "| command | wall s (median) | peak memory MB (max) | time / onnxruntime's (median of rounds) | "
-             "peak / budget |",
-             "|---|---:|---:|---:|---:|"]
+             "| command | wall s (median) | user s | system s | minor faults | peak memory MB, all processes (max) "
+             "| time / onnxruntime's (median of rounds) | peak / budget |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, figures in case["contenders"].items():
-        lines.append("| %s | %.2f | %.0f | %s | %s |" % (
-            name, figures["seconds_median"], figures["peak_bytes_max"] / 1e6,
+        lines.append("| %s | %.2f | %.2f | %.2f | %.0f | %.0f | %s | %s |" % (
+            name, figures["seconds_median"], figures["user_seconds_median"], figures["system_seconds_median"],
+            figures["minor_faults_median"], figures["peak_bytes_max"] / 1e6,
             "%.2f" % figures["time_vs_onnxruntime"] if "time_vs_onnxruntime" in figures else "",
             "%.2f" % figures["peak_vs_budget"] if "peak_vs_budget" in figures else ""))
     lines.extend("failed: %s" % failure for failure in case["failures"])
@@ -173,6 +211,7 @@ def add_arguments(p):
     p.add_argument("--huge", action="store_true", help="also one round of a model past 2 GiB (2.4 GB)")
     p.add_argument("--only", default=None, help="these contenders only, e.g. onnxruntime_optimizer,"
                    "foldnorm_no_verify (default: all three)")
+    p.add_argument("--root", default=None, help="run the foldnorm of this source tree instead of this one")
     p.add_argument("--out", default=None, help="write big_model.json into this folder")
 
 
@@ -183,11 +222,11 @@ def main(args):
     only = [name.strip() for name in args.only.split(",")] if args.only else None
     results = {}
     with tempfile.TemporaryDirectory(prefix="foldnorm-bench-") as folder:
-        results["big"] = run_case(args.megabytes, args.pairs, args.rounds, folder, only=only)
+        results["big"] = run_case(args.megabytes, args.pairs, args.rounds, folder, only=only, root=args.root)
         print(format_case("big", results["big"]), flush=True)
     if args.huge:
         with tempfile.TemporaryDirectory(prefix="foldnorm-bench-") as folder:
-            results["huge"] = run_case(HUGE_MEGABYTES, HUGE_PAIRS, 1, folder, huge=True, only=only)
+            results["huge"] = run_case(HUGE_MEGABYTES, HUGE_PAIRS, 1, folder, huge=True, only=only, root=args.root)
             print(format_case("huge", results["huge"]), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -1,13 +1,14 @@
 """The `foldnorm` command: fold, inspect, demo.
 
-    foldnorm fold MODEL.onnx [-o OUT.onnx] [--report REPORT.json] [--keep-bn] [--no-verify]
+    foldnorm fold MODEL.onnx [-o OUT.onnx] [--report REPORT.json] [--rewrite-bn] [--no-verify]
                   [--shape NAME=1,3,224,224 ...] [--rtol R] [--atol A] [--force] [-q | -v]
-                  [--fold-through-qdq] [--steps N]
-    foldnorm inspect MODEL.onnx [--fold-through-qdq] [-v]
+                  [--fold-through-qdq] [--fold-input-initializers] [--steps N]
+    foldnorm inspect MODEL.onnx [--fold-through-qdq] [--fold-input-initializers] [--rewrite-bn] [-v]
     foldnorm demo [--quick]
 
 Exit codes: 0 done; 1 the folded model failed verification (nothing written, unless --force); 2 a
-mistake in the command or a file foldnorm refuses, reported as one line on stderr, never a traceback.
+mistake in the command, a file foldnorm refuses, or verification's process crashing, reported as one line on
+stderr, never a traceback.
 On a failure nothing is written. Progress goes to stderr: with -v every step as it starts; on a terminal
 a step that takes more than a couple of seconds; -q prints nothing but errors.
 """
@@ -30,6 +31,16 @@ EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# How the command line says what the library's messages ask for (foldnorm.fold.errors.PYTHON_WORDS).
+CLI_WORDS = {
+    "shapes": "--shape NAME=d0,d1,...",
+    "shape_of": "--shape %(input)s=d0,d1,...",
+    "no_verify": "--no-verify",
+    "fold_through_qdq": "--fold-through-qdq",
+    "fold_input_initializers": "--fold-input-initializers",
+    "rewrite_bn": "--rewrite-bn",
+}
 
 
 class UsageError(Exception):
@@ -65,8 +76,7 @@ def main(argv=None):
     except UsageError as error:
         return _fail(str(error), EXIT_USAGE)
     except _fold_error() as error:
-        # A shape problem names the command line's --shape rather than the Python API's shapes=.
-        return _fail("foldnorm: error: %s" % getattr(error, "cli_message", error), EXIT_USAGE)
+        return _fail("foldnorm: error: %s" % error.worded(CLI_WORDS), EXIT_USAGE)
     except MemoryError:
         return _fail("foldnorm: error: out of memory; the model, or the inputs it asks verification to make, "
                      "are too large for this machine (--no-verify skips verification)", EXIT_USAGE)
@@ -77,9 +87,6 @@ def main(argv=None):
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
-        scratch = sys.modules.get("foldnorm.fold.scratch")
-        if scratch is not None:
-            scratch.remove_scratch_folder()
 
 
 def _fold_error():
@@ -124,8 +131,12 @@ def _build_parser():
     fold.add_argument("-o", "--output", metavar="OUT.onnx",
                       help="where to write (default: MODEL.folded.onnx beside the input)")
     fold.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
-    fold.add_argument("--keep-bn", action="store_true",
-                      help="leave BNs that cannot fold as they are (no Mul/Add rewrite)")
+    bn = fold.add_mutually_exclusive_group()
+    bn.add_argument("--keep-bn", dest="rewrite_bn", action="store_false",
+                    help="leave BNs that cannot fold as they are, unless Mul/Add after them merge into a rewrite "
+                    "(the default)")
+    bn.add_argument("--rewrite-bn", dest="rewrite_bn", action="store_true",
+                    help="rewrite every BN that cannot fold as Mul and Add (onnxruntime may run them slower)")
     fold.add_argument("--no-verify", action="store_true", help="skip the comparison with the original in onnxruntime")
     fold.add_argument(
         "--shape", metavar="NAME=D0,D1,...", action="append", default=[], type=_parse_shape,
@@ -140,6 +151,10 @@ def _build_parser():
     fold.add_argument("--fold-through-qdq", action="store_true",
                       help="in a quantized model, also fold a BN that follows a QuantizeLinear/DequantizeLinear "
                       "pair after its layer, dropping the pair (close to the original, not exact)")
+    fold.set_defaults(rewrite_bn=False)
+    fold.add_argument("--fold-input-initializers", action="store_true",
+                      help="treat initializers also listed as graph inputs as constants, and remove them from the "
+                      "inputs (by default a caller may override them, and what reads them is left)")
     fold.add_argument("--steps", type=_tolerance("--steps"),
                       help="tolerance for quantized outputs, in quantization steps (default 1 when every quantized "
                       "fold is exact, else 3)")
@@ -156,6 +171,10 @@ def _build_parser():
     inspect.add_argument("model", metavar="MODEL.onnx", help="the model to inspect (read only)")
     inspect.add_argument("--fold-through-qdq", action="store_true",
                          help="show the plan with the fold through QuantizeLinear/DequantizeLinear pairs")
+    inspect.add_argument("--fold-input-initializers", action="store_true",
+                         help="show the plan with initializers also listed as graph inputs taken as constants")
+    inspect.add_argument("--rewrite-bn", action="store_true",
+                         help="show the plan with every BN that cannot fold rewritten as Mul and Add")
     inspect.add_argument("-v", "--verbose", action="store_true", help="also show every step with its time on stderr")
     inspect.add_argument("-q", "--quiet", action=_Refused, nargs=0, help=argparse.SUPPRESS,
                          reason="inspect prints nothing but its report, so -q would leave nothing to see")
@@ -176,8 +195,19 @@ def run_fold(args):
 
 
 def _fold(args, progress):
-    from .fold.modelio import external_data_files, save_model, write_file_atomically
-    from .fold.verification import quiet_onnxruntime, verify
+    from .fold.verification.isolated import Verifier
+
+    # Started first, so that its imports (onnx, onnxruntime) overlap with this process's own and the fold.
+    verifier = None if args.no_verify else Verifier()
+    try:
+        return _fold_with(args, progress, verifier)
+    finally:
+        if verifier is not None:
+            verifier.close()
+
+
+def _fold_with(args, progress, verifier):
+    from .fold.session import ModelSession
 
     source = Path(args.model)
     output = Path(args.output) if args.output else _default_output(source)
@@ -192,55 +222,38 @@ def _fold(args, progress):
             raise UsageError("foldnorm: error: --report %s is the output model's path; choose another" % report_path)
 
     progress.step("reading %s" % source)
-    protected = {os.path.realpath(source)} | external_data_files(source)
-    for path, option in ((output, "-o"), (Path(str(output) + ".data"), "-o"), (report_path, "--report")):
-        if path is not None and os.path.realpath(path) in protected:
-            raise UsageError("foldnorm: error: %s %s would overwrite the input model or its external data"
-                             % (option, path))
+    with ModelSession(source, argument="MODEL.onnx", verifier=verifier) as session:
+        protected = {os.path.realpath(source)} | set(session.data_files)
+        for path, option in ((output, "-o"), (Path(str(output) + ".data"), "-o"), (report_path, "--report")):
+            if path is not None and os.path.realpath(path) in protected:
+                raise UsageError("foldnorm: error: %s %s would overwrite the input model or its external data"
+                                 % (option, path))
+        progress.step("folding")
+        report = session.fold(rewrite_bn=args.rewrite_bn, fold_through_qdq=args.fold_through_qdq,
+                              fold_input_initializers=args.fold_input_initializers)
+        # Written into a hidden folder beside the output, verified there, moved into place at the end: a
+        # failure anywhere (verification, a report that cannot be written) leaves nothing written.
+        progress.step("writing %s" % output)
+        session.stage(output)
+        if not args.no_verify:
+            session.verify(shapes=shapes, rtol=args.rtol, atol=args.atol, steps=args.steps, progress=progress.step)
+        progress.done()
+        if not args.quiet:
+            print(report.format_text(every_node=args.verbose, words=CLI_WORDS), flush=True)
 
-    from .fold import fold_model
-    from .fold.api import fold_for_saving
-
-    progress.step("folding")
-    # Read and folded in place (one copy of the model in memory); verification reads the original again.
-    if external_data_files(source):  # written back with external data: folded weights straight from their arrays
-        folded, report = fold_for_saving(source, keep_bn=args.keep_bn, fold_through_qdq=args.fold_through_qdq)
-    else:
-        folded, report = fold_model(source, keep_bn=args.keep_bn, verify=False, fold_through_qdq=args.fold_through_qdq)
-    report.model = str(source)
-    if not args.no_verify:
-        from .fold.quantized import default_step_tolerance
-
-        quiet_onnxruntime()
-        steps = args.steps if args.steps is not None else default_step_tolerance(report.outcomes)
-        report.verification = verify(source, folded, shapes=shapes, rtol=args.rtol, atol=args.atol,
-                                     progress=progress.step, steps=steps)
-    progress.done()
+        verification = report.verification
+        if verification is not None and not verification.passed:
+            summary = _divergence_summary(verification)
+            if not args.force:
+                return _fail("foldnorm: verification failed: %s; nothing written (--force writes anyway)" % summary,
+                             EXIT_VERIFICATION_FAILED)
+            print("foldnorm: verification failed: %s; written anyway because of --force" % summary, file=sys.stderr)
+        extra = []
+        if report_path is not None:
+            extra.append((report_path, (json.dumps(report.to_dict(CLI_WORDS), indent=2) + "\n").encode()))
+        written = session.commit(extra)
     if not args.quiet:
-        print(report.format_text(every_node=args.verbose), flush=True)
-
-    verification = report.verification
-    if verification is not None and not verification.passed:
-        summary = _divergence_summary(verification)
-        if not args.force:
-            return _fail("foldnorm: verification failed: %s; nothing written (--force writes anyway)" % summary,
-                         EXIT_VERIFICATION_FAILED)
-        print("foldnorm: verification failed: %s; written anyway because of --force" % summary, file=sys.stderr)
-
-    # The report's folder was probed before folding; it is checked once more here, before the model is
-    # written, so that a report that cannot be written leaves no model behind either.
-    report_json = None
-    if report_path is not None:
-        report_json = (json.dumps(report.to_dict(), indent=2) + "\n").encode()
-        _check_writable(report_path, "--report")
-    progress.step("writing %s" % output)
-    written = [str(p) for p in save_model(folded, output, external_data=bool(external_data_files(source)))]
-    if report_json is not None:
-        write_file_atomically(report_path, report_json)
-        written.append(str(report_path))
-    progress.done()
-    if not args.quiet:
-        print("wrote %s" % ", ".join(written))
+        print("wrote %s" % ", ".join(str(p) for p in written))
     return EXIT_OK
 
 
@@ -250,11 +263,12 @@ def run_inspect(args):
     progress = Progress(verbose=args.verbose, quiet=args.quiet)
     try:
         progress.step("reading and folding %s (nothing is written)" % args.model)
-        report = inspect_model(Path(args.model), fold_through_qdq=args.fold_through_qdq)
+        report = inspect_model(Path(args.model), fold_through_qdq=args.fold_through_qdq, rewrite_bn=args.rewrite_bn,
+                               fold_input_initializers=args.fold_input_initializers)
     finally:
         progress.done()
     if not args.quiet:
-        print(report.format_text(every_node=True))
+        print(report.format_text(every_node=True, words=CLI_WORDS))
     return EXIT_OK
 
 

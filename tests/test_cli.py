@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def conv_bn_model(channels=16, batch=1, spatial=10, seed=0, pre_bn=False, input_name="image"):
     """Conv(3x3, pad 1) -> BN -> Relu -> Conv(1x1) -> BN; with pre_bn a BN on the input, before the padded Conv
-    (it cannot fold there and is rewritten as Mul/Add unless --keep-bn)."""
+    (it cannot fold there, and stays a BatchNormalization unless --rewrite-bn)."""
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
@@ -192,7 +192,7 @@ def test_external_data_out_of_the_models_folder_is_refused(tmp_path, capsys, mon
     outside.write_bytes((path.parent / "model.weights").read_bytes())
     os.symlink(outside, path.parent / "link.weights")
     relocate(path, location.format(outside=outside))
-    from foldnorm.fold import external_data
+    from foldnorm.fold.io import external_data
 
     reads = []
     monkeypatch.setattr(external_data, "read_external_bytes", lambda *args: reads.append(args))
@@ -290,9 +290,9 @@ def test_report_json_matches_the_printed_numbers(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     counts = report["counts"]
     assert counts["normalizations"] == 3
-    assert counts["folded"] == {"Conv": 2} and counts["rewritten"] == 1 and counts["left"] == 0
+    assert counts["folded"] == {"Conv": 2} and counts["rewritten"] == 0 and counts["left"] == 1
     assert "normalizations found: 3 BatchNormalization" in out
-    assert "folded: 2 (Conv 2)" in out and "rewritten to Mul/Add: 1" in out
+    assert "folded: 2 (Conv 2)" in out and "rewritten to Mul/Add: 0" in out and "left: 1" in out
     assert "nodes: %d -> %d" % (report["nodes_before"], report["nodes_after"]) in out
     assert "parameter bytes: {:,} -> {:,}".format(report["param_bytes_before"], report["param_bytes_after"]) in out
     verification = report["verification"]
@@ -304,8 +304,10 @@ def test_report_json_matches_the_printed_numbers(tmp_path, capsys):
 
 def test_keep_bn_leaves_what_cannot_fold(tmp_path, capsys):
     model = write_model(tmp_path, conv_bn_model(pre_bn=True))
-    assert run_cli(capsys, "fold", model, "-o", tmp_path / "rewritten.onnx")[0] == 0
+    assert run_cli(capsys, "fold", model, "-o", tmp_path / "rewritten.onnx", "--rewrite-bn")[0] == 0
     assert "BatchNormalization" not in ops(tmp_path / "rewritten.onnx")
+    assert run_cli(capsys, "fold", model, "-o", tmp_path / "default.onnx")[0] == 0
+    assert ops(tmp_path / "default.onnx").count("BatchNormalization") == 1
     code, out, err = run_cli(capsys, "fold", model, "-o", tmp_path / "kept.onnx", "--keep-bn")
     assert code == 0, err
     assert ops(tmp_path / "kept.onnx").count("BatchNormalization") == 1
@@ -313,20 +315,25 @@ def test_keep_bn_leaves_what_cannot_fold(tmp_path, capsys):
 
 
 def test_no_verify_skips_onnxruntime(tmp_path, capsys, monkeypatch):
-    from foldnorm.fold import verification
+    from foldnorm.fold.verification import isolated
 
-    calls = []
-    real_verify = verification.verify
+    calls, started = [], []
+    real_verify, real_start = isolated.Verifier.run, isolated.Verifier.__init__
 
-    def recording_verify(*args, **kwargs):
+    def recording_verify(verifier, *args, **kwargs):
         calls.append(args)
-        return real_verify(*args, **kwargs)
+        return real_verify(verifier, *args, **kwargs)
 
-    monkeypatch.setattr(verification, "verify", recording_verify)
+    def recording_start(verifier):
+        started.append(verifier)
+        real_start(verifier)
+
+    monkeypatch.setattr(isolated.Verifier, "run", recording_verify)
+    monkeypatch.setattr(isolated.Verifier, "__init__", recording_start)
     model = write_model(tmp_path)
     code, out, err = run_cli(capsys, "fold", model, "--no-verify", "--report", tmp_path / "r.json")
     assert code == 0, err
-    assert calls == []
+    assert calls == [] and started == []  # no verifying process at all
     assert "verification" not in out
     assert json.loads((tmp_path / "r.json").read_text())["verification"] is None
     assert (tmp_path / "model.folded.onnx").exists()
@@ -378,24 +385,23 @@ def test_zero_tolerance_fails_verification_and_writes_nothing(tmp_path, capsys):
     assert "DIVERGED" in out
 
 
-def wrong_fold(real_fold_model):
+def wrong_fold(real_fold_in_place):
     """A fold that writes every new weight 1% off: the kind of bug verification is there to catch."""
-    def fold_model(model, **options):
-        source = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-        before = {i.name for i in source.graph.initializer}
-        folded, report = real_fold_model(model, **options)
-        for tensor in folded.graph.initializer:
+    def fold_in_place(model, **options):
+        before = {i.name for i in model.graph.initializer}
+        outcomes = real_fold_in_place(model, **options)
+        for tensor in model.graph.initializer:
             if tensor.name not in before:
                 array = numpy_helper.to_array(tensor) * 1.01
                 tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float32), tensor.name))
-        return folded, report
-    return fold_model
+        return outcomes
+    return fold_in_place
 
 
 def test_a_wrong_fold_is_caught_and_nothing_is_written(tmp_path, capsys, monkeypatch):
-    import foldnorm.fold
+    from foldnorm.fold import session
 
-    monkeypatch.setattr(foldnorm.fold, "fold_model", wrong_fold(foldnorm.fold.fold_model))
+    monkeypatch.setattr(session, "fold_in_place", wrong_fold(session.fold_in_place))
     model = write_model(tmp_path)
     (tmp_path / "out.onnx").write_bytes(b"previous")
     code, out, err = run_cli(capsys, "fold", model, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
@@ -494,7 +500,8 @@ def parameters_as_inputs_model():
 @pytest.mark.parametrize("build, reason", [
     (conv_only_model, "the model has no BatchNormalization; its exporter likely folded them already"),
     (training_mode_model, "of 2 BatchNormalization, 2 in training mode"),
-    (parameters_as_inputs_model, "2 whose parameters are graph inputs"),
+    (parameters_as_inputs_model, "2 whose parameters are initializers also listed as graph inputs, which a caller "
+                                 "may override (--fold-input-initializers treats them as constants)"),
 ])
 def test_nothing_to_fold_is_said_in_one_line_and_the_model_is_still_written(tmp_path, capsys, build, reason):
     path = write_model(tmp_path, build())

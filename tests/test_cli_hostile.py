@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldnorm.cli import main
-from foldnorm.fold.wire import PROTOBUF_MAX_DEPTH, diagnose
+from foldnorm.fold.io.wire import PROTOBUF_MAX_DEPTH, diagnose
 from tests.onnx_cases import IR_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,7 +273,7 @@ def test_a_failed_verification_writes_nothing(capsys, place):
 AUDIT = textwrap.dedent("""
     import json, sys, warnings
     import numpy, onnx, onnxruntime
-    import foldnorm.cli, foldnorm.fold, foldnorm.fold.verification
+    import foldnorm.cli, foldnorm.fold, foldnorm.fold.verification.runner
     opened = []
     sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" else None)
     code = foldnorm.cli.main(sys.argv[2:])
@@ -329,15 +329,14 @@ def test_a_real_process_prints_one_line_and_opens_only_its_folders(place, tmp_pa
 
 SLOW = textwrap.dedent("""
     import sys, time
-    import foldnorm.cli, foldnorm.fold.verification
-    from foldnorm.fold.scratch import scratch_folder
+    import foldnorm.cli, foldnorm.fold.verification.isolated
 
-    def slow_verify(*args, **kwargs):
-        open(scratch_folder() + "/partial", "wb").close()  # a temporary file in foldnorm's folder
+    def slow_verify(verifier, *args, folder, **kwargs):
+        open(folder + "/partial", "wb").close()  # a temporary file in the session's scratch folder
         print("verifying", flush=True)
         time.sleep(60)
 
-    foldnorm.fold.verification.verify = slow_verify
+    foldnorm.fold.verification.isolated.Verifier.run = slow_verify
     sys.exit(foldnorm.cli.main(sys.argv[1:]))
 """)
 

@@ -1,16 +1,49 @@
 """What the fold pass did, node by node: the FoldReport that `foldnorm fold` prints and writes as JSON."""
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from enum import Enum
 
-from .proto import attribute_graphs
+from .errors import PYTHON_WORDS, word
+from .io.proto import attribute_graphs
 
 NORMALIZATION_OPS = ("BatchNormalization",)
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# What keeps a BatchNormalization from folding, told apart by the words of its outcome's reason.
-_LEFT_CAUSES = (
-    ("training", "in training mode (they normalize with each batch's statistics)"),
-    ("graph input", "whose parameters are graph inputs (re-export with the parameters as constants)"),
-)
+
+
+class Action(str, Enum):
+    """What happened to a node (a str, so that it compares and serializes as its value)."""
+
+    FOLDED = "folded"
+    REWRITTEN = "rewritten"
+    LEFT = "left"
+
+    def __str__(self):
+        return self.value
+
+
+class Cause(str, Enum):
+    """Why a normalization was not folded: the kind of reason its outcome gives."""
+
+    TRAINING_MODE = "training_mode"                  # it normalizes with each batch's own statistics
+    STATISTICS_READ = "statistics_read"              # a running-statistics output is read
+    PARAMETER_INPUT = "parameter_input"              # a parameter is a graph input, given at run time
+    PARAMETER_OVERRIDABLE = "parameter_overridable"  # a parameter is an initializer also listed as an input
+    PARAMETER_COMPUTED = "parameter_computed"        # a parameter is computed at run time (or too large)
+    INVALID = "invalid"                              # its inputs or parameters do not form a per-channel map
+    NO_ABSORBER = "no_absorber"                      # no layer next to it can take its map
+
+    def __str__(self):
+        return self.value
+
+
+# What each cause says in the one sentence of "nothing was folded"; a cause not listed is told by the
+# first such node's own reason.
+CAUSE_SUMMARY = {
+    Cause.TRAINING_MODE: "in training mode (they normalize with each batch's statistics)",
+    Cause.PARAMETER_INPUT: "whose parameters are graph inputs (re-export with the parameters as constants)",
+    Cause.PARAMETER_OVERRIDABLE: "whose parameters are initializers also listed as graph inputs, which a caller "
+                                 "may override (<<fold_input_initializers>> treats them as constants)",
+}
 
 
 @dataclass
@@ -23,17 +56,28 @@ class NodeOutcome:
     ConvTranspose, Gemm or MatMul), "forward" (into the only reader), "across" (into the producers of each
     branch of the Add, Sum or Concat named by into), or "merged" (into the Mul/Add that replaces a
     BatchNormalization; into is "Mul/Add"); reason: one sentence saying why; quantized: for a fold into a
-    layer with a quantized weight, what it did to the integers (foldnorm.fold.quantized.QuantizedFold).
+    layer with a quantized weight, what it did to the integers (foldnorm.fold.quantized.rules.QuantizedFold).
     """
 
     node: str
     op_type: str
     graph: str
-    action: str
+    action: Action
     reason: str
     into: str | None = None
     direction: str | None = None
     quantized: object = None
+    cause: Cause | None = None
+    template: str = field(default="", repr=False, compare=False)  # the reason with its argument placeholders
+
+    def __post_init__(self):
+        self.action = Action(self.action)
+        self.cause = None if self.cause is None else Cause(self.cause)
+        if not self.template:
+            self.template, self.reason = self.reason, word(self.reason, PYTHON_WORDS)
+
+    def worded_reason(self, words=None):
+        return word(self.template, PYTHON_WORDS if words is None else words)
 
     @property
     def folded_into(self):
@@ -48,8 +92,14 @@ class NodeOutcome:
             return "a Mul/Add rewrite"
         return self.into
 
-    def to_dict(self):
-        return asdict(self)
+    def to_dict(self, words=None):
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "template"}
+        values["action"] = self.action.value
+        values["cause"] = None if self.cause is None else self.cause.value
+        values["reason"] = self.worded_reason(words)
+        if is_dataclass(self.quantized):
+            values["quantized"] = asdict(self.quantized)
+        return values
 
 
 @dataclass
@@ -85,8 +135,10 @@ class FoldReport:
             "left": sum(1 for o in self.outcomes if o.action == "left"),
         }
 
-    def nothing_folded(self):
-        """None when something was folded; otherwise one sentence saying so and the likely reason."""
+    def nothing_folded(self, words=None):
+        """None when something was folded; otherwise one sentence saying so and the likely reason, its
+        arguments worded by `words` (PYTHON_WORDS when None)."""
+        words = PYTHON_WORDS if words is None else words
         counts = self.counts()
         if counts["folded"]:
             return None
@@ -98,34 +150,38 @@ class FoldReport:
             return "nothing was folded: the model has no BatchNormalization and no layer that could absorb one"
         left = [o for o in self.normalizations() if o.action != "folded"]
         causes = []
-        for words, cause in _LEFT_CAUSES:
-            n = sum(1 for o in left if words in o.reason)
+        for cause, text in CAUSE_SUMMARY.items():
+            n = sum(1 for o in left if o.cause == cause)
             if n:
-                causes.append("%d %s" % (n, cause))
-        others = [o for o in left if not any(words in o.reason for words, _ in _LEFT_CAUSES)]
+                causes.append("%d %s" % (n, text))
+        others = [o for o in left if o.cause not in CAUSE_SUMMARY]
         if others:
-            causes.append("%d because %s" % (len(others), others[0].reason))
+            causes.append("%d because %s" % (len(others), others[0].template))
         rewritten = " (%d rewritten as Mul/Add)" % counts["rewritten"] if counts["rewritten"] else ""
-        return "nothing was folded%s: of %d BatchNormalization, %s" % (rewritten, found, "; ".join(causes))
+        return word("nothing was folded%s: of %d BatchNormalization, %s" % (rewritten, found, "; ".join(causes)),
+                    words)
 
-    def to_dict(self):
+    def to_dict(self, words=None):
+        """The report as JSON-ready data; the sentences are worded by `words` (PYTHON_WORDS when None)."""
+        words = PYTHON_WORDS if words is None else words
         return {
             "model": self.model,
-            "nothing_folded": self.nothing_folded(),
+            "nothing_folded": self.nothing_folded(words),
             "counts": self.counts(),
-            "outcomes": [o.to_dict() for o in self.outcomes],
+            "outcomes": [o.to_dict(words) for o in self.outcomes],
             "nodes_before": self.nodes_before,
             "nodes_after": self.nodes_after,
             "param_bytes_before": self.param_bytes_before,
             "param_bytes_after": self.param_bytes_after,
             "fold_seconds": self.fold_seconds,
             "verification": self.verification.to_dict() if self.verification is not None else None,
-            "notes": list(self.notes),
+            "notes": [word(note, words) for note in self.notes],
         }
 
-    def format_text(self, *, every_node=False):
+    def format_text(self, *, every_node=False, words=None):
         """The short report the command line prints; every_node=True also lists folded and rewritten
-        nodes (what `foldnorm inspect` shows)."""
+        nodes (what `foldnorm inspect` shows); the arguments it mentions are worded by `words` (Python's,
+        PYTHON_WORDS, when None)."""
         counts = self.counts()
         others = {op: n for op, n in counts["found"].items() if op not in NORMALIZATION_OPS}
         found = "%d BatchNormalization" % counts["normalizations"]
@@ -145,19 +201,19 @@ class FoldReport:
         for outcome in listed:
             where = "" if outcome.graph == "main" else " in %s" % outcome.graph
             action = outcome.action if outcome.action != "folded" else "folded into %s" % outcome.folded_into
-            lines.append("    - %s (%s%s): %s: %s" % (outcome.node, outcome.op_type, where, action, outcome.reason))
+            lines.append("    - %s (%s%s): %s: %s" % (outcome.node, outcome.op_type, where, action, outcome.template))
         lines.append("  nodes: %d -> %d" % (self.nodes_before, self.nodes_after))
         lines.append("  parameter bytes: %s -> %s" % (format(self.param_bytes_before, ","),
                                                        format(self.param_bytes_after, ",")))
         for note in self.notes:
             lines.append("  note: %s" % note)
-        nothing = self.nothing_folded()
+        nothing = self.nothing_folded(words)
         if nothing:
             lines.append("  " + nothing)
         if self.verification is not None:
             lines.extend("  " + line for line in self.verification.format_text().splitlines())
         lines.append("  time: %.3f s folding" % self.fold_seconds)
-        return "\n".join(lines)
+        return word("\n".join(lines), PYTHON_WORDS if words is None else words)
 
 
 

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from foldnorm.fold.absorb import (
+from foldnorm.fold.core.absorb import (
     affine_as_mul_add,
     fold_forward_into_conv,
     fold_forward_into_conv_transpose,
@@ -19,7 +19,7 @@ from foldnorm.fold.absorb import (
     fold_into_gemm,
     fold_into_matmul,
 )
-from foldnorm.fold.affine import ChannelAffine
+from foldnorm.fold.core.affine import ChannelAffine
 from tests.onnx_cases import run_ort, single_node_model
 
 SEED = 7321

@@ -3,7 +3,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from foldnorm.fold.affine import ChannelAffine, affine_from_batch_norm, affine_from_elementwise
+from foldnorm.fold.core.affine import ChannelAffine, affine_from_batch_norm, affine_from_elementwise
 from tests.onnx_cases import backend_node_cases, node_attributes, run_ort, single_node_model
 
 RNG_SEED = 20240611

@@ -1,5 +1,5 @@
 """A model the ONNX checker rejects but onnxruntime runs is folded with a one-line warning; a folded model
-always passes the checks its input passed (foldnorm.fold.modelio.check_model)."""
+always passes the checks its input passed (foldnorm.fold.io.modelio.check_model)."""
 import warnings
 
 import numpy as np
@@ -8,9 +8,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from foldnorm.cli import main
-from foldnorm.fold import api, fold_model, modelio
+from foldnorm.fold import fold_model, session
+from foldnorm.fold.io import modelio
 from foldnorm.fold.errors import FoldError
-from foldnorm.fold.modelio import check_model
+from foldnorm.fold.io.modelio import check_model
 from tests.fold.fold_models import ModelBuilder, conv_bn_model, count_ops, random_feeds, run_ort
 
 
@@ -118,7 +119,7 @@ def test_a_fold_that_breaks_the_checker_is_refused(monkeypatch):
     def dangling_input(model):
         model.graph.node[0].input[1] = "nowhere"
 
-    monkeypatch.setattr(api, "fold_in_place", corrupting(api.fold_in_place, dangling_input))
+    monkeypatch.setattr(session, "fold_in_place", corrupting(session.fold_in_place, dangling_input))
     with pytest.raises(FoldError, match="the folded model fails the ONNX checker's full check, which the original "
                                         "model passes: .*nowhere"):
         fold_model(conv_bn_model(), verify=False)
@@ -129,7 +130,7 @@ def test_a_fold_that_breaks_strict_shape_inference_is_refused(monkeypatch):
         dims = model.graph.output[0].type.tensor_type.shape.dim
         dims[2].dim_value = dims[2].dim_value + 3
 
-    monkeypatch.setattr(api, "fold_in_place", corrupting(api.fold_in_place, wrong_declared_shape))
+    monkeypatch.setattr(session, "fold_in_place", corrupting(session.fold_in_place, wrong_declared_shape))
     with pytest.raises(FoldError, match="fails the ONNX checker's full check"):
         fold_model(conv_bn_model(), verify=False)
 
@@ -138,7 +139,7 @@ def test_a_fold_of_a_model_only_onnxruntime_accepts_must_still_load(monkeypatch)
     def unknown_op(model):
         model.graph.node[0].op_type = "NoSuchOp"
 
-    monkeypatch.setattr(api, "fold_in_place", corrupting(api.fold_in_place, unknown_op))
+    monkeypatch.setattr(session, "fold_in_place", corrupting(session.fold_in_place, unknown_op))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(FoldError, match="onnxruntime cannot load it"):

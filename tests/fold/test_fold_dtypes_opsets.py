@@ -30,7 +30,7 @@ def gemm_bn_relu_bn(dtype):
 @pytest.mark.parametrize("dtype, tolerance", [(np.float16, 4e-3), (np.float32, 2e-6), (np.float64, 1e-12)])
 def test_gemm_and_rewrite_in_each_float_dtype(dtype, tolerance):
     model = gemm_bn_relu_bn(dtype)
-    folded, report, error = fold_and_compare(model)
+    folded, report, error = fold_and_compare(model, rewrite_bn=True)
     assert [n.op_type for n in folded.graph.node] == ["Gemm", "Relu", "Mul", "Add"]
     assert error < tolerance
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -70,7 +70,7 @@ def bfloat16_model(opset=15):
 def test_bfloat16_folds_and_rounds_the_new_weights_to_bfloat16():
     # onnxruntime runs no bfloat16 Gemm/BatchNormalization on CPU: compare the float32 image of both models
     model = bfloat16_model()
-    folded, report = fold_model(model, verify=False)
+    folded, report = fold_model(model, verify=False, rewrite_bn=True)
     onnx.checker.check_model(folded, full_check=True)
     assert [n.op_type for n in folded.graph.node] == ["Gemm", "Relu", "Mul", "Add"]
     assert {t.data_type for t in folded.graph.initializer} == {TensorProto.BFLOAT16}
@@ -99,7 +99,7 @@ def test_batch_norm_15_mixed_dtypes_rewritten_in_the_input_dtype():
     b.node("BatchNormalization", [x] + b.batch_norm_params("bn", 3, dtype=np.float32), ["n"], name="bn")
     b.node("Relu", ["n"], ["y"])
     b.output("y", [2, 3, 6, 6])
-    folded, report, error = fold_and_compare(b.model(opset=15))
+    folded, report, error = fold_and_compare(b.model(opset=15), rewrite_bn=True)
     assert [n.op_type for n in folded.graph.node] == ["Mul", "Add", "Relu"]
     assert {t.data_type for t in folded.graph.initializer} == {TensorProto.FLOAT16}
     assert error < 4e-3
@@ -128,7 +128,7 @@ def test_each_batch_norm_opset_rewrites(opset):
     x = b.input("x", [2, 3, 4, 4])
     b.batch_norm(x, "y", 3, name="bn")
     b.output("y", [2, 3, 4, 4])
-    folded, report, error = fold_and_compare(b.model(opset=opset))
+    folded, report, error = fold_and_compare(b.model(opset=opset), rewrite_bn=True)
     assert [n.op_type for n in folded.graph.node] == ["Mul", "Add"]
     assert error < 2e-6
 

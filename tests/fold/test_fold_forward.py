@@ -47,7 +47,7 @@ def test_batch_norm_folds_forward_into_an_unpadded_conv(rank, group, channels, o
                          ids=["pads-1", "same-upper", "same-lower"])
 def test_padded_conv_never_absorbs_the_batch_norm_forward(padding):
     model = bn_then_conv(**padding)
-    folded, report, error = fold_and_compare(model)
+    folded, report, error = fold_and_compare(model, rewrite_bn=True)
     assert count_ops(folded, "BatchNormalization") == 0
     assert [n.op_type for n in folded.graph.node] == ["Mul", "Add", "Conv"]
     bn = outcome(report, "bn")
@@ -69,7 +69,7 @@ def test_forward_fold_needs_the_conv_to_be_the_only_reader():
     model = bn_then_conv(pads=0)
     model.graph.output.add().CopyFrom(model.graph.output[0])
     model.graph.output[1].name = "normalized"
-    folded, report, error = fold_and_compare(model)
+    folded, report, error = fold_and_compare(model, rewrite_bn=True)
     assert count_ops(folded, "BatchNormalization") == 0
     assert outcome(report, "bn").action == "rewritten"
     assert "graph output" in outcome(report, "bn").reason
@@ -99,7 +99,7 @@ def test_gemm_with_trans_a_does_not_absorb_forward():
     b.batch_norm(x, "normalized", 5, name="bn")  # transA: the BN's channels are Gemm's M rows
     b.node("Gemm", ["normalized", b.weight("w", [6, 4])], ["y"], name="gemm", transA=1)
     b.output("y", [5, 4])
-    folded, report, error = fold_and_compare(b.model())
+    folded, report, error = fold_and_compare(b.model(), rewrite_bn=True)
     assert outcome(report, "bn").action == "rewritten" and "transA=1" in outcome(report, "bn").reason
     assert error < FLOAT32_TOLERANCE
 
@@ -129,7 +129,7 @@ def test_pre_activation_batch_norm_before_relu_is_rewritten_not_folded():
     b.node("Relu", ["normalized"], ["r"])
     b.node("Conv", ["r", b.weight("w", [4, 4, 1, 1])], ["y"], name="conv")
     b.output("y", [2, 4, 6, 6])
-    folded, report, error = fold_and_compare(b.model())
+    folded, report, error = fold_and_compare(b.model(), rewrite_bn=True)
     assert [n.op_type for n in folded.graph.node] == ["Mul", "Add", "Relu", "Conv"]
     assert error < FLOAT32_TOLERANCE
 
@@ -142,7 +142,7 @@ def test_forward_into_conv_transpose_only_when_exact(kernel, strides, foldable):
     b.node("ConvTranspose", ["normalized", b.weight("w", [4, 3, kernel, kernel])], ["y"], name="deconv",
            strides=[strides, strides])
     b.output("y", [2, 3, (5 - 1) * strides + kernel, (5 - 1) * strides + kernel])
-    folded, report, error = fold_and_compare(b.model())
+    folded, report, error = fold_and_compare(b.model(), rewrite_bn=True)
     assert count_ops(folded, "BatchNormalization") == 0
     assert outcome(report, "bn").action == ("folded" if foldable else "rewritten")
     assert error < FLOAT32_TOLERANCE

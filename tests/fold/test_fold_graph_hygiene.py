@@ -8,10 +8,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldnorm.fold import absorb
+from foldnorm.fold.core import absorb
 from foldnorm.fold.errors import VerificationError
 from foldnorm.fold import fold_model, inspect_model
-from foldnorm.fold.graph_index import GraphIndex, NameScope
+from foldnorm.fold.core.graph_index import GraphIndex, NameScope
 from tests.fold.fold_models import ModelBuilder, conv_bn_model, count_ops, fold_and_compare
 
 
@@ -62,7 +62,7 @@ def test_value_info_of_values_that_vanished_is_dropped_and_the_rest_kept():
 
 def test_unused_initializers_and_constant_nodes_are_removed_but_graph_inputs_stay():
     model = decorated_model()
-    folded, _ = fold_model(model, verify=False)
+    folded, _ = fold_model(model, verify=False, rewrite_bn=True)
     names = {t.name for t in folded.graph.initializer}
     assert not names & {"w", "n_scale", "n_bias", "n_mean", "n_var", "y_scale", "y_var"}
     assert len(folded.graph.initializer) == 4  # new conv weight and bias, new Mul and Add constants
@@ -91,7 +91,7 @@ def test_fresh_names_never_collide_with_existing_ones():
 
 def test_report_counts_text_and_json():
     model = decorated_model()
-    folded, report = fold_model(model, verify=False)
+    folded, report = fold_model(model, verify=False, rewrite_bn=True)
     assert report.counts() == {"normalizations": 2, "found": {"BatchNormalization": 2},
                                "folded": {"Conv": 1}, "rewritten": 1, "left": 0}
     assert report.nodes_before == 4 and report.nodes_after == 4  # Conv, Relu, Mul, Add
@@ -152,10 +152,11 @@ def test_verification_failure_raises_with_the_report(monkeypatch):
 def test_inspect_reports_without_verification_and_never_changes_the_model():
     model = decorated_model()
     before = model.SerializeToString()
-    report = inspect_model(model)
+    report = inspect_model(model, rewrite_bn=True)
     assert model.SerializeToString() == before
     assert report.verification is None
     assert [(o.node, o.action) for o in report.outcomes] == [("bn1", "folded"), ("bn2", "rewritten")]
+    assert [o.action for o in inspect_model(model).outcomes] == ["folded", "left"]
 
 
 def test_fold_model_accepts_a_path(tmp_path):

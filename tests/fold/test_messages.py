@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldnorm.fold.messages import MAX_CHARS, one_line
-from foldnorm.fold.tolerance import compare_output
+from foldnorm.fold.io.messages import MAX_CHARS, one_line
+from foldnorm.fold.verification.tolerance import compare_output
 from tests.onnx_cases import IR_VERSION
 
 

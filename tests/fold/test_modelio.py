@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldnorm import verify
-from foldnorm.fold import external_data, modelio
+from foldnorm.fold.io import external_data, modelio
 from foldnorm.fold.errors import FoldError
-from foldnorm.fold.modelio import external_data_files, load_model, save_model, uses_external_data
+from foldnorm.fold.io.modelio import external_data_files, load_model, save_model, uses_external_data
 from tests.onnx_cases import IR_VERSION
 
 OPSET = 17

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 
 from foldnorm.cli import main
 from foldnorm.fold import fold_model
-from foldnorm.fold.modelio import save_model
+from foldnorm.fold.io.modelio import save_model
 from tests.fold.fold_models import ModelBuilder, count_ops, run_ort
 
 

@@ -273,7 +273,7 @@ def test_non_finite_weight_scale_is_rewritten_with_the_reason():
     model, _ = build("Conv", scales=scales, bias="float")
     folded, report = fold_model(model, verify=False)
     (outcome,) = report.normalizations()
-    assert outcome.action == "rewritten"
+    assert outcome.action == "left"
     assert "scale of its weight slot 1 is inf" in outcome.reason
 
 
@@ -288,7 +288,7 @@ def test_grouped_conv_transpose_shared_scale():
     model, _ = build("ConvTranspose", magnitudes=magnitudes)
     _, report = fold_model(model)
     (outcome,) = report.normalizations()
-    assert outcome.action == "rewritten"
+    assert outcome.action == "left"
     assert "shares one weight scale" in outcome.reason
 
 
@@ -319,7 +319,7 @@ def test_opset_12_per_tensor():
     model, _ = build("Conv", per_channel=False, opset=12)
     _, report = fold_model(model)
     (outcome,) = report.normalizations()
-    assert outcome.action == "rewritten" and "before opset 13" in outcome.reason and "opset 12)" in outcome.reason
+    assert outcome.action == "left" and "before opset 13" in outcome.reason and "opset 12)" in outcome.reason
 
 
 @pytest.mark.parametrize("op", ["Conv", "Gemm"])
@@ -327,7 +327,7 @@ def test_through_qdq_only_with_the_switch(op, tmp_path):
     model, facts = build(op, through_qdq=True)
     folded, report = fold_model(model)
     (outcome,) = report.normalizations()
-    assert outcome.action == "rewritten" and "--fold-through-qdq" in outcome.reason
+    assert outcome.action == "left" and "fold_through_qdq=True" in outcome.reason
     assert report.verification.passed
     assert steps_apart(model, folded, facts["x_shape"]) == 0.0
     _, report = fold_model(model, keep_bn=True)
@@ -349,7 +349,7 @@ def test_through_qdq_only_with_the_switch(op, tmp_path):
 def test_verification_in_steps_catches_a_wrong_fold():
     model, facts = build("Conv")
     folded, _ = fold_model(model, verify=False)
-    from foldnorm.fold.verification import verify
+    from foldnorm.fold.verification.runner import verify
 
     scale = next(t for t in folded.graph.initializer if t.name.endswith("folded_weight_scale"))
     values = numpy_helper.to_array(scale).copy()

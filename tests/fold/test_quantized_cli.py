@@ -14,7 +14,7 @@ def test_fold_and_inspect_a_quantized_model(tmp_path, capsys):
 
     assert main(["inspect", str(source)]) == 0
     text = capsys.readouterr().out
-    assert "rewritten: rewritten as Mul and Add" in text and "--fold-through-qdq" in text
+    assert "left: its input comes from DequantizeLinear" in text and "--fold-through-qdq folds it there" in text
     assert main(["inspect", str(source), "--fold-through-qdq"]) == 0
     text = capsys.readouterr().out
     assert "folded into Conv: folded into the weight scales of Conv 'layer_node'" in text

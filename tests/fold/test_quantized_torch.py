@@ -117,8 +117,8 @@ def test_quantize_static_models_with_and_without_the_switch(tmp_path, case, per_
     bns = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
 
     kept, report = fold_model(model)
-    assert [o.action for o in report.normalizations()] == ["rewritten"] * bns
-    assert all("--fold-through-qdq" in o.reason for o in report.normalizations())
+    assert [o.action for o in report.normalizations()] == ["left"] * bns
+    assert all("fold_through_qdq=True" in o.reason for o in report.normalizations())
     assert report.verification.passed and output_steps(model, kept, shape) <= 1.0
 
     folded, report = fold_model(model, fold_through_qdq=True)

@@ -9,8 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks import quantized as bench
 from foldnorm.fold import fold_model
-from foldnorm.fold.quantized_verify import compare_in_steps, output_steps
-from foldnorm.fold.verification import verify
+from foldnorm.fold.quantized.steps import compare_in_steps, output_steps
+from foldnorm.fold.verification.runner import verify
 from tests.onnx_cases import run_ort
 
 pytest.importorskip("onnxruntime.quantization")

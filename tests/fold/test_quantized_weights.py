@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto
 
-from foldnorm.fold.quantized_weights import QuantizedWeight, requantize_bias, rescale
+from foldnorm.fold.quantized.weights import QuantizedWeight, requantize_bias, rescale
 
 RANGES = {np.int8: (TensorProto.INT8, -128, 127), np.uint8: (TensorProto.UINT8, 0, 255),
           np.int16: (TensorProto.INT16, -32768, 32767)}

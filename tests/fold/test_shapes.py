@@ -6,10 +6,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldnorm.fold import shapes
+from foldnorm.cli import CLI_WORDS
+from foldnorm.fold.verification import shapes
 from foldnorm.fold.errors import FoldError
-from foldnorm.fold.shapes import INPUT_BYTES_LIMIT, ShapeError, Symbol, input_specs
-from foldnorm.fold.verification import make_inputs, verify
+from foldnorm.fold.verification.shapes import INPUT_BYTES_LIMIT, ShapeError, Symbol, input_specs
+from foldnorm.fold.verification.runner import make_inputs, verify
 from tests.onnx_cases import IR_VERSION
 
 OPSET = 17
@@ -77,7 +78,7 @@ def test_other_negative_dims_are_invalid_not_dynamic():
     with pytest.raises(ShapeError, match=r"input 'x' declares dim -5 at axis 1, which is invalid") as caught:
         verify(model, model)
     assert "dynamic" not in str(caught.value).split("which is invalid")[0]
-    assert "--shape x=" in caught.value.cli_message
+    assert "--shape x=" in caught.value.worded(CLI_WORDS)
     assert verify(model, model, shapes={"x": [1, 3, 8, 8]}).passed
 
 
@@ -146,7 +147,7 @@ def test_huge_dims_are_refused_before_any_allocation(declared, given):
     with pytest.raises(ShapeError, match="would take [0-9,]+ bytes for verification, more than its limit of "
                                          + format(INPUT_BYTES_LIMIT, ",")) as caught:
         verify(model, model, shapes=given)
-    assert "--no-verify" in caught.value.cli_message and "shapes=" in str(caught.value)
+    assert "--no-verify" in caught.value.worded(CLI_WORDS) and "shapes=" in str(caught.value)
 
 
 def test_a_huge_fixed_dim_leaves_no_affordable_candidate():
@@ -184,7 +185,7 @@ def test_the_ladder_is_bounded_and_in_order():
 
 
 def test_the_ladder_stops_after_its_time_budget(monkeypatch):
-    from foldnorm.fold import verification
+    from foldnorm.fold.verification import runner as verification
 
     monkeypatch.setattr(verification, "LADDER_SECONDS", 0.0)  # every failed attempt exhausts the budget
     model = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"])],

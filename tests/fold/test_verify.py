@@ -13,10 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import foldnorm
 from tests.fold.fold_models import conv_bn_model, count_ops
-from foldnorm.fold import verification
+from foldnorm.cli import CLI_WORDS
+from foldnorm.fold.verification import runner as verification
+from foldnorm.fold.verification import sessions
 from foldnorm.fold.errors import FoldError
-from foldnorm.fold.shapes import ShapeError
-from foldnorm.fold.verification import VerifyReport, compare_output, make_inputs, verify
+from foldnorm.fold.verification.shapes import ShapeError
+from foldnorm.fold.verification.runner import VerifyReport, compare_output, make_inputs, verify
 from tests.onnx_cases import IR_VERSION
 
 OPSET = 17
@@ -244,7 +246,7 @@ def test_no_shape_that_runs_is_refused_with_onnxruntimes_reason():
     assert "runs the original model at none of the" in message and "x=[1,224]" in message
     assert "Gemm node" in message and "shapes=" in message and "\n" not in message
     assert "[ONNXRuntimeError]" not in message and ".cc:" not in message and ".h:" not in message
-    assert "--shape x=" not in message and "--shape" in caught.value.cli_message
+    assert "--shape x=" not in message and "--shape NAME=" in caught.value.worded(CLI_WORDS)
 
 
 def test_an_input_without_shape_needs_one():
@@ -253,7 +255,7 @@ def test_an_input_without_shape_needs_one():
     with pytest.raises(ShapeError, match=r"input 'x' declares no shape, not even its rank; give its shape with "
                                          r"shapes=\{'x': \[d0, d1, ...\]\}") as caught:
         verify(original, original)
-    assert "--shape x=d0,d1,..." in caught.value.cli_message
+    assert "--shape x=d0,d1,..." in caught.value.worded(CLI_WORDS) and caught.value.input == "x"
 
 
 def test_integer_and_bool_inputs_are_generated_in_their_dtype():
@@ -358,7 +360,7 @@ def test_models_over_the_protobuf_limit_run_from_a_file(monkeypatch):
         return real_session(source, options, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", recording_session)
-    monkeypatch.setattr(foldnorm.fold.modelio, "PROTOBUF_LIMIT", 10)  # onnxruntime_source decides
+    monkeypatch.setattr(foldnorm.fold.io.modelio, "PROTOBUF_LIMIT", 10)  # onnxruntime_source decides
     original, folded = folded_by_hand(np.float32)
     report = verify(original, folded)
     assert report.passed and report.outputs[0].max_abs_error > 0.0
@@ -468,7 +470,7 @@ def test_a_model_with_large_rounding_noise_passes_within_its_noise():
 
 def wrong_channel_fold(monkeypatch, factor, channel=3):
     """fold_into_conv with channel `channel` of the folded weight scaled by `factor` (a wrong channel scale)."""
-    from foldnorm.fold import absorb
+    from foldnorm.fold.core import absorb
 
     real = absorb.fold_into_conv
 
@@ -497,14 +499,14 @@ def test_one_wrong_channel_scale_still_fails(monkeypatch, build, factor):
 
 def test_the_noise_is_reported_and_unmeasured_noise_is_said(monkeypatch):
     original, folded = folded_by_hand(np.float32)
-    real_session = verification._session
+    real_session = sessions.ModelSource.session
 
-    def no_optimized_session(model, label, *, optimized):
+    def no_optimized_session(source, label, *, optimized):
         if optimized:
             raise FoldError("onnxruntime cannot load the %s model: simulated" % label)
-        return real_session(model, label, optimized=optimized)
+        return real_session(source, label, optimized=optimized)
 
-    monkeypatch.setattr(verification, "_session", no_optimized_session)
+    monkeypatch.setattr(sessions.ModelSource, "session", no_optimized_session)
     report = verify(original, folded)
     assert report.passed and all(o.noise is None for o in report.outputs)
     assert any("noise was not measured" in note for note in report.notes)

@@ -3,7 +3,7 @@
 Each layer kind is one `LayerKind` in LAYER_KINDS: how to read its channels from its weight, how to fold a
 map on its output into it (backward), how to fold a map on its input into it (forward), and what keeps a
 forward fold from being exact. Adding a layer kind means adding one entry here (and its arithmetic in
-foldnorm.fold.absorb); the rules and the report take it from the table.
+foldnorm.fold.core.absorb); the rules and the report take it from the table.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -13,7 +13,7 @@ import numpy as np
 from . import absorb
 from .context import Refused, describe, float_constant, rank_of
 from .graph_index import GraphIndex
-from .proto import is_default_domain, node_attributes, set_float_attribute
+from ..io.proto import is_default_domain, node_attributes, set_float_attribute
 from .sites import elementwise_operands
 
 
@@ -248,7 +248,7 @@ def producing_layer(ctx, index, value):
         return Refused("its input %r is %s" % (value, where))
     if index.is_graph_output(value):
         return Refused("its input %r is also a graph output" % value)
-    readers = len(index.readers(value))
+    readers = len(index.value_readers(value))  # a Shape or Size of it reads no value the fold changes
     if readers != 1:
         return Refused("its input %r has %d readers" % (value, readers))
     if node.op_type == "Add" and is_default_domain(node):

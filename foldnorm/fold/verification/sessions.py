@@ -12,15 +12,10 @@ once per model (`ModelSource`):
   instead, as before, when onnxruntime cannot run the file as it is (a graph input declaring a size of 0,
   a bfloat16 graph input or output: both need a rewritten copy, see below), or when it has QuantizeLinear
   nodes and tensors in external data (verification then reads quantization scales and may run a copy of
-  it with more outputs: foldnorm.fold.quantized_verify);
-- a ModelProto with up to FILE_SOURCE_BYTES of tensor data and no arrays foldnorm holds: its serialized
-  bytes;
-- a larger one, or one holding arrays foldnorm computed (external_data.hold_array, what the fold of a model
-  kept in external data makes): a copy written once into a temporary folder and read by every session of
-  that model. The held arrays of its main graph are not in that copy: onnxruntime is handed them as they
-  are (SessionOptions.add_initializer, which reads the array's memory, no copy made; their tensors point
-  to an empty placeholder file that onnxruntime never reads), and the other large tensors are in the
-  copy's external data file.
+  it with more outputs: foldnorm.fold.quantized.steps);
+- a ModelProto with up to FILE_SOURCE_BYTES of tensor data: its serialized bytes;
+- a larger one: a copy written once into a temporary folder, its large tensors in external data (aligned,
+  so that onnxruntime maps them), read by every session of that model.
 
 onnxruntime's Python binding has no bfloat16 arrays: bfloat16 graph inputs and outputs travel as float32
 through Cast nodes added to a copy of the model; both casts are exact for bfloat16 values. A graph input
@@ -28,18 +23,19 @@ declaring a dim of size 0 is dynamic to foldnorm (some exporters write it so), b
 on that size: the copy it runs declares no size there.
 """
 import contextlib
+import gc
 import os
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import FoldError
-from .external_data import (PLACEHOLDER_LOCATION, DataFileWriter, all_tensors, copy_without_data, data_bytes,
-                            held_array, is_external, is_unloaded, load_into, without_data)
-from .messages import one_line
-from .modelio import onnxruntime_source, read_structure, temporary_folder
-from .proto import tensor_nbytes
+from ..errors import FoldError
+from ..io.external_data import all_tensors, data_bytes, is_external, load_into, without_data
+from ..io.messages import one_line
+from ..io.modelio import load_model, onnxruntime_source, read_structure, save_model
+from ..io.scratch import temporary_folder
+from ..io.proto import tensor_nbytes
 
 # onnxruntime's severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal. Its errors reach the caller as
 # exceptions, which foldnorm turns into one line; its log lines would only repeat them, with source paths.
@@ -47,9 +43,6 @@ ORT_LOG_SEVERITY = 4
 # Tensor data past which a ModelProto reaches onnxruntime through a file written once, not as serialized
 # bytes for each session (which cost a copy of the model in Python beside onnxruntime's own).
 FILE_SOURCE_BYTES = 64 * 2**20
-# The arrays onnxruntime's Python binding hands over without a copy (OrtValue.ortvalue_from_numpy).
-_SHAREABLE_DTYPES = {np.dtype(name) for name in ("float32", "float64", "float16", "int8", "int16", "int32", "int64",
-                                                 "uint8", "uint16", "uint32", "uint64", "bool")}
 
 
 class ModelSource:
@@ -63,7 +56,6 @@ class ModelSource:
         self._stack = contextlib.ExitStack()
         self._folder = None
         self._file = None
-        self._shared = {}
         self._bfloat16_outputs = {}
 
     @classmethod
@@ -83,6 +75,22 @@ class ModelSource:
             model = without_data(model)  # onnxruntime reads the file; verification needs dims and types only
         return cls(model, os.fspath(model_or_path))
 
+    @classmethod
+    def of_structure(cls, structure, path):
+        """The ModelSource of the file at `path` (read and checked by its session already) given its
+        structure (io.external_data.without_data): onnxruntime reads the file, and foldnorm does not read it
+        again unless onnxruntime cannot run it as it is (then it is loaded whole, as open() does)."""
+        if _needs_rewriting(structure) or (_has_quantize_linear(structure)
+                                           and any(is_external(t) for t in all_tensors(structure))):
+            return cls(load_model(path))
+        return cls(structure, os.fspath(path))
+
+    def full_model(self):
+        """The model with all its tensor data (read again from its file when onnxruntime was to read it)."""
+        if self.path is None:
+            return self.model
+        return load_model(self.path)
+
     def __enter__(self):
         return self
 
@@ -92,7 +100,6 @@ class ModelSource:
     def close(self):
         """Remove the copy written for onnxruntime, if any."""
         self._file = self._folder = None
-        self._shared = {}
         self._stack.close()
 
     def session(self, label, *, optimized):
@@ -106,13 +113,12 @@ class ModelSource:
         options.log_severity_level = ORT_LOG_SEVERITY
         try:
             source = self._source()
-            for name, value in self._shared.items():
-                options.add_initializer(name, value)
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except FoldError:
             raise
         except Exception as error:
-            raise FoldError("onnxruntime cannot load the %s model: %s" % (label, one_line(error))) from None
+            kind = MissingKernel if type(error).__name__ == "NotImplemented" else FoldError
+            raise kind("onnxruntime cannot load the %s model: %s" % (label, one_line(error))) from None
         return Session(session, self._bfloat16_outputs)
 
     def _source(self):
@@ -123,41 +129,24 @@ class ModelSource:
         runnable, self._bfloat16_outputs = with_bfloat16_casts(without_zero_dims(self.model))
         if self._folder is None:
             self._folder = self._stack.enter_context(temporary_folder())
-        held = any(held_array(t) is not None for t in all_tensors(runnable))
-        if not held and data_bytes(runnable) <= FILE_SOURCE_BYTES:
+        if data_bytes(runnable) <= FILE_SOURCE_BYTES:
             return onnxruntime_source(runnable, self._folder)
         self._file = self._write(runnable)
         return self._file
 
     def _write(self, model):
-        """Write `model` into the folder for onnxruntime (see the module's docstring); returns its path."""
-        import onnxruntime as ort
-
-        for tensor in all_tensors(model):
-            if is_unloaded(tensor):
-                raise FoldError("tensor %r keeps its data in an external file that was not loaded" % tensor.name)
-        shareable = {t.name for t in model.graph.initializer if _shareable(t)}
-
-        def place(tensor):
-            array = held_array(tensor)
-            if array is not None and tensor.name in shareable:
-                shareable.discard(tensor.name)
-                self._shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array)
-                return PLACEHOLDER_LOCATION, 0, array.nbytes
-            return writer(tensor)
-
+        """Write `model` into the folder for onnxruntime, its large tensors in external data; returns its path."""
         path = os.path.join(self._folder, "model.onnx")
         try:
-            with open(path + ".data", "wb") as file:
-                writer = DataFileWriter(file, os.path.basename(path) + ".data")
-                skeleton = copy_without_data(model, place)
-            open(os.path.join(self._folder, PLACEHOLDER_LOCATION), "wb").close()
-            with open(path, "wb") as file:
-                file.write(skeleton.SerializeToString())
+            save_model(model, path, external_data=True)
         except OSError as error:
             raise FoldError("cannot write a copy of the model for onnxruntime in %s: %s"
                             % (self._folder, error.strerror or error)) from None
         return path
+
+
+class MissingKernel(FoldError):
+    """onnxruntime has no kernel for an op of the model (a double Conv, for instance)."""
 
 
 class Session:
@@ -182,14 +171,6 @@ class Session:
                 name, value = self.bfloat16_outputs[name], np.asarray(value).astype(bfloat16_dtype())
             outputs[name] = value
         return outputs
-
-
-def _shareable(tensor):
-    """Whether onnxruntime can read the array foldnorm holds for `tensor` as it is."""
-    array = held_array(tensor)
-    if array is None or array.dtype not in _SHAREABLE_DTYPES or not array.dtype.isnative:
-        return False
-    return helper.tensor_dtype_to_np_dtype(tensor.data_type) == array.dtype
 
 
 def _needs_rewriting(model):
@@ -279,3 +260,33 @@ def without_zero_dims(model):
             if dim.HasField("dim_value") and dim.dim_value == 0:
                 dim.Clear()
     return copy
+
+
+def run_model(model, feeds, label="model", *, optimized=False):
+    """Run a ModelProto in onnxruntime's CPU provider; {output name: array}.
+
+    Graph optimizations are disabled unless `optimized`. bfloat16 graph inputs and outputs travel as
+    float32 through Cast nodes added to a copy of the model (onnxruntime's Python binding has no bfloat16
+    arrays); both casts are exact for bfloat16 values. Raises FoldError when onnxruntime cannot run it.
+    """
+    with ModelSource(model) as source:
+        outputs, error = run_all(source, label, [feeds], optimized=optimized)
+    if error is not None:
+        raise FoldError(error)
+    return outputs[0]
+
+
+def run_all(source, label, feeds_list, *, optimized):
+    """([outputs per feeds], None), or (None, a sentence saying why) when onnxruntime cannot load or run the
+    model."""
+    session = None
+    try:
+        session = source.session(label, optimized=optimized)
+        return [session.run(feeds) for feeds in feeds_list], None
+    except FoldError as error:
+        return None, str(error)
+    except Exception as error:
+        return None, "onnxruntime cannot run the %s model: %s" % (label, one_line(error))
+    finally:
+        del session
+        gc.collect()  # no two sessions hold their weights at once

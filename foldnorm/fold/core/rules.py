@@ -2,7 +2,7 @@
 
 A rule's `condition(ctx, index, node)` returns a `Match` when the rule may fire on the node, or a
 `Refused` with the reason it may not; its `apply(ctx, index, node, match)` rewrites the graph. The rules
-are listed in one table, RULES, and tried in that order by foldnorm.fold.driver. A fallback rule fires
+are listed in one table, RULES, and tried in that order by foldnorm.fold.core.driver. A fallback rule fires
 only when the folds before it refused; its outcome lists their reasons.
 """
 from dataclasses import dataclass, field
@@ -16,8 +16,8 @@ from .context import CHANNEL_AXIS, Refused, describe, elem_type_of, rank_of, sha
 from .layers import (Absorption, absorb_into, axis_refusal, forward_refusal, is_layer, producing_layer, read_layer,
                      write_absorption)
 from .layout import Route, feature_affine, place_at_layer, route_back, route_forward
-from .proto import is_default_domain, node_attributes, numpy_dtype
-from .quantized import quantized_apply, quantized_condition
+from ..io.proto import is_default_domain, node_attributes, numpy_dtype
+from ..quantized.rules import quantized_apply, quantized_condition
 from .sites import (BATCH_NORM, SITE_OPS, Site, batch_norm_site, elementwise_operands, elementwise_site,
                     extend_chain, site_input, site_of)
 
@@ -151,7 +151,11 @@ def backward_apply(ctx, index, node, match):
     writer = write_absorption(ctx, index, match.absorptions[0])
     if match.route is not None and match.route.nodes:
         writer = match.route.nodes[0]  # the layout op nearest the map now writes its output
+    replaced = writer.output[0]
+    shape_readers = index.shape_readers(replaced)
     index.set_output(writer, 0, match.site.output)
+    for reader in shape_readers:  # the map keeps the shape: they read the same shape under its new name
+        index.set_input(reader, 0, match.site.output)
     record(ctx, index, match, "folded")
 
 
@@ -331,9 +335,9 @@ def forward_apply(ctx, index, node, match):
 
 
 def rewrite_condition(ctx, index, node):
-    """What no rule folded becomes Mul + Add with constants shaped (C, 1, ..., 1), unless keep_bn."""
-    if ctx.keep_bn:
-        return Refused("kept as BatchNormalization (keep_bn)")
+    """What no rule folded becomes Mul + Add with constants shaped (C, 1, ..., 1) when the per-channel
+    Mul/Add/Sub/Div that follow it merge into them (fewer nodes), or always with rewrite_bn; otherwise it
+    stays a BatchNormalization, which onnxruntime runs in one pass where Mul and Add take two."""
     site = batch_norm_site(ctx, index, node)
     if isinstance(site, Refused):
         return site
@@ -345,11 +349,18 @@ def rewrite_condition(ctx, index, node):
         return Refused("the rank or type of its input %r is unknown, so it cannot be rewritten as Mul/Add"
                        % site.input)
     site = extend_chain(ctx, index, site)
+    merged = site.nodes[1:]
+    if not merged and not ctx.rewrite_bn:
+        return Refused("kept as BatchNormalization: nothing merges into a Mul/Add rewrite, which would run slower "
+                       "(<<rewrite_bn>> rewrites it anyway)")
     try:
         mul, add = absorb.affine_as_mul_add(site.affine, rank, CHANNEL_AXIS, numpy_dtype(elem_type))
     except ValueError as error:
         return Refused("its map does not fit in the input's type: %s" % error)
-    return Match(site, "rewritten as Mul and Add", rewrite=MulAdd(mul, add, elem_type))
+    reason = "rewritten as Mul and Add"
+    if merged:
+        reason += ", with %s after it merged in" % ", ".join(describe(index, n) for n in merged)
+    return Match(site, reason, rewrite=MulAdd(mul, add, elem_type))
 
 
 def rewrite_apply(ctx, index, node, match):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper
 
-from .proto import node_attributes, tensor_to_array
+from ..io.proto import node_attributes, tensor_to_array
 
 # The largest value the pass computes from constants. Real weights computed in the graph are far smaller;
 # anything past this is refused with a reason instead of allocated.

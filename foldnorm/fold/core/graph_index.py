@@ -2,7 +2,7 @@
 
 `GraphIndex` knows the node that produces each value and the nodes that read it -- a node whose subgraph
 captures an outer value counts as one of its readers --, which values are graph inputs and outputs, and
-which are constant (foldnorm.fold.constants evaluates them once and caches them). The fold rules edit the
+which are constant (foldnorm.fold.core.constants evaluates them once and caches them). The fold rules edit the
 graph only through it: rewiring an input, renaming an output, inserting and removing nodes, adding a
 constant under a fresh name. Edits are recorded and written back once per graph by `commit`, so a pass
 over the graph costs time linear in its size.
@@ -14,8 +14,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from .constants import Constant, ConstantTooLarge, evaluate_node
-from .external_data import read_referenced_array
-from .proto import array_to_tensor, attribute_graphs, is_default_domain, tensor_to_array
+from ..io.external_data import read_referenced_array
+from ..io.proto import array_to_tensor, attribute_graphs, is_default_domain, tensor_to_array
+
+
+# Ops that read their input's shape alone: a fold that keeps a value's shape does not concern them.
+SHAPE_ONLY_OPS = ("Shape", "Size")
 
 
 class NameScope:
@@ -70,12 +74,13 @@ class GraphIndex:
     constants_as_nodes: new constants become Constant nodes instead of initializers (IR < 4 requires
     every initializer to be a graph input, and the graph inputs must stay as they are); types: {value:
     (elem_type, shape)} as shape inference found them, for the ops that read only their input's type
-    (CastLike).
+    (CastLike); held: the HeldArrays that keeps the large weights the pass writes.
     """
 
     def __init__(self, graph, *, path, names, opset, inputs_are_constant, constants_as_nodes, parent=None,
-                 types=None):
+                 types=None, held=None):
         self.graph = graph
+        self.held = held
         self.path = path
         self.parent = parent
         self.names = names
@@ -123,6 +128,23 @@ class GraphIndex:
 
     def is_read(self, name):
         return bool(self.readers(name)) or name in self.graph_outputs
+
+    def shape_readers(self, name):
+        """The nodes that read only the shape of `name` (Shape, Size), not its values."""
+        return [node for node in self.readers(name) if node.op_type in SHAPE_ONLY_OPS and is_default_domain(node)]
+
+    def value_readers(self, name):
+        """The nodes that read the values of `name`: every reader but Shape and Size."""
+        return [node for node in self.readers(name)
+                if not (node.op_type in SHAPE_ONLY_OPS and is_default_domain(node))]
+
+    def only_value_reader(self, name):
+        """The single node that reads the values of `name` (Shape and Size may read its shape too), or None
+        when it has several, none, or is a graph output."""
+        readers = self.value_readers(name)
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return readers[0]
 
     def only_reader(self, name):
         """The single node that reads `name`, or None when it has several, none, or is a graph output."""
@@ -172,7 +194,7 @@ class GraphIndex:
                 return None
             tensor = self.initializers[name]
             if tensor.data_location == TensorProto.EXTERNAL:
-                array = read_referenced_array(tensor)  # None unless foldnorm left it in its file
+                array = read_referenced_array(tensor, self.held)  # None unless foldnorm left it in its file
                 return None if array is None else Constant(array, tensor.data_type)
             return Constant(tensor_to_array(tensor), tensor.data_type)
         node = self.producer.get(name)
@@ -264,7 +286,8 @@ class GraphIndex:
             self.producer[name] = node
         else:
             # Written straight into the graph: initializer.append would copy a large weight again, slowly.
-            self.initializers[name] = array_to_tensor(array, name, elem_type, into=self.graph.initializer.add())
+            self.initializers[name] = array_to_tensor(array, name, elem_type, into=self.graph.initializer.add(),
+                                                       held=self.held)
         return name
 
     def new_node(self, op_type, inputs, outputs, hint, **attributes):

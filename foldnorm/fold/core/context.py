@@ -5,9 +5,12 @@ outcomes recorded so far. `Refused` is how a condition says no, with the reason 
 """
 from dataclasses import dataclass
 
-from .proto import FLOAT_TYPES, value_types
+import onnx
+
+from ..io.external_data import without_data
+from ..io.proto import FLOAT_TYPES, attribute_graphs
 from .graph_index import NameScope
-from .report import NodeOutcome
+from ..report import Cause, NodeOutcome
 
 CHANNEL_AXIS = 1
 
@@ -15,17 +18,19 @@ CHANNEL_AXIS = 1
 @dataclass(frozen=True)
 class Refused:
     """Why a reading or a rule does not go through. reason None: it does not apply here at all (nothing to
-    report)."""
+    report); cause: the kind of reason, for a normalization that must stay as it is (report.Cause)."""
 
     reason: str | None
+    cause: Cause | None = None
 
 
 class FoldContext:
     """What one run of the pass shares across graphs: options, value types, names, outcomes."""
 
-    def __init__(self, model, opset, keep_bn, fold_through_qdq=False):
+    def __init__(self, model, opset, *, rewrite_bn=False, fold_through_qdq=False, held=None):
         self.opset = opset
-        self.keep_bn = keep_bn
+        self.rewrite_bn = rewrite_bn  # a BN no rule folds becomes Mul/Add even when nothing merges into them
+        self.held = held
         self.fold_through_qdq = fold_through_qdq  # fold across a QuantizeLinear -> DequantizeLinear pair
         self.types = value_types(model)
         self.names = NameScope(model)
@@ -34,10 +39,10 @@ class FoldContext:
         self.indexes = []
         self.sites = {}
 
-    def outcome(self, index, node, *, action, reason, into=None, direction=None, quantized=None):
+    def outcome(self, index, node, *, action, reason, into=None, direction=None, quantized=None, cause=None):
         self.outcomes.append(NodeOutcome(node=index.label(node), op_type=node.op_type, graph=index.path,
                                          action=action, into=into, direction=direction, reason=reason,
-                                         quantized=quantized))
+                                         quantized=quantized, cause=cause))
 
 
 def describe(index, node):
@@ -77,3 +82,35 @@ def float_constant(index, name):
     if value is None or value.elem_type not in FLOAT_TYPES:
         return None
     return value
+
+
+def value_types(model):
+    """{value name: (elem_type, shape)} for every value onnx shape inference can type, subgraphs too.
+
+    shape is a tuple (None for an unknown dim) or None when even the rank is unknown. Inference runs on
+    a copy and is best effort: a model it cannot handle (too large, unknown ops) keeps only the types it
+    declares itself.
+    """
+    try:  # on the structure: inference reads dims and types, not the tensors' data
+        typed = onnx.shape_inference.infer_shapes(without_data(model), strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is an optional help; the declared types remain
+        typed = model
+    types = {}
+
+    def visit(graph):
+        for tensor in graph.initializer:
+            types[tensor.name] = (tensor.data_type, tuple(tensor.dims))
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if not value.type.HasField("tensor_type"):
+                continue
+            tensor_type = value.type.tensor_type
+            shape = None
+            if tensor_type.HasField("shape"):
+                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            types.setdefault(value.name, (tensor_type.elem_type, shape))
+        for node in graph.node:
+            for _, subgraph in attribute_graphs(node):
+                visit(subgraph)
+
+    visit(typed.graph)
+    return types

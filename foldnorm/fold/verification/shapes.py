@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import numpy_helper
 
-from .errors import FoldError
+from ..errors import FoldError
 
 BATCH_SIZES = (1, 2)
 SIZE_LADDER = (224, 64, 32, 256, 320, 128, 96, 16, 8, 3, 1)
@@ -44,11 +44,7 @@ _ITEM_BYTES = {
 
 
 class ShapeError(FoldError):
-    """An input shape problem. str() names the Python argument (shapes=); `cli_message` names --shape."""
-
-    def __init__(self, message, cli_message=None):
-        super().__init__(message)
-        self.cli_message = cli_message or message
+    """An input shape problem; `input` names the input when one is at fault."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +81,7 @@ def input_specs(model, shapes):
     for value_info in graph_inputs:
         name = value_info.name
         if not value_info.type.HasField("tensor_type"):
-            raise FoldError("input %r is not a tensor; verification feeds tensors only (skip it with --no-verify)"
+            raise FoldError("input %r is not a tensor; verification feeds tensors only (skip it with <<no_verify>>)"
                             % name)
         tensor_type = value_info.type.tensor_type
         if name in shapes:
@@ -148,8 +144,8 @@ def check_input_bytes(specs, shapes, where):
         listing = ", ".join("%s=%s" % (name, format_dims(dims)) for name, dims in shapes.items())
         message = ("the inputs %s (%s) would take %s bytes for verification, more than its limit of %s; "
                    % (where, listing, format(total, ","), format(INPUT_BYTES_LIMIT, ",")))
-        raise ShapeError(message + "give smaller shapes with shapes=, or do not verify",
-                         message + "give smaller shapes with --shape, or skip verification with --no-verify")
+        raise ShapeError(message + "give smaller shapes with <<shapes>>, or skip verification with <<no_verify>>",
+                         limit=INPUT_BYTES_LIMIT, needed=total)
 
 
 def first_candidates(specs, model):
@@ -245,5 +241,4 @@ def _given_dims(name, tensor_type, given, bound):
 
 def _needs_shape(name, problem):
     message = "input %r %s; " % (name, problem)
-    return ShapeError(message + "give its shape with shapes={%r: [d0, d1, ...]}" % name,
-                      message + "give its shape with --shape %s=d0,d1,..." % name)
+    return ShapeError(message + "give its shape with <<shape_of>>", input=name)

@@ -4,18 +4,18 @@
 with every graph optimization DISABLED (ORT_DISABLE_ALL), so the check tests our folding and not
 onnxruntime's own, on the same seeded random inputs, and compares every graph output. A third run, of the
 original with every optimization enabled, measures the model's own rounding noise on those inputs, which
-widens the default tolerance (foldnorm.fold.tolerance says how, and how each output is judged); for a
+widens the default tolerance (foldnorm.fold.verification.tolerance says how, and how each output is judged); for a
 model with more than NOISE_ALWAYS_BYTES of parameters that run happens only when an output exceeds the
 default tolerance without it.
 
-Input shapes (foldnorm.fold.shapes says how sizes are chosen): a fixed dim keeps its size; a dynamic dim
+Input shapes (foldnorm.fold.verification.shapes says how sizes are chosen): a fixed dim keeps its size; a dynamic dim
 takes its size from `shapes` ({input name: [dims]}) when given, and is otherwise chosen by trying
 candidate sizes until onnxruntime runs the original. With chosen sizes, the models are compared at two
 shapes whose batch and other sizes differ, so a fold that is right at one shape only fails; the report
 lists the shapes and says they were chosen.
 
 Memory: the sessions run one after another, each closed before the next opens, and each model reaches
-onnxruntime without a copy in foldnorm where it can (foldnorm.fold.sessions): a model given as a path is
+onnxruntime without a copy in foldnorm where it can (foldnorm.fold.verification.sessions): a model given as a path is
 handed over as that file, which onnxruntime reads itself, and a folded model's large weights, held as
 NumPy arrays by the fold, are shared with onnxruntime as they are.
 
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import FoldError
-from .messages import one_line
-from .proto import graph_statistics
-from .quantized_verify import QuantizedOutputs
-from .sessions import ORT_LOG_SEVERITY, ModelSource, bfloat16_dtype
+from ..errors import FoldError
+from ..io.messages import one_line
+from ..io.proto import graph_statistics
+from ..quantized.steps import QuantizedOutputs
+from .sessions import ORT_LOG_SEVERITY, MissingKernel, ModelSource, bfloat16_dtype, run_all, run_model
 from .shapes import (LADDER_SECONDS, ShapeError, check_input_bytes, chosen_axes, concrete_shapes, first_candidates,
                      format_dims, input_specs, second_candidates, symbols)
 from .tolerance import (NOISE_FACTOR, OutputComparison, compare_output, diverged, dtype_name, format_error,
@@ -52,6 +52,8 @@ INTEGER_INPUT_HIGH = 4
 # Parameter bytes above which the noise run (a third onnxruntime session) happens only when an output
 # exceeds the default tolerance without it.
 NOISE_ALWAYS_BYTES = 256 * 2**20
+# Parameter bytes up to which onnx's reference evaluator verifies a model onnxruntime has no kernel for.
+REFERENCE_LIMIT_BYTES = 16 * 2**20
 
 _FLOAT_INPUT_TYPES = {
     onnx.TensorProto.FLOAT16: np.float16,
@@ -91,6 +93,7 @@ class VerifyReport:
     dynamic_dims: dict = field(default_factory=dict)
     noise_factor: float = NOISE_FACTOR
     notes: list = field(default_factory=list)
+    verifier: str = "onnxruntime"
 
     @property
     def failed_outputs(self):
@@ -114,21 +117,19 @@ class VerifyReport:
             "outputs": [o.to_dict() for o in self.outputs],
             "notes": list(self.notes),
             "seconds": self.seconds,
+            "verifier": self.verifier,
         }
 
     def format_text(self):
-        lines = [
-            "verification against onnxruntime (graph optimizations disabled): %s in %.2f s"
-            % ("passed" if self.passed else "FAILED", self.seconds)
-        ]
+        how = "onnxruntime (graph optimizations disabled)" if self.verifier == "onnxruntime" else self.verifier
+        lines = ["verification against %s: %s in %.2f s" % (how, "passed" if self.passed else "FAILED", self.seconds)]
         for index, shapes in enumerate(self.shape_sets or [self.input_shapes]):
             inputs = ", ".join("%s=%s" % (k, format_dims(v)) for k, v in shapes.items())
             label = "inputs" if len(self.shape_sets) < 2 else "inputs (shape %d)" % (index + 1)
             lines.append("  %s: %s" % (label, inputs or "(none)"))
         if self.dynamic_dims:
             where = ", ".join("%s axis %s" % (k, ",".join(map(str, v))) for k, v in self.dynamic_dims.items())
-            lines.append("  sizes of the dynamic dims chosen by foldnorm (%s); --shape NAME=d0,d1,... sets them"
-                         % where)
+            lines.append("  sizes of the dynamic dims chosen by foldnorm (%s); <<shapes>> sets them" % where)
         for note in self.notes:
             lines.append("  note: %s" % note)
         width = max([len("output")] + [len(o.name) for o in self.outputs])
@@ -158,14 +159,14 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
     shapes : dict, optional
         {input name: [dims]} for inputs whose dynamic dims should not be chosen by verification.
     rtol, atol : float, optional
-        Tolerances replacing the defaults (foldnorm.fold.tolerance).
+        Tolerances replacing the defaults (foldnorm.fold.verification.tolerance).
     seed : int
         Seed of the random inputs.
     progress : callable, optional
         Called with a short sentence as each step starts (the command line shows them).
     steps : float, optional
         The tolerance of an output written by QuantizeLinear (-> DequantizeLinear), which is compared in its
-        quantization steps instead (1 when None; foldnorm.fold.quantized_verify).
+        quantization steps instead (1 when None; foldnorm.fold.quantized.steps).
 
     Returns
     -------
@@ -185,7 +186,10 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
     say = progress or (lambda message: None)
     shapes = _check_shapes(shapes)
     with contextlib.ExitStack() as stack:
-        original = stack.enter_context(ModelSource.open(original, "original"))
+        if isinstance(original, ModelSource):  # a session's model: its structure and its file (verification.isolated)
+            original = stack.enter_context(original)
+        else:
+            original = stack.enter_context(ModelSource.open(original, "original"))
         folded = stack.enter_context(ModelSource.open(folded, "folded"))
         report = _verify(original, folded, shapes, rtol, atol, seed, say, steps)
     report.seconds = time.perf_counter() - start
@@ -196,7 +200,10 @@ def _verify(original, folded, shapes, rtol, atol, seed, say, steps):
     """verify() on two ModelSources; the report's seconds are left to the caller."""
     specs = input_specs(original.model, shapes)
     say("verification: loading the original model in onnxruntime")
-    session = _session(original, "original", optimized=False)
+    try:
+        session = original.session("original", optimized=False)
+    except MissingKernel as missing:
+        return _verify_by_reference(original, folded, specs, rtol, atol, seed, say, steps, missing)
     try:
         shape_sets, feeds, expected, notes = _run_original(session, specs, original.model, seed, say)
     finally:
@@ -204,7 +211,7 @@ def _verify(original, folded, shapes, rtol, atol, seed, say, steps):
         gc.collect()  # the original's weights leave onnxruntime before the folded model's arrive
 
     say("verification: running the folded model")
-    actual, folded_error = _run_all(folded, "folded", feeds, optimized=False)
+    actual, folded_error = run_all(folded, "folded", feeds, optimized=False)
     quantized = QuantizedOutputs(original.model, folded.model, feeds, expected, actual, steps)
     comparisons = quantized.compare(_compare_all(expected, actual, folded_error, None, rtol, atol))
     large = graph_statistics(original.model.graph)[1] > NOISE_ALWAYS_BYTES
@@ -214,7 +221,7 @@ def _verify(original, folded, shapes, rtol, atol, seed, say, steps):
                      "tolerance, and for a model this large it is measured only when one is not")
     elif folded_error is None:
         say("verification: measuring the original model's own rounding noise (onnxruntime, optimizations on)")
-        noisy, noise_error = _run_all(original, "original", feeds, optimized=True)
+        noisy, noise_error = run_all(original, "original", feeds, optimized=True)
         if noise_error is not None:
             notes.append("the model's rounding noise was not measured (with optimizations on, %s)" % noise_error)
         else:
@@ -230,6 +237,49 @@ def _verify(original, folded, shapes, rtol, atol, seed, say, steps):
         dynamic_dims=chosen_axes(specs),
         notes=notes,
     )
+
+
+def _verify_by_reference(original, folded, specs, rtol, atol, seed, say, steps, missing):
+    """verify() with onnx's reference evaluator, for a model onnxruntime has no kernel for (a double Conv);
+    within REFERENCE_LIMIT_BYTES of parameters, since it computes in NumPy, one node at a time."""
+    from onnx.reference import ReferenceEvaluator
+
+    size = graph_statistics(original.model.graph)[1]
+    if size > REFERENCE_LIMIT_BYTES:
+        raise FoldError("%s; onnx's reference evaluator, which verifies such models instead, is used up to %s bytes "
+                        "of parameters and this model has %s (skip verification with <<no_verify>>)"
+                        % (missing.template, format(REFERENCE_LIMIT_BYTES, ","), format(size, ",")))
+    say("verification: onnxruntime cannot run the model; running it in onnx's reference evaluator")
+    reference = _ReferenceSession(ReferenceEvaluator(original.full_model()))
+    shape_sets, feeds, expected, notes = _run_original(reference, specs, original.model, seed, say)
+    say("verification: running the folded model in onnx's reference evaluator")
+    try:
+        folded_session = _ReferenceSession(ReferenceEvaluator(folded.full_model()))
+        actual, folded_error = [folded_session.run(f) for f in feeds], None
+    except Exception as error:  # noqa: BLE001 - the evaluator raises many types; each is a finding
+        actual, folded_error = None, "onnx's reference evaluator cannot run the folded model: %s" % one_line(error)
+    quantized = QuantizedOutputs(original.model, folded.model, feeds, expected, actual, steps)
+    comparisons = quantized.compare(_compare_all(expected, actual, folded_error, None, rtol, atol))
+    notes.append("onnxruntime cannot run the original model (%s), so onnx's reference evaluator ran both models "
+                 "(it verifies models of up to %s bytes of parameters); the model's rounding noise was not measured"
+                 % (missing.template, format(REFERENCE_LIMIT_BYTES, ",")))
+    return VerifyReport(
+        passed=all(c.passed for c in comparisons),
+        rtol=rtol if rtol is not None else max((c.rtol for c in comparisons), default=0.0),
+        atol=atol if atol is not None else max((c.atol for c in comparisons), default=0.0),
+        input_shapes=shape_sets[0], outputs=comparisons, seconds=0.0, shape_sets=shape_sets,
+        dynamic_dims=chosen_axes(specs), notes=notes, verifier="onnx's reference evaluator")
+
+
+class _ReferenceSession:
+    """onnx's ReferenceEvaluator with the run(feeds) -> {output name: array} of a sessions.Session."""
+
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
+        self.names = list(evaluator.output_names)
+
+    def run(self, feeds):
+        return dict(zip(self.names, self.evaluator.run(None, feeds)))
 
 
 def _compare_all(expected, actual, folded_error, noisy, rtol, atol):
@@ -264,47 +314,12 @@ def make_inputs(model, *, shapes=None, seed=0):
     return _random_feeds(specs, used, seed), used, chosen_axes(specs)
 
 
-def run_model(model, feeds, label="model", *, optimized=False):
-    """Run a ModelProto in onnxruntime's CPU provider; {output name: array}.
-
-    Graph optimizations are disabled unless `optimized`. bfloat16 graph inputs and outputs travel as
-    float32 through Cast nodes added to a copy of the model (onnxruntime's Python binding has no bfloat16
-    arrays); both casts are exact for bfloat16 values. Raises FoldError when onnxruntime cannot run it.
-    """
-    with ModelSource(model) as source:
-        outputs, error = _run_all(source, label, [feeds], optimized=optimized)
-    if error is not None:
-        raise FoldError(error)
-    return outputs[0]
-
-
 def quiet_onnxruntime():
     """Keep onnxruntime's process-wide log lines off stderr (its errors still arrive as exceptions, which
     foldnorm reports as one line). The command line calls this; a library caller decides for its process."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(ORT_LOG_SEVERITY)
-
-
-def _session(source, label, *, optimized):
-    """A sessions.Session of a ModelSource; FoldError (one line) when onnxruntime refuses the model."""
-    return source.session(label, optimized=optimized)
-
-
-def _run_all(source, label, feeds_list, *, optimized):
-    """([outputs per feeds], None), or (None, a sentence saying why) when onnxruntime cannot load or run the
-    model."""
-    session = None
-    try:
-        session = _session(source, label, optimized=optimized)
-        return [session.run(feeds) for feeds in feeds_list], None
-    except FoldError as error:
-        return None, str(error)
-    except Exception as error:
-        return None, "onnxruntime cannot run the %s model: %s" % (label, one_line(error))
-    finally:
-        del session
-        gc.collect()  # no two sessions hold their weights at once
 
 
 def _run_original(session, specs, model, seed, say):
@@ -328,13 +343,10 @@ def _run_original(session, specs, model, seed, say):
     if first is None:
         if not tried:
             raise ShapeError("no candidate size for the dynamic dims keeps the inputs within verification's "
-                             "byte limit; give the input shapes with shapes=",
-                             "no candidate size for the dynamic dims keeps the inputs within verification's "
-                             "byte limit; give the input shapes with --shape NAME=d0,d1,...")
+                             "byte limit; give the input shapes with <<shapes>>")
         message = ("onnxruntime runs the original model at none of the %d input shapes tried (%s, ...): %s; "
                    % (len(tried), _format_shapes(tried[0]), first_error))
-        raise ShapeError(message + "give the input shapes with shapes=",
-                         message + "give the input shapes with --shape NAME=d0,d1,...")
+        raise ShapeError(message + "give the input shapes with <<shapes>>")
     sizes, shapes, feeds, outputs = first
     second, _, _ = _first_that_runs(session, specs, second_candidates(specs, model, sizes), seed + 1, say)
     if second is None:
@@ -385,7 +397,7 @@ def _random_tensor(rng, elem_type, shape, name):
         return np.asarray(rng.random(shape) < 0.5)
     known = elem_type in onnx.TensorProto.DataType.values()
     type_name = onnx.TensorProto.DataType.Name(elem_type) if known else str(elem_type)
-    raise FoldError("input %r has element type %s, for which verification cannot make inputs (use --no-verify)"
+    raise FoldError("input %r has element type %s, for which verification cannot make inputs (skip verification with <<no_verify>>)"
                     % (name, type_name))
 
 

@@ -10,14 +10,13 @@ External data locations a model file names are validated here before a byte is r
 untrusted input, and a location is a path it asks us to open.
 """
 import errno
-import itertools
 import os
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .errors import FoldError
+from ..errors import FoldError
 from .proto import tensor_nbytes, tensor_to_array
 
 # Tensors smaller than this stay inside the model file (onnx's own default when writing external data).
@@ -225,14 +224,15 @@ class DataFileWriter:
     to an open binary file as it is met (one tensor's bytes in memory at a time), aligned so that
     onnxruntime can map the large ones; `location` is the name the model records."""
 
-    def __init__(self, file, location):
+    def __init__(self, file, location, held=None):
         self.file = file
         self.location = location
+        self.held = held
         self.offset = 0
         self.tensors = 0
 
     def __call__(self, tensor):
-        raw = held_array(tensor)  # written from the array itself, never copied into the protobuf
+        raw = held_array(tensor, self.held)  # written from the array itself, never copied into the protobuf
         if raw is None:
             if is_external(tensor) or not _movable(tensor):
                 return None
@@ -282,7 +282,7 @@ def external_references(model, folder, path):
         where = "%s: tensor %r keeps its data at %r" % (path, tensor.name, location)
         if not location:
             raise FoldError("%s: tensor %r is marked as external data but names no location" % (path, tensor.name))
-        if "\0" in location:
+        if not isinstance(location, str) or "\0" in location:
             raise FoldError("%s, which is not a valid file name" % where)
         if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
             raise FoldError("%s, an absolute path; external data must lie in the model's folder "
@@ -372,41 +372,64 @@ def checked_length(file, offset, length, tensor_name, path):
     return end - offset
 
 
-# Large weights the fold made, held as NumPy arrays outside the protobuf until the model is saved or handed
-# out (hold_array); the tensor's location names the key. A NUL character: no file can have this name.
+# A held tensor's location: a NUL character, which no file name can have, then the store's key.
 _HELD_PREFIX = "\0foldnorm-held-"
-_held = {}
-_held_keys = itertools.count()
 
 
-def hold_array(tensor, name, array, elem_type):
-    """Make the empty TensorProto `tensor` a tensor `name` of `elem_type` whose data is `array` (already of
-    that type's NumPy dtype), held in memory rather than copied into the protobuf: save_model writes it
-    straight to the data file, load_referenced copies it in."""
-    key = "%s%d" % (_HELD_PREFIX, next(_held_keys))
-    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    array.flags.writeable = False
-    _held[key] = array
-    tensor.name = name
-    tensor.data_type = elem_type
-    tensor.dims.extend(array.shape)
-    point_to_external_data(tensor, key, 0, array.nbytes)
-    return tensor
+class HeldArrays:
+    """Large weights the fold made, held as NumPy arrays outside the protobuf until the model is saved
+    (DataFileWriter writes them straight to the data file) or handed out (load_into copies them in). Each
+    held tensor points to external data at a location that names its key here; a model's session owns its
+    store, and the arrays go with it."""
 
+    def __init__(self):
+        self._arrays = {}
 
-def held_array(tensor):
-    """The array hold_array holds for `tensor`, or None."""
-    if not is_external(tensor):
+    def __len__(self):
+        return len(self._arrays)
+
+    def hold(self, tensor, name, array, elem_type):
+        """Make the empty TensorProto `tensor` a tensor `name` of `elem_type` whose data is `array` (already
+        of that type's NumPy dtype), held here rather than copied into the protobuf."""
+        key = "%s%d" % (_HELD_PREFIX, len(self._arrays))
+        while key in self._arrays:
+            key += "+"
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        array.flags.writeable = False
+        self._arrays[key] = array
+        tensor.name = name
+        tensor.data_type = elem_type
+        tensor.dims.extend(array.shape)
+        point_to_external_data(tensor, key, 0, array.nbytes)
+        return tensor
+
+    def array(self, tensor):
+        """The array held for `tensor`, or None."""
+        if not self._arrays or not is_external(tensor):
+            return None
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                return self._arrays.get(entry.value)
         return None
-    for entry in tensor.external_data:
-        if entry.key == "location":
-            return _held.get(entry.value)
-    return None
+
+    def release(self, tensor):
+        """Let go of the array held for `tensor` (the tensor then holds its data, or is dropped)."""
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                self._arrays.pop(entry.value, None)
+
+    def clear(self):
+        self._arrays.clear()
 
 
-def is_unloaded(tensor):
-    """Whether the tensor's data is in a file foldnorm has not read (not an array it holds)."""
-    return is_external(tensor) and held_array(tensor) is None
+def held_array(tensor, held=None):
+    """The array `held` (a HeldArrays, or None for none) holds for `tensor`, or None."""
+    return None if held is None else held.array(tensor)
+
+
+def is_unloaded(tensor, held=None):
+    """Whether the tensor's data is in a file foldnorm has not read (not an array `held` holds)."""
+    return is_external(tensor) and held_array(tensor, held) is None
 
 
 def _referenced(tensor):
@@ -420,13 +443,13 @@ def _referenced(tensor):
     return location, int(info["offset"]), int(info["length"])
 
 
-def read_referenced_array(tensor):
+def read_referenced_array(tensor, held=None):
     """The array of a tensor refer_in_place left in its file (read-only, as proto.tensor_to_array gives
     it; mapped from the file for the plain numeric types), or None for any other tensor; the tensor itself
     stays as it is."""
-    held = held_array(tensor)
-    if held is not None:
-        return held.astype(held.dtype.newbyteorder("="), copy=False)
+    array = held_array(tensor, held)
+    if array is not None:
+        return array.astype(array.dtype.newbyteorder("="), copy=False)
     where = _referenced(tensor)
     if where is None:
         return None
@@ -453,16 +476,14 @@ def map_external_array(file, offset, count, dtype, tensor_name):
                         % (tensor_name, file, getattr(error, "strerror", None) or error)) from None
 
 
-def load_referenced(model, *, held=True):
-    """Load into `model` the data of every tensor refer_in_place left in its file and, unless held=False,
-    of every array hold_array holds (which it then lets go)."""
+def load_referenced(model, held=None):
+    """Load into `model` the data of every tensor refer_in_place left in its file and of every array
+    `held` (a HeldArrays) holds, which it then lets go."""
     for tensor in all_tensors(model):
-        array = held_array(tensor)
+        array = held_array(tensor, held)
         if array is not None:
-            if not held:
-                continue
             data = array.tobytes()
-            _held.pop(next(e.value for e in tensor.external_data if e.key == "location"), None)
+            held.release(tensor)
         else:
             where = _referenced(tensor)
             if where is None:

@@ -1,10 +1,10 @@
 """Folding a BatchNormalization into a layer whose weight is quantized (a QDQ model).
 
-Two shapes of graph are folded, both by the one rule in this module (listed in foldnorm.fold.rules):
+Two shapes of graph are folded, both by the one rule in this module (listed in foldnorm.fold.core.rules):
 
 - Quantization-aware exports: DequantizeLinear(integer weight, scale, zero point) -> Conv / ConvTranspose /
   Gemm / MatMul -> BatchNormalization. The map goes into the weight's scales and integers
-  (foldnorm.fold.quantized_weights): exact where the integers allow it, a channel requantized (its change
+  (foldnorm.fold.quantized.weights): exact where the integers allow it, a channel requantized (its change
   reported in steps of its scale) where they do not, refused where that change would exceed one step.
 - Post-training-quantized graphs: layer -> QuantizeLinear -> DequantizeLinear -> BatchNormalization. Only
   with fold_through_qdq: the fold drops that pair, which removes one rounding of the layer's output, so
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from .constants import Constant
-from .context import Refused, describe, float_constant, rank_of
-from .layers import LAYER_KINDS, Layer, absorb_into, is_layer, read_layer, write_absorption
-from .proto import is_default_domain, node_attributes, set_float_attribute
-from .quantized_weights import QuantizedWeight, requantize_bias, rescale
-from .sites import batch_norm_site
+from ..core.constants import Constant
+from ..core.context import Refused, describe, float_constant, rank_of
+from ..core.layers import LAYER_KINDS, Layer, absorb_into, is_layer, read_layer, write_absorption
+from ..io.proto import is_default_domain, node_attributes, set_float_attribute
+from .weights import QuantizedWeight, requantize_bias, rescale
+from ..core.sites import batch_norm_site
 
 DEQUANTIZE = "DequantizeLinear"
 QUANTIZE = "QuantizeLinear"
@@ -34,7 +34,7 @@ PER_AXIS_OPSET = 13  # DequantizeLinear's axis attribute (per-channel scales) ar
 STEPS_EXACT = 1.0  # an exact fold: float rounding may flip one rounding of an output
 STEPS_INEXACT = 3.0  # a fold that dropped a rounding step or requantized a channel
 MAX_REQUANTIZE_STEPS = 1.0  # the most a requantized channel's weights may move, in steps of its scale
-FLAG = "fold_through_qdq=True (--fold-through-qdq)"
+FLAG = "<<fold_through_qdq>>"
 
 
 @dataclass
@@ -90,7 +90,7 @@ class QuantizedFold:
 
 @dataclass
 class QuantizedMatch:
-    """What the rule found (foldnorm.fold.rules.Match's role): the site, and either the float absorption of a
+    """What the rule found (foldnorm.fold.core.rules.Match's role): the site, and either the float absorption of a
     float layer or the quantized layer's new weight and bias, with the plan for the report."""
 
     site: object

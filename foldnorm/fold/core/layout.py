@@ -19,7 +19,7 @@ import numpy as np
 
 from .affine import ChannelAffine
 from .context import CHANNEL_AXIS, Refused, describe, rank_of, shape_of
-from .proto import is_default_domain, node_attributes
+from ..io.proto import is_default_domain, node_attributes
 
 LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -60,7 +60,7 @@ def route_back(index, value):
     nodes = []
     while True:
         node = index.producer.get(value)
-        if node is None or not is_layout(index, node) or index.only_reader(value) is None:
+        if node is None or not is_layout(index, node) or index.only_value_reader(value) is None:
             return Route(nodes, value)
         nodes.append(node)
         value = node.input[0]

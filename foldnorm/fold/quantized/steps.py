@@ -3,9 +3,9 @@
 An output that a QuantizeLinear -> DequantizeLinear pair writes takes values on a grid of steps (the
 DequantizeLinear's scale); one written by a QuantizeLinear is the integers themselves. Float rounding in
 a folded layer can flip one rounding there, which is one whole step: a relative tolerance means nothing
-for such an output, so foldnorm.fold.verification compares it in steps instead. The tolerance: 1 step
+for such an output, so foldnorm.fold.verification.runner compares it in steps instead. The tolerance: 1 step
 for exact folds, 3 steps when a fold dropped a rounding step or requantized a channel
-(foldnorm.fold.quantized.default_step_tolerance), or the caller's.
+(foldnorm.fold.quantized.rules.default_step_tolerance), or the caller's.
 
 In a deep network those one-step flips compound: every later layer requantizes values that already
 moved by a step, and the output can end up several steps away although no layer is more than one step
@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .tolerance import OutputComparison
+from ..verification.sessions import run_model
+from ..verification.tolerance import OutputComparison
 
 FORCED_SUFFIX = "__foldnorm_original"
 
@@ -144,8 +145,6 @@ def layer_by_layer(original, folded, feeds):
     shared = [(name, elem_type) for name, elem_type in quantizers if name in kept]
     if not shared:
         return None, ""
-    from .verification import run_model
-
     reference = run_model(_with_outputs(original, shared), feeds, "original")
     forced = _with_outputs(folded, shared)
     graph = forced.graph

@@ -3,11 +3,9 @@
 bfloat16 tensors are handed out as float32 arrays (exact) and written back rounded to bfloat16, so the
 numeric code never sees an ml_dtypes array.
 """
-import functools
 import math
 
 import numpy as np
-import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -50,11 +48,12 @@ def tensor_to_array(tensor):
     return array
 
 
-def array_to_tensor(array, name, elem_type, into=None):
+def array_to_tensor(array, name, elem_type, into=None, held=None):
     """A TensorProto of element type `elem_type` holding `array` (rounded to bfloat16 when asked),
     written into the TensorProto `into` when given (a new initializer: for a plain numeric array, one
-    copy of the data fewer than building the tensor apart and copying it in; from HELD_ARRAY_BYTES on, no
-    copy at all until it is saved or handed out: foldnorm.fold.external_data.hold_array)."""
+    copy of the data fewer than building the tensor apart and copying it in; from HELD_ARRAY_BYTES on and
+    given `held`, a foldnorm.fold.io.external_data.HeldArrays, no copy at all until it is saved or handed
+    out)."""
     if elem_type == TensorProto.BFLOAT16:
         import ml_dtypes
 
@@ -63,10 +62,8 @@ def array_to_tensor(array, name, elem_type, into=None):
         array = np.asarray(array, dtype=helper.tensor_dtype_to_np_dtype(elem_type))
     if into is None:
         return numpy_helper.from_array(array, name)
-    if elem_type in _PLAIN_RAW_TYPES and array.nbytes >= HELD_ARRAY_BYTES:
-        from .external_data import hold_array  # a large weight: held as the array, not copied in
-
-        return hold_array(into, name, array, elem_type)
+    if held is not None and elem_type in _PLAIN_RAW_TYPES and array.nbytes >= HELD_ARRAY_BYTES:
+        return held.hold(into, name, array, elem_type)  # a large weight: held as the array, not copied in
     if elem_type not in _PLAIN_RAW_TYPES:
         into.CopyFrom(numpy_helper.from_array(array, name))
         return into
@@ -102,12 +99,18 @@ def tensor_nbytes(tensor):
     return count * _itemsize(tensor.data_type)
 
 
-@functools.lru_cache(maxsize=None)
-def _itemsize(elem_type):
+def _known_itemsize(elem_type):
     try:
         return helper.tensor_dtype_to_np_dtype(elem_type).itemsize
     except (KeyError, TypeError, ValueError):
         return 1
+
+
+_ITEMSIZES = {elem_type: _known_itemsize(elem_type) for elem_type in TensorProto.DataType.values()}
+
+
+def _itemsize(elem_type):
+    return _ITEMSIZES.get(elem_type, 1)
 
 
 def graph_statistics(graph):
@@ -141,37 +144,3 @@ def default_opset(model):
         if opset.domain in DEFAULT_DOMAINS:
             return opset.version
     return None
-
-
-def value_types(model):
-    """{value name: (elem_type, shape)} for every value onnx shape inference can type, subgraphs too.
-
-    shape is a tuple (None for an unknown dim) or None when even the rank is unknown. Inference runs on
-    a copy and is best effort: a model it cannot handle (too large, unknown ops) keeps only the types it
-    declares itself.
-    """
-    from .external_data import without_data  # inference reads dims and types, not the tensors' data
-
-    try:
-        typed = onnx.shape_inference.infer_shapes(without_data(model), strict_mode=False)
-    except Exception:  # noqa: BLE001 - inference is an optional help; the declared types remain
-        typed = model
-    types = {}
-
-    def visit(graph):
-        for tensor in graph.initializer:
-            types[tensor.name] = (tensor.data_type, tuple(tensor.dims))
-        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if not value.type.HasField("tensor_type"):
-                continue
-            tensor_type = value.type.tensor_type
-            shape = None
-            if tensor_type.HasField("shape"):
-                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-            types.setdefault(value.name, (tensor_type.elem_type, shape))
-        for node in graph.node:
-            for _, subgraph in attribute_graphs(node):
-                visit(subgraph)
-
-    visit(typed.graph)
-    return types

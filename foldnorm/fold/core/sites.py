@@ -1,14 +1,15 @@
 """Sites: the per-channel affine maps in a graph that the fold pass may move into a layer.
 
 A site is an inference-mode BatchNormalization, or a Mul/Add/Sub/Div by a constant that varies only along
-the channel axis, read as one `ChannelAffine` (foldnorm.fold.affine), possibly followed by more
+the channel axis, read as one `ChannelAffine` (foldnorm.fold.core.affine), possibly followed by more
 per-channel Mul/Add/Sub/Div merged into the same map.
 """
 from dataclasses import dataclass
 
 from .affine import ELEMENTWISE_OPS, ChannelAffine, affine_from_batch_norm, affine_from_elementwise
+from ..report import Cause
 from .context import CHANNEL_AXIS, Refused, float_constant, shape_of
-from .proto import is_default_domain, node_attributes
+from ..io.proto import is_default_domain, node_attributes
 
 BATCH_NORM = "BatchNormalization"
 SITE_OPS = (BATCH_NORM,) + ELEMENTWISE_OPS
@@ -36,48 +37,52 @@ def batch_norm_site(ctx, index, node):
 def _batch_norm_site(ctx, index, node):
     attributes = node_attributes(node)
     if ctx.opset >= 14 and attributes.get("training_mode", 0):
-        return Refused("training_mode=1: it normalizes with the batch's own statistics")
+        return Refused("training_mode=1: it normalizes with the batch's own statistics", Cause.TRAINING_MODE)
     extra = [name for name in node.output[1:] if name]
     if ctx.opset < 14 and extra:
-        return Refused("it has running-statistics outputs, which before opset 14 means training mode")
+        return Refused("it has running-statistics outputs, which before opset 14 means training mode",
+                       Cause.TRAINING_MODE)
     used = [name for name in extra if index.is_read(name)]
     if used:
-        return Refused("its running-statistics output %s is used" % ", ".join(repr(n) for n in used))
+        return Refused("its running-statistics output %s is used" % ", ".join(repr(n) for n in used),
+                       Cause.STATISTICS_READ)
     if len(node.input) < 5:
-        return Refused("it has %d inputs instead of 5" % len(node.input))
+        return Refused("it has %d inputs instead of 5" % len(node.input), Cause.INVALID)
     params = {}
     for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
         value = float_constant(index, name)
         if value is None:
-            return Refused(not_constant_reason(index, role, name))
+            return Refused(*not_constant_reason(index, role, name))
         params[role] = value.array
     if ctx.opset < 9 and attributes.get("spatial", 1) == 0:
         shapes = {p.shape for p in params.values()}
         if any(len(shape) != 1 for shape in shapes):
             return Refused("spatial=0 with per-element parameters of shape %s: one value per position, not "
-                           "per channel" % (sorted(shapes)[0],))
+                           "per channel" % (sorted(shapes)[0],), Cause.INVALID)
     try:
         affine = affine_from_batch_norm(params["scale"], params["bias"], params["mean"], params["var"],
                                         attributes.get("epsilon", 1e-5))
     except ValueError as error:
-        return Refused("its parameters do not form a finite per-channel map (%s)" % error)
+        return Refused("its parameters do not form a finite per-channel map (%s)" % error, Cause.INVALID)
     channels = (shape_of(ctx, index, node.input[0]) or (None, None))[1:2]
     if channels and channels[0] is not None and channels[0] != affine.channels:
-        return Refused("its input has %d channels but its parameters %d" % (channels[0], affine.channels))
+        return Refused("its input has %d channels but its parameters %d" % (channels[0], affine.channels),
+                       Cause.INVALID)
     return Site([node], affine, node.input[0], node.output[0])
 
 
 def not_constant_reason(index, role, name):
-    """Why a BN parameter is not a constant the pass may use, in words a user can act on."""
+    """(why a BN parameter is not a constant the pass may use, in words a user can act on; its Cause)."""
     if name in index.graph_inputs and name in index.initializers:
         return ("its %s %r is a graph input with a default value, which a caller may override at run time "
-                "(re-export without keep_initializers_as_inputs to fold it)" % (role, name))
+                "(re-export without keep_initializers_as_inputs, or pass <<fold_input_initializers>>, to fold "
+                "it)" % (role, name), Cause.PARAMETER_OVERRIDABLE)
     if name in index.graph_inputs:
-        return "its %s %r is a graph input, given only at run time" % (role, name)
+        return "its %s %r is a graph input, given only at run time" % (role, name), Cause.PARAMETER_INPUT
     too_large = index.too_large(name)
     if too_large is not None:
-        return "its %s is not evaluated: %s" % (role, too_large)
-    return "its %s %r is computed at run time, not a constant" % (role, name)
+        return "its %s is not evaluated: %s" % (role, too_large), Cause.PARAMETER_COMPUTED
+    return "its %s %r is computed at run time, not a constant" % (role, name), Cause.PARAMETER_COMPUTED
 
 
 def elementwise_operands(index, node):

@@ -3,7 +3,7 @@
 `load_model` refuses, with one sentence a user can act on (FoldError), everything that is not a model we
 can fold: a path that is not a file, bytes that are not ONNX (or a truncated or corrupted protobuf), an
 opset outside 7..newest, a model neither the ONNX checker nor onnxruntime accepts, and external data that
-is missing or whose location escapes the model's folder (foldnorm.fold.external_data validates every
+is missing or whose location escapes the model's folder (foldnorm.fold.io.external_data validates every
 location before a byte is read).
 
 `check_model` is the one set of checks every model goes through, and says how valid the model is: it
@@ -17,8 +17,8 @@ the model's structure whose tensors point to an empty placeholder file.
 folder, flushed to disk, then renamed over the destination (os.replace is atomic within a folder). Tensor
 data goes to the external data file one tensor at a time, never the whole model copied in memory.
 
-Anything foldnorm writes elsewhere (a checker's copy, a model onnxruntime must read from a file) lives in
-`temporary_folder()`, inside foldnorm's one temporary folder (foldnorm.fold.scratch).
+Anything foldnorm writes elsewhere (a checker's copy, a model onnxruntime must read from a file) lives in a
+temporary folder (foldnorm.fold.io.scratch) removed when the step or the model's session ends.
 """
 import contextlib
 import os
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import onnx
 
-from .errors import FoldError
+from ..errors import FoldError
 from .messages import one_line
 from .external_data import (EXTERNAL_DATA_THRESHOLD, PLACEHOLDER_LOCATION, DataFileWriter, all_tensors,
                             checked_length, copy_without_data, data_bytes, external_references, held_array,
                             is_external, is_unloaded, load_into, refer_in_place, without_data)
 from .proto import default_opset, tensor_nbytes
-from .scratch import scratch_folder
+from .scratch import temporary_folder
 from .wire import unreadable_model_message
 
 MIN_OPSET = 7
@@ -47,9 +47,6 @@ PROTOBUF_LIMIT = 2**31 - 1
 IN_MEMORY_CHECK_BYTES = 16 * 2**20
 # How valid a model is, from least to most: see check_model.
 LEVELS = ("onnxruntime", "checker", "full")
-
-# realpath of each model file load_model read -> realpaths of the external data files it used.
-_external_data_of_loaded = {}
 
 
 @dataclass(frozen=True)
@@ -66,13 +63,16 @@ class ModelCheck:
 
 @dataclass(frozen=True)
 class OpenedModel:
-    """A model argument made ready: the ModelProto, how reports name it, its check, and whether it was
-    read from a file here (then nobody else holds it, and the fold may work on it in place)."""
+    """A model argument made ready: the ModelProto, how reports name it, its check, whether it was read
+    from a file here (then nobody else holds it, and the fold may work on it in place), and for a file,
+    its path and the resolved paths of the external data files it uses."""
 
     model: onnx.ModelProto
     label: str
     check: ModelCheck
     owned: bool
+    path: "Path | None" = None
+    data_files: frozenset = frozenset()
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -88,7 +88,11 @@ def _read(path, *, in_place=False):
     model leaves foldnorm."""
     path, model, references, check = _read_unloaded(path)
     (refer_in_place if in_place else load_into)(references, path)
-    return OpenedModel(model, str(path), check, owned=True)
+    return OpenedModel(model, str(path), check, owned=True, path=path, data_files=_data_files(references))
+
+
+def _data_files(references):
+    return frozenset(str(file) for _, file, _, _ in references)
 
 
 def read_structure(path: "str | os.PathLike", *, load_below: int = EXTERNAL_DATA_THRESHOLD):
@@ -105,7 +109,7 @@ def read_structure(path: "str | os.PathLike", *, load_below: int = EXTERNAL_DATA
             unread.append((tensor, file, offset, length))
         else:
             load_into([(tensor, file, offset, length)], path)
-    return OpenedModel(model, str(path), check, owned=True), unread
+    return OpenedModel(model, str(path), check, owned=True, path=path, data_files=_data_files(references)), unread
 
 
 def _read_unloaded(path):
@@ -118,7 +122,6 @@ def _read_unloaded(path):
         missing = "graph" if not model.HasField("graph") else "IR version"
         raise FoldError("%s is not an ONNX model (it has no %s)" % (path, missing))
     references = external_references(model, path.absolute().parent, path)
-    _external_data_of_loaded[os.path.realpath(path)] = frozenset(str(file) for _, file, _, _ in references)
     # Checked before its data is read: the checks need the structure only, and the file as it is.
     return path, model, references, check_model(model, str(path), file=path)
 
@@ -133,21 +136,12 @@ def open_model(model_or_path, name, *, in_place=False):
     raise TypeError("%s must be an onnx.ModelProto or a path, got %s" % (name, type(model_or_path).__name__))
 
 
-def as_model(model_or_path, name, *, check=True):
-    """(ModelProto, label) for an argument that is a ModelProto (checked here unless check=False: a model
-    foldnorm made itself) or a path (read and checked by load_model)."""
-    if isinstance(model_or_path, onnx.ModelProto) and not check:
-        return model_or_path, "<in-memory model>"
-    opened = open_model(model_or_path, name)
-    return opened.model, opened.label
-
-
 def uses_external_data(model_or_path):
     """Whether a model keeps tensors in external files.
 
-    For a path: what load_model found when it read that file (the file is read again, without its
-    external data, when load_model has not). For a ModelProto: whether any tensor still points to external
-    data (load_model's models have theirs loaded: ask with the path).
+    For a path: whether the file names external data (the file is parsed, no tensor data read). For a
+    ModelProto: whether any tensor still points to external data (load_model's models have theirs loaded:
+    ask with the path).
     """
     if isinstance(model_or_path, onnx.ModelProto):
         return any(is_external(t) for t in all_tensors(model_or_path))
@@ -155,15 +149,12 @@ def uses_external_data(model_or_path):
 
 
 def external_data_files(path):
-    """The resolved paths of the external data files the model at `path` uses (an empty set for none)."""
-    key = os.path.realpath(os.fspath(path))
-    if key not in _external_data_of_loaded:
-        path = Path(os.fspath(path))
-        model = onnx.ModelProto()
-        _parse(model, _read_model_file(path), path)
-        references = external_references(model, path.absolute().parent, path)
-        _external_data_of_loaded[key] = frozenset(str(file) for _, file, _, _ in references)
-    return set(_external_data_of_loaded[key])
+    """The resolved paths of the external data files the model at `path` uses (an empty set for none). A
+    model's session knows them from its one read (OpenedModel.data_files); this reads the file's structure."""
+    path = Path(os.fspath(path))
+    model = onnx.ModelProto()
+    _parse(model, _read_model_file(path), path)
+    return set(_data_files(external_references(model, path.absolute().parent, path)))
 
 
 def _parse(model, data, path):
@@ -301,13 +292,16 @@ def _onnxruntime_error(model, file):
 
 # ------------------------------------------------------------------------------------------- writing
 
-def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool = False) -> list:
+def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_data: bool = False,
+               held=None, durable: bool = True) -> list:
     """Write `model` to `path` atomically, with its large tensors in "<file name>.data" when asked.
 
     External data is also used, whatever `external_data` says, when the model would serialize to 2 GiB
     or more. `model` itself is never changed, and never copied whole: tensor data is written one tensor
     at a time. On any failure nothing new is left behind: the temporary files are removed and an existing
-    file at `path` is untouched. Returns the paths written.
+    file at `path` is untouched. `held`: the HeldArrays whose arrays some tensors point to (written
+    straight from the arrays). durable=False skips flushing the files to disk (for files StagedFiles
+    flushes when it moves them into place, or that are thrown away). Returns the paths written.
     """
     path = Path(os.fspath(path))
     folder = path.absolute().parent
@@ -316,13 +310,13 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     if path.is_dir():
         raise FoldError("cannot write %s: it is a directory" % path)
     for tensor in all_tensors(model):
-        if is_unloaded(tensor):
+        if is_unloaded(tensor, held):
             raise FoldError("cannot write the model: tensor %r still points to external data that was never loaded"
                             % tensor.name)
 
-    serialized = None if external_data else _serialized_within_limit(_with_held_data(model))
+    serialized = None if external_data else _serialized_within_limit(_with_held_data(model, held))
     if serialized is not None:
-        _write_atomically(path, lambda file: file.write(serialized))
+        _write_atomically(path, lambda file: file.write(serialized), durable)
         return [path]
 
     data_name = path.name + ".data"
@@ -331,18 +325,18 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
 
     def write_data(file):
         nonlocal writer, skeleton
-        writer = DataFileWriter(file, data_name)
+        writer = DataFileWriter(file, data_name, held)
         skeleton = copy_without_data(model, writer)
 
     # The data file goes first, so a model file only ever appears next to the data it describes; a data
     # file it replaces is kept (hard-linked) until the model is in place, to be put back if that fails.
-    data_temp = _write_temporary(data_path, write_data)
+    data_temp = _write_temporary(data_path, write_data, durable)
     if not writer.tensors:
         _remove_quietly(data_temp)
-        _write_atomically(path, lambda file: file.write(skeleton.SerializeToString()))
+        _write_atomically(path, lambda file: file.write(skeleton.SerializeToString()), durable)
         return [path]
     try:
-        model_temp = _write_temporary(path, lambda file: file.write(skeleton.SerializeToString()))
+        model_temp = _write_temporary(path, lambda file: file.write(skeleton.SerializeToString()), durable)
     except BaseException:
         _remove_quietly(data_temp)
         raise
@@ -374,8 +368,7 @@ def onnxruntime_source(model: onnx.ModelProto, folder: "str | os.PathLike") -> "
     for tensor in all_tensors(model):
         if is_unloaded(tensor):
             raise FoldError("tensor %r keeps its data in an external file that was not loaded" % tensor.name)
-    # A model with held arrays goes through a file: save_model writes them without a copy.
-    serialized = None if any(held_array(t) is not None for t in all_tensors(model)) else _serialized_within_limit(model)
+    serialized = _serialized_within_limit(model)
     if serialized is not None:
         return serialized
     path = os.path.join(os.fspath(folder), "model.onnx")
@@ -383,14 +376,14 @@ def onnxruntime_source(model: onnx.ModelProto, folder: "str | os.PathLike") -> "
     return path
 
 
-def _with_held_data(model):
-    """`model`, or when it has arrays foldnorm holds (external_data.hold_array), a copy holding their data."""
-    if not any(held_array(t) is not None for t in all_tensors(model)):
+def _with_held_data(model, held):
+    """`model`, or when some of its tensors are arrays `held` holds, a copy holding their data."""
+    if not held or not any(held_array(t, held) is not None for t in all_tensors(model)):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in all_tensors(copy):
-        array = held_array(tensor)
+        array = held_array(tensor, held)
         if array is not None:
             tensor.raw_data = array.tobytes()
             tensor.data_location = onnx.TensorProto.DEFAULT
@@ -410,27 +403,18 @@ def _serialized_within_limit(model):
     return serialized if len(serialized) < PROTOBUF_LIMIT else None
 
 
-def write_file_atomically(path, data):
-    """Write bytes to `path` the way save_model writes a model: a temporary file, fsync, os.replace."""
-    path = Path(os.fspath(path))
-    if not path.absolute().parent.is_dir():
-        raise FoldError("cannot write %s: the folder %s does not exist" % (path, path.absolute().parent))
-    if path.is_dir():
-        raise FoldError("cannot write %s: it is a directory" % path)
-    _write_atomically(path, lambda file: file.write(data))
-
-
-def _write_atomically(path, write):
-    temp = _write_temporary(path, write)
+def _write_atomically(path, write, durable=True):
+    temp = _write_temporary(path, write, durable)
     try:
-        _replace(temp, path)
+        _replace(temp, path, durable)
     except BaseException:
         _remove_quietly(temp)
         raise
 
 
-def _write_temporary(path, write):
-    """Call write(file) on a new temporary file beside `path`, then flush it to disk; returns its path."""
+def _write_temporary(path, write, durable=True):
+    """Call write(file) on a new temporary file beside `path`, then (durable) flush it to disk; returns its
+    path."""
     folder = path.absolute().parent
     mode = _existing_mode(path)
     temp = folder / (".%s.%s.tmp" % (path.name, secrets.token_hex(6)))
@@ -443,7 +427,8 @@ def _write_temporary(path, write):
         with os.fdopen(descriptor, "wb") as file:
             write(file)
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         if mode is not None:
             os.chmod(temp, mode)
     except BaseException as error:
@@ -454,12 +439,88 @@ def _write_temporary(path, write):
     return temp
 
 
-def _replace(temp, path):
+def _replace(temp, path, durable=True):
     try:
         os.replace(temp, path)
     except OSError as error:
         raise FoldError("cannot write %s: %s" % (path, error.strerror or error)) from None
-    _fsync_folder(path.absolute().parent)
+    if durable:
+        _fsync_folder(path.absolute().parent)
+
+
+class StagedFiles:
+    """Files written into a hidden folder beside each destination, then moved into place together.
+
+    add(destination) returns where to write a file; commit() flushes each to disk and moves them into
+    place in the order added (a model's data file before the model, the report last), and on any failure
+    puts back what it replaced and removes what it moved; discard() removes everything staged.
+    """
+
+    def __init__(self):
+        self._folders = {}
+        self._files = []
+        self._added = []
+        self.model = None
+
+    def add(self, destination, *, first=False):
+        """Where to write the file that goes to `destination` (moved into place before the others when
+        `first`)."""
+        destination = Path(os.fspath(destination))
+        folder = destination.absolute().parent
+        hidden = self._folders.get(folder)
+        if hidden is None:
+            try:
+                hidden = self._folders[folder] = Path(tempfile.mkdtemp(prefix=".foldnorm-", dir=folder))
+            except OSError as error:
+                raise FoldError("cannot write %s: %s" % (destination, error.strerror or error)) from None
+        staged = hidden / destination.name
+        self._files.insert(0 if first else len(self._files), (staged, destination))
+        self._added.append(destination)
+        return staged
+
+    def commit(self):
+        """Move every staged file into place; returns the destinations, in the order they were added."""
+        moved = []
+        try:
+            for staged, _ in self._files:
+                _fsync_file(staged)
+            for staged, destination in self._files:
+                backup = _hard_link_backup(destination)
+                try:
+                    os.replace(staged, destination)
+                except BaseException:
+                    if backup is not None:
+                        _remove_quietly(backup)
+                    raise
+                moved.append((destination, backup))
+        except BaseException:
+            for destination, backup in reversed(moved):
+                if backup is not None:
+                    os.replace(backup, destination)
+                else:
+                    _remove_quietly(destination)
+            self.discard()
+            raise
+        for _, backup in moved:
+            if backup is not None:
+                _remove_quietly(backup)
+        for folder in self._folders:
+            _fsync_folder(folder)
+        self.discard()
+        return list(self._added)
+
+    def discard(self):
+        for hidden in self._folders.values():
+            shutil.rmtree(hidden, ignore_errors=True)
+        self._folders = {}
+
+
+def _fsync_file(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _hard_link_backup(path):
@@ -502,21 +563,7 @@ def _remove_quietly(path):
         pass
 
 
-# ------------------------------------------------------------------------------- the temporary folder
-
-@contextlib.contextmanager
-def temporary_folder():
-    """A new, empty folder for the duration of a `with` block, inside foldnorm's one temporary folder
-    (foldnorm.fold.scratch: `foldnorm-XXXXXXXX` under the system temp dir, removed at the end of the
-    command or of the process); the new folder and everything in it is removed when the block ends."""
-    folder = tempfile.mkdtemp(dir=scratch_folder())
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-__all__ = ["load_model", "read_structure", "save_model", "onnxruntime_source", "check_model", "check_opset",
-           "open_model", "as_model",
+__all__ = ["load_model", "read_structure", "save_model", "StagedFiles", "onnxruntime_source", "check_model", "check_opset",
+           "open_model",
            "ModelCheck", "OpenedModel", "LEVELS", "uses_external_data", "external_data_files",
-           "write_file_atomically", "all_tensors", "temporary_folder", "PROTOBUF_LIMIT"]
+           "all_tensors", "temporary_folder", "PROTOBUF_LIMIT"]
