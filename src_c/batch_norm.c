@@ -133,7 +133,7 @@ static void bn_merge_plane_stats(const bn_plan *p, const fn_stats *unit_stats, d
                                  int num_threads)
 {
     bn_merge_job j = {p, unit_stats, NULL, mean, var};
-    fn_team_run(num_threads, bn_merge_plane_stats_region, &j);
+    fn_team_run(fn_team_size(p->units * 4, num_threads), bn_merge_plane_stats_region, &j);
 }
 
 /* Rows: per-channel block statistics (unit u's means and M2s at u * channels) merged over the blocks in
@@ -184,7 +184,7 @@ static void bn_merge_row_stats(const bn_plan *p, const double *unit_mean, const 
                                double *mean, double *var, int num_threads)
 {
     bn_merge_job j = {p, unit_mean, unit_m2, mean, var};
-    fn_team_run(num_threads, bn_merge_row_stats_region, &j);
+    fn_team_run(fn_team_size(p->units * p->channels * 2, num_threads), bn_merge_row_stats_region, &j);
 }
 
 /* Planes: a channel's per-unit gradient sums added over (n, piece) in order. */
@@ -213,7 +213,7 @@ static void bn_merge_plane_sums(const bn_plan *p, const double *unit_sums, doubl
                                 double *sum_dy_xc, int num_threads)
 {
     bn_merge_job j = {p, unit_sums, NULL, sum_dy, sum_dy_xc};
-    fn_team_run(num_threads, bn_merge_plane_sums_region, &j);
+    fn_team_run(fn_team_size(p->units * 2, num_threads), bn_merge_plane_sums_region, &j);
 }
 
 /* Rows: unit u's per-channel sums (sum dy at 2 * u * channels, sum dy * (x - mean) right after) added
@@ -249,7 +249,7 @@ static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double 
                               int num_threads)
 {
     bn_merge_job j = {p, unit_sums, NULL, sum_dy, sum_dy_xc};
-    fn_team_run(num_threads, bn_merge_row_sums_region, &j);
+    fn_team_run(fn_team_size(p->units * p->channels * 2, num_threads), bn_merge_row_sums_region, &j);
 }
 
 /* The per-element loops and the entry points, for float and double. */

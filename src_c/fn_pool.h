@@ -59,9 +59,20 @@ typedef struct {
     int loop;
     int is_caller;
     ptrdiff_t units;
+    long long slept_ns; /* time this thread slept waiting for the other threads' chunks */
 } fn_worker;
 
 typedef void (*fn_region)(fn_worker *w, void *arg);
+
+/* Elements of work below which a step runs on the calling thread alone: a merge of partial results, say,
+ * takes microseconds, and a team would only add a moment where the caller may wait for a worker. */
+#define FN_TEAM_MIN_ELEMENTS ((ptrdiff_t)1 << 16)
+
+/* num_threads for a step of `elements` elements of work: 1 below FN_TEAM_MIN_ELEMENTS. */
+static inline int fn_team_size(ptrdiff_t elements, int num_threads)
+{
+    return elements < FN_TEAM_MIN_ELEMENTS ? 1 : num_threads;
+}
 typedef void (*fn_team_runner)(int num_threads, fn_region region, void *arg);
 
 /* Runs region(w, arg) on a team of at most num_threads threads, the caller among them; returns when every
@@ -93,7 +104,7 @@ static inline void fn_cpu_relax(void)
  * thread that finishes the loop wakes it: a sleeping thread is the one the scheduler runs promptly when it is
  * woken, where one that yielded its core to another process may wait for that process's whole time slice. */
 #define FN_WAIT_SPINS 512
-void fn_loop_sleep(fn_loop_state *s);
+long long fn_loop_sleep(fn_loop_state *s); /* returns the nanoseconds slept */
 void fn_loop_wake(fn_loop_state *s);
 
 static inline fn_for fn_for_begin(fn_worker *w, ptrdiff_t n, ptrdiff_t unit_elements)
@@ -161,7 +172,7 @@ static inline int fn_for_next(fn_for *f)
             fn_cpu_relax();
             continue;
         }
-        fn_loop_sleep(s);
+        f->w->slept_ns += fn_loop_sleep(s);
         break;
     }
     return 0;

@@ -111,7 +111,7 @@ static void ln_merge_chunks_region(fn_worker *w, void *arg)
 static void ln_merge_chunks(double *part, ptrdiff_t chunks, ptrdiff_t cols, double *out, int threads)
 {
     ln_merge_job j = {part, out, chunks, cols};
-    fn_team_run(threads, ln_merge_chunks_region, &j);
+    fn_team_run(fn_team_size(chunks * cols, threads), ln_merge_chunks_region, &j);
 }
 
 /* A row's inverse standard deviation, from its statistics. */

@@ -32,6 +32,10 @@
  * the one the scheduler runs promptly when it is woken. */
 #define FN_POOL_SPIN_NS 50000
 #define FN_POOL_PREEMPTED_NS 20000
+/* A caller that waits longer than FN_POOL_PREEMPTED_WAIT_NS for workers (a chunk takes microseconds, so
+ * the worker was preempted) runs the calls of the next FN_POOL_SOLO_NS alone. */
+#define FN_POOL_PREEMPTED_WAIT_NS 200000
+#define FN_POOL_SOLO_NS 20000000
 
 #define FN_STATE_OPEN ((uint64_t)1 << 31)
 #define FN_STATE_ACTIVE ((uint64_t)FN_STATE_OPEN - 1)
@@ -43,7 +47,8 @@ static struct {
     atomic_int sleepers;
     atomic_int departures;     /* workers that left a region: the futex a closing caller sleeps on */
     atomic_int caller_waiting; /* a closing caller sleeps until the workers inside have left */
-    atomic_llong spin_ns; /* FN_POOL_SPIN_NS unless a benchmark changes it */
+    atomic_llong spin_ns;
+    atomic_llong solo_until_ns; /* calls before this time (CLOCK_MONOTONIC) run alone */ /* FN_POOL_SPIN_NS unless a benchmark changes it */
     atomic_flag busy;   /* a region is being run */
     /* The open region, written before its generation is published and read only by joined workers. */
     fn_region region;
@@ -143,7 +148,7 @@ static void *fn_pool_worker(void *start_generation)
         seen = s >> 32;
         if (!fn_pool_join(s))
             continue;
-        fn_worker w = {&fn_pool_team, 0, 0, 0};
+        fn_worker w = {&fn_pool_team, 0, 0, 0, 0};
         fn_pool.region(&w, fn_pool.arg);
         atomic_fetch_add_explicit(&fn_pool.stats[3], w.units, memory_order_relaxed);
         atomic_fetch_sub(&fn_pool.state, 1);
@@ -194,10 +199,14 @@ static void fn_pool_start_workers(int want)
 
 void fn_pool_run(int num_threads, fn_region region, void *arg)
 {
-    fn_worker w = {NULL, 0, 1, 0};
-    if (num_threads < 2 || atomic_flag_test_and_set_explicit(&fn_pool.busy, memory_order_acquire)) {
+    fn_worker w = {NULL, 0, 1, 0, 0};
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    const long long now_ns = (long long)now.tv_sec * 1000000000LL + now.tv_nsec;
+    const int solo = now_ns < atomic_load_explicit(&fn_pool.solo_until_ns, memory_order_relaxed);
+    if (num_threads < 2 || solo || atomic_flag_test_and_set_explicit(&fn_pool.busy, memory_order_acquire)) {
         if (num_threads >= 2)
-            atomic_fetch_add_explicit(&fn_pool.stats[1], 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&fn_pool.stats[solo ? 5 : 1], 1, memory_order_relaxed);
         region(&w, arg);
         atomic_fetch_add_explicit(&fn_pool.stats[2], w.units, memory_order_relaxed);
         return;
@@ -237,6 +246,8 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
         fn_cpu_relax();
     }
     /* Asleep, as fn_loop_sleep: either a leaving worker sees caller_waiting, or this sees it gone. */
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         const int departures = atomic_load(&fn_pool.departures);
         atomic_store(&fn_pool.caller_waiting, 1);
@@ -245,6 +256,15 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
         fn_pool_futex_wait(&fn_pool.departures, departures);
     }
     atomic_store(&fn_pool.caller_waiting, 0);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    w.slept_ns += (long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
+    /* A caller that slept this long waited for a worker the operating system had preempted: the machine
+     * is busy.  The calls of the next FN_POOL_SOLO_NS run on their calling threads alone, where no
+     * descheduled worker can hold them up; the first call after that tries the team again. */
+    if (w.slept_ns > FN_POOL_PREEMPTED_WAIT_NS) {
+        atomic_store_explicit(&fn_pool.solo_until_ns, now_ns + FN_POOL_SOLO_NS, memory_order_relaxed);
+        atomic_fetch_add_explicit(&fn_pool.stats[6], 1, memory_order_relaxed);
+    }
     atomic_fetch_add_explicit(&fn_pool.stats[0], 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&fn_pool.stats[2], w.units, memory_order_relaxed);
     atomic_flag_clear_explicit(&fn_pool.busy, memory_order_release);

@@ -11,8 +11,9 @@ void fn_pool_run(int num_threads, fn_region region, void *arg);
 
 /* Counters since the process started, for tests and benchmarks:
  * [0] regions run on a team, [1] regions run alone because the pool was busy, [2] units done by callers,
- * [3] units done by workers, [4] workers started. */
-#define FN_POOL_STAT_COUNT 5
+ * [3] units done by workers, [4] workers started, [5] regions run alone because a recent caller waited
+ * for a preempted worker, [6] regions whose caller waited that long. */
+#define FN_POOL_STAT_COUNT 7
 void fn_pool_stats(long long out[FN_POOL_STAT_COUNT]);
 
 /* For tests: while held is nonzero no worker joins a region, as if the operating system never scheduled

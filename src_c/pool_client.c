@@ -4,6 +4,7 @@
 #include "fn_pool.h"
 
 #include <sched.h>
+#include <time.h>
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -17,8 +18,10 @@ void fn_pool_attach(fn_team_runner runner) { fn_attached_runner = runner; }
 /* Sleeps until the loop's finished flag is set: on Linux a futex on it, which fn_loop_wake wakes; elsewhere
  * by yielding the core between looks.  The sleeper count and the flag are sequentially consistent on both
  * sides: either the waiter sees the flag, or the thread that set it sees the sleeper and wakes it. */
-void fn_loop_sleep(fn_loop_state *s)
+long long fn_loop_sleep(fn_loop_state *s)
 {
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     atomic_fetch_add(&s->sleepers, 1);
     while (!atomic_load(&s->finished)) {
 #if defined(__linux__)
@@ -28,6 +31,8 @@ void fn_loop_sleep(fn_loop_state *s)
 #endif
     }
     atomic_fetch_sub(&s->sleepers, 1);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
 }
 
 void fn_loop_wake(fn_loop_state *s)
@@ -45,6 +50,6 @@ void fn_team_run(int num_threads, fn_region region, void *arg)
         fn_attached_runner(num_threads, region, arg);
         return;
     }
-    fn_worker w = {NULL, 0, 1, 0};
+    fn_worker w = {NULL, 0, 1, 0, 0};
     region(&w, arg);
 }

@@ -43,7 +43,8 @@ def pool_stats():
     """The pool's counters since the process started (see src_c/pool.h)."""
     cdef long long out[FN_POOL_STAT_COUNT]
     fn_pool_stats(out)
-    names = ("team_regions", "busy_regions", "caller_units", "worker_units", "workers_started")
+    names = ("team_regions", "busy_regions", "caller_units", "worker_units", "workers_started", "solo_regions",
+             "preempted_waits")
     return {name: out[k] for k, name in enumerate(names)}
 
 
