@@ -186,7 +186,21 @@ def _build_parser():
     return parser
 
 
+def _check_model_path(model):
+    """The input model's path checked before anything is imported (onnx alone takes a second to load): a
+    missing file, a directory or a special file is a usage error told at once, in the words the reader
+    (foldnorm.fold.io.modelio) uses for it."""
+    path = Path(model)
+    if not path.exists():
+        raise UsageError("foldnorm: error: %s: no such file" % path)
+    if path.is_dir():
+        raise UsageError("foldnorm: error: %s is a directory, not an ONNX model file" % path)
+    if not path.is_file():
+        raise UsageError("foldnorm: error: %s is not a regular file" % path)
+
+
 def run_fold(args):
+    _check_model_path(args.model)
     progress = Progress(verbose=args.verbose, quiet=args.quiet)
     try:
         return _fold(args, progress)
@@ -258,6 +272,7 @@ def _fold_with(args, progress, verifier):
 
 
 def run_inspect(args):
+    _check_model_path(args.model)
     from .fold import inspect_model
 
     progress = Progress(verbose=args.verbose, quiet=args.quiet)

@@ -58,6 +58,9 @@ def loaded_libraries(result):
     (["fold"], 2, "the following arguments are required: MODEL.onnx"),
     (["fold", "model.onnx", "--rtol", "-1"], 2, "argument --rtol"),
     (["inspect", "model.onnx", "-q"], 2, "-q: inspect prints nothing but its report"),
+    (["fold", "no-such-model.onnx"], 2, "no-such-model.onnx: no such file"),
+    (["inspect", "no-such-model.onnx"], 2, "no-such-model.onnx: no such file"),
+    (["fold", "."], 2, ". is a directory, not an ONNX model file"),
 ])
 def test_help_version_and_usage_errors_load_no_heavy_library(argv, code, fragment):
     result = start_command(argv, REPORT_MODULES)
