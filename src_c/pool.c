@@ -34,7 +34,7 @@
 #define FN_POOL_PREEMPTED_NS 20000
 /* A caller that waits longer than FN_POOL_PREEMPTED_WAIT_NS for workers (a chunk takes microseconds, so
  * the worker was preempted) runs the calls of the next FN_POOL_SOLO_NS alone. */
-#define FN_POOL_PREEMPTED_WAIT_NS 200000
+#define FN_POOL_PREEMPTED_WAIT_NS 1000000
 #define FN_POOL_SOLO_NS 20000000
 
 #define FN_STATE_OPEN ((uint64_t)1 << 31)
