@@ -163,7 +163,7 @@ FN_INLINE void FN_NAME(bn_affine_run)(const FN_T *restrict x, FN_T *restrict y, 
 }
 
 /* The row loops apply the activation to each row as soon as it is written, while it is in L1. */
-FN_VECTOR_KERNEL static void FN_NAME(bn_shifted_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+FN_INLINE void FN_NAME(bn_shifted_rows_with)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
                                                       ptrdiff_t channels, const FN_T *restrict shift,
                                                       const FN_T *restrict alpha, const FN_T *restrict beta,
                                                       fn_activation act)
@@ -177,7 +177,19 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_shifted_rows)(const FN_T *restrict x, FN
     }
 }
 
-FN_VECTOR_KERNEL static void FN_NAME(bn_affine_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+FN_VECTOR_KERNEL static void FN_NAME(bn_shifted_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+                                                      ptrdiff_t channels, const FN_T *restrict shift,
+                                                      const FN_T *restrict alpha, const FN_T *restrict beta,
+                                                      fn_activation act)
+{
+    /* Without an activation the rows run without its test: the constant folds it away. */
+    if (act == FN_ACT_NONE)
+        FN_NAME(bn_shifted_rows_with)(x, y, rows, channels, shift, alpha, beta, FN_ACT_NONE);
+    else
+        FN_NAME(bn_shifted_rows_with)(x, y, rows, channels, shift, alpha, beta, act);
+}
+
+FN_INLINE void FN_NAME(bn_affine_rows_with)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
                                                      ptrdiff_t channels, const FN_T *restrict alpha,
                                                      const FN_T *restrict beta, fn_activation act)
 {
@@ -190,6 +202,17 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_affine_rows)(const FN_T *restrict x, FN_
     }
 }
 
+FN_VECTOR_KERNEL static void FN_NAME(bn_affine_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+                                                     ptrdiff_t channels, const FN_T *restrict alpha,
+                                                     const FN_T *restrict beta, fn_activation act)
+{
+    /* Without an activation the rows run without its test: the constant folds it away. */
+    if (act == FN_ACT_NONE)
+        FN_NAME(bn_affine_rows_with)(x, y, rows, channels, alpha, beta, FN_ACT_NONE);
+    else
+        FN_NAME(bn_affine_rows_with)(x, y, rows, channels, alpha, beta, act);
+}
+
 /* The loops of inputs with a channel that leaves float32's range: y = (x * xscale - shift) * alpha + beta, with
  * xscale 1 for the other channels (for which x * 1 - shift is the plain loops' x - shift). */
 FN_INLINE void FN_NAME(bn_scaled_run)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t n, FN_T xscale,
@@ -199,7 +222,7 @@ FN_INLINE void FN_NAME(bn_scaled_run)(const FN_T *restrict x, FN_T *restrict y, 
         y[i] = (x[i] * xscale - shift) * alpha + beta;
 }
 
-FN_VECTOR_KERNEL static void FN_NAME(bn_scaled_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+FN_INLINE void FN_NAME(bn_scaled_rows_with)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
                                                      ptrdiff_t channels, const FN_T *restrict xscale,
                                                      const FN_T *restrict shift, const FN_T *restrict alpha,
                                                      const FN_T *restrict beta, fn_activation act)
@@ -211,6 +234,18 @@ FN_VECTOR_KERNEL static void FN_NAME(bn_scaled_rows)(const FN_T *restrict x, FN_
             yr[c] = (xr[c] * xscale[c] - shift[c]) * alpha[c] + beta[c];
         FN_NAME(fn_activate_run)(yr, channels, act);
     }
+}
+
+FN_VECTOR_KERNEL static void FN_NAME(bn_scaled_rows)(const FN_T *restrict x, FN_T *restrict y, ptrdiff_t rows,
+                                                     ptrdiff_t channels, const FN_T *restrict xscale,
+                                                     const FN_T *restrict shift, const FN_T *restrict alpha,
+                                                     const FN_T *restrict beta, fn_activation act)
+{
+    /* Without an activation the rows run without its test: the constant folds it away. */
+    if (act == FN_ACT_NONE)
+        FN_NAME(bn_scaled_rows_with)(x, y, rows, channels, xscale, shift, alpha, beta, FN_ACT_NONE);
+    else
+        FN_NAME(bn_scaled_rows_with)(x, y, rows, channels, xscale, shift, alpha, beta, act);
 }
 
 /* y = the normalization of a block of rows, as bn_apply writes it (the backward pass recomputes it). */
