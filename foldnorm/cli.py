@@ -187,16 +187,13 @@ def _build_parser():
 
 
 def _check_model_path(model):
-    """The input model's path checked before anything is imported (onnx alone takes a second to load): a
-    missing file, a directory or a special file is a usage error told at once, in the words the reader
-    (foldnorm.fold.io.modelio) uses for it."""
-    path = Path(model)
-    if not path.exists():
-        raise UsageError("foldnorm: error: %s: no such file" % path)
-    if path.is_dir():
-        raise UsageError("foldnorm: error: %s is a directory, not an ONNX model file" % path)
-    if not path.is_file():
-        raise UsageError("foldnorm: error: %s is not a regular file" % path)
+    """The input model's path checked before anything heavy is imported (onnx alone takes a second to load):
+    a missing file, a directory or a special file is a usage error told at once."""
+    from .fold.io.paths import model_file_problem
+
+    problem = model_file_problem(model)
+    if problem is not None:
+        raise UsageError("foldnorm: error: %s" % problem)
 
 
 def run_fold(args):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import onnx
 
+from .paths import model_file_problem
 from ..errors import FoldError
 from .messages import one_line
 from .external_data import (EXTERNAL_DATA_THRESHOLD, PLACEHOLDER_LOCATION, DataFileWriter, all_tensors,
@@ -165,12 +166,9 @@ def _parse(model, data, path):
 
 
 def _read_model_file(path):
-    if not path.exists():
-        raise FoldError("%s: no such file" % path)
-    if path.is_dir():
-        raise FoldError("%s is a directory, not an ONNX model file" % path)
-    if not path.is_file():
-        raise FoldError("%s is not a regular file" % path)
+    problem = model_file_problem(path)
+    if problem is not None:
+        raise FoldError(problem)
     try:
         data = path.read_bytes()
     except OSError as error:
