@@ -8,7 +8,11 @@
  * that is not scheduled until after the close never joins, so nothing waits for it.
  *
  * Between regions a worker spins for FN_POOL_SPIN_NS, or until it finds it was descheduled, then sleeps on a
- * condition variable, which a caller signals only when a worker sleeps.
+ * condition variable, which a caller signals only when a worker sleeps.  While the machine has a core for
+ * every runnable thread it spins on, up to FN_POOL_IDLE_SPIN_NS: waking a sleeping thread costs tens of
+ * microseconds (more on a virtual machine, whose idle virtual CPU the host must schedule again), and a spin
+ * then takes time from nobody.  It looks at the machine as it spins, so the first thread that would have
+ * to wait for a core ends the spin within FN_POOL_IDLE_CHECK_NS.
  */
 #define _GNU_SOURCE
 #include "pool.h"
@@ -19,6 +23,7 @@
 #include <stdint.h>
 #include <time.h>
 #if defined(__linux__)
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -32,6 +37,12 @@
  * the one the scheduler runs promptly when it is woken. */
 #define FN_POOL_SPIN_NS 50000
 #define FN_POOL_PREEMPTED_NS 20000
+/* Past FN_POOL_SPIN_NS a worker spins on while no runnable thread on the machine lacks a core (the count of
+ * runnable threads, /proc/loadavg's fourth field, which the kernel sums from the run queues when it is read:
+ * no average, no lag), looking again every FN_POOL_IDLE_CHECK_NS (a read costs about a microsecond).  Only
+ * where the process may run on every online core, since the count is the machine's. */
+#define FN_POOL_IDLE_SPIN_NS 2000000
+#define FN_POOL_IDLE_CHECK_NS 20000
 /* A caller that waits longer than FN_POOL_PREEMPTED_WAIT_NS for workers (a chunk takes microseconds, so
  * the worker was preempted) runs the calls of the next FN_POOL_SOLO_NS alone. */
 #define FN_POOL_PREEMPTED_WAIT_NS 1000000
@@ -47,8 +58,11 @@ static struct {
     atomic_int sleepers;
     atomic_int departures;     /* workers that left a region: the futex a closing caller sleeps on */
     atomic_int caller_waiting; /* a closing caller sleeps until the workers inside have left */
-    atomic_llong spin_ns;
-    atomic_llong solo_until_ns; /* calls before this time (CLOCK_MONOTONIC) run alone */ /* FN_POOL_SPIN_NS unless a benchmark changes it */
+    atomic_llong spin_ns;      /* FN_POOL_SPIN_NS unless a benchmark changes it */
+    atomic_llong idle_spin_ns; /* FN_POOL_IDLE_SPIN_NS unless a benchmark changes it */
+    atomic_llong solo_until_ns; /* calls before this time (CLOCK_MONOTONIC) run alone */
+    atomic_int loadavg_fd;      /* /proc/loadavg, opened by the first worker; -1: none, so never idle */
+    int online_cpus;            /* set with loadavg_fd, before it */
     atomic_flag busy;   /* a region is being run */
     /* The open region, written before its generation is published and read only by joined workers. */
     fn_region region;
@@ -60,6 +74,8 @@ static struct {
     atomic_llong stats[FN_POOL_STAT_COUNT];
 } fn_pool = {
     .spin_ns = FN_POOL_SPIN_NS,
+    .idle_spin_ns = FN_POOL_IDLE_SPIN_NS,
+    .loadavg_fd = -2,
     .busy = ATOMIC_FLAG_INIT,
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .wake = PTHREAD_COND_INITIALIZER,
@@ -95,13 +111,72 @@ static long long fn_elapsed_ns(const struct timespec *t0)
     return (long long)(t.tv_sec - t0->tv_sec) * 1000000000LL + (t.tv_nsec - t0->tv_nsec);
 }
 
+/* Opens /proc/loadavg once, where the process may use every online core (a count of the machine's
+ * runnable threads says nothing about a subset of its cores); -1 where not. */
+static int fn_pool_loadavg_open(void)
+{
+#if defined(__linux__)
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    cpu_set_t allowed;
+    if (online < 1 || sched_getaffinity(0, sizeof allowed, &allowed) != 0 || CPU_COUNT(&allowed) != online)
+        return -1;
+    fn_pool.online_cpus = (int)online;
+    return open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+#else
+    return -1;
+#endif
+}
+
+/* 1 when every runnable thread on the machine has a core now (this one among them), else 0. */
+static int fn_pool_machine_idle(void)
+{
+#if defined(__linux__)
+    int fd = atomic_load_explicit(&fn_pool.loadavg_fd, memory_order_acquire);
+    if (fd == -2) {
+        const int opened = fn_pool_loadavg_open();
+        int expected = -2;
+        if (atomic_compare_exchange_strong(&fn_pool.loadavg_fd, &expected, opened))
+            fd = opened;
+        else {
+            if (opened >= 0)
+                close(opened);
+            fd = expected;
+        }
+    }
+    if (fd < 0)
+        return 0;
+    char text[128];
+    const ssize_t n = pread(fd, text, sizeof text - 1, 0);
+    if (n <= 0)
+        return 0;
+    text[n] = '\0';
+    /* "0.52 0.58 0.59 2/117 4321": the runnable threads before the slash. */
+    const char *p = text;
+    for (int fields = 0; fields < 3; fields++) {
+        while (*p && *p != ' ')
+            p++;
+        while (*p == ' ')
+            p++;
+    }
+    if (*p < '0' || *p > '9')
+        return 0;
+    long runnable = 0;
+    while (*p >= '0' && *p <= '9' && runnable < 1000000)
+        runnable = runnable * 10 + (*p++ - '0');
+    return *p == '/' && runnable <= fn_pool.online_cpus;
+#else
+    return 0;
+#endif
+}
+
 /* The state once its generation differs from seen: spinning first, then asleep. */
 static uint64_t fn_pool_next_region(uint64_t seen)
 {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    long long last = 0;
+    long long last = 0, checked = 0;
     const long long spin_ns = atomic_load_explicit(&fn_pool.spin_ns, memory_order_relaxed);
+    const long long idle_spin_ns = atomic_load_explicit(&fn_pool.idle_spin_ns, memory_order_relaxed);
     for (unsigned i = 1;; i++) {
         uint64_t s = atomic_load_explicit(&fn_pool.state, memory_order_acquire);
         if (s >> 32 != seen)
@@ -111,9 +186,19 @@ static uint64_t fn_pool_next_region(uint64_t seen)
             continue;
         }
         const long long ns = fn_elapsed_ns(&t0);
-        if (ns > spin_ns || ns - last > FN_POOL_PREEMPTED_NS)
+        if (ns - last > FN_POOL_PREEMPTED_NS)
             break;
         last = ns;
+        if (ns <= spin_ns)
+            continue;
+        if (ns > idle_spin_ns)
+            break;
+        if (ns - checked >= FN_POOL_IDLE_CHECK_NS) {
+            if (!fn_pool_machine_idle())
+                break;
+            checked = fn_elapsed_ns(&t0);
+            last = checked;
+        }
     }
     /* The sleeper count and the state are sequentially consistent on both sides: either this worker sees
      * the new generation, or the caller that published it sees the sleeper and signals under the lock. */
@@ -278,4 +363,8 @@ void fn_pool_stats(long long out[FN_POOL_STAT_COUNT])
 
 void fn_pool_hold_workers(int held) { atomic_store(&fn_pool.hold, held != 0); }
 
-void fn_pool_set_spin(long long ns) { atomic_store(&fn_pool.spin_ns, ns < 0 ? 0 : ns); }
+void fn_pool_set_spin(long long ns, long long idle_ns)
+{
+    atomic_store(&fn_pool.spin_ns, ns < 0 ? 0 : ns);
+    atomic_store(&fn_pool.idle_spin_ns, idle_ns < 0 ? 0 : idle_ns);
+}

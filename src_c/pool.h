@@ -20,8 +20,9 @@ void fn_pool_stats(long long out[FN_POOL_STAT_COUNT]);
  * one; the caller must then do all the work. */
 void fn_pool_hold_workers(int held);
 
-/* For benchmarks: how long idle workers spin before they sleep (FN_POOL_SPIN_NS by default; 0 sleeps at once,
- * as OpenMP's passive wait policy does). */
-void fn_pool_set_spin(long long ns);
+/* For benchmarks: how long idle workers spin before they sleep, at most ns (FN_POOL_SPIN_NS by default), or at
+ * most idle_ns while the machine has a core for every runnable thread (FN_POOL_IDLE_SPIN_NS); 0 and 0 sleep
+ * at once, as OpenMP's passive wait policy does. */
+void fn_pool_set_spin(long long ns, long long idle_ns);
 
 #endif

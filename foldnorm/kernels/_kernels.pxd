@@ -178,7 +178,7 @@ cdef extern from "pool.h" nogil:
     void fn_pool_run(int num_threads, void *region, void *arg)
     void fn_pool_stats(long long *out)
     void fn_pool_hold_workers(int held)
-    void fn_pool_set_spin(long long ns)
+    void fn_pool_set_spin(long long ns, long long idle_ns)
 
 
 cdef inline int attach_pool() except -1:

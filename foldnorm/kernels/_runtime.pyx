@@ -99,9 +99,11 @@ def parallel_copy(cnp.ndarray dst not None, cnp.ndarray src not None, int num_th
         fn_parallel_copy(d, s, nbytes, num_threads)
 
 
-def set_spin(long long nanoseconds):
-    """For benchmarks: how long idle workers spin before they sleep (0: at once)."""
-    fn_pool_set_spin(nanoseconds)
+def set_spin(long long nanoseconds, idle_nanoseconds=None):
+    """For benchmarks: how long idle workers spin before they sleep, at most `nanoseconds`, or at most
+    `idle_nanoseconds` while the machine has a core for every runnable thread (None: `nanoseconds` whatever
+    the machine does; 0 and 0: they sleep at once).  The defaults are 50,000 and 2,000,000."""
+    fn_pool_set_spin(nanoseconds, nanoseconds if idle_nanoseconds is None else idle_nanoseconds)
 
 
 def exp_values(cnp.ndarray x not None, cnp.ndarray y not None):
