@@ -23,7 +23,7 @@ NUM_CLASSES = 10
 # Each full-size kernel result must be this close to the float64 reference, relative to its magnitude.
 KERNEL_RTOL = 1e-5
 SHARED_MACHINE = ("on a shared machine the calling thread works too and never waits for a worker the operating "
-                  "system has not scheduled; idle workers spin briefly, then sleep")
+                  "system has not scheduled; idle workers spin only while the machine has a core to spare")
 
 
 def build_demo_model(image_size=224, width=32, seed=0):

@@ -10,8 +10,9 @@ on the thread count. Threads: `num_threads=None` uses `get_num_threads()` (OMP_N
 cores); `set_num_threads` changes it, and threadpoolctl can limit it from outside.  A call never uses more
 threads than the usable cores, nor more than its work keeps busy (runtime.PARALLEL_GRAIN elements each).
 The thread count is OpenMP's setting; the work runs on foldnorm's team, where the caller works too and never
-waits for a worker the operating system has not scheduled, and idle workers spin briefly, then sleep (the
-OpenMP wait policy does not apply to them).
+waits for a worker the operating system has not scheduled, and idle workers spin for the next call only
+while the machine has a core for every runnable thread (briefly when it has not), then sleep (the OpenMP
+wait policy does not apply to them).
 """
 from .batch_normalization import batch_norm, batch_norm_backward, batch_norm_train
 from .group_normalization import group_norm, group_norm_backward, instance_norm, instance_norm_backward
