@@ -44,8 +44,11 @@
 #define FN_POOL_IDLE_SPIN_NS 2000000
 #define FN_POOL_IDLE_CHECK_NS 20000
 /* A caller that waits longer than FN_POOL_PREEMPTED_WAIT_NS for workers (a chunk takes microseconds, so
- * the worker was preempted) runs the calls of the next FN_POOL_SOLO_NS alone. */
+ * the worker was preempted) runs the calls of the next FN_POOL_SOLO_NS alone; so does one that waits longer
+ * than FN_POOL_BUSY_WAIT_NS while the machine has more runnable threads than cores.  (A quiet virtual
+ * machine stalls a virtual CPU for a few hundred microseconds now and then: that alone is no reason.) */
 #define FN_POOL_PREEMPTED_WAIT_NS 1000000
+#define FN_POOL_BUSY_WAIT_NS 200000
 #define FN_POOL_SOLO_NS 20000000
 
 #define FN_STATE_OPEN ((uint64_t)1 << 31)
@@ -127,8 +130,9 @@ static int fn_pool_loadavg_open(void)
 #endif
 }
 
-/* 1 when every runnable thread on the machine has a core now (this one among them), else 0. */
-static int fn_pool_machine_idle(void)
+/* 1 when every runnable thread on the machine has a core now (this one among them), 0 when some thread
+ * waits for one, -1 when the count is unknown here. */
+static int fn_pool_machine_state(void)
 {
 #if defined(__linux__)
     int fd = atomic_load_explicit(&fn_pool.loadavg_fd, memory_order_acquire);
@@ -144,11 +148,11 @@ static int fn_pool_machine_idle(void)
         }
     }
     if (fd < 0)
-        return 0;
+        return -1;
     char text[128];
     const ssize_t n = pread(fd, text, sizeof text - 1, 0);
     if (n <= 0)
-        return 0;
+        return -1;
     text[n] = '\0';
     /* "0.52 0.58 0.59 2/117 4321": the runnable threads before the slash. */
     const char *p = text;
@@ -159,13 +163,15 @@ static int fn_pool_machine_idle(void)
             p++;
     }
     if (*p < '0' || *p > '9')
-        return 0;
+        return -1;
     long runnable = 0;
     while (*p >= '0' && *p <= '9' && runnable < 1000000)
         runnable = runnable * 10 + (*p++ - '0');
-    return *p == '/' && runnable <= fn_pool.online_cpus;
+    if (*p != '/')
+        return -1;
+    return runnable <= fn_pool.online_cpus;
 #else
-    return 0;
+    return -1;
 #endif
 }
 
@@ -194,7 +200,7 @@ static uint64_t fn_pool_next_region(uint64_t seen)
         if (ns > idle_spin_ns)
             break;
         if (ns - checked >= FN_POOL_IDLE_CHECK_NS) {
-            if (!fn_pool_machine_idle())
+            if (fn_pool_machine_state() != 1)
                 break;
             checked = fn_elapsed_ns(&t0);
             last = checked;
@@ -343,10 +349,11 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
     atomic_store(&fn_pool.caller_waiting, 0);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     w.slept_ns += (long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
-    /* A caller that slept this long waited for a worker the operating system had preempted: the machine
-     * is busy.  The calls of the next FN_POOL_SOLO_NS run on their calling threads alone, where no
+    /* A caller that slept this long (or a fifth of it while threads wait for cores) waited for a worker
+     * the operating system had preempted: the machine is busy.  The calls of the next FN_POOL_SOLO_NS run on their calling threads alone, where no
      * descheduled worker can hold them up; the first call after that tries the team again. */
-    if (w.slept_ns > FN_POOL_PREEMPTED_WAIT_NS) {
+    if (w.slept_ns > FN_POOL_PREEMPTED_WAIT_NS
+        || (w.slept_ns > FN_POOL_BUSY_WAIT_NS && fn_pool_machine_state() == 0)) {
         atomic_store_explicit(&fn_pool.solo_until_ns, now_ns + FN_POOL_SOLO_NS, memory_order_relaxed);
         atomic_fetch_add_explicit(&fn_pool.stats[6], 1, memory_order_relaxed);
     }
