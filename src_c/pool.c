@@ -49,7 +49,12 @@
  * machine stalls a virtual CPU for a few hundred microseconds now and then: that alone is no reason.) */
 #define FN_POOL_PREEMPTED_WAIT_NS 1000000
 #define FN_POOL_BUSY_WAIT_NS 200000
+/* The solo time doubles, up to FN_POOL_SOLO_MAX_NS, each time the first team call after it waits again, so
+ * that a machine that stays busy sees few team calls; a call in solo time that finds a core for every
+ * runnable thread ends it at once (where the count is known), so a machine that turns quiet gets its team
+ * back on the next call. */
 #define FN_POOL_SOLO_NS 20000000
+#define FN_POOL_SOLO_MAX_NS 640000000
 
 #define FN_STATE_OPEN ((uint64_t)1 << 31)
 #define FN_STATE_ACTIVE ((uint64_t)FN_STATE_OPEN - 1)
@@ -64,6 +69,7 @@ static struct {
     atomic_llong spin_ns;      /* FN_POOL_SPIN_NS unless a benchmark changes it */
     atomic_llong idle_spin_ns; /* FN_POOL_IDLE_SPIN_NS unless a benchmark changes it */
     atomic_llong solo_until_ns; /* calls before this time (CLOCK_MONOTONIC) run alone */
+    atomic_llong solo_ns;       /* the last solo time; FN_POOL_SOLO_NS to FN_POOL_SOLO_MAX_NS */
     atomic_int loadavg_fd;      /* /proc/loadavg, opened by the first worker; -1: none, so never idle */
     int online_cpus;            /* set with loadavg_fd, before it */
     atomic_flag busy;   /* a region is being run */
@@ -294,7 +300,15 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     const long long now_ns = (long long)now.tv_sec * 1000000000LL + now.tv_nsec;
-    const int solo = now_ns < atomic_load_explicit(&fn_pool.solo_until_ns, memory_order_relaxed);
+    int solo = 0;
+    if (num_threads >= 2) {
+        long long until = atomic_load_explicit(&fn_pool.solo_until_ns, memory_order_relaxed);
+        if (now_ns < until) {
+            solo = fn_pool_machine_state() != 1;
+            if (!solo) /* quiet again: the team is back, and the solo time starts over */
+                atomic_compare_exchange_strong(&fn_pool.solo_until_ns, &until, 0);
+        }
+    }
     if (num_threads < 2 || solo || atomic_flag_test_and_set_explicit(&fn_pool.busy, memory_order_acquire)) {
         if (num_threads >= 2)
             atomic_fetch_add_explicit(&fn_pool.stats[solo ? 5 : 1], 1, memory_order_relaxed);
@@ -354,7 +368,14 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
      * descheduled worker can hold them up; the first call after that tries the team again. */
     if (w.slept_ns > FN_POOL_PREEMPTED_WAIT_NS
         || (w.slept_ns > FN_POOL_BUSY_WAIT_NS && fn_pool_machine_state() == 0)) {
-        atomic_store_explicit(&fn_pool.solo_until_ns, now_ns + FN_POOL_SOLO_NS, memory_order_relaxed);
+        /* A wait in the first team call after a solo time that ran to its end doubles it. */
+        const long long last = atomic_load_explicit(&fn_pool.solo_ns, memory_order_relaxed);
+        const long long ended = atomic_load_explicit(&fn_pool.solo_until_ns, memory_order_relaxed);
+        long long solo_ns = FN_POOL_SOLO_NS;
+        if (ended > 0 && last > 0 && now_ns - ended < last)
+            solo_ns = 2 * last < FN_POOL_SOLO_MAX_NS ? 2 * last : FN_POOL_SOLO_MAX_NS;
+        atomic_store_explicit(&fn_pool.solo_ns, solo_ns, memory_order_relaxed);
+        atomic_store_explicit(&fn_pool.solo_until_ns, now_ns + solo_ns, memory_order_relaxed);
         atomic_fetch_add_explicit(&fn_pool.stats[6], 1, memory_order_relaxed);
     }
     atomic_fetch_add_explicit(&fn_pool.stats[0], 1, memory_order_relaxed);
