@@ -32,16 +32,21 @@
 #define FN_POOL_MAX_WORKERS 255
 /* A worker looks for the next region this long after one before it sleeps: long enough that calls made
  * back to back from Python (microseconds apart) find it awake.  It sleeps at once when it finds that it was
- * descheduled while it looked (two looks further apart than FN_POOL_PREEMPTED_NS): the machine is busy, a
- * spinning thread only takes time from other processes there, and a thread that sleeps between calls is
- * the one the scheduler runs promptly when it is woken. */
+ * descheduled while it looked (two looks further apart than FN_POOL_PREEMPTED_NS: another thread had its
+ * core for a time slice; a virtual machine's own stalls of a spinning thread, several every 20 ms on this
+ * project's VM, last 20 to 100 us): the machine is busy, a spinning thread only takes time from other
+ * processes there, and a thread that sleeps between calls is the one the scheduler runs promptly when it is
+ * woken. */
 #define FN_POOL_SPIN_NS 50000
-#define FN_POOL_PREEMPTED_NS 20000
+#define FN_POOL_PREEMPTED_NS 200000
 /* Past FN_POOL_SPIN_NS a worker spins on while no runnable thread on the machine lacks a core (the count of
  * runnable threads, /proc/loadavg's fourth field, which the kernel sums from the run queues when it is read:
- * no average, no lag), looking again every FN_POOL_IDLE_CHECK_NS (a read costs about a microsecond).  Only
- * where the process may run on every online core, since the count is the machine's. */
-#define FN_POOL_IDLE_SPIN_NS 2000000
+ * no average, no lag), looking again every FN_POOL_IDLE_CHECK_NS (a read costs about a microsecond), and
+ * sleeps after two looks in a row find a thread waiting (one look also catches a kernel thread's moment).
+ * Only where the process may run on every online core, since the count is the machine's.  As long as
+ * OpenMP runtimes spin by default (libgomp about 15 ms here, Intel's 200 ms), so that a loop calling the
+ * kernels every few milliseconds finds its workers awake. */
+#define FN_POOL_IDLE_SPIN_NS 20000000
 #define FN_POOL_IDLE_CHECK_NS 20000
 /* A caller that waits longer than FN_POOL_PREEMPTED_WAIT_NS for workers (a chunk takes microseconds, so
  * the worker was preempted) runs the calls of the next FN_POOL_SOLO_NS alone; so does one that waits longer
@@ -187,6 +192,7 @@ static uint64_t fn_pool_next_region(uint64_t seen)
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     long long last = 0, checked = 0;
+    int busy_looks = 0;
     const long long spin_ns = atomic_load_explicit(&fn_pool.spin_ns, memory_order_relaxed);
     const long long idle_spin_ns = atomic_load_explicit(&fn_pool.idle_spin_ns, memory_order_relaxed);
     for (unsigned i = 1;; i++) {
@@ -206,7 +212,9 @@ static uint64_t fn_pool_next_region(uint64_t seen)
         if (ns > idle_spin_ns)
             break;
         if (ns - checked >= FN_POOL_IDLE_CHECK_NS) {
-            if (fn_pool_machine_state() != 1)
+            const int state = fn_pool_machine_state();
+            busy_looks = state == 1 ? 0 : busy_looks + 1;
+            if (state < 0 || busy_looks >= 2)
                 break;
             checked = fn_elapsed_ns(&t0);
             last = checked;

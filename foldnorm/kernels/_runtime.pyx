@@ -102,7 +102,7 @@ def parallel_copy(cnp.ndarray dst not None, cnp.ndarray src not None, int num_th
 def set_spin(long long nanoseconds, idle_nanoseconds=None):
     """For benchmarks: how long idle workers spin before they sleep, at most `nanoseconds`, or at most
     `idle_nanoseconds` while the machine has a core for every runnable thread (None: `nanoseconds` whatever
-    the machine does; 0 and 0: they sleep at once).  The defaults are 50,000 and 2,000,000."""
+    the machine does; 0 and 0: they sleep at once).  The defaults are 50,000 and 20,000,000."""
     fn_pool_set_spin(nanoseconds, nanoseconds if idle_nanoseconds is None else idle_nanoseconds)
 
 

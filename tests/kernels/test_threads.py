@@ -3,7 +3,7 @@
 Results are bit-identical for any thread count, including counts the caps would never pick on this
 machine (the caps are lifted here through runtime's module attributes), and whichever threads of the team
 did the work; a call too small to pay for a team starts no worker; a call never waits for a worker that is
-not scheduled (the caller takes its work, counted by the pool); idle workers spin at most 2 ms, then sleep; and
+not scheduled (the caller takes its work, counted by the pool); idle workers spin at most 20 ms, then sleep; and
 foldnorm leaves the environment as it was.
 """
 import json
@@ -143,9 +143,10 @@ def test_small_work_starts_no_worker_and_idle_workers_sleep():
     assert facts["stats_large"]["team_regions"] >= 1
     assert facts["env"] == {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": None}
     # The CPU the process burns while it sleeps for 0.2 s after a parallel call: the worker spins for at
-    # most 2 ms (50 us where the machine has no core to spare), then sleeps (CPU time is accounted in scheduler ticks, so a few milliseconds
-    # may show up either way).
-    assert facts["idle_cpu"] < 0.04, facts["idle_cpu"]
+    # most 20 ms (50 us where the machine has no core to spare), then sleeps; one that never slept would
+    # burn the whole 0.2 s (CPU time is accounted in scheduler ticks, so a few milliseconds may show up
+    # either way).
+    assert facts["idle_cpu"] < 0.06, facts["idle_cpu"]
 
 
 @needs_proc_tasks

@@ -71,7 +71,7 @@ static void *toggler(void *arg)
     unsigned seed = 7;
     while (!__atomic_load_n(&stop_toggling, __ATOMIC_RELAXED)) {
         fn_pool_hold_workers((int)(rand_r(&seed) % 4 == 0));
-        fn_pool_set_spin(rand_r(&seed) % 2 ? 0 : 50000, rand_r(&seed) % 2 ? 0 : 2000000);
+        fn_pool_set_spin(rand_r(&seed) % 2 ? 0 : 50000, rand_r(&seed) % 2 ? 0 : 20000000);
     }
     return NULL;
 }
