@@ -26,6 +26,9 @@
 #define GN_CHUNK_ALIGN 16
 /* Below this many values a parallel region costs more than it saves. */
 #define GN_PARALLEL_MIN 32768
+/* A block's activation gradient is kept between the backward's two passes up to this size (half a typical
+ * L2): recomputed beyond it. */
+#define GN_GRAD_CACHE_BYTES ((ptrdiff_t)256 * 1024)
 
 typedef struct {
     ptrdiff_t spatial, groups;
