@@ -204,16 +204,23 @@ static uint64_t fn_pool_next_region(uint64_t seen)
             continue;
         }
         const long long ns = fn_elapsed_ns(&t0);
-        if (ns - last > FN_POOL_PREEMPTED_NS)
+        if (ns - last > FN_POOL_PREEMPTED_NS) {
+            atomic_fetch_add_explicit(&fn_pool.stats[7], 1, memory_order_relaxed);
             break;
+        }
         last = ns;
         if (ns <= spin_ns)
             continue;
-        if (ns > idle_spin_ns)
+        if (ns > idle_spin_ns) {
+            if (idle_spin_ns > spin_ns)
+                atomic_fetch_add_explicit(&fn_pool.stats[8], 1, memory_order_relaxed);
             break;
+        }
         if (ns - checked >= FN_POOL_IDLE_CHECK_NS) {
             const int state = fn_pool_machine_state();
             busy_looks = state == 1 ? 0 : busy_looks + 1;
+            if (state == 0 && busy_looks >= 2)
+                atomic_fetch_add_explicit(&fn_pool.stats[7], 1, memory_order_relaxed);
             if (state < 0 || busy_looks >= 2)
                 break;
             checked = fn_elapsed_ns(&t0);

@@ -12,8 +12,10 @@ void fn_pool_run(int num_threads, fn_region region, void *arg);
 /* Counters since the process started, for tests and benchmarks:
  * [0] regions run on a team, [1] regions run alone because the pool was busy, [2] units done by callers,
  * [3] units done by workers, [4] workers started, [5] regions run alone because a recent caller waited
- * for a preempted worker, [6] regions whose caller waited that long. */
-#define FN_POOL_STAT_COUNT 7
+ * for a preempted worker, [6] regions whose caller waited that long, [7] idle spins that a thread waiting
+ * for a core (or the spinning worker's own preemption) ended early, [8] idle spins that ran to the longer
+ * limit, the machine having a core for every runnable thread throughout. */
+#define FN_POOL_STAT_COUNT 9
 void fn_pool_stats(long long out[FN_POOL_STAT_COUNT]);
 
 /* For tests: while held is nonzero no worker joins a region, as if the operating system never scheduled

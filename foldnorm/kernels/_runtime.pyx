@@ -44,7 +44,7 @@ def pool_stats():
     cdef long long out[FN_POOL_STAT_COUNT]
     fn_pool_stats(out)
     names = ("team_regions", "busy_regions", "caller_units", "worker_units", "workers_started", "solo_regions",
-             "preempted_waits")
+             "preempted_waits", "spins_ended_busy", "spins_to_idle_limit")
     return {name: out[k] for k, name in enumerate(names)}
 
 

@@ -155,6 +155,38 @@ def test_omp_num_threads_above_the_cores_is_capped():
     assert facts["max_threads"] == facts["cores"]
 
 
+# Idle workers on a machine where threads wait for cores: one spinning process more than there are cores, so
+# every look at the machine finds a runnable thread without one.  A worker then never spins to its long limit
+# (meant for a machine with a core to spare): it ends each spin early, or sleeps after its short one where
+# the machine's count cannot be read.  Counted by the pool, not timed.
+_CROWDED = r"""
+import json, os, subprocess, sys, time
+import numpy as np
+import foldnorm
+from foldnorm.kernels import _runtime
+spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() + 1)]
+try:
+    time.sleep(0.3)
+    x = np.random.default_rng(1).standard_normal((64, 128, 14, 14)).astype(np.float32)
+    for _ in range(10):
+        foldnorm.batch_norm_train(x, num_threads=2)
+        time.sleep(0.03)
+finally:
+    for s in spinners:
+        s.kill()
+        s.wait()
+print(json.dumps(_runtime.pool_stats()))
+"""
+
+
+@needs_proc_tasks
+@needs_two_cores
+def test_idle_workers_do_not_spin_long_while_threads_wait_for_cores():
+    stats = _run(_CROWDED)
+    assert stats["workers_started"] == 1
+    assert stats["spins_to_idle_limit"] == 0, stats
+
+
 # Every kernel run with two threads while no worker can join (as if the operating system never scheduled
 # one): each call must finish with the caller doing every unit, and give the one-thread results.  A call
 # that waited for the worker would never return (the subprocess's timeout fails the test).
