@@ -48,6 +48,7 @@
  * kernels every few milliseconds finds its workers awake. */
 #define FN_POOL_IDLE_SPIN_NS 20000000
 #define FN_POOL_IDLE_CHECK_NS 20000
+#define FN_POOL_FIRST_LOOK_NS 10000
 /* A caller that waits longer than FN_POOL_PREEMPTED_WAIT_NS for workers (a chunk takes microseconds, so
  * the worker was preempted) runs the calls of the next FN_POOL_SOLO_NS alone; so does one that waits longer
  * than FN_POOL_BUSY_WAIT_NS while the machine has more runnable threads than cores.  (A quiet virtual
@@ -191,7 +192,7 @@ static uint64_t fn_pool_next_region(uint64_t seen)
 {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    long long last = 0, checked = 0;
+    long long last = 0, checked = FN_POOL_FIRST_LOOK_NS - FN_POOL_IDLE_CHECK_NS;
     int busy_looks = 0;
     const long long spin_ns = atomic_load_explicit(&fn_pool.spin_ns, memory_order_relaxed);
     const long long idle_spin_ns = atomic_load_explicit(&fn_pool.idle_spin_ns, memory_order_relaxed);
@@ -209,22 +210,27 @@ static uint64_t fn_pool_next_region(uint64_t seen)
             break;
         }
         last = ns;
+        if (ns - checked >= FN_POOL_IDLE_CHECK_NS) {
+            /* Within the short spin one look that finds a thread waiting for a core ends it: that thread
+             * has a better use for the core than waiting for a call that may come.  Past it, two looks in
+             * a row must (one can catch a kernel thread's moment). */
+            const int state = fn_pool_machine_state();
+            busy_looks = state == 0 ? busy_looks + 1 : 0;
+            if (busy_looks >= (ns <= spin_ns ? 1 : 2)) {
+                atomic_fetch_add_explicit(&fn_pool.stats[7], 1, memory_order_relaxed);
+                break;
+            }
+            if (state < 0 && ns > spin_ns)
+                break;
+            checked = fn_elapsed_ns(&t0);
+            last = checked;
+        }
         if (ns <= spin_ns)
             continue;
         if (ns > idle_spin_ns) {
             if (idle_spin_ns > spin_ns)
                 atomic_fetch_add_explicit(&fn_pool.stats[8], 1, memory_order_relaxed);
             break;
-        }
-        if (ns - checked >= FN_POOL_IDLE_CHECK_NS) {
-            const int state = fn_pool_machine_state();
-            busy_looks = state == 1 ? 0 : busy_looks + 1;
-            if (state == 0 && busy_looks >= 2)
-                atomic_fetch_add_explicit(&fn_pool.stats[7], 1, memory_order_relaxed);
-            if (state < 0 || busy_looks >= 2)
-                break;
-            checked = fn_elapsed_ns(&t0);
-            last = checked;
         }
     }
     /* The sleeper count and the state are sequentially consistent on both sides: either this worker sees
