@@ -75,10 +75,10 @@ def worker(args):
         return samples
 
     mean, invstd = step()
-    stats = distributed.local_stats(x)
     sums = distributed.local_grad_sums(dy, x, mean)
-    forward = (None, {"the number of channels": channels, "eps": 1e-5, "momentum": 0.1}, tuple(stats))
-    backward = (None, {"the number of channels": channels, "the checksum of mean and invstd": 0}, tuple(sums))
+    row = np.concatenate([[x.size // channels], mean, invstd])  # any summary row of the right size
+    forward = (None, (channels, 1e-5, 0.1), row, lambda: None)
+    backward = (None, (channels, 0), row, lambda: None)
 
     def exchanges():
         # What sync_batch_norm_train and sync_batch_norm_backward exchange, the same way.
