@@ -28,7 +28,7 @@ import numpy as np
 # Assumed interconnects for the many-rank model (typical one-way small-message latency, bandwidth).
 LINKS = [("InfiniBand HDR", 2e-6, 20e9), ("100 GbE", 10e-6, 10e9), ("10 GbE TCP", 30e-6, 1.1e9)]
 MODEL_RANKS = [2, 8, 64, 512, 4096]
-ALLGATHER_SIZES = [1, 133, 1025, 16385, 131073]  # float64 values per rank (133 = 2C + 5 at C = 64)
+ALLGATHER_SIZES = [1, 129, 1025, 16385, 131073]  # float64 values per rank (129 = a row, 1 + 2C at C = 64)
 
 
 def _median_ms(samples):
@@ -139,9 +139,9 @@ def _kernel_step(foldnorm, x, dy, weight, bias, threads):
 
 
 def values_per_step(channels):
-    """float64 values each rank sends per step: per pass a header (failed or not, the count, the values ranks
-    must agree on: C, eps and momentum forward, C and a checksum of the statistics backward), then the 2C
-    per-channel summaries."""
+    """float64 values each rank sends per step: per pass a header (failed or not, then the values ranks must
+    agree on: C, eps and momentum forward, C and a checksum of the statistics backward), then the rank's row
+    (its count and the 2C per-channel summaries)."""
     return (2 + 3 + 2 * channels) + (2 + 2 + 2 * channels)
 
 

@@ -11,7 +11,7 @@ from foldnorm.kernels._validation import (as_like, as_param, check_eps, check_mo
                                           running_statistic)
 
 from .statistics import (_gather_stats, _grad_sums_into, _merge_grad_rows, _normalize, _normalize_backward, _shard,
-                         _split_row, _stats_into, shard_threads)
+                         _stats_into, shard_threads)
 
 
 @runtime_checkable
@@ -229,8 +229,9 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
         checksum = zlib.crc32(invstd64, zlib.crc32(mean64))
         output = kernel_output(None, xc.shape, dtype)
         row = np.empty(1 + 2 * channels)
-        return ((xc, dyc, dtype, layout, mean64, invstd64, weight64, threads, output, _split_row(row)),
-                (channels, checksum), row, lambda: _grad_sums_into(dyc, xc, layout, mean64, invstd64, row, threads))
+        local = (row[1:1 + channels], row[1 + channels:])  # this shard's sums, once summarized
+        return ((xc, dyc, dtype, layout, mean64, invstd64, weight64, threads, output, local), (channels, checksum),
+                row, lambda: _grad_sums_into(dyc, xc, layout, mean64, invstd64, row, threads))
 
     (xc, dyc, dtype, layout, mean64, invstd64, weight64, threads, output, local), _, rows = _exchange(
         comm, prepare, _BACKWARD_AGREED)
@@ -238,7 +239,7 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
     if total.count < 1:
         raise ValueError("the whole batch is empty: every rank's x has no values")
     dx = _normalize_backward(dyc, xc, dtype, output, layout, mean64, invstd64, weight64, total, threads)
-    _, sum_dy, sum_dy_xmu = total if reduce_weight_grads else local
+    sum_dy, sum_dy_xmu = total[1:] if reduce_weight_grads else local
     return dx, (sum_dy_xmu * invstd64).astype(dtype), sum_dy.astype(dtype)
 
 
