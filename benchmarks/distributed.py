@@ -86,8 +86,9 @@ def worker(args):
         sync._exchange(comm, lambda: backward, sync._BACKWARD_AGREED)
 
     total = distributed.merge_grad_sums([sums] * comm.size)
-    # The one-thread runs come after one that uses no thread team: the process's CPU time would count the
-    # team's workers still spinning after a call (foldnorm's pool spins 0.05 ms before it sleeps).
+    # The one-thread runs take turns among themselves, after the others: the process's CPU time (and the core
+    # they run on) would count the thread team's workers of a run before still spinning after its call
+    # (foldnorm's pool spins a while before it sleeps), which a short run between them does not outlast.
     parts = timed_alternately({
         "step": step,
         "kernels, the rank's share of the cores": lambda: _kernel_step(foldnorm, x, dy, weight, bias, share),
@@ -96,9 +97,11 @@ def worker(args):
         "local gradient sums": lambda: distributed.local_grad_sums(dy, x, mean),
         "normalize backward": lambda: distributed.normalize_backward(dy, x, mean, invstd, weight, total),
         "exchanges (forward and backward)": exchanges,
+    }, args.repeat)
+    parts.update(timed_alternately({
         "step, 1 thread": lambda: step(1),
         "kernels, 1 thread": lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1),
-    }, args.repeat)
+    }, args.repeat))
     allgather = {k: [wall for wall, _ in samples] for k, samples in timed_alternately(
         {k: (lambda k=k: comm.Allgather(np.zeros(k), np.empty((comm.size, k)))) for k in ALLGATHER_SIZES},
         args.allgather_repeat).items()}
