@@ -5,6 +5,7 @@ statistics and gradients are C-contiguous float64 arrays; weight and bias may be
 """
 cimport numpy as cnp
 from libc.math cimport sqrt
+from libc.stddef cimport ptrdiff_t
 
 from foldnorm.kernels._kernels cimport (
     attach_pool,
@@ -130,6 +131,24 @@ cdef cnp.ndarray channel_values(Py_ssize_t channels):
     return cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
 
 
+ctypedef void (*row_merge)(ptrdiff_t parts, ptrdiff_t channels, const double *rows, double *count, double *a,
+                           double *b) noexcept nogil
+
+
+cdef tuple merged_rows(cnp.ndarray rows, row_merge merge):
+    """(count, a, b) of a merge of summary rows: fn_bn_merge_stats or fn_bn_merge_grad_sums."""
+    cdef Py_ssize_t channels = row_channels(rows)
+    cdef cnp.ndarray a = channel_values(channels)
+    cdef cnp.ndarray b = channel_values(channels)
+    cdef const double *rp = values(rows)
+    cdef double *ap = values(a)
+    cdef double *bp = values(b)
+    cdef double count
+    with nogil:
+        merge(cnp.PyArray_DIM(rows, 0), channels, rp, &count, ap, bp)
+    return count, a, b
+
+
 def bn_stats(cnp.ndarray x not None, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
              cnp.ndarray row not None, int num_threads):
     """Fill row (float64, 1 + 2C) with the shard x's summary: count, mean and m2 per channel."""
@@ -149,16 +168,7 @@ def bn_stats(cnp.ndarray x not None, Py_ssize_t outer, Py_ssize_t channels, Py_s
 
 def bn_merge_stats(cnp.ndarray rows not None):
     """(count, mean, m2) of the union of the shards whose summary rows are given, merged in order."""
-    cdef Py_ssize_t channels = row_channels(rows)
-    cdef cnp.ndarray mean = channel_values(channels)
-    cdef cnp.ndarray m2 = channel_values(channels)
-    cdef const double *rp = values(rows)
-    cdef double *m = values(mean)
-    cdef double *s = values(m2)
-    cdef double count
-    with nogil:
-        fn_bn_merge_stats(cnp.PyArray_DIM(rows, 0), channels, rp, &count, m, s)
-    return count, mean, m2
+    return merged_rows(rows, fn_bn_merge_stats)
 
 
 def bn_gather_stats(cnp.ndarray rows not None, double eps, double momentum, cnp.ndarray running_mean,
@@ -166,19 +176,15 @@ def bn_gather_stats(cnp.ndarray rows not None, double eps, double momentum, cnp.
     """bn_merge_stats of the rows, then invstd = 1 / sqrt(m2 / count + eps) and, when count > 1 (the unbiased
     variance needs two values), the update of running_mean and running_var (float64, or None) in place; return
     (count, mean, invstd)."""
-    cdef Py_ssize_t channels = row_channels(rows)
-    cdef cnp.ndarray mean = channel_values(channels)
-    cdef cnp.ndarray invstd = channel_values(channels)
-    cdef const double *rp = values(rows)
-    cdef double *m = values(mean)
+    merged_count, mean, invstd = merged_rows(rows, fn_bn_merge_stats)  # invstd holds m2 until computed from it
+    cdef double count = merged_count
+    cdef Py_ssize_t channels = cnp.PyArray_DIM(mean, 0)
+    cdef const double *m = values(mean)
     cdef double *r = values(invstd)
     cdef double *rm = optional_values(running_mean)
     cdef double *rv = optional_values(running_var)
-    cdef double count
     cdef Py_ssize_t c
     with nogil:
-        # m2 goes where invstd will be, which is computed from it in place.
-        fn_bn_merge_stats(cnp.PyArray_DIM(rows, 0), channels, rp, &count, m, r)
         if count > 1.0:
             fn_bn_update_running(channels, count, m, r, momentum, rm, rv)
         for c in range(channels):
@@ -233,16 +239,7 @@ def bn_backward_reduce(cnp.ndarray dy not None, cnp.ndarray x not None, Py_ssize
 
 def bn_merge_grad_sums(cnp.ndarray rows not None):
     """(count, sum_dy, sum_dy_xmu) of the shards whose summary rows are given, added up in order."""
-    cdef Py_ssize_t channels = row_channels(rows)
-    cdef cnp.ndarray sum_dy = channel_values(channels)
-    cdef cnp.ndarray sum_dy_xmu = channel_values(channels)
-    cdef const double *rp = values(rows)
-    cdef double *a = values(sum_dy)
-    cdef double *b = values(sum_dy_xmu)
-    cdef double count
-    with nogil:
-        fn_bn_merge_grad_sums(cnp.PyArray_DIM(rows, 0), channels, rp, &count, a, b)
-    return count, sum_dy, sum_dy_xmu
+    return merged_rows(rows, fn_bn_merge_grad_sums)
 
 
 def bn_backward_elemt(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray dx not None,
