@@ -28,7 +28,7 @@ import numpy as np
 # Assumed interconnects for the many-rank model (typical one-way small-message latency, bandwidth).
 LINKS = [("InfiniBand HDR", 2e-6, 20e9), ("100 GbE", 10e-6, 10e9), ("10 GbE TCP", 30e-6, 1.1e9)]
 MODEL_RANKS = [2, 8, 64, 512, 4096]
-ALLGATHER_SIZES = [1, 133, 1025, 16385, 131073]  # float64 values per rank (133 = 2C + 5 at C = 64)
+ALLGATHER_SIZES = [1, 129, 1025, 16385, 131073]  # float64 values per rank (129 = a row, 1 + 2C at C = 64)
 
 
 def _median_ms(samples):
@@ -75,10 +75,10 @@ def worker(args):
         return samples
 
     mean, invstd = step()
-    stats = distributed.local_stats(x)
     sums = distributed.local_grad_sums(dy, x, mean)
-    forward = (None, {"the number of channels": channels, "eps": 1e-5, "momentum": 0.1}, tuple(stats))
-    backward = (None, {"the number of channels": channels, "the checksum of mean and invstd": 0}, tuple(sums))
+    row = np.concatenate([[x.size // channels], mean, invstd])  # any summary row of the right size
+    forward = (None, (channels, 1e-5, 0.1), row, lambda: None)
+    backward = (None, (channels, 0), row, lambda: None)
 
     def exchanges():
         # What sync_batch_norm_train and sync_batch_norm_backward exchange, the same way.
@@ -86,8 +86,9 @@ def worker(args):
         sync._exchange(comm, lambda: backward, sync._BACKWARD_AGREED)
 
     total = distributed.merge_grad_sums([sums] * comm.size)
-    # The one-thread runs come after one that uses no thread team: the process's CPU time would count the
-    # team's workers still spinning after a call (foldnorm's pool spins 0.05 ms before it sleeps).
+    # The one-thread runs take turns among themselves, after the others: the process's CPU time (and the core
+    # they run on) would count the thread team's workers of a run before still spinning after its call
+    # (foldnorm's pool spins a while before it sleeps), which a short run between them does not outlast.
     parts = timed_alternately({
         "step": step,
         "kernels, the rank's share of the cores": lambda: _kernel_step(foldnorm, x, dy, weight, bias, share),
@@ -96,9 +97,11 @@ def worker(args):
         "local gradient sums": lambda: distributed.local_grad_sums(dy, x, mean),
         "normalize backward": lambda: distributed.normalize_backward(dy, x, mean, invstd, weight, total),
         "exchanges (forward and backward)": exchanges,
+    }, args.repeat)
+    parts.update(timed_alternately({
         "step, 1 thread": lambda: step(1),
         "kernels, 1 thread": lambda: _kernel_step(foldnorm, x, dy, weight, bias, 1),
-    }, args.repeat)
+    }, args.repeat))
     allgather = {k: [wall for wall, _ in samples] for k, samples in timed_alternately(
         {k: (lambda k=k: comm.Allgather(np.zeros(k), np.empty((comm.size, k)))) for k in ALLGATHER_SIZES},
         args.allgather_repeat).items()}
@@ -139,9 +142,9 @@ def _kernel_step(foldnorm, x, dy, weight, bias, threads):
 
 
 def values_per_step(channels):
-    """float64 values each rank sends per step: per pass a header (failed or not, the count, the values ranks
-    must agree on: C, eps and momentum forward, C and a checksum of the statistics backward), then the 2C
-    per-channel summaries."""
+    """float64 values each rank sends per step: per pass a header (failed or not, then the values ranks must
+    agree on: C, eps and momentum forward, C and a checksum of the statistics backward), then the rank's row
+    (its count and the 2C per-channel summaries)."""
     return (2 + 3 + 2 * channels) + (2 + 2 + 2 * channels)
 
 

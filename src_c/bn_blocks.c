@@ -6,16 +6,18 @@
 
 /* Chan's update over the parts in order, channel by channel: fn_stats_merge, as the kernels merge their
  * pieces, so that merging parts one at a time gives the same bits as merging them all at once. */
-void fn_bn_merge_stats(ptrdiff_t parts, ptrdiff_t channels, const double *counts, const double *means,
-                       const double *m2s, double *count, double *mean, double *m2)
+void fn_bn_merge_stats(ptrdiff_t parts, ptrdiff_t channels, const double *rows, double *count, double *mean,
+                       double *m2)
 {
+    const ptrdiff_t stride = 1 + 2 * channels;
     double total = 0.0;
     for (ptrdiff_t k = 0; k < parts; k++)
-        total += counts[k];
+        total += rows[k * stride];
     for (ptrdiff_t c = 0; c < channels; c++) {
         fn_stats s = fn_stats_empty();
         for (ptrdiff_t k = 0; k < parts; k++) {
-            const fn_stats part = {counts[k], means[k * channels + c], m2s[k * channels + c]};
+            const double *row = rows + k * stride;
+            const fn_stats part = {row[0], row[1 + c], row[1 + channels + c]};
             fn_stats_merge(&s, part);
         }
         mean[c] = s.mean;
@@ -35,14 +37,20 @@ void fn_bn_update_running(ptrdiff_t channels, double count, const double *mean, 
     }
 }
 
-void fn_bn_merge_grad_sums(ptrdiff_t parts, ptrdiff_t channels, const double *sum_dys, const double *sum_dy_xmus,
-                           double *sum_dy, double *sum_dy_xmu)
+void fn_bn_merge_grad_sums(ptrdiff_t parts, ptrdiff_t channels, const double *rows, double *count, double *sum_dy,
+                           double *sum_dy_xmu)
 {
+    const ptrdiff_t stride = 1 + 2 * channels;
+    double total = 0.0;
     for (ptrdiff_t c = 0; c < channels; c++)
         sum_dy[c] = sum_dy_xmu[c] = 0.0;
-    for (ptrdiff_t k = 0; k < parts; k++)
+    for (ptrdiff_t k = 0; k < parts; k++) {
+        const double *row = rows + k * stride;
+        total += row[0];
         for (ptrdiff_t c = 0; c < channels; c++) {
-            sum_dy[c] += sum_dys[k * channels + c];
-            sum_dy_xmu[c] += sum_dy_xmus[k * channels + c];
+            sum_dy[c] += row[1 + c];
+            sum_dy_xmu[c] += row[1 + channels + c];
         }
+    }
+    *count = total;
 }

@@ -14,17 +14,17 @@
 
 #include "fn_api.h"
 
-/* mean and m2 = sum((x - mean)^2) of every channel of a shard of outer * inner values per channel. */
-fn_status fn_bn_stats_f32(const float *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *mean,
-                          double *m2, int num_threads);
-fn_status fn_bn_stats_f64(const double *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *mean,
-                          double *m2, int num_threads);
+/* The summary row (count, mean, m2 = sum((x - mean)^2)) of a shard of outer * inner values per channel. */
+fn_status fn_bn_stats_f32(const float *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *row,
+                          int num_threads);
+fn_status fn_bn_stats_f64(const double *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *row,
+                          int num_threads);
 
-/* The statistics of the union of `parts` shards from theirs (part k's at k * channels in means and m2s, its
- * count counts[k]), merged with Chan's update from the first part to the last; parts of count 0 are
- * skipped.  Writes the total count, mean and m2 (zeros when every part is empty). */
-void fn_bn_merge_stats(ptrdiff_t parts, ptrdiff_t channels, const double *counts, const double *means,
-                       const double *m2s, double *count, double *mean, double *m2);
+/* The statistics of the union of `parts` shards from their rows, merged with Chan's update from the first part
+ * to the last; parts of count 0 are skipped.  Writes the total count, mean and m2 (zeros when every part is
+ * empty). */
+void fn_bn_merge_stats(ptrdiff_t parts, ptrdiff_t channels, const double *rows, double *count, double *mean,
+                       double *m2);
 
 /* running = (1 - momentum) * running + momentum * batch per channel, the batch's mean and its unbiased
  * variance m2 / (count - 1); either running array may be NULL. */
@@ -40,19 +40,19 @@ fn_status fn_bn_elemt_f64(const double *x, double *y, ptrdiff_t outer, ptrdiff_t
                           const double *mean, const double *invstd, const double *weight, const double *bias,
                           int num_threads);
 
-/* sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (x - mean)) of every channel of a shard, mean and invstd the
- * whole batch's (invstd only scales float32 deviations to unit size, so that values far from it keep their
- * digits). */
+/* The summary row (count, sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean))) of a shard, mean and invstd
+ * the whole batch's (invstd only scales float32 deviations to unit size, so that values far from it keep
+ * their digits). */
 fn_status fn_bn_backward_reduce_f32(const float *dy, const float *x, ptrdiff_t outer, ptrdiff_t channels,
-                                    ptrdiff_t inner, const double *mean, const double *invstd, double *sum_dy,
-                                    double *sum_dy_xmu, int num_threads);
+                                    ptrdiff_t inner, const double *mean, const double *invstd, double *row,
+                                    int num_threads);
 fn_status fn_bn_backward_reduce_f64(const double *dy, const double *x, ptrdiff_t outer, ptrdiff_t channels,
-                                    ptrdiff_t inner, const double *mean, const double *invstd, double *sum_dy,
-                                    double *sum_dy_xmu, int num_threads);
+                                    ptrdiff_t inner, const double *mean, const double *invstd, double *row,
+                                    int num_threads);
 
-/* The sums of `parts` shards (part k's at k * channels) added up from the first part to the last. */
-void fn_bn_merge_grad_sums(ptrdiff_t parts, ptrdiff_t channels, const double *sum_dys, const double *sum_dy_xmus,
-                           double *sum_dy, double *sum_dy_xmu);
+/* The counts and sums of `parts` shards' rows added up from the first part to the last. */
+void fn_bn_merge_grad_sums(ptrdiff_t parts, ptrdiff_t channels, const double *rows, double *count, double *sum_dy,
+                           double *sum_dy_xmu);
 
 /* dx = weight * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xmu / count) of a shard, the
  * statistics, sums and count (>= 1) those of the whole batch, computed as batch_norm_backward computes its

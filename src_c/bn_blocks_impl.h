@@ -4,10 +4,12 @@
 #error "bn_blocks_impl.h is instantiated by batch_norm.c"
 #endif
 
-fn_status FN_NAME(fn_bn_stats)(const FN_T *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *mean,
-                               double *m2, int num_threads)
+fn_status FN_NAME(fn_bn_stats)(const FN_T *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *row,
+                               int num_threads)
 {
     const double count = (double)outer * (double)inner;
+    double *mean = row + 1, *m2 = row + 1 + channels;
+    row[0] = count;
     for (ptrdiff_t c = 0; c < channels; c++)
         mean[c] = m2[c] = 0.0;
     if (count == 0.0)
@@ -31,9 +33,11 @@ fn_status FN_NAME(fn_bn_elemt)(const FN_T *x, FN_T *y, ptrdiff_t outer, ptrdiff_
 }
 
 fn_status FN_NAME(fn_bn_backward_reduce)(const FN_T *dy, const FN_T *x, ptrdiff_t outer, ptrdiff_t channels,
-                                         ptrdiff_t inner, const double *mean, const double *invstd, double *sum_dy,
-                                         double *sum_dy_xmu, int num_threads)
+                                         ptrdiff_t inner, const double *mean, const double *invstd, double *row,
+                                         int num_threads)
 {
+    double *sum_dy = row + 1, *sum_dy_xmu = row + 1 + channels;
+    row[0] = (double)outer * (double)inner;
     for (ptrdiff_t c = 0; c < channels; c++)
         sum_dy[c] = sum_dy_xmu[c] = 0.0;
     if (outer == 0 || inner == 0)

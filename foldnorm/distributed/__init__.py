@@ -36,7 +36,8 @@ Communicators
 (``mpi4py.MPI.COMM_WORLD``) is one as it is; `TorchDistributedComm` adapts a ``torch.distributed``
 process group (gloo). This module imports neither: mpi4py is needed only to make an MPI communicator.
 Over mpi4py the summaries travel through its buffer collective ``Allgather`` as float64 arrays (a header
-of the count and the values ranks must agree on, then the 2C statistics), which spares pickling them.
+of the values ranks must agree on, then one row per rank: the count and the 2C statistics), which spares
+pickling them; every rank merges the rows where the collective leaves them.
 
 Every argument is checked on its own rank first, and the outcome travels with the summaries in the
 same collective: when any rank's arguments are wrong, every rank raises (the same exception type, the

@@ -99,8 +99,10 @@ def local_stats(x: np.ndarray, *, channel_axis: int = 1, num_threads: Optional[i
     >>> s.count, s.mean, s.m2
     (2, array([ 2., 15.]), array([ 2., 50.]))
     """
-    xc, _, (outer, channels, inner) = _shard(x, "x", channel_axis)
-    return _stats_of(xc, outer, channels, inner, shard_threads(num_threads, xc.size))
+    xc, _, layout = _shard(x, "x", channel_axis)
+    row = np.empty(1 + 2 * layout[1])
+    _stats_into(xc, layout, row, shard_threads(num_threads, xc.size))
+    return ChannelStats(*_split_row(row))
 
 
 def merge_stats(parts: Sequence[ChannelStats]) -> ChannelStats:
@@ -125,9 +127,7 @@ def merge_stats(parts: Sequence[ChannelStats]) -> ChannelStats:
     >>> merge_stats([a, b])
     ChannelStats(count=3, mean=array([3.]), m2=array([8.]))
     """
-    counts, means, m2s = _stacked(parts, "parts", "ChannelStats", ("mean", "m2"))
-    mean, m2 = np.empty(means.shape[1]), np.empty(means.shape[1])
-    count = _batch_norm.bn_merge_stats(counts, means, m2s, mean, m2)
+    count, mean, m2 = _batch_norm.bn_merge_stats(_rows(parts, "parts", "ChannelStats", ("mean", "m2")))
     return ChannelStats(int(count), mean, m2)
 
 
@@ -163,8 +163,8 @@ def normalize(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray, weight: Optio
     invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
     weight64 = as_param(weight, "weight", (channels,), np.float64)
     bias64 = as_param(bias, "bias", (channels,), np.float64)
-    return _normalize(xc, dtype, (outer, channels, inner), mean64, invstd64, weight64, bias64,
-                      shard_threads(num_threads, xc.size))
+    return _normalize(xc, dtype, kernel_output(None, xc.shape, dtype), (outer, channels, inner), mean64, invstd64,
+                      weight64, bias64, shard_threads(num_threads, xc.size))
 
 
 def local_grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, *, invstd: Optional[np.ndarray] = None,
@@ -196,7 +196,9 @@ def local_grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, *, invstd: 
     dyc = as_like(dy, "dy", xc.shape, xc.dtype)
     mean64 = as_param(mean, "mean", (layout[1],), np.float64, required=True)
     invstd64 = as_param(invstd, "invstd", (layout[1],), np.float64)
-    return _grad_sums_of(dyc, xc, layout, mean64, invstd64, shard_threads(num_threads, 2 * xc.size))
+    row = np.empty(1 + 2 * layout[1])
+    _grad_sums_into(dyc, xc, layout, mean64, invstd64, row, shard_threads(num_threads, 2 * xc.size))
+    return GradSums(*_split_row(row))
 
 
 def merge_grad_sums(parts: Sequence[GradSums]) -> GradSums:
@@ -208,10 +210,7 @@ def merge_grad_sums(parts: Sequence[GradSums]) -> GradSums:
     >>> merge_grad_sums([a, GradSums(1, np.array([2.0]), np.array([-1.0]))])
     GradSums(count=3, sum_dy=array([3.]), sum_dy_xmu=array([-0.5]))
     """
-    counts, sum_dys, sum_dy_xmus = _stacked(parts, "parts", "GradSums", ("sum_dy", "sum_dy_xmu"))
-    sum_dy, sum_dy_xmu = np.empty(sum_dys.shape[1]), np.empty(sum_dys.shape[1])
-    _batch_norm.bn_merge_grad_sums(sum_dys, sum_dy_xmus, sum_dy, sum_dy_xmu)
-    return GradSums(sum(int(count) for count in counts), sum_dy, sum_dy_xmu)
+    return _merge_grad_rows(_rows(parts, "parts", "GradSums", ("sum_dy", "sum_dy_xmu")))
 
 
 def normalize_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
@@ -255,8 +254,9 @@ def normalize_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: 
     sum_dy_xmu = as_param(sums.sum_dy_xmu, "sums.sum_dy_xmu", (channels,), np.float64, required=True)
     if int(sums.count) < 1:
         raise ValueError("sums.count must be at least 1, got %r" % (sums.count,))
-    return _normalize_backward(dyc, xc, dtype, layout, mean64, invstd64, weight64,
-                               GradSums(int(sums.count), sum_dy, sum_dy_xmu), shard_threads(num_threads, 3 * xc.size))
+    return _normalize_backward(dyc, xc, dtype, kernel_output(None, xc.shape, dtype), layout, mean64, invstd64,
+                               weight64, GradSums(int(sums.count), sum_dy, sum_dy_xmu),
+                               shard_threads(num_threads, 3 * xc.size))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,60 +300,72 @@ def _shard(x: Any, name: str, channel_axis: int):
     return xc, dtype, channel_layout(xc.shape, channel_axis, name)
 
 
-def _stats_of(xc: np.ndarray, outer: int, channels: int, inner: int, threads: int) -> ChannelStats:
-    mean, m2 = np.empty(channels), np.empty(channels)
-    _batch_norm.bn_stats(xc.reshape(-1), outer, channels, inner, mean, m2, threads)
-    return ChannelStats(outer * inner, mean, m2)
+def _stats_into(xc: np.ndarray, layout: Tuple[int, int, int], row: np.ndarray, threads: int) -> None:
+    """row (float64, 1 + 2C) = the shard's summary: count, mean and m2."""
+    _batch_norm.bn_stats(xc.reshape(-1), *layout, row, threads)
 
 
-def _grad_sums_of(dyc: np.ndarray, xc: np.ndarray, layout: Tuple[int, int, int], mean: np.ndarray,
-                  invstd: Optional[np.ndarray], threads: int) -> GradSums:
-    outer, channels, inner = layout
-    sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
-    scale = np.ones(channels) if invstd is None else invstd
-    _batch_norm.bn_backward_reduce(dyc.reshape(-1), xc.reshape(-1), outer, channels, inner, mean, scale, sum_dy,
-                                   sum_dy_xmu, threads)
-    return GradSums(outer * inner, sum_dy, sum_dy_xmu)
+def _grad_sums_into(dyc: np.ndarray, xc: np.ndarray, layout: Tuple[int, int, int], mean: np.ndarray,
+                    invstd: Optional[np.ndarray], row: np.ndarray, threads: int) -> None:
+    """row (float64, 1 + 2C) = the shard's gradient summary: count, sum_dy and sum_dy_xmu."""
+    scale = np.ones(layout[1]) if invstd is None else invstd
+    _batch_norm.bn_backward_reduce(dyc.reshape(-1), xc.reshape(-1), *layout, mean, scale, row, threads)
 
 
-def _normalize(xc: np.ndarray, dtype: np.dtype, layout: Tuple[int, int, int], mean: np.ndarray,
-               invstd: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
+def _merge_grad_rows(rows: np.ndarray) -> GradSums:
+    """The shards' gradient summary rows added up in order."""
+    count, sum_dy, sum_dy_xmu = _batch_norm.bn_merge_grad_sums(rows)
+    return GradSums(int(count), sum_dy, sum_dy_xmu)
+
+
+def _split_row(row: np.ndarray) -> Tuple[int, np.ndarray, np.ndarray]:
+    """(count, first per-channel array, second) of a summary row."""
+    channels = row.size // 2
+    return int(row[0]), row[1:1 + channels], row[1 + channels:]
+
+
+def _normalize(xc: np.ndarray, dtype: np.dtype, output: Tuple[np.ndarray, np.ndarray], layout: Tuple[int, int, int],
+               mean: np.ndarray, invstd: np.ndarray, weight: Optional[np.ndarray], bias: Optional[np.ndarray],
                threads: int) -> np.ndarray:
-    written, out = kernel_output(None, xc.shape, dtype)
+    """y into output, what kernel_output gave for it."""
+    written, out = output
     _batch_norm.bn_elemt(xc.reshape(-1), written.reshape(-1), *layout, mean, invstd, weight, bias, threads)
     return finish_output(written, out, dtype)
 
 
-def _normalize_backward(dyc: np.ndarray, xc: np.ndarray, dtype: np.dtype, layout: Tuple[int, int, int],
-                        mean: np.ndarray, invstd: np.ndarray, weight: Optional[np.ndarray], sums: GradSums,
-                        threads: int) -> np.ndarray:
-    written, out = kernel_output(None, xc.shape, dtype)
+def _normalize_backward(dyc: np.ndarray, xc: np.ndarray, dtype: np.dtype, output: Tuple[np.ndarray, np.ndarray],
+                        layout: Tuple[int, int, int], mean: np.ndarray, invstd: np.ndarray,
+                        weight: Optional[np.ndarray], sums: GradSums, threads: int) -> np.ndarray:
+    """dx into output, what kernel_output gave for it."""
+    written, out = output
     _batch_norm.bn_backward_elemt(dyc.reshape(-1), xc.reshape(-1), written.reshape(-1), *layout, mean, invstd,
                                   sums.sum_dy, sums.sum_dy_xmu, float(sums.count), weight, threads)
     return finish_output(written, out, dtype)
 
 
-def _gather_stats(gathered: Sequence[Tuple[int, np.ndarray, np.ndarray]], eps: float, momentum: float,
-                  running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray]):
-    """The ranks' (count, mean, m2) merged in rank order: (mean, m2, invstd), float64 (C,), and the running
-    statistics updated in place (in float64, stored in the arrays' own dtype; the batch variance is the
-    unbiased m2 / (count - 1))."""
-    counts, means, m2s = (np.array(column, dtype=np.float64) for column in zip(*gathered))
-    channels = means.shape[1]
-    mean, m2, invstd = np.empty(channels), np.empty(channels), np.empty(channels)
+def _gather_stats(rows: np.ndarray, eps: float, momentum: float, running_mean: Optional[np.ndarray],
+                  running_var: Optional[np.ndarray]) -> Tuple[int, np.ndarray, np.ndarray]:
+    """The ranks' summary rows (count, mean, m2) merged in rank order: (count, mean, invstd), float64 (C,), and,
+    when count > 1, the running statistics updated in place (in float64, stored in the arrays' own dtype; the
+    batch variance is the unbiased m2 / (count - 1))."""
     # The kernels update float64 arrays in place; others through a float64 copy.
-    running = [None if a is None or (a.dtype == np.float64 and a.flags.c_contiguous) else np.array(a, np.float64)
-               for a in (running_mean, running_var)]
-    targets = [a if copy is None else copy for a, copy in zip((running_mean, running_var), running)]
-    _batch_norm.bn_gather_stats(counts, means, m2s, eps, momentum, *targets, mean, m2, invstd)
-    for target, copy in zip((running_mean, running_var), running):
-        if copy is not None:
-            target[...] = copy
-    return mean, m2, invstd
+    mean_target, var_target = _float64_target(running_mean), _float64_target(running_var)
+    count, mean, invstd = _batch_norm.bn_gather_stats(rows, eps, momentum, mean_target, var_target)
+    if mean_target is not running_mean:
+        running_mean[...] = mean_target
+    if var_target is not running_var:
+        running_var[...] = var_target
+    return int(count), mean, invstd
 
 
-def _stacked(parts: Sequence[Any], name: str, kind: str, fields: Tuple[str, str]):
-    """(counts, first field, second field) of every part, float64 (parts,) and two (parts, C) arrays."""
+def _float64_target(running: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    if running is None or (running.dtype == np.float64 and running.flags.c_contiguous):
+        return running
+    return np.array(running, np.float64)
+
+
+def _rows(parts: Sequence[Any], name: str, kind: str, fields: Tuple[str, str]) -> np.ndarray:
+    """The parts' summary rows (count, then the two fields), float64 (parts, 1 + 2C)."""
     if len(parts) == 0:
         raise ValueError("%s must hold at least one %s" % (name, kind))
     columns = [[np.asarray(getattr(part, field), dtype=np.float64) for part in parts] for field in fields]
@@ -363,5 +375,8 @@ def _stacked(parts: Sequence[Any], name: str, kind: str, fields: Tuple[str, str]
             raise ValueError("%s[%d] has %s of shape %s, expected %s"
                              % (name, k, " and ".join(fields), " and ".join(str(v.shape) for v in values),
                                 channels))
-    counts = np.array([int(part.count) for part in parts], dtype=np.float64)
-    return (counts, *(np.array(column) for column in columns))
+    rows = np.empty((len(parts), 1 + 2 * channels[0]))
+    rows[:, 0] = [int(part.count) for part in parts]
+    rows[:, 1:1 + channels[0]] = columns[0]
+    rows[:, 1 + channels[0]:] = columns[1]
+    return rows

@@ -7,10 +7,11 @@ from typing import Any, List, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
-from foldnorm.kernels._validation import as_like, as_param, check_eps, check_momentum, running_statistic
+from foldnorm.kernels._validation import (as_like, as_param, check_eps, check_momentum, kernel_output,
+                                          running_statistic)
 
-from .statistics import (GradSums, _gather_stats, _grad_sums_of, _normalize, _normalize_backward, _shard, _stats_of,
-                         merge_grad_sums, shard_threads)
+from .statistics import (_gather_stats, _grad_sums_into, _merge_grad_rows, _normalize, _normalize_backward, _shard,
+                         _stats_into, shard_threads)
 
 
 @runtime_checkable
@@ -152,18 +153,18 @@ def sync_batch_norm_train(x: np.ndarray, weight: Optional[np.ndarray], bias: Opt
         momentum64 = check_momentum(momentum)
         eps64 = check_eps(eps)
         threads = shard_threads(num_threads, xc.size)
-        stats = _stats_of(xc, *layout, threads)
-        agreed = {"the number of channels": channels, "eps": eps64, "momentum": momentum64}
-        return (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, tuple(stats)
+        output = kernel_output(None, xc.shape, dtype)
+        row = np.empty(1 + 2 * channels)
+        return ((xc, dtype, layout, weight64, bias64, rmean, rvar, threads, output), (channels, eps64, momentum64),
+                row, lambda: _stats_into(xc, layout, row, threads))
 
-    (xc, dtype, layout, weight64, bias64, rmean, rvar, threads), agreed, gathered = _exchange(
+    (xc, dtype, layout, weight64, bias64, rmean, rvar, threads, output), (_, eps64, momentum64), rows = _exchange(
         comm, prepare, _FORWARD_AGREED)
-    count = sum(part[0] for part in gathered)
+    count, mean, invstd = _gather_stats(rows, eps64, momentum64, rmean, rvar)
     if count < 2:
         raise ValueError("expected more than 1 value per channel when training, got %d over the %d ranks"
-                         % (count, len(gathered)))
-    mean, _, invstd = _gather_stats(gathered, agreed["eps"], agreed["momentum"], rmean, rvar)
-    y = _normalize(xc, dtype, layout, mean, invstd, weight64, bias64, threads)
+                         % (count, comm.size))
+    y = _normalize(xc, dtype, output, layout, mean, invstd, weight64, bias64, threads)
     return y, mean, invstd
 
 
@@ -224,20 +225,22 @@ def sync_batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, in
         invstd64 = as_param(invstd, "invstd", (channels,), np.float64, required=True)
         weight64 = as_param(weight, "weight", (channels,), np.float64)
         threads = shard_threads(num_threads, 2 * xc.size)
-        sums = _grad_sums_of(dyc, xc, layout, mean64, invstd64, threads)
         # Every rank must pass the statistics the forward gave all of them; a checksum tells.
-        checksum = zlib.crc32(invstd64.tobytes(), zlib.crc32(mean64.tobytes()))
-        agreed = {"the number of channels": channels, "the checksum of mean and invstd": checksum}
-        return (xc, dyc, dtype, layout, mean64, invstd64, weight64, sums, threads), agreed, tuple(sums)
+        checksum = zlib.crc32(invstd64, zlib.crc32(mean64))
+        output = kernel_output(None, xc.shape, dtype)
+        row = np.empty(1 + 2 * channels)
+        local = (row[1:1 + channels], row[1 + channels:])  # this shard's sums, once summarized
+        return ((xc, dyc, dtype, layout, mean64, invstd64, weight64, threads, output, local), (channels, checksum),
+                row, lambda: _grad_sums_into(dyc, xc, layout, mean64, invstd64, row, threads))
 
-    (xc, dyc, dtype, layout, mean64, invstd64, weight64, local, threads), _, gathered = _exchange(
+    (xc, dyc, dtype, layout, mean64, invstd64, weight64, threads, output, local), _, rows = _exchange(
         comm, prepare, _BACKWARD_AGREED)
-    total = merge_grad_sums([GradSums(*part) for part in gathered])
+    total = _merge_grad_rows(rows)
     if total.count < 1:
         raise ValueError("the whole batch is empty: every rank's x has no values")
-    dx = _normalize_backward(dyc, xc, dtype, layout, mean64, invstd64, weight64, total, threads)
-    sums = total if reduce_weight_grads else local
-    return dx, (sums.sum_dy_xmu * invstd64).astype(dtype), sums.sum_dy.astype(dtype)
+    dx = _normalize_backward(dyc, xc, dtype, output, layout, mean64, invstd64, weight64, total, threads)
+    sum_dy, sum_dy_xmu = total[1:] if reduce_weight_grads else local
+    return dx, (sum_dy_xmu * invstd64).astype(dtype), sum_dy.astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,71 +259,93 @@ def _check_comm(comm: Any) -> None:
 
 
 def _exchange(comm: Communicator, prepare, names: Tuple[str, ...]):
-    """Run prepare() -> (local, agreed, summaries) here, gather every rank's outcome, and either return
-    (local, agreed, [every rank's summaries in rank order]) or raise on every rank.
+    """Check this rank's arguments and summarize its shard, gather every rank's outcome, and either return
+    (local, agreed, every rank's row in rank order) or raise on every rank.
 
-    `agreed` holds the values every rank must share, one per name of `names` (numbers); `summaries` is
-    (count, a, b), a and b float64 arrays (C,), what is gathered.
+    prepare() checks the arguments and returns (local, agreed, row, summarize): `agreed` holds the numbers every
+    rank must share, one per name of `names`, the number of channels C first; summarize() writes this rank's
+    summary into `row`, a float64 array (1 + 2C).  What is returned, a float64 (ranks, 1 + 2C) array, is what
+    the merges read.  Everything the collectives need is made before summarize() runs, so that little runs
+    between the pass over the data and the collectives, with the caches cold from the data.
     """
+    buffered = callable(getattr(comm, "Allgather", None))
+    local = agreed = row = buffers = None
     try:
-        local, agreed, summaries = prepare()
+        local, agreed, row, summarize = prepare()
+        if buffered:
+            buffers = _buffers(comm.size, agreed, row.size)
+        summarize()
         error = None
     except Exception as caught:  # every failure must reach the other ranks, or they would wait forever
-        local, agreed, summaries, error = None, None, None, caught
-    if callable(getattr(comm, "Allgather", None)):
-        gathered = _gather_buffers(comm, error, agreed, summaries, names)
+        error = caught
+    if buffered:
+        failures, disagreeing, rows = _gather_buffers(comm, error, agreed, row, buffers, len(names))
     else:
-        gathered = _gather_objects(comm, error, agreed, summaries)
+        failures, disagreeing, rows = _gather_objects(comm, error, agreed, row)
     if error is not None:
         raise error
-    failures = [(rank, failure) for rank, (failure, _, _) in enumerate(gathered) if failure is not None]
     if failures:
         rank, (kind, message) = failures[0]
         others = "" if len(failures) == 1 else " (and on rank %s)" % ", ".join(str(r) for r, _ in failures[1:])
         raise _EXCEPTION_TYPES.get(kind, RuntimeError)("on rank %d of %d%s: %s" % (rank, comm.size, others, message))
-    for name in names:
-        values = [other[name] for _, other, _ in gathered]
-        if any(v != agreed[name] for v in values):
-            raise ValueError("ranks disagree on %s: %s" % (
-                name, ", ".join("%r on rank %d" % (v, r) for r, v in enumerate(values))))
-    return local, agreed, [summaries for _, _, summaries in gathered]
+    if rows is None:
+        for name, values in zip(names, zip(*disagreeing)):
+            if any(v != values[comm.rank] for v in values):
+                raise ValueError("ranks disagree on %s: %s" % (
+                    name, ", ".join("%r on rank %d" % (v, r) for r, v in enumerate(values))))
+    return local, agreed, rows
 
 
 def _failure(error: Optional[Exception]):
     return None if error is None else (type(error).__name__, str(error))
 
 
-def _gather_objects(comm: Communicator, error, agreed, summaries) -> List[Any]:
-    """Every rank's (failure, agreed, summaries) through one allgather of Python objects."""
-    gathered = comm.allgather((_failure(error), agreed, summaries))
+# What the gatherers return: ([(rank, (exception type name, message)) of every rank that failed],
+# every rank's agreed values when they differ, else None, and the rows when neither happened, else None.
+
+
+def _gather_objects(comm: Communicator, error, agreed, row):
+    """Every rank's (failure, agreed, row) through one allgather of Python objects."""
+    gathered = comm.allgather((_failure(error), agreed, row))
     if len(gathered) != comm.size:
         raise RuntimeError("comm.allgather returned %d objects for %d ranks" % (len(gathered), comm.size))
-    return gathered
+    failures = [(rank, failure) for rank, (failure, _, _) in enumerate(gathered) if failure is not None]
+    if failures:
+        return failures, None, None
+    if any(other != agreed for _, other, _ in gathered):
+        return [], [other for _, other, _ in gathered], None
+    return [], None, np.array([other_row for _, _, other_row in gathered])
 
 
-def _gather_buffers(comm: Any, error, agreed, summaries, names) -> List[Any]:
+def _buffers(ranks: int, agreed: Tuple[Any, ...], row_size: int):
+    """What `_gather_buffers` sends and receives when this rank succeeds: its header (0 for "not failed", then
+    the agreed values), the ranks' headers and rows to receive, and the bytes of the headers when every rank's
+    is this one's."""
+    header = np.array((0.0, *agreed))
+    return header, np.empty((ranks, header.size)), np.empty((ranks, row_size)), header.tobytes() * ranks
+
+
+def _gather_buffers(comm: Any, error, agreed, row, buffers, width: int):
     """The same through an mpi4py communicator's buffer collectives, which spare the pickling of the
-    objects (most of the exchange's cost with the caches cold from the data): an Allgather of every rank's
-    header (failed or not, the count, the agreed values), then, when every rank succeeded with the same
-    number of channels, one of the per-channel summaries; the messages of failures go as objects."""
-    header = np.full(2 + len(names), np.nan)
-    header[0] = error is not None
+    objects: an Allgather of every rank's header (failed or not, then the agreed values), then, when every
+    rank succeeded with the same values (the same number of channels among them), one of the rows; the
+    messages of failures go as objects."""
     if error is None:
-        header[1] = summaries[0]
-        header[2:] = [agreed[name] for name in names]
-    headers = np.empty((comm.size, header.size))
+        header, headers, rows, expected = buffers
+    else:
+        header, headers = np.full(1 + width, np.nan), np.empty((comm.size, 1 + width))
+        header[0] = 1.0
     comm.Allgather(header, headers)
-    if headers[:, 0].any():
-        failures = comm.allgather(_failure(error))
-        return [(failure, None, None) for failure in failures]
-    if (headers[:, 2:] != header[2:]).any():  # the caller names the values that differ
-        kinds = [type(agreed[name]) for name in names]
-        return [(None, {name: kind(v) for name, kind, v in zip(names, kinds, row[2:])}, None) for row in headers]
-    channels = summaries[1].size
-    payload = np.concatenate([summaries[1], summaries[2]])
-    payloads = np.empty((comm.size, 2 * channels))
-    comm.Allgather(payload, payloads)
-    return [(None, agreed, (int(row[1]), part[:channels], part[channels:])) for row, part in zip(headers, payloads)]
+    # Every rank sees the same headers, so every rank takes the same branch.  Bytes are compared first: it costs
+    # less than NumPy's comparison of a few values, and differs from it only for -0.0 and 0.0.
+    if error is not None or headers.tobytes() != expected:
+        if headers[:, 0].any():
+            failures = comm.allgather(_failure(error))
+            return [(rank, failure) for rank, failure in enumerate(failures) if failure is not None], None, None
+        if (headers != header).any():
+            return [], [tuple(type(value)(v) for value, v in zip(agreed, other[1:])) for other in headers], None
+    comm.Allgather(row, rows)
+    return [], None, rows
 
 
 # The values every rank must share, in the order the buffer exchange sends them.

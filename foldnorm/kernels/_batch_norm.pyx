@@ -5,6 +5,7 @@ statistics and gradients are C-contiguous float64 arrays; weight and bias may be
 """
 cimport numpy as cnp
 from libc.math cimport sqrt
+from libc.stddef cimport ptrdiff_t
 
 from foldnorm.kernels._kernels cimport (
     attach_pool,
@@ -113,64 +114,82 @@ def batch_norm_backward(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.nda
 
 
 # The building blocks of the synchronized batch norm (src_c/bn_blocks.h; foldnorm.distributed checks every
-# argument).  A shard may be empty; per-part statistics and sums arrive as C-contiguous float64 (parts, C).
+# argument).  A shard may be empty.  A shard's summary is a row of 1 + 2C float64 values (its count, then two
+# per-channel arrays); several shards' rows arrive as a C-contiguous float64 (parts, 1 + 2C) array.
+
+
+cdef Py_ssize_t row_channels(cnp.ndarray rows) except -1:
+    """C of a C-contiguous float64 (parts, 1 + 2C) array of summary rows, parts >= 1."""
+    values(rows)
+    if cnp.PyArray_NDIM(rows) != 2 or cnp.PyArray_DIM(rows, 0) < 1 or cnp.PyArray_DIM(rows, 1) % 2 != 1:
+        raise ValueError("foldnorm: expected summary rows of shape (parts >= 1, 1 + 2C)")
+    return cnp.PyArray_DIM(rows, 1) // 2
+
+
+cdef cnp.ndarray channel_values(Py_ssize_t channels):
+    cdef cnp.npy_intp n = channels
+    return cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+
+
+ctypedef void (*row_merge)(ptrdiff_t parts, ptrdiff_t channels, const double *rows, double *count, double *a,
+                           double *b) noexcept nogil
+
+
+cdef tuple merged_rows(cnp.ndarray rows, row_merge merge):
+    """(count, a, b) of a merge of summary rows: fn_bn_merge_stats or fn_bn_merge_grad_sums."""
+    cdef Py_ssize_t channels = row_channels(rows)
+    cdef cnp.ndarray a = channel_values(channels)
+    cdef cnp.ndarray b = channel_values(channels)
+    cdef const double *rp = values(rows)
+    cdef double *ap = values(a)
+    cdef double *bp = values(b)
+    cdef double count
+    with nogil:
+        merge(cnp.PyArray_DIM(rows, 0), channels, rp, &count, ap, bp)
+    return count, a, b
 
 
 def bn_stats(cnp.ndarray x not None, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-             cnp.ndarray mean not None, cnp.ndarray m2 not None, int num_threads):
-    """Fill mean and m2 (float64, one per channel) with the statistics of the shard x."""
+             cnp.ndarray row not None, int num_threads):
+    """Fill row (float64, 1 + 2C) with the shard x's summary: count, mean and m2 per channel."""
     cdef int t = element_type(x)
     cdef void *xp = tensor(x, t)
-    cdef double *m = values(mean)
-    cdef double *s = values(m2)
+    cdef double *r = values(row)
+    if cnp.PyArray_SIZE(row) != 1 + 2 * channels:
+        raise ValueError("foldnorm: expected a summary row of %d values" % (1 + 2 * channels))
     cdef fn_status status
     with nogil:
         if t == cnp.NPY_FLOAT32:
-            status = fn_bn_stats_f32(<const float *>xp, outer, channels, inner, m, s, num_threads)
+            status = fn_bn_stats_f32(<const float *>xp, outer, channels, inner, r, num_threads)
         else:
-            status = fn_bn_stats_f64(<const double *>xp, outer, channels, inner, m, s, num_threads)
+            status = fn_bn_stats_f64(<const double *>xp, outer, channels, inner, r, num_threads)
     check(status, "batch normalization statistics")
 
 
-def bn_merge_stats(cnp.ndarray counts not None, cnp.ndarray means not None, cnp.ndarray m2s not None,
-                   cnp.ndarray mean not None, cnp.ndarray m2 not None):
-    """Fill mean and m2 with the merge of the parts' statistics in order; return the total count."""
-    cdef Py_ssize_t parts = cnp.PyArray_DIM(means, 0)
-    cdef Py_ssize_t channels = cnp.PyArray_DIM(means, 1)
-    cdef const double *n = values(counts)
-    cdef const double *ms = values(means)
-    cdef const double *ss = values(m2s)
-    cdef double *m = values(mean)
-    cdef double *s = values(m2)
-    cdef double count
-    with nogil:
-        fn_bn_merge_stats(parts, channels, n, ms, ss, &count, m, s)
-    return count
+def bn_merge_stats(cnp.ndarray rows not None):
+    """(count, mean, m2) of the union of the shards whose summary rows are given, merged in order."""
+    return merged_rows(rows, fn_bn_merge_stats)
 
 
-def bn_gather_stats(cnp.ndarray counts not None, cnp.ndarray means not None, cnp.ndarray m2s not None,
-                    double eps, double momentum, cnp.ndarray running_mean, cnp.ndarray running_var,
-                    cnp.ndarray mean not None, cnp.ndarray m2 not None, cnp.ndarray invstd not None):
-    """bn_merge_stats, then invstd = 1 / sqrt(m2 / count + eps) and the update of running_mean and running_var
-    (float64, or None) in place; return the total count."""
-    cdef Py_ssize_t parts = cnp.PyArray_DIM(means, 0)
-    cdef Py_ssize_t channels = cnp.PyArray_DIM(means, 1)
-    cdef const double *n = values(counts)
-    cdef const double *ms = values(means)
-    cdef const double *ss = values(m2s)
-    cdef double *m = values(mean)
-    cdef double *s = values(m2)
+def bn_gather_stats(cnp.ndarray rows not None, double eps, double momentum, cnp.ndarray running_mean,
+                    cnp.ndarray running_var):
+    """bn_merge_stats of the rows, then invstd = 1 / sqrt(m2 / count + eps) and, when count > 1 (the unbiased
+    variance needs two values), the update of running_mean and running_var (float64, or None) in place; return
+    (count, mean, invstd)."""
+    merged_count, mean, invstd = merged_rows(rows, fn_bn_merge_stats)  # invstd holds m2 until computed from it
+    cdef double count = merged_count
+    cdef Py_ssize_t channels = cnp.PyArray_DIM(mean, 0)
+    cdef const double *m = values(mean)
     cdef double *r = values(invstd)
     cdef double *rm = optional_values(running_mean)
     cdef double *rv = optional_values(running_var)
-    cdef double count
     cdef Py_ssize_t c
     with nogil:
-        fn_bn_merge_stats(parts, channels, n, ms, ss, &count, m, s)
+        if count > 1.0:
+            fn_bn_update_running(channels, count, m, r, momentum, rm, rv)
         for c in range(channels):
-            r[c] = 1.0 / sqrt(s[c] / count + eps)
-        fn_bn_update_running(channels, count, m, s, momentum, rm, rv)
-    return count
+            r[c] = 1.0 / sqrt(r[c] / count + eps)
+    return count, mean, invstd
 
 
 def bn_elemt(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, Py_ssize_t channels,
@@ -197,35 +216,30 @@ def bn_elemt(cnp.ndarray x not None, cnp.ndarray y not None, Py_ssize_t outer, P
 
 def bn_backward_reduce(cnp.ndarray dy not None, cnp.ndarray x not None, Py_ssize_t outer, Py_ssize_t channels,
                        Py_ssize_t inner, cnp.ndarray mean not None, cnp.ndarray invstd not None,
-                       cnp.ndarray sum_dy not None, cnp.ndarray sum_dy_xmu not None, int num_threads):
-    """Fill sum_dy and sum_dy_xmu (float64, one per channel) with the shard's gradient sums."""
+                       cnp.ndarray row not None, int num_threads):
+    """Fill row (float64, 1 + 2C) with the shard's summary: count, sum_dy and sum_dy_xmu per channel."""
     cdef int t = element_type(x)
     cdef void *dyp = tensor(dy, t)
     cdef void *xp = tensor(x, t)
     cdef const double *m = values(mean)
     cdef const double *r = values(invstd)
-    cdef double *a = values(sum_dy)
-    cdef double *b = values(sum_dy_xmu)
+    cdef double *s = values(row)
+    if cnp.PyArray_SIZE(row) != 1 + 2 * channels:
+        raise ValueError("foldnorm: expected a summary row of %d values" % (1 + 2 * channels))
     cdef fn_status status
     with nogil:
         if t == cnp.NPY_FLOAT32:
             status = fn_bn_backward_reduce_f32(<const float *>dyp, <const float *>xp, outer, channels, inner, m, r,
-                                               a, b, num_threads)
+                                               s, num_threads)
         else:
             status = fn_bn_backward_reduce_f64(<const double *>dyp, <const double *>xp, outer, channels, inner, m,
-                                               r, a, b, num_threads)
+                                               r, s, num_threads)
     check(status, "batch normalization gradient sums")
 
 
-def bn_merge_grad_sums(cnp.ndarray sum_dys not None, cnp.ndarray sum_dy_xmus not None,
-                       cnp.ndarray sum_dy not None, cnp.ndarray sum_dy_xmu not None):
-    """Fill sum_dy and sum_dy_xmu with the parts' sums added up in order."""
-    cdef const double *a = values(sum_dys)
-    cdef const double *b = values(sum_dy_xmus)
-    cdef double *ta = values(sum_dy)
-    cdef double *tb = values(sum_dy_xmu)
-    with nogil:
-        fn_bn_merge_grad_sums(cnp.PyArray_DIM(sum_dys, 0), cnp.PyArray_DIM(sum_dys, 1), a, b, ta, tb)
+def bn_merge_grad_sums(cnp.ndarray rows not None):
+    """(count, sum_dy, sum_dy_xmu) of the shards whose summary rows are given, added up in order."""
+    return merged_rows(rows, fn_bn_merge_grad_sums)
 
 
 def bn_backward_elemt(cnp.ndarray dy not None, cnp.ndarray x not None, cnp.ndarray dx not None,

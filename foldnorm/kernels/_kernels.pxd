@@ -120,12 +120,12 @@ cdef extern from "layer_norm.h" nogil:
 
 
 cdef extern from "bn_blocks.h" nogil:
-    fn_status fn_bn_stats_f32(const float *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *mean,
-                              double *m2, int num_threads)
+    fn_status fn_bn_stats_f32(const float *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner, double *row,
+                              int num_threads)
     fn_status fn_bn_stats_f64(const double *x, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
-                              double *mean, double *m2, int num_threads)
-    void fn_bn_merge_stats(ptrdiff_t parts, ptrdiff_t channels, const double *counts, const double *means,
-                           const double *m2s, double *count, double *mean, double *m2)
+                              double *row, int num_threads)
+    void fn_bn_merge_stats(ptrdiff_t parts, ptrdiff_t channels, const double *rows, double *count, double *mean,
+                           double *m2)
     void fn_bn_update_running(ptrdiff_t channels, double count, const double *mean, const double *m2,
                               double momentum, double *running_mean, double *running_var)
     fn_status fn_bn_elemt_f32(const float *x, float *y, ptrdiff_t outer, ptrdiff_t channels, ptrdiff_t inner,
@@ -135,13 +135,13 @@ cdef extern from "bn_blocks.h" nogil:
                               const double *mean, const double *invstd, const double *weight,
                               const double *bias, int num_threads)
     fn_status fn_bn_backward_reduce_f32(const float *dy, const float *x, ptrdiff_t outer, ptrdiff_t channels,
-                                        ptrdiff_t inner, const double *mean, const double *invstd,
-                                        double *sum_dy, double *sum_dy_xmu, int num_threads)
+                                        ptrdiff_t inner, const double *mean, const double *invstd, double *row,
+                                        int num_threads)
     fn_status fn_bn_backward_reduce_f64(const double *dy, const double *x, ptrdiff_t outer, ptrdiff_t channels,
-                                        ptrdiff_t inner, const double *mean, const double *invstd,
-                                        double *sum_dy, double *sum_dy_xmu, int num_threads)
-    void fn_bn_merge_grad_sums(ptrdiff_t parts, ptrdiff_t channels, const double *sum_dys,
-                               const double *sum_dy_xmus, double *sum_dy, double *sum_dy_xmu)
+                                        ptrdiff_t inner, const double *mean, const double *invstd, double *row,
+                                        int num_threads)
+    void fn_bn_merge_grad_sums(ptrdiff_t parts, ptrdiff_t channels, const double *rows, double *count,
+                               double *sum_dy, double *sum_dy_xmu)
     fn_status fn_bn_backward_elemt_f32(const float *dy, const float *x, float *dx, ptrdiff_t outer,
                                        ptrdiff_t channels, ptrdiff_t inner, const double *mean,
                                        const double *invstd, const double *sum_dy, const double *sum_dy_xmu,

@@ -123,16 +123,20 @@ def as_bool(value, name):
 
 def as_real(value, name, expected="a finite real number"):
     """value as a finite Python float: an int, a float or a NumPy number, never a bool or a string."""
-    message = "%s must be %s, got %s" % (name, expected, reprlib.repr(value))
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(message)
+        raise TypeError(_real_message(value, name, expected))
     try:
         number = float(value)
     except OverflowError:
-        raise ValueError(message) from None
+        raise ValueError(_real_message(value, name, expected)) from None
     if not math.isfinite(number):
-        raise ValueError(message)
+        raise ValueError(_real_message(value, name, expected))
     return number
+
+
+def _real_message(value, name, expected):
+    # Written only when raising: the checks run on every call of a training step.
+    return "%s must be %s, got %s" % (name, expected, reprlib.repr(value))
 
 
 ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}  # the kernels' fn_activation values

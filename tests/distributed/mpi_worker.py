@@ -72,6 +72,8 @@ def error_cases(comm):
         cases += [
             ("channels_disagree", lambda: train(xs=x if rank != last else np.ones((3, 5, 5)), weight=None)),
             ("eps_disagree", lambda: train(eps=EPS if rank != 0 else 1e-3)),
+            # Not an error: equal values of different bits agree.
+            ("eps_signed_zeros", lambda: train(eps=0.0 if rank != last else -0.0)),
         ]
     return cases
 

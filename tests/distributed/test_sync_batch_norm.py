@@ -220,6 +220,11 @@ def test_mpi_bad_argument_on_one_rank_raises_on_every_rank(world, name):
     check_error_case(mpi_run(world), name)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_mpi_eps_of_zero_and_minus_zero_agree(world):
+    assert [str(saved["eps_signed_zeros/error_type"]) for saved in mpi_run(world)] == ["none"] * world
+
+
 @pytest.mark.parametrize("world", WORLDS)
 def test_mpi_collectives_stay_paired_after_refusals(world):
     check_case(mpi_run(world), CASES[0], world, prefix="after_errors")

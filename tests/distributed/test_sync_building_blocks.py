@@ -402,14 +402,14 @@ def test_threads_backward_with_different_statistics_on_one_rank_raises_everywher
 def test_threads_a_failure_while_computing_reaches_every_rank(monkeypatch):
     """Not only argument checks: anything raised before the collective is shared."""
     world = ThreadWorld(2)
-    real = distributed.sync._stats_of
+    real = distributed.sync._stats_into
 
-    def stats_of(xc, *layout_and_threads):
+    def stats_into(xc, *layout_row_and_threads):
         if xc.shape[0] == 1:
             raise MemoryError("no room")
-        return real(xc, *layout_and_threads)
+        return real(xc, *layout_row_and_threads)
 
-    monkeypatch.setattr(distributed.sync, "_stats_of", stats_of)
+    monkeypatch.setattr(distributed.sync, "_stats_into", stats_into)
 
     def job(rank, comm):
         return sync_batch_norm_train(np.ones((1 if rank else 3, 2)), None, None, comm)
