@@ -432,7 +432,7 @@ static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
             const ptrdiff_t done = r0 - chunk * p->chunk_rows;
             const ptrdiff_t batch = fn_min(fn_min(LN_APPLY_ROWS, LN_ROW_GROUP - done % LN_ROW_GROUP), r1 - r0);
             FN_NAME(ln_grad_row) rows_here[LN_APPLY_ROWS];
-            int plain = batch == LN_APPLY_ROWS;
+            int plain = batch == LN_APPLY_ROWS && n >= LN_APPLY_ROWS_MIN_COLS;
             for (ptrdiff_t k = 0; k < batch; k++) {
                 const ptrdiff_t r = r0 + k;
                 double row_sums_here[3] = {0.0, 0.0, 0.0};
