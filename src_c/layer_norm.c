@@ -48,10 +48,10 @@
  * float64 partial sums. */
 #define LN_ROW_GROUP 8
 /* Rows whose dx the backward pass writes together, adding their dweight/dbias terms in registers: a divisor of
- * LN_ROW_GROUP.  Rows narrower than LN_APPLY_ROWS_MIN_COLS are written one by one: there the batch's setup and
- * its vector loop's remainder cost more than the column terms' reads and writes it saves. */
+ * LN_ROW_GROUP.  Rows narrower than LN_APPLY_ROWS_MIN_COLS are written one by one: for them the batch was
+ * slower where x and dy come from memory (benchmarks/README.md has the figures). */
 #define LN_APPLY_ROWS 4
-#define LN_APPLY_ROWS_MIN_COLS 512
+#define LN_APPLY_ROWS_MIN_COLS 2048
 /* Tensors smaller than this run on one thread: waking others costs more than they save. */
 #define LN_SERIAL_VALUES ((ptrdiff_t)1 << 15)
 /* Columns per parallel task of the merge of the chunks' partial sums. */

@@ -427,12 +427,13 @@ static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
         FN_T *dweight_rows = group + chunk * cols + c0;
         FN_T *dbias_rows = group + part_values + chunk * cols + c0;
         for (ptrdiff_t r0 = chunk * p->chunk_rows; r0 < r1;) {
-            /* A batch of rows up to the next flush of the column sums, applied together when it is a whole
-             * batch of plain rows. */
+            /* A batch of rows up to the next flush of the column sums: wide rows go LN_APPLY_ROWS at a time
+             * (those of a whole batch of plain rows applied together), others one at a time. */
             const ptrdiff_t done = r0 - chunk * p->chunk_rows;
-            const ptrdiff_t batch = fn_min(fn_min(LN_APPLY_ROWS, LN_ROW_GROUP - done % LN_ROW_GROUP), r1 - r0);
+            const ptrdiff_t most = n >= LN_APPLY_ROWS_MIN_COLS ? LN_APPLY_ROWS : 1;
+            const ptrdiff_t batch = fn_min(fn_min(most, LN_ROW_GROUP - done % LN_ROW_GROUP), r1 - r0);
             FN_NAME(ln_grad_row) rows_here[LN_APPLY_ROWS];
-            int plain = batch == LN_APPLY_ROWS && n >= LN_APPLY_ROWS_MIN_COLS;
+            int plain = batch == LN_APPLY_ROWS;
             for (ptrdiff_t k = 0; k < batch; k++) {
                 const ptrdiff_t r = r0 + k;
                 double row_sums_here[3] = {0.0, 0.0, 0.0};
