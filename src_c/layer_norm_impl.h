@@ -395,6 +395,21 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply_rows)(const FN_T *restric
             FN_NAME(ln_add_residual_grad)(dx + r * stride, ds + r * stride, n);
 }
 
+/* Row r's dx constants: from its sums of wide rows' segments (already in j->sums), else summed here. */
+static FN_NAME(ln_grad_row) FN_NAME(ln_backward_row)(const FN_NAME(ln_job) *j, ptrdiff_t r, const FN_T *w)
+{
+    const ln_plan *p = j->p;
+    const ptrdiff_t cols = p->cols;
+    double row_sums_here[3] = {0.0, 0.0, 0.0};
+    const double *s = row_sums_here;
+    if (p->segments > 1)
+        s = j->sums + 3 * r * p->segments;
+    else
+        FN_NAME(ln_row_grad_sums)(j->dy + r * cols, j->x + r * cols, w, cols, (FN_T)j->mean[r], j->invstd[r],
+                                  row_sums_here);
+    return FN_NAME(ln_grad_constants)(j->mean[r], j->invstd[r], s, cols);
+}
+
 static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
 {
     const FN_NAME(ln_job) *j = arg;
@@ -426,24 +441,27 @@ static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
         double *dbias_part = part + part_values + chunk * cols + c0;
         FN_T *dweight_rows = group + chunk * cols + c0;
         FN_T *dbias_rows = group + part_values + chunk * cols + c0;
+        if (n < LN_APPLY_ROWS_MIN_COLS) {
+            for (ptrdiff_t r = chunk * p->chunk_rows; r < r1; r++) {
+                FN_NAME(ln_backward_apply)(dy + r * cols + c0, x + r * cols + c0, j->y + r * cols + c0, n, w,
+                                           FN_NAME(ln_backward_row)(j, r, w), dweight_rows, dbias_rows,
+                                           j->ds ? j->ds + r * cols + c0 : NULL);
+                if ((r + 1 - chunk * p->chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1) {
+                    FN_NAME(ln_flush_columns)(dweight_part, dweight_rows, n);
+                    FN_NAME(ln_flush_columns)(dbias_part, dbias_rows, n);
+                }
+            }
+            continue;
+        }
         for (ptrdiff_t r0 = chunk * p->chunk_rows; r0 < r1;) {
-            /* A batch of rows up to the next flush of the column sums: wide rows go LN_APPLY_ROWS at a time
-             * (those of a whole batch of plain rows applied together), others one at a time. */
+            /* Wide rows: a batch of LN_APPLY_ROWS rows, or fewer up to the next flush of the column sums; a
+             * whole batch of plain rows is applied together. */
             const ptrdiff_t done = r0 - chunk * p->chunk_rows;
-            const ptrdiff_t most = n >= LN_APPLY_ROWS_MIN_COLS ? LN_APPLY_ROWS : 1;
-            const ptrdiff_t batch = fn_min(fn_min(most, LN_ROW_GROUP - done % LN_ROW_GROUP), r1 - r0);
+            const ptrdiff_t batch = fn_min(fn_min(LN_APPLY_ROWS, LN_ROW_GROUP - done % LN_ROW_GROUP), r1 - r0);
             FN_NAME(ln_grad_row) rows_here[LN_APPLY_ROWS];
             int plain = batch == LN_APPLY_ROWS;
             for (ptrdiff_t k = 0; k < batch; k++) {
-                const ptrdiff_t r = r0 + k;
-                double row_sums_here[3] = {0.0, 0.0, 0.0};
-                const double *s = row_sums_here;
-                if (p->segments > 1)
-                    s = sums + 3 * r * p->segments;
-                else
-                    FN_NAME(ln_row_grad_sums)(dy + r * cols, x + r * cols, w, n, (FN_T)mean[r], invstd[r],
-                                              row_sums_here);
-                rows_here[k] = FN_NAME(ln_grad_constants)(mean[r], invstd[r], s, cols);
+                rows_here[k] = FN_NAME(ln_backward_row)(j, r0 + k, w);
                 plain = plain && rows_here[k].scale == 1;
             }
             if (plain)
