@@ -7,7 +7,8 @@
  * values so that a few rows still keep every thread busy: segment statistics are computed in parallel,
  * merged per row in segment order, and the rows are written in a second parallel pass.  Which scheme a shape
  * gets depends on its width alone, never on the thread count.  Column sums (dweight, dbias) are per-chunk
- * float64 partial sums over fixed row chunks, merged in chunk order.
+ * float64 partial sums over fixed row chunks, merged in chunk order; the backward pass writes dx a few rows at
+ * a time (LN_APPLY_ROWS), so that each column's float32 terms are read and written once per batch of rows.
  *
  * float32 rows are centred with the mean split into a float32 high part and the float32 rounding of the
  * remainder: x - hi is exact for values near the mean, so a row with mean 1e4 and std 1e-2 is normalized to
@@ -46,6 +47,11 @@
 /* Rows whose dweight/dbias terms the backward passes add up in the element type before adding them to the
  * float64 partial sums. */
 #define LN_ROW_GROUP 8
+/* Rows whose dx the backward pass writes together, adding their dweight/dbias terms in registers: a divisor of
+ * LN_ROW_GROUP.  Rows narrower than LN_APPLY_ROWS_MIN_COLS are written one by one: for them the batch was
+ * slower where x and dy come from memory (benchmarks/README.md has the figures). */
+#define LN_APPLY_ROWS 4
+#define LN_APPLY_ROWS_MIN_COLS 2048
 /* Tensors smaller than this run on one thread: waking others costs more than they save. */
 #define LN_SERIAL_VALUES ((ptrdiff_t)1 << 15)
 /* Columns per parallel task of the merge of the chunks' partial sums. */

@@ -344,6 +344,72 @@ FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply)(const FN_T *restrict dy,
     FN_NAME(ln_add_residual_grad)(dx, ds, n);
 }
 
+/* LN_APPLY_ROWS consecutive rows (stride values apart) of ln_backward_apply at once, none of them scaled: each
+ * column's dweight and dbias terms are read and written once for the rows rather than once
+ * per row, and added in row order, as row by row. */
+FN_VECTOR_KERNEL static void FN_NAME(ln_backward_apply_rows)(const FN_T *restrict dy, const FN_T *restrict x,
+                                                             FN_T *restrict dx, ptrdiff_t stride, ptrdiff_t n,
+                                                             const FN_T *restrict w,
+                                                             const FN_NAME(ln_grad_row) *rows,
+                                                             FN_T *restrict dweight_rows,
+                                                             FN_T *restrict dbias_rows, const FN_T *ds)
+{
+    FN_T hi[LN_APPLY_ROWS], lo[LN_APPLY_ROWS], inv[LN_APPLY_ROWS], a[LN_APPLY_ROWS], b[LN_APPLY_ROWS],
+        c[LN_APPLY_ROWS];
+    for (int r = 0; r < LN_APPLY_ROWS; r++) {
+        hi[r] = rows[r].hi;
+        lo[r] = rows[r].lo;
+        inv[r] = rows[r].invstd;
+        a[r] = rows[r].a;
+        b[r] = rows[r].b;
+        c[r] = rows[r].c;
+    }
+    if (w)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            FN_T dweight = dweight_rows[i], dbias = dbias_rows[i];
+            for (int r = 0; r < LN_APPLY_ROWS; r++) {
+                const FN_T g = dy[r * stride + i];
+                FN_T xhat = ((x[r * stride + i] - hi[r]) - lo[r]) * inv[r];
+                dx[r * stride + i] = a[r] * (g * w[i]) + c[r] * xhat + b[r];
+                dweight += g * xhat;
+                dbias += g;
+            }
+            dweight_rows[i] = dweight;
+            dbias_rows[i] = dbias;
+        }
+    else
+        for (ptrdiff_t i = 0; i < n; i++) {
+            FN_T dweight = dweight_rows[i], dbias = dbias_rows[i];
+            for (int r = 0; r < LN_APPLY_ROWS; r++) {
+                const FN_T g = dy[r * stride + i];
+                FN_T xhat = ((x[r * stride + i] - hi[r]) - lo[r]) * inv[r];
+                dx[r * stride + i] = a[r] * g + c[r] * xhat + b[r];
+                dweight += g * xhat;
+                dbias += g;
+            }
+            dweight_rows[i] = dweight;
+            dbias_rows[i] = dbias;
+        }
+    if (ds)
+        for (int r = 0; r < LN_APPLY_ROWS; r++)
+            FN_NAME(ln_add_residual_grad)(dx + r * stride, ds + r * stride, n);
+}
+
+/* Row r's dx constants: from its sums of wide rows' segments (already in j->sums), else summed here. */
+static FN_NAME(ln_grad_row) FN_NAME(ln_backward_row)(const FN_NAME(ln_job) *j, ptrdiff_t r, const FN_T *w)
+{
+    const ln_plan *p = j->p;
+    const ptrdiff_t cols = p->cols;
+    double row_sums_here[3] = {0.0, 0.0, 0.0};
+    const double *s = row_sums_here;
+    if (p->segments > 1)
+        s = j->sums + 3 * r * p->segments;
+    else
+        FN_NAME(ln_row_grad_sums)(j->dy + r * cols, j->x + r * cols, w, cols, (FN_T)j->mean[r], j->invstd[r],
+                                  row_sums_here);
+    return FN_NAME(ln_grad_constants)(j->mean[r], j->invstd[r], s, cols);
+}
+
 static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
 {
     const FN_NAME(ln_job) *j = arg;
@@ -375,17 +441,42 @@ static void FN_NAME(ln_backward_region)(fn_worker *wk, void *arg)
         double *dbias_part = part + part_values + chunk * cols + c0;
         FN_T *dweight_rows = group + chunk * cols + c0;
         FN_T *dbias_rows = group + part_values + chunk * cols + c0;
-        for (ptrdiff_t r = chunk * p->chunk_rows; r < r1; r++) {
-            double row_sums_here[3] = {0.0, 0.0, 0.0};
-            const double *s = row_sums_here;
-            if (p->segments > 1)
-                s = sums + 3 * r * p->segments;
+        if (n < LN_APPLY_ROWS_MIN_COLS) {
+            for (ptrdiff_t r = chunk * p->chunk_rows; r < r1; r++) {
+                FN_NAME(ln_backward_apply)(dy + r * cols + c0, x + r * cols + c0, j->y + r * cols + c0, n, w,
+                                           FN_NAME(ln_backward_row)(j, r, w), dweight_rows, dbias_rows,
+                                           j->ds ? j->ds + r * cols + c0 : NULL);
+                if ((r + 1 - chunk * p->chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1) {
+                    FN_NAME(ln_flush_columns)(dweight_part, dweight_rows, n);
+                    FN_NAME(ln_flush_columns)(dbias_part, dbias_rows, n);
+                }
+            }
+            continue;
+        }
+        for (ptrdiff_t r0 = chunk * p->chunk_rows; r0 < r1;) {
+            /* Wide rows: a batch of LN_APPLY_ROWS rows, or fewer up to the next flush of the column sums; a
+             * whole batch of plain rows is applied together. */
+            const ptrdiff_t done = r0 - chunk * p->chunk_rows;
+            const ptrdiff_t batch = fn_min(fn_min(LN_APPLY_ROWS, LN_ROW_GROUP - done % LN_ROW_GROUP), r1 - r0);
+            FN_NAME(ln_grad_row) rows_here[LN_APPLY_ROWS];
+            int plain = batch == LN_APPLY_ROWS;
+            for (ptrdiff_t k = 0; k < batch; k++) {
+                rows_here[k] = FN_NAME(ln_backward_row)(j, r0 + k, w);
+                plain = plain && rows_here[k].scale == 1;
+            }
+            if (plain)
+                FN_NAME(ln_backward_apply_rows)(dy + r0 * cols + c0, x + r0 * cols + c0, j->y + r0 * cols + c0, cols,
+                                                n, w, rows_here, dweight_rows, dbias_rows,
+                                                j->ds ? j->ds + r0 * cols + c0 : NULL);
             else
-                FN_NAME(ln_row_grad_sums)(dy + r * cols, x + r * cols, w, n, (FN_T)mean[r], invstd[r], row_sums_here);
-            FN_NAME(ln_grad_row) row = FN_NAME(ln_grad_constants)(mean[r], invstd[r], s, cols);
-            FN_NAME(ln_backward_apply)(dy + r * cols + c0, x + r * cols + c0, j->y + r * cols + c0, n, w, row,
-                                       dweight_rows, dbias_rows, j->ds ? j->ds + r * cols + c0 : NULL);
-            if ((r + 1 - chunk * p->chunk_rows) % LN_ROW_GROUP == 0 || r + 1 == r1) {
+                for (ptrdiff_t k = 0; k < batch; k++) {
+                    const ptrdiff_t r = r0 + k;
+                    FN_NAME(ln_backward_apply)(dy + r * cols + c0, x + r * cols + c0, j->y + r * cols + c0, n, w,
+                                               rows_here[k], dweight_rows, dbias_rows,
+                                               j->ds ? j->ds + r * cols + c0 : NULL);
+                }
+            r0 += batch;
+            if ((r0 - chunk * p->chunk_rows) % LN_ROW_GROUP == 0 || r0 == r1) {
                 FN_NAME(ln_flush_columns)(dweight_part, dweight_rows, n);
                 FN_NAME(ln_flush_columns)(dbias_part, dbias_rows, n);
             }

@@ -191,6 +191,23 @@ def test_backward_of_extreme_magnitudes_float32(scale, eps):
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
+def test_backward_of_rows_of_mixed_magnitudes_float32():
+    """Rows near 1e-22 (scaled into float32's range) beside ordinary rows: the backward pass writes rows of
+    this width in batches, here batches holding both kinds, and a last batch that is not whole."""
+    x = data((11, 2100), np.float64, seed=8, loc=1.0, scale=0.3)
+    x[[1, 6]] *= 1e-22
+    x = x.astype(np.float32)
+    dy = data((11, 2100), np.float32, seed=9, loc=0.0, scale=1.0)
+    weight, _ = params((2100,), np.float32)
+    _, mean, invstd = layer_norm(x, weight, eps=0.0)
+    dx, dweight, dbias = layer_norm_backward(dy, x, mean, invstd, weight)
+    ref_dx, ref_dweight, ref_dbias = ref_layer_norm_backward(dy, x, weight, -1, eps=0.0)
+    for row in range(x.shape[0]):
+        np.testing.assert_allclose(dx[row], ref_dx[row], rtol=1e-4, atol=1e-5 * np.abs(ref_dx[row]).max())
+    for actual, expected in ((dweight, ref_dweight), (dbias, ref_dbias)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nan_and_inf_propagate_to_their_rows_only(bad, dtype):
