@@ -476,7 +476,7 @@ def wrong_channel_fold(monkeypatch, factor, channel=3):
 
     def corrupted(weight, bias, affine, group):
         new_weight, new_bias = real(weight, bias, affine, group)
-        new_weight = new_weight.copy()
+        new_weight = np.array(new_weight)  # an array of its own (the fold may return one computed when read)
         new_weight[channel] *= new_weight.dtype.type(factor)
         return new_weight, new_bias
 
