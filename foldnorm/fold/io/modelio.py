@@ -48,6 +48,8 @@ MIN_OPSET = 7
 PROTOBUF_LIMIT = 2**31 - 1
 # Up to this many bytes of tensor data the checker reads the model itself; past it, its structure only.
 IN_MEMORY_CHECK_BYTES = 16 * 2**20
+# How messages and reports name a model given as a ModelProto.
+IN_MEMORY_LABEL = "<in-memory model>"
 # How valid a model is, from least to most: see check_model.
 LEVELS = ("onnxruntime", "checker", "full")
 
@@ -133,7 +135,7 @@ def open_model(model_or_path, name, *, in_place=False):
     """An OpenedModel for an argument that is a ModelProto (checked here) or a path (read and checked as
     load_model does; with in_place, its external data is left in its files: see _read)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        return OpenedModel(model_or_path, "<in-memory model>", check_model(model_or_path, "the model"), owned=False)
+        return OpenedModel(model_or_path, IN_MEMORY_LABEL, check_model(model_or_path, "the model"), owned=False)
     if isinstance(model_or_path, (str, os.PathLike)):
         return _read(model_or_path, in_place=in_place)
     raise TypeError("%s must be an onnx.ModelProto or a path, got %s" % (name, type(model_or_path).__name__))
