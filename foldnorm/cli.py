@@ -206,10 +206,12 @@ def run_fold(args):
 
 
 def _fold(args, progress):
-    from .fold.verification.isolated import Verifier
+    verifier = None
+    if not args.no_verify:
+        from .fold.verification.isolated import Verifier
 
-    # Started first, so that its imports (onnx, onnxruntime) overlap with this process's own and the fold.
-    verifier = None if args.no_verify else Verifier()
+        # Started first, so that its imports (onnx, onnxruntime) overlap with this process's own and the fold.
+        verifier = Verifier()
     try:
         return _fold_with(args, progress, verifier)
     finally:

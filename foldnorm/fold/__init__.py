@@ -20,7 +20,7 @@ _HOME = {
     "VerificationError": ".errors", "VerifierCrashed": ".errors", "Action": ".report", "Cause": ".report",
     "FoldReport": ".report", "NodeOutcome": ".report", "ModelSession": ".session",
     "OutputComparison": ".verification.runner", "VerifyReport": ".verification.runner",
-    "verify": ".verification.runner",
+    "verify": ".verification.isolated",
 }
 
 __all__ = [

@@ -1,12 +1,13 @@
 """One model opened for folding: `ModelSession` owns what it opened and runs fold -> verify -> save.
 
 It reads the model once (its structure parsed and checked, its external data validated and left in its
-files until the fold reads a tensor), holds the large weights the fold computes as NumPy arrays
-(io.external_data.HeldArrays) and owns a scratch folder (io.scratch.Scratch) for what it writes for the
-verifying process. Verification runs in a child process (verification.isolated): onnxruntime crashing
-there becomes VerifierCrashed, not the end of the caller. `save` writes every output into a hidden folder
-beside its destination, verifies from there when asked, and only then moves the files into place: a
-failure leaves nothing written. fold_model, inspect_model and the `foldnorm` command are thin over it.
+files until the fold reads a tensor), holds the large weights the fold computes outside the protobuf, as
+NumPy arrays or as arrays computed when they are written (io.external_data.HeldArrays), and owns a
+scratch folder (io.scratch.Scratch) for what it writes for the verifying process. Verification runs in
+a child process (verification.isolated): onnxruntime crashing there becomes VerifierCrashed, not the end
+of the caller. `save` writes every output into a hidden folder beside its destination, verifies from
+there when asked, and only then moves the files into place: a failure leaves nothing written.
+fold_model, inspect_model and the `foldnorm` command are thin over it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import onnx
 
 from .core.driver import fold_in_place, inline_functions_holding_batch_norm
 from .errors import FoldError, VerificationError
-from .io.external_data import HeldArrays, data_bytes, load_referenced, without_data
+from .io.external_data import HeldArrays, load_referenced, without_data
 from .io.modelio import StagedFiles, check_model, open_model, save_model
 from .io.proto import attribute_graphs, graph_statistics
 from .io.scratch import Scratch
@@ -26,8 +27,6 @@ from .report import FoldReport, count_layers
 
 # IR versions before 4 list every initializer among the graph inputs as well.
 INITIALIZERS_ARE_INPUTS_BELOW_IR = 4
-# Tensor data past which a folded model goes to the verifying process with its large tensors in a data file.
-EXTERNAL_DATA_BYTES = 64 * 2**20
 
 
 class ModelSession:
@@ -148,28 +147,27 @@ class ModelSession:
         """Compare the folded model with the original (foldnorm.verify's options) in a child process; the
         VerifyReport is also set on the session's report. steps None: the default for the quantized folds."""
         from .quantized.rules import default_step_tolerance
+        from .verification.isolated import write_for_child
 
         report = self.report
         if report is None:
             raise FoldError("%s has not been folded in this session (call fold first)" % self.label)
         steps = default_step_tolerance(report.outcomes) if steps is None else steps
         folder = self.scratch.folder
-        original = os.fspath(self.path) if self.path is not None else self._write_for_child(self._original, "original")
-        folded = self._staged.model if self._staged is not None else self._write_for_child(self._folded, "folded")
+        if self.path is not None:
+            original = os.fspath(self.path)
+        else:
+            original = write_for_child(self._original, folder, "original")
+        if self._staged is not None:
+            folded = self._staged.model
+        else:
+            folded = write_for_child(self._folded, folder, "folded", self.held)
         self.start_verifier()
         verifier, self._verifier = self._verifier, None  # one request per process
         report.verification = verifier.run(original, folded, label=self.label, folder=folder,
                                            structure=self._structure, progress=progress, shapes=shapes, rtol=rtol,
                                            atol=atol, seed=seed, steps=steps)
         return report.verification
-
-    def _write_for_child(self, model, name):
-        folder = os.path.join(self.scratch.folder, name)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "model.onnx")
-        large = data_bytes(model) > EXTERNAL_DATA_BYTES or len(self.held) > 0
-        save_model(model, path, external_data=large, held=self.held, durable=False)
-        return path
 
     # --------------------------------------------------------------------------------------- save
 

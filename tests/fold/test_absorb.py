@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from foldnorm.fold.core import absorb
 from foldnorm.fold.core.absorb import (
     affine_as_mul_add,
     fold_forward_into_conv,
@@ -464,6 +465,49 @@ def test_bias_keeps_its_own_dtype():
     new_w, new_bias = fold_into_conv(w, bias, ChannelAffine([2.0, 3.0], [0.1, 0.2]), 1)
     assert new_w.dtype == np.float32 and new_bias.dtype == np.float64
     np.testing.assert_array_equal(new_bias, [2.1, 3.2])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("block_elements", [1, 7, 2**18])
+def test_folded_conv_weight_is_computed_a_block_of_rows_at_a_time(monkeypatch, dtype, block_elements):
+    monkeypatch.setattr(absorb, "_ROW_BLOCK_ELEMENTS", block_elements)  # one row, 3 rows with a short last, all
+    rng = np.random.default_rng(SEED + 80)
+    w = rng.standard_normal((8, 2, 1, 2)).astype(dtype)
+    affine = random_affine(rng, 8)
+    new_w, _ = fold_into_conv(w, None, affine, 1)
+    assert isinstance(new_w, absorb.ScaledRows)
+    expected = (f64(w) * affine.scale[:, None, None, None]).astype(dtype)  # each value rounded once
+    blocks = list(new_w.blocks())
+    assert len(blocks) == -(-8 // max(1, block_elements // 4))
+    np.testing.assert_array_equal(np.concatenate(blocks), expected)
+    got = np.asarray(new_w)
+    assert got.dtype == np.dtype(dtype) and got.shape == w.shape
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(np.asarray(new_w, dtype=np.float64), f64(expected))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("seed", range(6))
+def test_overflow_check_of_a_folded_conv_weight_matches_every_value(dtype, seed):
+    # Weights near the dtype's largest value, scales around 1, some rows with inf or nan: overflows() judges
+    # from each row's largest magnitude; the reference scales and rounds every value.
+    rng = np.random.default_rng(SEED + 90 + seed)
+    finfo = ml_dtypes.finfo(dtype) if dtype is ml_dtypes.bfloat16 else np.finfo(dtype)
+    w = (rng.uniform(-1.0, 1.0, (6, 3, 2)) * float(finfo.max)).astype(dtype)
+    w[0, 0, 0] = finfo.max  # a scale of 1 + eps then rounds to infinity or back to max
+    scales = [0.5, 0.999, 1.0, 1.0 + float(finfo.eps), 1.5, -2.0, 0.0] if seed < 3 else [0.5, -0.25, 1.0, 0.0]
+    scale = rng.choice(scales, size=6)
+    if seed % 3 == 1:
+        w[rng.integers(6), 0, 0] = np.inf
+    if seed % 3 == 2:
+        w[rng.integers(6), 1, 1] = np.nan
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = (f64(w) * scale[:, None, None]).astype(dtype)
+    expected = bool(np.isfinite(f64(w)).all() and not np.isfinite(f64(scaled)).all())
+    assert absorb.ScaledRows(w, scale).overflows() == expected
+    if expected:
+        with pytest.raises(ValueError, match="weight does not fit in"):
+            fold_into_conv(w, None, ChannelAffine(scale, np.zeros(6)), 1)
 
 
 def test_fold_that_overflows_float16_is_refused():

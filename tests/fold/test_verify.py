@@ -2,6 +2,8 @@
 output compared."""
 import json
 import math
+import stat
+import sys
 import types
 
 import ml_dtypes
@@ -16,7 +18,8 @@ from tests.fold.fold_models import conv_bn_model, count_ops
 from foldnorm.cli import CLI_WORDS
 from foldnorm.fold.verification import runner as verification
 from foldnorm.fold.verification import sessions
-from foldnorm.fold.errors import FoldError
+from foldnorm.fold.errors import FoldError, VerifierCrashed
+from foldnorm.fold.verification import isolated
 from foldnorm.fold.verification.shapes import ShapeError
 from foldnorm.fold.verification.runner import VerifyReport, compare_output, make_inputs, verify
 from tests.onnx_cases import IR_VERSION
@@ -405,7 +408,8 @@ def test_sequence_outputs_are_compared_element_by_element():
 
 def test_the_package_exports_verify_for_a_model_folded_by_fold_model():
     assert callable(foldnorm.verify) and not isinstance(foldnorm.verify, types.ModuleType)
-    assert foldnorm.verify is verification.verify and foldnorm.VerifyReport is VerifyReport
+    assert foldnorm.verify is isolated.verify is foldnorm.fold.verification.verify  # in a process of its own
+    assert foldnorm.VerifyReport is VerifyReport
     original = conv_bn_model()
     folded, _ = foldnorm.fold_model(original, verify=False)
     assert count_ops(folded, "BatchNormalization") == 0
@@ -423,6 +427,42 @@ def test_the_package_exports_verify_for_a_model_folded_by_fold_model():
     assert y.noise == pytest.approx(noise, rel=1e-12, abs=0)
     assert y.rtol == 1e-4 and y.atol == pytest.approx(max(1e-4 * np.abs(expected).max(), 4.0 * noise))
     assert 0.0 < y.max_abs_error < y.atol
+
+
+@pytest.mark.parametrize("given", ["file", "memory"])
+def test_a_crash_of_onnxruntime_in_verify_is_an_exception_naming_the_model_and_the_signal(tmp_path, monkeypatch,
+                                                                                         given):
+    original = conv_bn_model()
+    folded, _ = foldnorm.fold_model(original, verify=False)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(original, str(path))
+    # The verifying process dies by a real segmentation fault where onnxruntime would run.
+    crashing = tmp_path / "crashing-python"
+    crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crashing.chmod(crashing.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(sys, "executable", str(crashing))
+    model = path if given == "file" else original
+    with pytest.raises(VerifierCrashed) as caught:
+        foldnorm.verify(model, folded)
+    name = str(path) if given == "file" else "<in-memory model>"
+    assert str(caught.value) == "verifying %s: the verifying process (onnxruntime) was killed by SIGSEGV" % name
+    assert caught.value.model == name and caught.value.signal == "SIGSEGV"
+    monkeypatch.undo()
+    assert foldnorm.verify(model, folded).passed  # this process lives on, and verifies for real
+
+
+def test_verify_checks_its_options_before_starting_a_process(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a verifying process was started")
+
+    monkeypatch.setattr(isolated, "Verifier", refuse)
+    model = conv_bn_model()
+    with pytest.raises(ValueError, match="rtol must be a finite non-negative number"):
+        foldnorm.verify(model, model, rtol=-1.0)
+    with pytest.raises(TypeError, match="shapes must be a dict"):
+        foldnorm.verify(model, model, shapes=[1, 2])
+    with pytest.raises(TypeError, match="folded must be an onnx.ModelProto or a path, got int"):
+        foldnorm.verify(model, 3)
 
 
 def sigmoid_head_model(seed=0, channels=8, in_channels=16):
@@ -476,7 +516,7 @@ def wrong_channel_fold(monkeypatch, factor, channel=3):
 
     def corrupted(weight, bias, affine, group):
         new_weight, new_bias = real(weight, bias, affine, group)
-        new_weight = new_weight.copy()
+        new_weight = np.array(new_weight)  # an array of its own (the fold may return one computed when read)
         new_weight[channel] *= new_weight.dtype.type(factor)
         return new_weight, new_bias
 

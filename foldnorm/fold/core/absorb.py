@@ -95,6 +95,9 @@ def fold_into_conv(weight, bias, affine, group):
     group, so:
         W'[o, ...] = a[o] * W[o, ...]
         bias'[o]   = a[o] * bias[o] + b[o]        (bias' = b when there was no bias)
+
+    The new weight is a ScaledRows, computed from `weight` when it is read (written to a file or turned
+    into an array); the new bias an array.
     """
     w = np.asarray(weight)
     if not is_float_dtype(w.dtype):
@@ -113,17 +116,67 @@ def fold_into_conv(weight, bias, affine, group):
 _ROW_BLOCK_ELEMENTS = 2**18
 
 
+class ScaledRows:
+    """weight[o, ...] * scale[o] computed in float64 and cast back to weight's dtype, as _cast_back does, a
+    block of rows at a time each time it is read: a folded Conv weight that goes from its source (often
+    mapped from the model's data file) to the output's data file without ever being held whole in memory.
+
+    Array-like: shape, dtype, ndim, size and nbytes as the result's; np.asarray computes it whole; blocks()
+    yields it a block of whole rows at a time, in order. The source is not copied and must stay unchanged
+    (the fold never modifies an array it reads).
+    """
+
+    def __init__(self, weight, scale):
+        self.source = weight
+        self.scale = np.array(scale, dtype=np.float64)
+        self.shape, self.dtype, self.ndim = weight.shape, weight.dtype, weight.ndim
+        self.size, self.nbytes = weight.size, weight.nbytes
+        self._rows = max(1, _ROW_BLOCK_ELEMENTS // max(1, self.size // max(1, self.shape[0])))
+
+    def blocks(self):
+        """The result's consecutive blocks of whole rows, each a new C-contiguous array."""
+        with np.errstate(over="ignore"):
+            for start in range(0, self.shape[0], self._rows):
+                rows = self.source[start:start + self._rows]
+                block = np.empty(rows.shape, self.dtype)
+                # In float64, cast back as each chunk is done: no float64 copy of the block.
+                np.multiply(rows, _per_axis(self.scale[start:start + len(rows)], 0, self.ndim), out=block,
+                            dtype=np.float64, casting="unsafe")
+                yield block
+
+    def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("a ScaledRows is computed when read: it cannot be viewed without a copy")
+        result = np.empty(self.shape, self.dtype)
+        start = 0
+        for block in self.blocks():
+            result[start:start + len(block)] = block
+            start += len(block)
+        return result if dtype is None else result.astype(dtype, copy=False)
+
+    def overflows(self):
+        """Whether a value finite in the source is not finite in the result when every source value is
+        finite. Exact without computing the result: rounding is monotonic, so the largest magnitude of each
+        row decides whether the row's scaled values fit."""
+        source_finite = result_finite = True
+        if self.size == 0:
+            return False
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, self.shape[0], self._rows):
+                rows = self.source[start:start + self._rows]
+                rows = rows.reshape(len(rows), -1)
+                peak = np.maximum(rows.max(axis=1), -rows.min(axis=1)).astype(np.float64)
+                source_finite = source_finite and bool(np.isfinite(peak).all())
+                scaled = (peak * np.abs(self.scale[start:start + self._rows])).astype(self.dtype)
+                result_finite = result_finite and bool(np.isfinite(scaled).all())
+        return source_finite and not result_finite
+
+
 def _scale_rows(weight, scale, name):
-    """weight[o, ...] * scale[o] computed in float64 and cast back to weight's dtype, as _cast_back does,
-    a block of rows at a time: the float64 copy of a whole large weight costs more than the arithmetic."""
-    result = np.empty(weight.shape, weight.dtype)
-    rows = max(1, _ROW_BLOCK_ELEMENTS // max(1, weight[0].size))
-    with np.errstate(over="ignore"):
-        for start in range(0, weight.shape[0], rows):
-            block = weight[start:start + rows].astype(np.float64)
-            block *= _per_axis(scale[start:start + rows], 0, weight.ndim)
-            result[start:start + rows] = block
-    if np.isfinite(weight).all() and not np.isfinite(result).all():
+    """weight[o, ...] * scale[o] as a ScaledRows, computed when it is read; ValueError when it does not fit in
+    weight's dtype."""
+    result = ScaledRows(weight, scale)
+    if result.overflows():
         raise ValueError("the folded %s does not fit in %s" % (name, weight.dtype))
     return result
 

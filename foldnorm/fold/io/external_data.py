@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..errors import FoldError
-from .proto import tensor_nbytes, tensor_to_array
+from .proto import is_deferred, tensor_nbytes, tensor_to_array
 
 # Tensors smaller than this stay inside the model file (onnx's own default when writing external data).
 EXTERNAL_DATA_THRESHOLD = 1024
@@ -232,20 +232,24 @@ class DataFileWriter:
         self.tensors = 0
 
     def __call__(self, tensor):
-        raw = held_array(tensor, self.held)  # written from the array itself, never copied into the protobuf
+        raw = held_value(tensor, self.held)  # written from the array itself, never copied into the protobuf
         if raw is None:
             if is_external(tensor) or not _movable(tensor):
                 return None
             raw = tensor_bytes(tensor)
             if raw is None:
                 return None
-        size = raw.nbytes if isinstance(raw, np.ndarray) else len(raw)
+        size = len(raw) if isinstance(raw, bytes) else raw.nbytes
         alignment = LARGE_TENSOR_ALIGNMENT if size >= LARGE_TENSOR_BYTES else SMALL_TENSOR_ALIGNMENT
         padding = -self.offset % alignment
         if padding:
             self.file.write(b"\0" * padding)
             self.offset += padding
-        self.file.write(raw.reshape(-1).view(np.uint8) if isinstance(raw, np.ndarray) else raw)
+        if is_deferred(raw):
+            for block in raw.blocks():  # computed and written a block at a time
+                self.file.write(_little_endian(block).reshape(-1).view(np.uint8))
+        else:
+            self.file.write(raw.reshape(-1).view(np.uint8) if isinstance(raw, np.ndarray) else raw)
         where = (self.location, self.offset, size)
         self.offset += size
         self.tensors += 1
@@ -377,8 +381,9 @@ _HELD_PREFIX = "\0foldnorm-held-"
 
 
 class HeldArrays:
-    """Large weights the fold made, held as NumPy arrays outside the protobuf until the model is saved
-    (DataFileWriter writes them straight to the data file) or handed out (load_into copies them in). Each
+    """Large weights the fold made, held as NumPy arrays, or as deferred arrays computed when read
+    (proto.is_deferred), outside the protobuf until the model is saved (DataFileWriter writes them straight
+    to the data file, a deferred one a block at a time) or handed out (load_into copies them in). Each
     held tensor points to external data at a location that names its key here; a model's session owns its
     store, and the arrays go with it."""
 
@@ -394,8 +399,9 @@ class HeldArrays:
         key = "%s%d" % (_HELD_PREFIX, len(self._arrays))
         while key in self._arrays:
             key += "+"
-        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        array.flags.writeable = False
+        if not is_deferred(array):
+            array = _little_endian(array)
+            array.flags.writeable = False
         self._arrays[key] = array
         tensor.name = name
         tensor.data_type = elem_type
@@ -403,14 +409,19 @@ class HeldArrays:
         point_to_external_data(tensor, key, 0, array.nbytes)
         return tensor
 
-    def array(self, tensor):
-        """The array held for `tensor`, or None."""
+    def value(self, tensor):
+        """What is held for `tensor` (an array, or a deferred array computed when read), or None."""
         if not self._arrays or not is_external(tensor):
             return None
         for entry in tensor.external_data:
             if entry.key == "location":
                 return self._arrays.get(entry.value)
         return None
+
+    def array(self, tensor):
+        """The array held for `tensor` (a deferred one computed now), or None."""
+        value = self.value(tensor)
+        return value if value is None or isinstance(value, np.ndarray) else np.asarray(value)
 
     def release(self, tensor):
         """Let go of the array held for `tensor` (the tensor then holds its data, or is dropped)."""
@@ -427,9 +438,18 @@ def held_array(tensor, held=None):
     return None if held is None else held.array(tensor)
 
 
+def held_value(tensor, held=None):
+    """What `held` holds for `tensor` (HeldArrays.value), or None: for a caller that writes it."""
+    return None if held is None else held.value(tensor)
+
+
+def _little_endian(array):
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+
+
 def is_unloaded(tensor, held=None):
     """Whether the tensor's data is in a file foldnorm has not read (not an array `held` holds)."""
-    return is_external(tensor) and held_array(tensor, held) is None
+    return is_external(tensor) and held_value(tensor, held) is None
 
 
 def _referenced(tensor):

@@ -16,6 +16,8 @@ the model's structure whose tensors point to an empty placeholder file.
 `save_model` never leaves a partial file: each file is written to a temporary file in the destination
 folder, flushed to disk, then renamed over the destination (os.replace is atomic within a folder). Tensor
 data goes to the external data file one tensor at a time, never the whole model copied in memory.
+`StagedFiles` writes the command's outputs beside their destinations and renames them into place
+together, atomic in the same way without flushing them to disk (its docstring says why).
 
 Anything foldnorm writes elsewhere (a checker's copy, a model onnxruntime must read from a file) lives in a
 temporary folder (foldnorm.fold.io.scratch) removed when the step or the model's session ends.
@@ -36,7 +38,7 @@ from ..errors import FoldError
 from .messages import one_line
 from .external_data import (EXTERNAL_DATA_THRESHOLD, PLACEHOLDER_LOCATION, DataFileWriter, all_tensors,
                             checked_length, copy_without_data, data_bytes, external_references, held_array,
-                            is_external, is_unloaded, load_into, refer_in_place, without_data)
+                            held_value, is_external, is_unloaded, load_into, refer_in_place, without_data)
 from .proto import default_opset, tensor_nbytes
 from .scratch import temporary_folder
 from .wire import unreadable_model_message
@@ -46,6 +48,8 @@ MIN_OPSET = 7
 PROTOBUF_LIMIT = 2**31 - 1
 # Up to this many bytes of tensor data the checker reads the model itself; past it, its structure only.
 IN_MEMORY_CHECK_BYTES = 16 * 2**20
+# How messages and reports name a model given as a ModelProto.
+IN_MEMORY_LABEL = "<in-memory model>"
 # How valid a model is, from least to most: see check_model.
 LEVELS = ("onnxruntime", "checker", "full")
 
@@ -131,7 +135,7 @@ def open_model(model_or_path, name, *, in_place=False):
     """An OpenedModel for an argument that is a ModelProto (checked here) or a path (read and checked as
     load_model does; with in_place, its external data is left in its files: see _read)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        return OpenedModel(model_or_path, "<in-memory model>", check_model(model_or_path, "the model"), owned=False)
+        return OpenedModel(model_or_path, IN_MEMORY_LABEL, check_model(model_or_path, "the model"), owned=False)
     if isinstance(model_or_path, (str, os.PathLike)):
         return _read(model_or_path, in_place=in_place)
     raise TypeError("%s must be an onnx.ModelProto or a path, got %s" % (name, type(model_or_path).__name__))
@@ -299,7 +303,7 @@ def save_model(model: onnx.ModelProto, path: "str | os.PathLike", *, external_da
     at a time. On any failure nothing new is left behind: the temporary files are removed and an existing
     file at `path` is untouched. `held`: the HeldArrays whose arrays some tensors point to (written
     straight from the arrays). durable=False skips flushing the files to disk (for files StagedFiles
-    flushes when it moves them into place, or that are thrown away). Returns the paths written.
+    moves into place, or that are thrown away). Returns the paths written.
     """
     path = Path(os.fspath(path))
     folder = path.absolute().parent
@@ -376,7 +380,7 @@ def onnxruntime_source(model: onnx.ModelProto, folder: "str | os.PathLike") -> "
 
 def _with_held_data(model, held):
     """`model`, or when some of its tensors are arrays `held` holds, a copy holding their data."""
-    if not held or not any(held_array(t, held) is not None for t in all_tensors(model)):
+    if not held or not any(held_value(t, held) is not None for t in all_tensors(model)):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -449,9 +453,16 @@ def _replace(temp, path, durable=True):
 class StagedFiles:
     """Files written into a hidden folder beside each destination, then moved into place together.
 
-    add(destination) returns where to write a file; commit() flushes each to disk and moves them into
-    place in the order added (a model's data file before the model, the report last), and on any failure
-    puts back what it replaced and removes what it moved; discard() removes everything staged.
+    add(destination) returns where to write a file; commit() moves them into place in the order added (a
+    model's data file before the model, the report last), and on any failure puts back what it replaced
+    and removes what it moved; discard() removes everything staged.
+
+    Each file is complete before it is renamed into place, so a crash or kill of foldnorm at any moment
+    leaves the previous file or the new one, never part of one. The files are not forced to disk (no
+    fsync, as onnx.save_model and onnxruntime's optimizer do not): that guards against a power failure in
+    the seconds after the command, and flushing hundreds of megabytes made the command wait on the disk.
+    After such a failure the file system decides what remains (ext4, for one, flushes a file renamed over
+    an existing one).
     """
 
     def __init__(self):
@@ -480,8 +491,6 @@ class StagedFiles:
         """Move every staged file into place; returns the destinations, in the order they were added."""
         moved = []
         try:
-            for staged, _ in self._files:
-                _fsync_file(staged)
             for staged, destination in self._files:
                 backup = _hard_link_backup(destination)
                 try:
@@ -502,8 +511,6 @@ class StagedFiles:
         for _, backup in moved:
             if backup is not None:
                 _remove_quietly(backup)
-        for folder in self._folders:
-            _fsync_folder(folder)
         self.discard()
         return list(self._added)
 
@@ -511,14 +518,6 @@ class StagedFiles:
         for hidden in self._folders.values():
             shutil.rmtree(hidden, ignore_errors=True)
         self._folders = {}
-
-
-def _fsync_file(path):
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _hard_link_backup(path):

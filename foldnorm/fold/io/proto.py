@@ -53,7 +53,12 @@ def array_to_tensor(array, name, elem_type, into=None, held=None):
     written into the TensorProto `into` when given (a new initializer: for a plain numeric array, one
     copy of the data fewer than building the tensor apart and copying it in; from HELD_ARRAY_BYTES on and
     given `held`, a foldnorm.fold.io.external_data.HeldArrays, no copy at all until it is saved or handed
-    out)."""
+    out; a large deferred array (is_deferred) of the element type's dtype is held as it is, and computed
+    only then)."""
+    holds = held is not None and into is not None and elem_type in _PLAIN_RAW_TYPES
+    if (holds and is_deferred(array) and array.nbytes >= HELD_ARRAY_BYTES
+            and array.dtype == helper.tensor_dtype_to_np_dtype(elem_type)):
+        return held.hold(into, name, array, elem_type)  # computed when it is written, never held whole
     if elem_type == TensorProto.BFLOAT16:
         import ml_dtypes
 
@@ -62,7 +67,7 @@ def array_to_tensor(array, name, elem_type, into=None, held=None):
         array = np.asarray(array, dtype=helper.tensor_dtype_to_np_dtype(elem_type))
     if into is None:
         return numpy_helper.from_array(array, name)
-    if held is not None and elem_type in _PLAIN_RAW_TYPES and array.nbytes >= HELD_ARRAY_BYTES:
+    if holds and array.nbytes >= HELD_ARRAY_BYTES:
         return held.hold(into, name, array, elem_type)  # a large weight: held as the array, not copied in
     if elem_type not in _PLAIN_RAW_TYPES:
         into.CopyFrom(numpy_helper.from_array(array, name))
@@ -80,6 +85,12 @@ HELD_ARRAY_BYTES = 2**20
 _PLAIN_RAW_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8,
                     TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
                     TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL)
+
+
+def is_deferred(array):
+    """Whether `array` is an array-like computed when read (core.absorb.ScaledRows): np.asarray computes
+    it whole, its blocks() method yields it in C order a block of whole rows at a time."""
+    return not isinstance(array, np.ndarray) and callable(getattr(array, "blocks", None))
 
 
 def numpy_dtype(elem_type):

@@ -1,4 +1,5 @@
-"""Verification in a process of its own, so that onnxruntime crashing cannot take the caller down.
+"""Verification in a process of its own, so that onnxruntime crashing cannot take the caller down:
+`verify` (public as foldnorm.verify) and the model session's verification both run through `Verifier`.
 
 `Verifier` starts `python -m foldnorm.fold.verification.isolated`, which imports onnx and onnxruntime while
 the caller folds, then reads from its stdin the paths of the pickled request (the two models as files,
@@ -9,16 +10,23 @@ of a crash. A child that dies by a signal (onnxruntime's segmentation fault, the
 killer) or exits without a result becomes VerifierCrashed, which names the model and the signal. Both
 files live in the caller's scratch folder, which no other user can read.
 """
+from __future__ import annotations
+
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import threading
+from typing import Callable
 
 from ..errors import VerifierCrashed
+from ..io.scratch import Scratch
 
 PROGRESS_MARKER = "\0foldnorm-progress "
+# Tensor data past which a model given in memory goes to the verifying process with its large tensors in a
+# data file.
+EXTERNAL_DATA_BYTES = 64 * 2**20
 # How many of the child's other stderr lines a crash message may quote.
 KEPT_LINES = 5
 
@@ -93,6 +101,82 @@ class Verifier:
                 self._child.stdin.close()
             except OSError:
                 pass
+
+
+def verify(original, folded, *, shapes: dict[str, list[int]] | None = None, rtol: float | None = None,
+           atol: float | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
+           steps: float | None = None):
+    """Run `original` and `folded` in onnxruntime on the same seeded inputs and compare every output, in a
+    process of its own: onnxruntime crashing there raises VerifierCrashed instead of ending the caller.
+
+    Parameters
+    ----------
+    original, folded : onnx.ModelProto or path
+        The model before and after folding. A path is read as foldnorm.load_model reads it (checked, its
+        external data locations validated), but its large tensors are left for onnxruntime to read; a
+        ModelProto is written to a temporary folder for the verifying process (its large tensors in a data
+        file).
+    shapes : dict, optional
+        {input name: [dims]} for inputs whose dynamic dims should not be chosen by verification.
+    rtol, atol : float, optional
+        Tolerances replacing the defaults (foldnorm.fold.verification.tolerance).
+    seed : int
+        Seed of the random inputs.
+    progress : callable, optional
+        Called with a short sentence as each step starts (the command line shows them).
+    steps : float, optional
+        The tolerance of an output written by QuantizeLinear (-> DequantizeLinear), which is compared in its
+        quantization steps instead (1 when None; foldnorm.fold.quantized.steps).
+
+    Returns
+    -------
+    VerifyReport
+        A mismatch never raises: the caller decides what to do with it (verification.runner.verify, which
+        this runs, says how the models are run and compared).
+
+    Raises
+    ------
+    FoldError
+        The original cannot be run: an input whose shape is unknown and not given, an input type
+        verification cannot generate, inputs over the byte limit, a model onnxruntime refuses, or no
+        candidate shape at which onnxruntime runs it.
+    VerifierCrashed
+        The verifying process died (onnxruntime's segmentation fault, the out-of-memory killer): the
+        exception names the original model and the signal.
+    """
+    import onnx
+
+    from ..io.modelio import IN_MEMORY_LABEL
+    from .runner import check_options
+
+    models = {"original": original, "folded": folded}
+    for name, model in models.items():
+        if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+            raise TypeError("%s must be an onnx.ModelProto or a path, got %s" % (name, type(model).__name__))
+    options = check_options(shapes=shapes, rtol=rtol, atol=atol, seed=seed, steps=steps)
+    verifier = Verifier()  # its imports overlap with the writing of the models given in memory
+    try:
+        with Scratch() as scratch:
+            paths = [os.fspath(model) if isinstance(model, (str, os.PathLike))
+                     else write_for_child(model, scratch.folder, name) for name, model in models.items()]
+            label = paths[0] if isinstance(original, (str, os.PathLike)) else IN_MEMORY_LABEL
+            return verifier.run(*paths, label=label, folder=scratch.folder, progress=progress, **options)
+    finally:
+        verifier.close()
+
+
+def write_for_child(model, folder, name, held=None):
+    """The path of `model` written for the verifying process into a new folder `name` under `folder`, its
+    large tensors (those `held` holds among them) in a data file beside it."""
+    from ..io.external_data import data_bytes
+    from ..io.modelio import save_model
+
+    folder = os.path.join(folder, name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.onnx")
+    large = data_bytes(model) > EXTERNAL_DATA_BYTES or (held is not None and len(held) > 0)
+    save_model(model, path, external_data=large, held=held, durable=False)
+    return path
 
 
 def _child_environment():

@@ -16,8 +16,8 @@ lists the shapes and says they were chosen.
 
 Memory: the sessions run one after another, each closed before the next opens, and each model reaches
 onnxruntime without a copy in foldnorm where it can (foldnorm.fold.verification.sessions): a model given as a path is
-handed over as that file, which onnxruntime reads itself, and a folded model's large weights, held as
-NumPy arrays by the fold, are shared with onnxruntime as they are.
+handed over as that file, which onnxruntime reads itself, and a large model given in memory is written
+once, its large tensors in a data file, for all its sessions.
 
 Inputs, one array per graph input that is not an initializer, drawn from `numpy.random.default_rng`
 (seed, then seed + 1 for the second shape) in graph-input order:
@@ -149,42 +149,13 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
            shapes: dict[str, list[int]] | None = None, rtol: float | None = None, atol: float | None = None,
            seed: int = 0, progress: Callable[[str], None] | None = None,
            steps: float | None = None) -> VerifyReport:
-    """Run `original` and `folded` in onnxruntime on the same seeded inputs and compare every output.
-
-    Parameters
-    ----------
-    original, folded : onnx.ModelProto or path
-        The model before and after folding. A path is read as foldnorm.load_model reads it (checked, its
-        external data locations validated), but its large tensors are left for onnxruntime to read.
-    shapes : dict, optional
-        {input name: [dims]} for inputs whose dynamic dims should not be chosen by verification.
-    rtol, atol : float, optional
-        Tolerances replacing the defaults (foldnorm.fold.verification.tolerance).
-    seed : int
-        Seed of the random inputs.
-    progress : callable, optional
-        Called with a short sentence as each step starts (the command line shows them).
-    steps : float, optional
-        The tolerance of an output written by QuantizeLinear (-> DequantizeLinear), which is compared in its
-        quantization steps instead (1 when None; foldnorm.fold.quantized.steps).
-
-    Returns
-    -------
-    VerifyReport
-        A mismatch never raises: the caller decides what to do with it.
-
-    Raises
-    ------
-    FoldError
-        The original cannot be run: an input whose shape is unknown and not given, an input type
-        verification cannot generate, inputs over the byte limit, a model onnxruntime refuses, or no
-        candidate shape at which onnxruntime runs it.
-    """
+    """foldnorm.verify's work, in this process: verification.isolated.verify (foldnorm.verify) runs it in a
+    process of its own and documents the arguments, the result and the errors. `original` may also be a
+    sessions.ModelSource (a session's model: its structure already read, its file)."""
     start = time.perf_counter()
-    rtol = _check_tolerance(rtol, "rtol")
-    atol = _check_tolerance(atol, "atol")
+    options = check_options(shapes=shapes, rtol=rtol, atol=atol, seed=seed, steps=steps)
+    shapes, rtol, atol = options["shapes"], options["rtol"], options["atol"]
     say = progress or (lambda message: None)
-    shapes = _check_shapes(shapes)
     with contextlib.ExitStack() as stack:
         if isinstance(original, ModelSource):  # a session's model: its structure and its file (verification.isolated)
             original = stack.enter_context(original)
@@ -399,6 +370,13 @@ def _random_tensor(rng, elem_type, shape, name):
     type_name = onnx.TensorProto.DataType.Name(elem_type) if known else str(elem_type)
     raise FoldError("input %r has element type %s, for which verification cannot make inputs (skip verification with <<no_verify>>)"
                     % (name, type_name))
+
+
+def check_options(*, shapes, rtol, atol, seed, steps):
+    """verify()'s options, checked (TypeError, ValueError or FoldError naming the argument), as a dict of
+    its keyword arguments."""
+    return {"shapes": _check_shapes(shapes), "rtol": _check_tolerance(rtol, "rtol"),
+            "atol": _check_tolerance(atol, "atol"), "seed": seed, "steps": steps}
 
 
 def _check_tolerance(value, name):
