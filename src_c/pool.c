@@ -11,8 +11,8 @@
  * condition variable, which a caller signals only when a worker sleeps.  While the machine has a core for
  * every runnable thread it spins on, up to FN_POOL_IDLE_SPIN_NS: waking a sleeping thread costs tens of
  * microseconds (more on a virtual machine, whose idle virtual CPU the host must schedule again), and a spin
- * then takes time from nobody.  It looks at the machine as it spins, so the first thread that would have
- * to wait for a core ends the spin within FN_POOL_IDLE_CHECK_NS.
+ * then takes time from nobody.  It looks at the machine as it spins, so a thread that would have to wait
+ * for a core ends the spin within a look or two (FN_POOL_IDLE_CHECK_NS apart).
  */
 #define _GNU_SOURCE
 #include "pool.h"
@@ -41,8 +41,8 @@
 #define FN_POOL_PREEMPTED_NS 200000
 /* Past FN_POOL_SPIN_NS a worker spins on while no runnable thread on the machine lacks a core (the count of
  * runnable threads, /proc/loadavg's fourth field, which the kernel sums from the run queues when it is read:
- * no average, no lag), looking again every FN_POOL_IDLE_CHECK_NS (a read costs about a microsecond), and
- * sleeps after two looks in a row find a thread waiting (one look also catches a kernel thread's moment).
+ * no average, no lag), first FN_POOL_FIRST_LOOK_NS after the region, then every FN_POOL_IDLE_CHECK_NS (a
+ * read costs about a microsecond); see fn_pool_next_region for when a look sends it to sleep.
  * Only where the process may run on every online core, since the count is the machine's.  As long as
  * OpenMP runtimes spin by default (libgomp about 15 ms here, Intel's 200 ms), so that a loop calling the
  * kernels every few milliseconds finds its workers awake. */
@@ -76,7 +76,7 @@ static struct {
     atomic_llong idle_spin_ns; /* FN_POOL_IDLE_SPIN_NS unless a benchmark changes it */
     atomic_llong solo_until_ns; /* calls before this time (CLOCK_MONOTONIC) run alone */
     atomic_llong solo_ns;       /* the last solo time; FN_POOL_SOLO_NS to FN_POOL_SOLO_MAX_NS */
-    atomic_int loadavg_fd;      /* /proc/loadavg, opened by the first worker; -1: none, so never idle */
+    atomic_int loadavg_fd;      /* /proc/loadavg, opened at the first look; -2: not yet, -1: none here */
     int online_cpus;            /* set with loadavg_fd, before it */
     atomic_flag busy;   /* a region is being run */
     /* The open region, written before its generation is published and read only by joined workers. */
@@ -385,8 +385,9 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     w.slept_ns += (long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec);
     /* A caller that slept this long (or a fifth of it while threads wait for cores) waited for a worker
-     * the operating system had preempted: the machine is busy.  The calls of the next FN_POOL_SOLO_NS run on their calling threads alone, where no
-     * descheduled worker can hold them up; the first call after that tries the team again. */
+     * the operating system had preempted: the machine is busy.  The calls of the solo time run on their
+     * calling threads alone, where no descheduled worker can hold them up; the first call after it, or the
+     * first that finds a core for every runnable thread, tries the team again. */
     if (w.slept_ns > FN_POOL_PREEMPTED_WAIT_NS
         || (w.slept_ns > FN_POOL_BUSY_WAIT_NS && fn_pool_machine_state() == 0)) {
         /* A wait in the first team call after a solo time that ran to its end doubles it. */
