@@ -39,10 +39,22 @@
 /* Chunks per thread a loop is cut into at least, when its units allow: the load balances over them. */
 #define FN_CHUNKS_PER_THREAD 8
 
-/* One loop's counters, each on its own cache line: the next unit to claim; the units done, with a flag
- * set when they all are and the count of threads asleep until then. */
+/* Threads a team has at most: the caller and FN_TEAM_MAX_THREADS - 1 workers. */
+#define FN_TEAM_MAX_THREADS 256
+
+/* A loop's units are cut into one contiguous range per thread of the team, and each range hands out its
+ * units in order from its own counter: a thread claims chunks from its own range first, so that each
+ * thread streams through one contiguous part of the tensors (a unit-by-unit interleaving of two threads
+ * made a 2-thread layer_norm_backward 20% slower than OpenMP's static halves), then from the other ranges
+ * in turn, so that no unit waits for a thread that has not started. */
 typedef struct {
-    _Alignas(FN_CACHE_LINE) atomic_ptrdiff_t next;
+    _Alignas(FN_CACHE_LINE) atomic_ptrdiff_t claimed; /* units of the range handed out (may overshoot) */
+} fn_range_counter;
+
+/* One loop's counters, each on its own cache line: the units claimed from each range; the units done, with
+ * a flag set when they all are and the count of threads asleep until then. */
+typedef struct {
+    fn_range_counter ranges[FN_TEAM_MAX_THREADS];
     _Alignas(FN_CACHE_LINE) atomic_ptrdiff_t done;
     atomic_int finished;
     atomic_int sleepers;
@@ -55,13 +67,15 @@ typedef struct {
 } fn_team;
 
 /* What a thread running a region knows: its team (NULL: the region runs on this thread alone), how many of
- * the region's loops it has entered, and the units it did. */
+ * the region's loops it has entered, the units it did, and its place in the team (the caller 0, workers
+ * 1, 2, ... in the order they joined: the range of each loop it claims from first). */
 typedef struct {
     fn_team *team;
     int loop;
     int is_caller;
     ptrdiff_t units;
     long long slept_ns; /* time this thread slept waiting for the other threads' chunks */
+    int index;
 } fn_worker;
 
 typedef void (*fn_region)(fn_worker *w, void *arg);
@@ -91,6 +105,7 @@ typedef struct {
     fn_loop_state *state; /* NULL: serial */
     ptrdiff_t n, chunk, begin, end;
     ptrdiff_t pending; /* units this thread did and has not yet added to the loop's done count */
+    int range, ranges_left; /* the range claimed from now, and the ranges not yet found exhausted */
 } fn_for;
 
 /* The cycle a waiting thread spends before it looks again (the pause instruction where there is one). */
@@ -119,6 +134,7 @@ static inline fn_for fn_for_begin(fn_worker *w, ptrdiff_t n, ptrdiff_t unit_elem
     f.pending = 0;
     f.state = NULL;
     f.chunk = n;
+    f.range = f.ranges_left = 0;
     if (w->team != NULL) {
         if (w->loop >= FN_TEAM_MAX_LOOPS) {
             /* Past the team's loops the caller runs the rest of the region alone. */
@@ -130,6 +146,8 @@ static inline fn_for fn_for_begin(fn_worker *w, ptrdiff_t n, ptrdiff_t unit_elem
             const ptrdiff_t balanced = n / ((ptrdiff_t)w->team->threads * FN_CHUNKS_PER_THREAD);
             chunk = chunk < balanced ? chunk : balanced;
             f.chunk = chunk > 1 ? chunk : 1;
+            f.range = w->index % w->team->threads;
+            f.ranges_left = w->team->threads;
         }
     }
     w->loop++;
@@ -156,11 +174,18 @@ static inline int fn_for_next(fn_for *f)
     }
     f->w->units += did;
     f->pending += did;
-    const ptrdiff_t b = atomic_fetch_add_explicit(&s->next, f->chunk, memory_order_relaxed);
-    if (b < f->n) {
-        f->begin = b;
-        f->end = b + f->chunk < f->n ? b + f->chunk : f->n;
-        return 1;
+    const ptrdiff_t threads = f->w->team->threads;
+    for (; f->ranges_left > 0; f->ranges_left--, f->range = (f->range + 1) % (int)threads) {
+        const ptrdiff_t lo = f->n * f->range / threads, hi = f->n * (f->range + 1) / threads;
+        if (lo >= hi)
+            continue;
+        const ptrdiff_t b = lo + atomic_fetch_add_explicit(&s->ranges[f->range].claimed, f->chunk,
+                                                           memory_order_relaxed);
+        if (b < hi) {
+            f->begin = b;
+            f->end = b + f->chunk < hi ? b + f->chunk : hi;
+            return 1;
+        }
     }
     f->begin = f->end = 0;
     if (f->pending > 0) {

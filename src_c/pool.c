@@ -29,7 +29,7 @@
 #include <unistd.h>
 #endif
 
-#define FN_POOL_MAX_WORKERS 255
+#define FN_POOL_MAX_WORKERS (FN_TEAM_MAX_THREADS - 1)
 /* A worker looks for the next region this long after one before it sleeps: long enough that calls made
  * back to back from Python (microseconds apart) find it awake.  It sleeps at once when it finds that it was
  * descheduled while it looked (two looks further apart than FN_POOL_PREEMPTED_NS: another thread had its
@@ -77,7 +77,7 @@ static struct {
     atomic_llong solo_until_ns; /* calls before this time (CLOCK_MONOTONIC) run alone */
     atomic_llong solo_ns;       /* the last solo time; FN_POOL_SOLO_NS to FN_POOL_SOLO_MAX_NS */
     atomic_int loadavg_fd;      /* /proc/loadavg, opened at the first look; -2: not yet, -1: none here */
-    int online_cpus;            /* set with loadavg_fd, before it */
+    atomic_int online_cpus;     /* stored before loadavg_fd (by every thread that opens it: the same value) */
     atomic_flag busy;   /* a region is being run */
     /* The open region, written before its generation is published and read only by joined workers. */
     fn_region region;
@@ -135,7 +135,7 @@ static int fn_pool_loadavg_open(void)
     cpu_set_t allowed;
     if (online < 1 || sched_getaffinity(0, sizeof allowed, &allowed) != 0 || CPU_COUNT(&allowed) != online)
         return -1;
-    fn_pool.online_cpus = (int)online;
+    atomic_store_explicit(&fn_pool.online_cpus, (int)online, memory_order_relaxed);
     return open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
 #else
     return -1;
@@ -181,7 +181,7 @@ static int fn_pool_machine_state(void)
         runnable = runnable * 10 + (*p++ - '0');
     if (*p != '/')
         return -1;
-    return runnable <= fn_pool.online_cpus;
+    return runnable <= atomic_load_explicit(&fn_pool.online_cpus, memory_order_relaxed);
 #else
     return -1;
 #endif
@@ -245,7 +245,8 @@ static uint64_t fn_pool_next_region(uint64_t seen)
     return s;
 }
 
-/* Joins the region of state s if it is still open and has room: 1 when this worker is now inside it. */
+/* Joins the region of state s if it is still open and has room: this worker's place in the team (1 for the
+ * first to join), or 0 when it is not inside. */
 static int fn_pool_join(uint64_t s)
 {
     const uint64_t generation = s >> 32;
@@ -253,7 +254,7 @@ static int fn_pool_join(uint64_t s)
            && (int)(s & FN_STATE_ACTIVE) < atomic_load_explicit(&fn_pool.limit, memory_order_relaxed)) {
         if (atomic_compare_exchange_weak_explicit(&fn_pool.state, &s, s + 1, memory_order_acquire,
                                                   memory_order_acquire))
-            return 1;
+            return (int)(s & FN_STATE_ACTIVE) + 1;
     }
     return 0;
 }
@@ -264,9 +265,10 @@ static void *fn_pool_worker(void *start_generation)
     for (;;) {
         const uint64_t s = fn_pool_next_region(seen);
         seen = s >> 32;
-        if (!fn_pool_join(s))
+        const int index = fn_pool_join(s);
+        if (index == 0)
             continue;
-        fn_worker w = {&fn_pool_team, 0, 0, 0, 0};
+        fn_worker w = {&fn_pool_team, 0, 0, 0, 0, index};
         fn_pool.region(&w, fn_pool.arg);
         atomic_fetch_add_explicit(&fn_pool.stats[3], w.units, memory_order_relaxed);
         atomic_fetch_sub(&fn_pool.state, 1);
@@ -317,7 +319,7 @@ static void fn_pool_start_workers(int want)
 
 void fn_pool_run(int num_threads, fn_region region, void *arg)
 {
-    fn_worker w = {NULL, 0, 1, 0, 0};
+    fn_worker w = {NULL, 0, 1, 0, 0, 0};
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     const long long now_ns = (long long)now.tv_sec * 1000000000LL + now.tv_nsec;
@@ -340,13 +342,14 @@ void fn_pool_run(int num_threads, fn_region region, void *arg)
     const int want = num_threads - 1 < FN_POOL_MAX_WORKERS ? num_threads - 1 : FN_POOL_MAX_WORKERS;
     fn_pool_start_workers(want);
     fn_team *team = &fn_pool_team;
+    team->threads = num_threads < FN_TEAM_MAX_THREADS ? num_threads : FN_TEAM_MAX_THREADS;
     for (int k = 0; k < FN_TEAM_MAX_LOOPS; k++) {
-        atomic_store_explicit(&team->loops[k].next, 0, memory_order_relaxed);
+        for (int r = 0; r < team->threads; r++)
+            atomic_store_explicit(&team->loops[k].ranges[r].claimed, 0, memory_order_relaxed);
         atomic_store_explicit(&team->loops[k].done, 0, memory_order_relaxed);
         atomic_store_explicit(&team->loops[k].finished, 0, memory_order_relaxed);
         atomic_store_explicit(&team->loops[k].sleepers, 0, memory_order_relaxed);
     }
-    team->threads = num_threads;
     fn_pool.region = region;
     fn_pool.arg = arg;
     atomic_store_explicit(&fn_pool.limit, want < fn_pool.workers ? want : fn_pool.workers, memory_order_relaxed);

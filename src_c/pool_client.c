@@ -50,6 +50,6 @@ void fn_team_run(int num_threads, fn_region region, void *arg)
         fn_attached_runner(num_threads, region, arg);
         return;
     }
-    fn_worker w = {NULL, 0, 1, 0, 0};
+    fn_worker w = {NULL, 0, 1, 0, 0, 0};
     region(&w, arg);
 }
