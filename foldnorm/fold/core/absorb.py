@@ -173,9 +173,14 @@ class ScaledRows:
 
 
 def _scale_rows(weight, scale, name):
-    """weight[o, ...] * scale[o] as a ScaledRows, computed when it is read; ValueError when it does not fit in
-    weight's dtype."""
+    """weight[o, ...] * scale[o] as a ScaledRows, computed when it is read (an array when it is one block or
+    less: nothing to save by deferring it); ValueError when it does not fit in weight's dtype."""
     result = ScaledRows(weight, scale)
+    if weight.size <= _ROW_BLOCK_ELEMENTS:
+        array = np.asarray(result)
+        if np.isfinite(weight).all() and not np.isfinite(array).all():
+            raise ValueError("the folded %s does not fit in %s" % (name, weight.dtype))
+        return array
     if result.overflows():
         raise ValueError("the folded %s does not fit in %s" % (name, weight.dtype))
     return result
