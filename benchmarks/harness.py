@@ -258,11 +258,13 @@ def copy_bandwidth(threads, settle, megabytes=64, repeats=7):
 
 
 def openmp_spin_seconds(threads, limit=0.05, tries=5):
-    """How long OpenMP's idle workers keep spinning after a parallel region at `threads` threads.
+    """How long foldnorm's idle workers keep spinning after a parallel call at `threads` threads.
 
-    libgomp's workers busy-wait for the next region (GOMP_SPINCOUNT iterations, a few ms) before they
-    sleep; timed back to back, a contender would run beside them. Measured as the time until the process
-    stops burning CPU while its main thread sleeps.
+    The copy runs on foldnorm's thread team (libgomp's teams, which torch uses, spin GOMP_SPINCOUNT
+    iterations, about 15 ms here, and are not measured). foldnorm's workers spin up to 20 ms while the
+    machine has a core for every runnable thread, and give their core up within microseconds once another
+    thread waits for it, so a contender timed next is not slowed by them. Measured as the time until the
+    process stops burning CPU while its main thread sleeps (the name is kept for the JSON's readers).
     """
     import numpy as np
 
@@ -284,7 +286,7 @@ def openmp_spin_seconds(threads, limit=0.05, tries=5):
 
 
 def settle_seconds(threads):
-    """The pause after each timed call: twice the OpenMP workers' longest spin, 5 to 50 ms."""
+    """The pause after each timed call: twice the idle workers' longest spin, 5 to 50 ms."""
     return min(0.05, max(0.005, 2 * openmp_spin_seconds(max(threads))))
 
 

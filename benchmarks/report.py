@@ -169,7 +169,7 @@ def markdown(results):
             machine["cpu_model"], machine["usable_cores"], topology_text(machine.get("topology", {})),
             ", ".join(map(str, machine["threads"])), " ".join("%.2f" % v for v in load) if load else "n/a", bound),
         "Copy roof (64 MiB multi-threaded memcpy, bytes read + written): %s. Pause after each timed call "
-        "(OpenMP workers' spin, doubled): %.1f ms." % (copy, 1e3 * machine.get("settle_seconds", 0.0)),
+        "(idle workers' spin, doubled): %.1f ms." % (copy, 1e3 * machine.get("settle_seconds", 0.0)),
         "Versions: %s. foldnorm build: OpenMP %s, %s %s%s." % (
             versions, "on" if build["openmp"] else "off", build["compiler"], build["cflags"],
             "; vector path %s (built: %s)" % (build["vector_path"], build.get("vector_paths"))
