@@ -587,12 +587,21 @@ static void FN_NAME(bn_grad_sums_region)(fn_worker *w, void *arg)
         free(buf);
 }
 
+/* dx of one plane unit from its g; a large dx is computed into the L1 piece and streamed out. */
+static void FN_NAME(bn_grad_plane_unit)(const FN_NAME(bn_grad_job) *j, bn_extent e, const FN_T *g, FN_T *piece)
+{
+    const ptrdiff_t c = e.channel;
+    const FN_T xs = j->xscale != NULL ? j->xscale[c] : 1;
+    FN_T *out = j->stream ? piece : j->dx + e.offset;
+    FN_NAME(bn_grad_run)(g, j->x + e.offset, out, e.len, j->alpha[c], xs, j->shift[c], j->slope[c], j->offset[c]);
+    if (j->stream)
+        FN_NAME(fn_stream_store)(j->dx + e.offset, piece, e.len);
+}
+
 static void FN_NAME(bn_grad_apply_region)(fn_worker *w, void *arg)
 {
     FN_NAME(bn_grad_job) *j = arg;
     const bn_plan *p = j->p;
-    const FN_T *x = j->x;
-    FN_T *dx = j->dx;
     FN_T piece[FN_STATS_BLOCK], grad_piece[FN_STATS_BLOCK];
     FN_T *buf = FN_NAME(bn_grad_scratch)(j, grad_piece);
     FN_FOR(w, u, p->units, 3 * (p->rows ? p->unit_len * p->channels : p->unit_len))
@@ -600,19 +609,12 @@ static void FN_NAME(bn_grad_apply_region)(fn_worker *w, void *arg)
         if (buf == NULL)
             continue;
         bn_extent e = bn_unit_extent(p, u);
-        const ptrdiff_t c = e.channel;
-        const FN_T xs = j->xscale != NULL ? j->xscale[c] : 1;
         const FN_T *g = FN_NAME(bn_unit_grad)(j, e, buf);
         if (p->rows)
-            FN_NAME(bn_grad_rows)(g, x + e.offset, dx + e.offset, e.len, p->channels, j->alpha, j->xscale, j->shift,
-                                  j->slope, j->offset);
-        else if (j->stream) {
-            FN_NAME(bn_grad_run)(g, x + e.offset, piece, e.len, j->alpha[c], xs, j->shift[c], j->slope[c],
-                                 j->offset[c]);
-            FN_NAME(fn_stream_store)(dx + e.offset, piece, e.len);
-        } else
-            FN_NAME(bn_grad_run)(g, x + e.offset, dx + e.offset, e.len, j->alpha[c], xs, j->shift[c], j->slope[c],
-                                 j->offset[c]);
+            FN_NAME(bn_grad_rows)(g, j->x + e.offset, j->dx + e.offset, e.len, p->channels, j->alpha, j->xscale,
+                                  j->shift, j->slope, j->offset);
+        else
+            FN_NAME(bn_grad_plane_unit)(j, e, g, piece);
     }
     if (buf != grad_piece)
         free(buf);
@@ -662,6 +664,36 @@ static fn_status FN_NAME(bn_grad_sums)(const FN_T *dy, const FN_T *x, const bn_p
     return failed ? FN_NOMEM : FN_OK;
 }
 
+/* dx's coefficients of channel c (five per channel in coefs: alpha, shift, slope, offset, xscale), from the
+ * channel's gradient sums over the whole batch: dx = (g + (x * xscale - shift) * slope + offset) * alpha.
+ * Returns 1 when the channel's x is scaled to stay in float32's range. */
+static int FN_NAME(bn_grad_channel_coefficients)(FN_T *coefs, ptrdiff_t channels, ptrdiff_t c, double mean,
+                                                 double invstd, double sum_dy, double sum_dy_xc, double count,
+                                                 const double *weight)
+{
+    const double dweight = sum_dy_xc * invstd;
+    /* dx = alpha * (dy + slope * (x - mean) - dbias / n) with (x - mean) = (x - shift) - (mean - shift)
+     * as in the forward pass.  Keeping the factor alpha = weight * invstd outside leaves every
+     * coefficient on the scale of dy, so none underflows when invstd is tiny (x near 1e30). */
+    /* A channel that leaves float32's range has x scaled by s first, as in the forward pass. */
+#if FN_IS_F32
+    const double s = fn_f32_range_scale(mean, invstd);
+#else
+    const double s = 1.0;
+#endif
+    const double slope64 = -invstd * (dweight / count) / s;
+    const FN_T shift = (FN_T)(mean * s);
+    coefs[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd);
+    coefs[channels + c] = shift;
+    coefs[2 * channels + c] = (FN_T)slope64;
+    /* rest is 0 when the mean is exact in FN_T; skipping the product then keeps an infinite slope (inf
+     * in x) from making 0 * inf = NaN of the whole channel, where NumPy's formula gives +-inf. */
+    const double rest = mean * s - (double)shift;
+    coefs[3 * channels + c] = (FN_T)(-(sum_dy / count) - (rest != 0.0 ? slope64 * rest : 0.0));
+    coefs[4 * channels + c] = (FN_T)s;
+    return s != 1.0;
+}
+
 /* dx = weight * invstd * (g - sum_dy / count - (x - mean) * invstd^2 * sum_dy_xc / count), the sums and
  * count those of the whole batch, g as in bn_grad_sums: the backward pass's apply, which the building block
  * fn_bn_backward_elemt shares. */
@@ -678,28 +710,9 @@ static fn_status FN_NAME(bn_grad_apply)(const FN_T *dy, const FN_T *x, FN_T *dx,
     FN_T *alpha = coefs, *shift = coefs + channels, *slope = coefs + 2 * channels;
     FN_T *offset = coefs + 3 * channels, *xscale = coefs + 4 * channels;
     int scaled = 0;
-    for (ptrdiff_t c = 0; c < channels; c++) {
-        const double dweight = sum_dy_xc[c] * invstd[c];
-        /* dx = alpha * (dy + slope * (x - mean) - dbias / n) with (x - mean) = (x - shift) - (mean - shift)
-         * as in the forward pass.  Keeping the factor alpha = weight * invstd outside leaves every
-         * coefficient on the scale of dy, so none underflows when invstd is tiny (x near 1e30). */
-        /* A channel that leaves float32's range has x scaled by s first, as in the forward pass. */
-#if FN_IS_F32
-        const double s = fn_f32_range_scale(mean[c], invstd[c]);
-        scaled |= s != 1.0;
-#else
-        const double s = 1.0;
-#endif
-        const double slope64 = -invstd[c] * (dweight / count) / s;
-        alpha[c] = (FN_T)((weight ? weight[c] : 1.0) * invstd[c]);
-        xscale[c] = (FN_T)s;
-        shift[c] = (FN_T)(mean[c] * s);
-        slope[c] = (FN_T)slope64;
-        /* rest is 0 when the mean is exact in FN_T; skipping the product then keeps an infinite slope (inf
-         * in x) from making 0 * inf = NaN of the whole channel, where NumPy's formula gives +-inf. */
-        const double rest = mean[c] * s - (double)shift[c];
-        offset[c] = (FN_T)(-(sum_dy[c] / count) - (rest != 0.0 ? slope64 * rest : 0.0));
-    }
+    for (ptrdiff_t c = 0; c < channels; c++)
+        scaled |= FN_NAME(bn_grad_channel_coefficients)(coefs, channels, c, mean[c], invstd[c], sum_dy[c],
+                                                        sum_dy_xc[c], count, weight);
     /* As in bn_apply: a large dx of planes is computed into L1 and streamed out. */
     FN_NAME(bn_grad_job) j = {.dy = dy, .x = x, .dx = dx, .p = p, .mean = mean, .invstd = invstd, .alpha = alpha,
                               .xscale = scaled ? xscale : NULL, .shift = shift, .slope = slope, .offset = offset,
@@ -711,6 +724,81 @@ static fn_status FN_NAME(bn_grad_apply)(const FN_T *dy, const FN_T *x, FN_T *dx,
     return atomic_load(&j.failed) ? FN_NOMEM : FN_OK;
 }
 
+/* ---- The backward pass a channel at a time ---- */
+
+/* Planes with channels to spare for every thread: a thread takes whole channels.  It adds a channel's unit
+ * sums over (n, piece) in the order bn_merge_plane_sums does, makes the channel's dx coefficients, then writes
+ * its dx while the channel's x and dy (a batch of planes, often small enough for this core's L2) are still in
+ * cache, so that the second pass reads them from there rather than from memory; with an activation, a
+ * thread's cache of the channel's g (BN_GRAD_CACHE_BYTES at most) saves recomputing it.  The same values as
+ * bn_grad_sums then bn_grad_apply, bit for bit: the same unit sums, added in the same order. */
+typedef struct {
+    FN_NAME(bn_grad_job) base;
+    double *sum_dy, *sum_dy_xc;
+    const double *weight;
+    FN_T *coefs;
+} FN_NAME(bn_channel_grad_job);
+
+static void FN_NAME(bn_grad_channels_region)(fn_worker *w, void *arg)
+{
+    FN_NAME(bn_channel_grad_job) *cj = arg;
+    FN_NAME(bn_grad_job) *j = &cj->base;
+    const bn_plan *p = j->p;
+    const ptrdiff_t channel_len = p->outer * p->inner;
+    FN_T piece[FN_STATS_BLOCK], grad_piece[FN_STATS_BLOCK];
+    FN_T *cache = NULL;
+    if (j->act != FN_ACT_NONE && channel_len * (ptrdiff_t)sizeof(FN_T) <= BN_GRAD_CACHE_BYTES)
+        cache = malloc((size_t)channel_len * sizeof(FN_T)); /* NULL: g is recomputed */
+    FN_FOR(w, c, p->channels, 5 * channel_len)
+    {
+        double sum_dy = 0.0, sum_dy_xc = 0.0;
+        for (ptrdiff_t n = 0; n < p->outer; n++)
+            for (ptrdiff_t k = 0; k < p->pieces; k++) {
+                const bn_extent e = bn_unit_extent(p, (n * p->channels + c) * p->pieces + k);
+                FN_T *buf = cache != NULL ? cache + n * p->inner + k * p->unit_len : grad_piece;
+                double sums[2];
+                FN_NAME(bn_unit_grad_sums)(FN_NAME(bn_unit_grad)(j, e, buf), j->x + e.offset, e.len, j->mean[c],
+                                           j->invstd[c], sums);
+                sum_dy += sums[0];
+                sum_dy_xc += sums[1];
+            }
+        cj->sum_dy[c] = sum_dy;
+        cj->sum_dy_xc[c] = sum_dy_xc;
+        FN_NAME(bn_grad_channel_coefficients)(cj->coefs, p->channels, c, j->mean[c], j->invstd[c], sum_dy,
+                                              sum_dy_xc, (double)channel_len, cj->weight);
+        for (ptrdiff_t n = 0; n < p->outer; n++)
+            for (ptrdiff_t k = 0; k < p->pieces; k++) {
+                const bn_extent e = bn_unit_extent(p, (n * p->channels + c) * p->pieces + k);
+                const FN_T *g = cache != NULL ? cache + n * p->inner + k * p->unit_len
+                                              : FN_NAME(bn_unit_grad)(j, e, grad_piece);
+                FN_NAME(bn_grad_plane_unit)(j, e, g, piece);
+            }
+    }
+    free(cache);
+}
+
+static fn_status FN_NAME(bn_backward_channels)(const FN_T *dy, const FN_T *x, FN_T *dx, const bn_plan *p,
+                                               const double *mean, const double *invstd, const double *weight,
+                                               const double *bias, fn_activation activation, double *sum_dy,
+                                               double *sum_dy_xc, int num_threads)
+{
+    const ptrdiff_t channels = p->channels;
+    /* dx's coefficients (5 per channel), then the forward's (4 per channel). */
+    FN_T *coefs = malloc((size_t)channels * 9 * sizeof(FN_T));
+    if (coefs == NULL)
+        return FN_NOMEM;
+    FN_NAME(bn_channel_grad_job) cj = {
+        .base = {.dy = dy, .x = x, .dx = dx, .p = p, .mean = mean, .invstd = invstd, .alpha = coefs,
+                 .shift = coefs + channels, .slope = coefs + 2 * channels, .offset = coefs + 3 * channels,
+                 .xscale = coefs + 4 * channels,
+                 .stream = fn_streams(p->outer * channels * p->inner, sizeof(FN_T)), .act = activation},
+        .sum_dy = sum_dy, .sum_dy_xc = sum_dy_xc, .weight = weight, .coefs = coefs};
+    FN_NAME(bn_grad_pre)(&cj.base, weight, bias, channels, coefs + 5 * channels);
+    fn_team_run(num_threads, FN_NAME(bn_grad_channels_region), &cj);
+    free(coefs);
+    return FN_OK;
+}
+
 fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *dx, ptrdiff_t outer,
                                           ptrdiff_t channels, ptrdiff_t inner, const double *mean,
                                           const double *invstd, const double *weight, const double *bias,
@@ -718,12 +806,16 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
                                           int num_threads)
 {
     const bn_plan p = bn_make_plan(outer, channels, inner);
-    if (FN_NAME(bn_grad_sums)(dy, x, &p, mean, invstd, weight, bias, activation, dbias, dweight, num_threads)
-        != FN_OK)
+    fn_status status;
+    if (bn_backward_by_channel(&p, num_threads))
+        status = FN_NAME(bn_backward_channels)(dy, x, dx, &p, mean, invstd, weight, bias, activation, dbias,
+                                               dweight, num_threads);
+    else if (FN_NAME(bn_grad_sums)(dy, x, &p, mean, invstd, weight, bias, activation, dbias, dweight, num_threads)
+             != FN_OK)
         return FN_NOMEM;
-    const fn_status status = FN_NAME(bn_grad_apply)(dy, x, dx, &p, mean, invstd, dbias, dweight,
-                                                    (double)p.outer * (double)p.inner, weight, bias, activation,
-                                                    num_threads);
+    else
+        status = FN_NAME(bn_grad_apply)(dy, x, dx, &p, mean, invstd, dbias, dweight,
+                                        (double)p.outer * (double)p.inner, weight, bias, activation, num_threads);
     for (ptrdiff_t c = 0; c < channels; c++)
         dweight[c] *= invstd[c];
     return status;

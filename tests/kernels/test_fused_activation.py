@@ -32,12 +32,16 @@ GN_CASES = [((4, 6, 5, 5), 3), ((1, 4, 9000), 2), ((2, 8, 33, 33), 8), ((40, 4, 
 
 
 def act64(v, activation):
+    if activation is None:
+        return v
     if activation == "relu":
         return np.maximum(v, 0.0)
     return v / (1.0 + np.exp(-v))
 
 
 def act_grad64(v, activation):
+    if activation is None:
+        return np.ones_like(v)
     if activation == "relu":
         return (v > 0).astype(np.float64)
     s = 1.0 / (1.0 + np.exp(-v))
@@ -160,6 +164,23 @@ def test_instance_norm_forward_and_backward(activation):
     grads = instance_norm_backward(dy, x, mean, invstd, weight, bias=bias, activation=activation)
     assert_backward_matches(grads, reference_group_norm_backward(dy * act_grad64(pre, activation), x, 5, weight),
                             np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, *ACTIVATIONS])
+@pytest.mark.parametrize("batch", [3, 30])
+def test_backward_a_channel_at_a_time_gives_the_two_passes_bits(batch, activation, dtype):
+    # 6 channels: one thread takes whole channels (its cache holds a channel's g for the small batch, not for
+    # the large one), two threads and more run the two passes over (n, channel, piece) units.
+    x, weight, bias, dy = bn_inputs((batch, 6, 47, 53), 1, dtype)
+
+    def run(threads):
+        _, mean, invstd = batch_norm_train(x, weight, bias, num_threads=1)
+        return batch_norm_backward(dy, x, mean, invstd, weight, bias=bias, activation=activation,
+                                   num_threads=threads)
+
+    assert_bit_identical_across_threads(run, [1, 2, 4])
+    assert_backward_matches(run(1), ref_bn_backward(dy, x, weight, bias, activation, 1), dtype)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
