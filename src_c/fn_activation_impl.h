@@ -56,15 +56,9 @@ FN_INLINE FN_T FN_NAME(fn_abs)(FN_T x)
     return FN_NAME(fn_from_bits)(FN_NAME(fn_to_bits)(x) & ~FN_NAME(fn_to_bits)((FN_T)-0.0));
 }
 
-/* e^x of one value: the loops below call it per element and vectorize it. */
-FN_INLINE FN_T FN_NAME(fn_exp1)(FN_T x)
+/* e^r for |r| <= ln2 / 2: its Taylor polynomial (degree 7 for float, 13 for double). */
+FN_INLINE FN_T FN_NAME(fn_exp_poly)(FN_T r)
 {
-    FN_T v = FN_NAME(fn_pick)(x < FN_EXP_LO, FN_EXP_LO, x);
-    v = FN_NAME(fn_pick)(v > FN_EXP_HI, FN_EXP_HI, v);
-    const FN_T t = v * (FN_T)1.44269504088896340736 + FN_EXP_ROUND;
-    const FN_T kf = t - FN_EXP_ROUND;
-    const FN_NAME(fn_act_bits) k = FN_NAME(fn_to_bits)(t) - FN_NAME(fn_to_bits)(FN_EXP_ROUND);
-    const FN_T r = (v - kf * FN_LN2_HI) - kf * FN_LN2_LO;
 #if FN_IS_F32
     FN_T p = 1.0f / 5040;
     p = p * r + 1.0f / 720;
@@ -90,6 +84,19 @@ FN_INLINE FN_T FN_NAME(fn_exp1)(FN_T x)
     p = p * r + 1.0;
     p = p * r + 1.0;
 #endif
+    return p;
+}
+
+/* e^x of one value: the loops below call it per element and vectorize it. */
+FN_INLINE FN_T FN_NAME(fn_exp1)(FN_T x)
+{
+    FN_T v = FN_NAME(fn_pick)(x < FN_EXP_LO, FN_EXP_LO, x);
+    v = FN_NAME(fn_pick)(v > FN_EXP_HI, FN_EXP_HI, v);
+    const FN_T t = v * (FN_T)1.44269504088896340736 + FN_EXP_ROUND;
+    const FN_T kf = t - FN_EXP_ROUND;
+    const FN_NAME(fn_act_bits) k = FN_NAME(fn_to_bits)(t) - FN_NAME(fn_to_bits)(FN_EXP_ROUND);
+    const FN_T r = (v - kf * FN_LN2_HI) - kf * FN_LN2_LO;
+    const FN_T p = FN_NAME(fn_exp_poly)(r);
     /* 2^k as 2^(k/2) * 2^(k - k/2): each half is a normal number for every k the clamp allows.  k/2 rounds
      * down by a logical shift of k + 2048 (no 64-bit arithmetic shift before AVX-512). */
     const FN_NAME(fn_act_bits) k1 = (FN_NAME(fn_act_bits))((FN_NAME(fn_act_ubits))(k + 2048) >> 1) - 1024;
@@ -106,28 +113,57 @@ FN_INLINE void FN_NAME(fn_exp_run)(const FN_T *restrict x, FN_T *restrict y, ptr
         y[i] = FN_NAME(fn_exp1)(x[i]);
 }
 
+/* min(a, b) with a's NaN kept. */
+FN_INLINE FN_T FN_NAME(fn_min_keep_nan)(FN_T a, FN_T b)
+{
+    return FN_NAME(fn_pick)(a > b, b, a);
+}
+
+/* magnitude (>= 0) with the sign of x. */
+FN_INLINE FN_T FN_NAME(fn_with_sign_of)(FN_T magnitude, FN_T x)
+{
+    const FN_NAME(fn_act_bits) sign = FN_NAME(fn_to_bits)((FN_T)-0.0);
+    return FN_NAME(fn_from_bits)((FN_NAME(fn_to_bits)(x) & sign) | FN_NAME(fn_to_bits)(magnitude));
+}
+
+/* e^-a for a >= 0 (or NaN), what the sigmoid needs: fn_exp1's steps and bits, with one clamp, and 2^k
+ * (k <= 0) as the normal number 2^(k + 64) times 2^-64, which rounds a denormal result once. */
+FN_INLINE FN_T FN_NAME(fn_exp_neg1)(FN_T a)
+{
+    const FN_T v = FN_NAME(fn_min_keep_nan)(a, -FN_EXP_LO);
+    const FN_T t = FN_EXP_ROUND - v * (FN_T)1.44269504088896340736;
+    const FN_T kf = t - FN_EXP_ROUND;
+    const FN_NAME(fn_act_bits) k = FN_NAME(fn_to_bits)(t) - FN_NAME(fn_to_bits)(FN_EXP_ROUND);
+    const FN_T r = (-v - kf * FN_LN2_HI) - kf * FN_LN2_LO;
+    const FN_T p = FN_NAME(fn_exp_poly)(r);
+    const FN_T scale =
+        FN_NAME(fn_from_bits)((FN_NAME(fn_act_bits))((FN_NAME(fn_act_ubits))(k + 64 + FN_EXP_BIAS) << FN_EXP_MANT));
+    return (p * scale) * (FN_T)0x1p-64;
+}
+
 /* SiLU of one value, x * sigmoid(x) with sigmoid from e = exp(-|x|), which never overflows: 1 / (1 + e) for
  * x >= 0, e / (1 + e) below, so that silu(x) keeps its digits where it is tiny (x near -100).  silu(-inf) is
  * its limit, -0. */
 FN_INLINE FN_T FN_NAME(fn_silu1)(FN_T x)
 {
-    const FN_T e = FN_NAME(fn_exp1)(-FN_NAME(fn_abs)(x));
+    const FN_T e = FN_NAME(fn_exp_neg1)(FN_NAME(fn_abs)(x));
     const FN_T d = 1 / (1 + e);
     const FN_T sigmoid = FN_NAME(fn_pick)(x < 0, e * d, d);
     return FN_NAME(fn_pick)(x < -FN_SILU_BIG, (FN_T)-0.0, x * sigmoid);
 }
 
-/* SiLU's derivative, sigmoid(x) * (1 + x * (1 - sigmoid(x))), with 1 - sigmoid(x) taken from e as sigmoid
- * is; x is clamped to where the derivative is 0 or 1 already, so that infinities give their limits. */
+/* SiLU's derivative, sigmoid(x) * (1 + x * (1 - sigmoid(x))) = sigmoid(x) + x * sigmoid(x) * sigmoid(-x),
+ * with sigmoid(x) * sigmoid(-x) = e / (1 + e)^2 for either sign; x is clamped to where that product is 0
+ * already, so that infinities give the limits 0 and 1. */
 FN_INLINE FN_T FN_NAME(fn_silu_grad1)(FN_T x)
 {
-    FN_T v = FN_NAME(fn_pick)(x < -FN_SILU_BIG, -FN_SILU_BIG, x);
-    v = FN_NAME(fn_pick)(v > FN_SILU_BIG, FN_SILU_BIG, v);
-    const FN_T e = FN_NAME(fn_exp1)(-FN_NAME(fn_abs)(v));
+    const FN_T a = FN_NAME(fn_abs)(x);
+    const FN_T e = FN_NAME(fn_exp_neg1)(a);
     const FN_T d = 1 / (1 + e);
-    const FN_T sigmoid = FN_NAME(fn_pick)(v < 0, e * d, d);
-    const FN_T complement = FN_NAME(fn_pick)(v < 0, d, e * d);
-    return sigmoid * (1 + v * complement);
+    const FN_T ed = e * d;
+    const FN_T sigmoid = FN_NAME(fn_pick)(x < 0, ed, d);
+    const FN_T v = FN_NAME(fn_with_sign_of)(FN_NAME(fn_min_keep_nan)(a, FN_SILU_BIG), x);
+    return sigmoid + v * (ed * d);
 }
 
 /* y = act(y) over a run, in place.  ReLU keeps NaN (NaN < 0 is false), as torch's does. */
