@@ -128,6 +128,18 @@ static inline int fn_streams(ptrdiff_t count, size_t size)
     return FN_STREAMING && count * (ptrdiff_t)size >= FN_STREAM_BYTES;
 }
 
+/* ---- Prefetch ---- */
+
+/* Asks for [p, p + bytes) in L2, a line at a time: a kernel that reads a block twice (its statistics, then its
+ * output) issues it for its next block while it writes this one, so that the next block's reads are already
+ * under way when it gets there (the hardware prefetchers stop at page edges and idle while the kernel writes). */
+static inline void fn_prefetch_l2(const void *p, size_t bytes)
+{
+    const char *c = p;
+    for (size_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch(c + i, 0, 2);
+}
+
 /* ---- Integer helpers ---- */
 
 static inline ptrdiff_t fn_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }

@@ -136,7 +136,7 @@ static fn_stats FN_NAME(gn_unit_stats)(const gn_layout *l, const FN_T *x, ptrdif
 
 static void FN_NAME(gn_normalize_unit)(const gn_layout *l, const FN_T *x, FN_T *y, ptrdiff_t b, ptrdiff_t u,
                                        const double *weight, const double *bias, double mean, double invstd,
-                                       int stream, fn_activation act)
+                                       int stream, fn_activation act, int prefetch_next)
 {
     gn_unit t = gn_unit_of(l, u);
     const double xscale = FN_NAME(gn_xscale)(mean, invstd);
@@ -145,6 +145,8 @@ static void FN_NAME(gn_normalize_unit)(const gn_layout *l, const FN_T *x, FN_T *
         ptrdiff_t start = gn_plane_index(l, b, p) * l->spatial + t.begin;
         double scale = weight ? weight[c] * invstd : invstd;
         double shift = bias ? bias[c] : 0.0;
+        if (prefetch_next)
+            fn_prefetch_l2(x + start + l->group_channels * l->spatial, (size_t)(t.end - t.begin) * sizeof(FN_T));
         if (stream)
             FN_NAME(gn_normalize_streamed)(x + start, y + start, t.end - t.begin, mean, scale, shift, xscale, act);
         else
@@ -178,7 +180,7 @@ static void FN_NAME(gn_forward_region)(fn_worker *w, void *arg)
         {
             gn_finish_stats(FN_NAME(gn_unit_stats)(l, j->x, b, 0), j->eps, &j->mean_out[b], &j->invstd_out[b]);
             FN_NAME(gn_normalize_unit)(l, j->x, j->y, b, 0, j->weight, j->bias, j->mean[b], j->invstd[b],
-                                       j->stream, j->act);
+                                       j->stream, j->act, b + 1 < l->blocks);
         }
         return;
     }
@@ -197,7 +199,7 @@ static void FN_NAME(gn_forward_region)(fn_worker *w, void *arg)
     {
         ptrdiff_t b = i / per_block;
         FN_NAME(gn_normalize_unit)(l, j->x, j->y, b, i % per_block, j->weight, j->bias, j->mean[b], j->invstd[b],
-                                   j->stream, j->act);
+                                   j->stream, j->act, 0);
     }
 }
 
