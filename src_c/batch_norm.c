@@ -252,16 +252,21 @@ static void bn_merge_row_sums(const bn_plan *p, const double *unit_sums, double 
     fn_team_run(fn_team_size(p->units * p->channels * 2, num_threads), bn_merge_row_sums_region, &j);
 }
 
-/* The backward pass a channel at a time (batch_norm_impl.h): with at least this many channels per thread, and
- * a thread's cache of a channel's gradient through the activation up to this size (in L2 on any core). */
+/* The backward pass a channel at a time (batch_norm_impl.h): with at least this many channels per thread, planes
+ * of at least this many bytes, and a thread's cache of a channel's gradient through the activation up to this
+ * size (in L2 on any core). */
 #define BN_CHANNELS_PER_THREAD 4
+#define BN_CHANNEL_MIN_PLANE_BYTES 2048
 #define BN_GRAD_CACHE_BYTES ((ptrdiff_t)256 * 1024)
 
-/* Whether the backward pass goes a channel at a time: planes, and channels enough that whole channels keep
- * every thread busy to the end (the last ones taken leave the others idle for at most a channel's time). */
-static int bn_backward_by_channel(const bn_plan *p, int num_threads)
+/* Whether the backward pass goes a channel at a time: planes long enough that a channel's reads are runs the
+ * prefetchers follow (a plane of 7x7 floats is three cache lines, shared with the neighbouring channels,
+ * which another thread may be writing), and channels enough that whole channels keep every thread busy to
+ * the end (the last ones taken leave the others idle for at most a channel's time). */
+static int bn_backward_by_channel(const bn_plan *p, size_t element_size, int num_threads)
 {
-    return !p->rows && p->channels >= (ptrdiff_t)BN_CHANNELS_PER_THREAD * (num_threads > 1 ? num_threads : 1);
+    return !p->rows && p->inner * (ptrdiff_t)element_size >= BN_CHANNEL_MIN_PLANE_BYTES &&
+           p->channels >= (ptrdiff_t)BN_CHANNELS_PER_THREAD * (num_threads > 1 ? num_threads : 1);
 }
 
 /* The per-element loops and the entry points, for float and double. */

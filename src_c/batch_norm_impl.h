@@ -807,7 +807,7 @@ fn_status FN_NAME(fn_batch_norm_backward)(const FN_T *dy, const FN_T *x, FN_T *d
 {
     const bn_plan p = bn_make_plan(outer, channels, inner);
     fn_status status;
-    if (bn_backward_by_channel(&p, num_threads))
+    if (bn_backward_by_channel(&p, sizeof(FN_T), num_threads))
         status = FN_NAME(bn_backward_channels)(dy, x, dx, &p, mean, invstd, weight, bias, activation, dbias,
                                                dweight, num_threads);
     else if (FN_NAME(bn_grad_sums)(dy, x, &p, mean, invstd, weight, bias, activation, dbias, dweight, num_threads)
