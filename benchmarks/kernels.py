@@ -8,7 +8,9 @@ NumPy reference allocates freely (it is the slow float64 baseline, not a contend
 
 Byte model (what GB/s counts, in units of the tensor's size S in bytes): inference batch norm reads x and
 writes y (2S); batch_norm_train reads x twice, once for the statistics and once to apply them, and writes
-y (3S); batch_norm_backward reads dy and x twice and writes dx (5S). Layer, RMS, group and instance norm
+y (3S); batch_norm_backward reads dy and x twice and writes dx (5S), or once each (3S) where it takes a
+channel at a time (planes of BN_CHANNEL_MIN_PLANE_BYTES or more: a channel's dy and x stay in cache between
+its two passes). Layer, RMS, group and instance norm
 normalize groups small enough to stay in cache between their two passes: forward 2S, backward 3S
 (dy and x read, dx written). The copy moves 2S.
 """
@@ -51,7 +53,11 @@ class KernelCase:
     @property
     def traffic_bytes(self):
         """Bytes the kernel must move (see the module docstring), for float32."""
-        return TRAFFIC[self.kernel] * self.elements * 4
+        passes = TRAFFIC[self.kernel]
+        if self.kernel == "batch_norm_backward" and not self.channels_last and len(self.shape) > 2 \
+                and int(np.prod(self.shape[2:])) * 4 >= BN_CHANNEL_MIN_PLANE_BYTES:
+            passes = 3  # a channel at a time: its x and dy read once
+        return passes * self.elements * 4
 
 
 def cases_from_spec(text):
@@ -59,6 +65,9 @@ def cases_from_spec(text):
     return [KernelCase(kernel, tuple(shape), groups, channels_last)
             for kernel, shape, groups, channels_last in json.loads(text)]
 
+
+# src_c/batch_norm.c's threshold for batch_norm_backward a channel at a time.
+BN_CHANNEL_MIN_PLANE_BYTES = 2048
 
 TRAFFIC = {
     "batch_norm": 2,
